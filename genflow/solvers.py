@@ -69,7 +69,9 @@ def _dopri5(f, x: Tensor, grid: Tensor, atol: float, rtol: float, callback) -> T
         return f(state, t)
 
     ends = torch.stack([grid[0], grid[-1]])
-    out = odeint(rhs, x, ends, method="dopri5", atol=atol, rtol=rtol)[-1]
+    # torchdiffeq steps past the last time and interpolates back; forcing a step to land on the end
+    # keeps every evaluation inside the grid (EDM's velocity is singular beyond sigma = 0)
+    out = odeint(rhs, x, ends, method="dopri5", atol=atol, rtol=rtol, options={"step_t": ends[1:]})[-1]
     if callback is not None:
         callback({"i": 0, "t": grid[-1], "x": out, "nfe": calls})
     integrate.last_nfe = calls

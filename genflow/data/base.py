@@ -1,0 +1,137 @@
+"""The datamodule contract: batches are ``(x, cond)`` with ``cond`` a dict (possibly empty).
+
+Subclasses build tensors once (``_load``) and the base class turns them into loaders. Images are
+float32 NCHW in [-1, 1]; vectors (B, d). ``instance_noise`` adds fresh N(0, sigma^2) to every
+training batch (the noise-perturbed likelihood paper's regulariser), drawn on the batch's device.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import pytorch_lightning as pl
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from genflow.errors import config_error
+
+
+class TensorPairs(Dataset):
+    """(x_i, {"class": onehot_i}) pairs over preloaded tensors."""
+
+    def __init__(self, x: Tensor, labels: Tensor | None, num_classes: int):
+        self.x, self.labels, self.num_classes = x, labels, num_classes
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int):
+        if self.labels is None or self.num_classes == 0:
+            return self.x[i], {}
+        return self.x[i], {"class": torch.nn.functional.one_hot(self.labels[i], self.num_classes).float()}
+
+
+class ResumableSampler(Sampler[int]):
+    """An endless stream of reshuffled passes over the data whose order is a function of
+    (seed, position) only, sharded by rank: a run resumed at step k sees exactly the batches an
+    uninterrupted run sees from step k on, on any number of processes."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        per_pass = self.n // global_batch  # whole global batches per pass; the remainder is dropped
+        if per_pass == 0:
+            raise ValueError(f"{self.n} examples cannot fill one global batch of {global_batch}")
+        step = self.start_step
+        while True:
+            p, b = divmod(step, per_pass)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + p))
+            lo = b * global_batch + self.rank * self.batch_size
+            yield from perm[lo:lo + self.batch_size].tolist()
+            step += 1
+
+
+class GenerativeDataModule(pl.LightningDataModule, ABC):
+    #: name of the FID feature extractor that fits this data (see genflow.metrics)
+    feature_extractor: str = "inception"
+    #: default name used for cached reference statistics
+    name: str = "data"
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, conditional: bool = False,
+                 instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise config_error(f"data.batch_size={batch_size} is not positive", "a batch needs at least one item",
+                               "set data.batch_size to a positive integer")
+        if instance_noise < 0:
+            raise config_error(f"data.instance_noise={instance_noise} is negative", "it is a standard deviation",
+                               "use data.instance_noise=0 (off) or a positive value such as 0.05")
+        self.batch_size, self.num_workers, self.conditional = batch_size, num_workers, conditional
+        self.instance_noise, self.val_fraction, self.seed = instance_noise, val_fraction, seed
+        self._train = self._val = None
+
+    # --- subclasses --------------------------------------------------------------------------
+    @abstractmethod
+    def _load(self) -> tuple[Tensor, Tensor | None]:
+        """All examples (float32, normalised) and integer labels or None."""
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_tensor().shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes if self.conditional else 0
+
+    _num_classes: int = 0
+
+    # --- shared ------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        x, labels = self._load()
+        if self.conditional and labels is None:
+            raise config_error(f"data={self.name} has no class labels", "data.conditional=true needs labels",
+                               "set data.conditional=false or use a labelled dataset")
+        # a fixed permutation keeps the held-out split identical across runs and processes
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1234))
+        n_val = int(round(self.val_fraction * x.shape[0]))
+        val, train = perm[:n_val], perm[n_val:]
+        pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
+        self._train = TensorPairs(x[train], pick(train), self._num_classes)
+        self._val = TensorPairs(x[val], pick(val), self._num_classes)
+
+    def train_tensor(self) -> Tensor:
+        self.setup()
+        return self._train.x
+
+    def val_tensor(self) -> Tensor:
+        self.setup()
+        return self._val.x
+
+    def train_labels(self) -> Tensor | None:
+        self.setup()
+        return self._train.labels
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        trainer = self.trainer
+        rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
+        batch = min(self.batch_size, len(self._train) // world)
+        sampler = ResumableSampler(len(self._train), batch, self.seed, start_step=step, rank=rank, world_size=world)
+        return DataLoader(self._train, batch_size=batch, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.instance_noise > 0 and self.trainer is not None and self.trainer.training:
+            x, cond = batch
+            batch = (x + self.instance_noise * torch.randn_like(x), cond)
+        return batch

@@ -1,0 +1,269 @@
+"""FID leaderboard: train (or load) every entry of a suite, evaluate it, write a table.
+
+    python -m genflow.leaderboard suite=smoke [out=DIR] [only=NAME,NAME] [device=cuda] [fid.num=...]
+
+A suite is ``configs/leaderboard/<suite>.yaml``::
+
+    fid: {num: 50000, seed_sets: 3, mode: legacy_tensorflow, ref: train, batch: 256}   # shared FID settings
+    overrides: [trainer=gpu]                # config overrides for every entry
+    entries:
+      - name: pfgmpp-D2048
+        method: pfgmpp                      # model=<method>
+        D: 2048                             # PFGM++ only; "path: ko" for flow matching
+        dataset: cifar10                    # data=<dataset>
+        nfe: 35                             # or steps: 18 (NFE = method.nfe(steps, solver))
+        seeds: 0-49999                      # FID seeds (image i from seed i); num = their count
+        budget: {steps: 390625}             # or {minutes: 60}; or ckpt: PATH to skip training
+        overrides: [experiment=pfgmpp_cifar10_uncond]
+
+Every row records method, D or path, dataset, NFE, FID, images, sampling img/s, wall time, the git
+revision and the device; ``leaderboard.md`` and ``leaderboard.json`` go to ``out`` (default
+``leaderboard/<suite>``). Ends with one JSON line. Weights, data and reference statistics come from the
+environment on CI runners (GENFLOW_INCEPTION, GENFLOW_DATA, GENFLOW_METRICS_HOME; see the suite file).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from genflow.errors import GenflowError, config_error
+
+SUITE_DIR = Path(__file__).resolve().parent.parent / "configs" / "leaderboard"
+ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
+              "ckpt", "overrides", "train_seed", "fid"}
+COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "images", "img/s", "wall_s", "train_steps",
+           "revision", "device"]
+USAGE = "usage: python -m genflow.leaderboard suite=NAME [out=DIR] [only=A,B] [device=cpu|cuda] [fid.num=N]"
+
+
+def suites() -> list[str]:
+    return sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
+
+
+def load_suite(name: str) -> dict:
+    path = Path(name) if name.endswith(".yaml") else SUITE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise config_error(f"leaderboard suite {name!r} not found ({path})", "a suite is a yaml file of entries",
+                           f"use suite=one of: {', '.join(suites())}")
+    suite = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    entries = suite.get("entries") or []
+    if not entries:
+        raise config_error(f"suite {name!r} has no entries", "the leaderboard evaluates each entry",
+                           f"add an entries: list to {path}")
+    for i, e in enumerate(entries):
+        unknown = set(e) - ENTRY_KEYS
+        if unknown:
+            raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown)}",
+                               f"entries take {sorted(ENTRY_KEYS)}", f"fix {path}")
+        if "ckpt" not in e and ("method" not in e or "dataset" not in e):
+            raise config_error(f"suite {name!r} entry {i} names neither ckpt nor method+dataset",
+                               "an entry is trained from method/dataset/budget or loaded from a checkpoint",
+                               f"fix {path}")
+        e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
+    suite["path"] = str(path)
+    suite["name"] = suite.get("name", path.stem)
+    return suite
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0 and rev.stdout.strip():
+            return rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("GITHUB_SHA", "unknown")[:12]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
+    ov = [f"model={entry['method']}", f"data={entry['dataset']}"]
+    if entry.get("D") is not None:
+        ov.append(f"D={entry['D']}")
+    if entry.get("path") is not None:
+        ov.append(f"path={entry['path']}")
+    ov += list(suite.get("overrides") or []) + list(entry.get("overrides") or [])
+    budget = entry.get("budget") or {}
+    if "steps" in budget:
+        ov.append(f"trainer.max_steps={int(budget['steps'])}")
+    if "minutes" in budget:
+        ov.append(f"+trainer.max_time={{minutes: {float(budget['minutes'])}}}")
+        if "steps" not in budget:
+            ov.append("trainer.max_steps=-1")
+    if "train_seed" in entry:
+        ov.append(f"seed={int(entry['train_seed'])}")
+    ov += ["fid.num=0", f"+run_dir={run_dir}"]
+    return ov
+
+
+def train_entry(entry: dict, suite: dict, run_dir: Path) -> dict:
+    from genflow.config import compose
+    from genflow.run import train
+
+    if not entry.get("budget"):
+        raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
+                           "add budget: {steps: N} or budget: {minutes: M}, or ckpt: PATH to skip training")
+    cfg = compose(entry_overrides(entry, suite, run_dir))
+    return train(cfg)
+
+
+def resolve_steps(method, entry: dict, solver: str) -> int:
+    """Sampler steps for the entry: given directly, or the smallest count whose NFE is the requested one."""
+    if entry.get("steps") is not None:
+        return int(entry["steps"])
+    if entry.get("nfe") is None:
+        return 18
+    nfe = int(entry["nfe"])
+    for steps in range(1, nfe + 2):
+        if method.nfe(steps, solver) == nfe:
+            return steps
+    raise config_error(f"entry {entry['name']!r}: NFE {nfe} is not reachable with solver={solver}",
+                       f"{type(method).__name__}'s {solver} sampler uses nfe(steps) evaluations",
+                       "give steps: N instead, or an NFE the sampler can produce (heun: 2*steps-1, e.g. 35)")
+
+
+def seed_range(entry: dict, fid: dict) -> tuple[int, int]:
+    from genflow.sampling import parse_seeds
+
+    if entry.get("seeds") is None:
+        return 0, int(fid.get("num", 50000))
+    seeds = parse_seeds(entry["seeds"])
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise config_error(f"entry {entry['name']!r}: seeds={entry['seeds']} is not a contiguous range",
+                           "seed sets are consecutive ranges (0-49999, 50000-99999, ...)", "use seeds: 0-49999")
+    return seeds[0], len(seeds)
+
+
+def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, fid_overrides: dict) -> dict:
+    from genflow.config import module_from_checkpoint
+    from genflow.metrics import evaluate_fid
+
+    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), **fid_overrides}
+    module, dm, cfg = module_from_checkpoint(ckpt, device=device)
+    dm.setup()
+    solver = str(entry.get("solver", fid.get("solver", "heun")))
+    steps = resolve_steps(module.method, entry, solver)
+    start, num = seed_range(entry, fid)
+    if "num" in fid_overrides:
+        num = int(fid_overrides["num"])
+    out = evaluate_fid(module, dm, num=num, seed_start=start, seed_sets=int(entry.get("seed_sets", fid.get("seed_sets", 1))),
+                       steps=steps, solver=solver, batch_size=int(fid.get("batch", 256)), device=device,
+                       extractor=fid.get("extractor"), mode=str(fid.get("mode", "clean")),
+                       inception_path=fid.get("inception_path"), download=bool(fid.get("download", False)),
+                       ref=str(fid.get("ref", "train")), cache_dir=fid.get("cache_dir"),
+                       time_limit=fid.get("time_limit"), progress=bool(fid.get("progress", False)))
+    out["nfe"] = module.method.nfe(steps, solver)
+    out["steps"] = steps
+    out["solver"] = solver
+    out["config"] = cfg
+    out["dataset"] = getattr(dm, "name", type(dm).__name__.lower())
+    return out
+
+
+def _d_or_path(cfg, entry: dict, method: str):
+    """PFGM++'s D (EDM is its D = inf limit), a flow's probability path, or None."""
+    if entry.get("path") is not None:
+        return str(entry["path"])
+    if "D" in cfg.model:
+        D = cfg.model.D
+        return "inf" if D is None or float(D) == float("inf") else (int(D) if float(D).is_integer() else float(D))
+    return "inf" if method == "EDM" else None
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown(suite: dict, rows: list[dict]) -> str:
+    lines = [f"# FID leaderboard: {suite['name']}", "",
+             f"Suite `{suite['path']}`; FID settings: `{json.dumps(suite.get('fid') or {})}`.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise config_error(f"cannot parse {bad}", "arguments are key=value pairs", USAGE)
+    args = OmegaConf.to_container(OmegaConf.from_dotlist(argv), resolve=True)
+    unknown = set(args) - {"suite", "out", "only", "device", "fid"}
+    if unknown:
+        raise config_error(f"unknown argument(s) {sorted(unknown)}", "see the usage line", USAGE)
+    if "suite" not in args:
+        raise config_error("no suite given", f"suites: {', '.join(suites())}", USAGE)
+    suite = load_suite(str(args["suite"]))
+    entries = suite["entries"]
+    if args.get("only"):
+        wanted = set(str(args["only"]).split(","))
+        entries = [e for e in entries if e["name"] in wanted]
+        if not entries:
+            raise config_error(f"only={args['only']} matches no entry", "names are the entries' name fields",
+                               f"use some of: {', '.join(e['name'] for e in suite['entries'])}")
+    device = torch.device(args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.get("out") or Path("leaderboard") / suite["name"])
+    out.mkdir(parents=True, exist_ok=True)
+    fid_overrides = args.get("fid") or {}
+    revision, dev = git_revision(), device_name(device)
+
+    rows = []
+    for entry in entries:
+        start = time.perf_counter()
+        train_steps = None
+        if entry.get("ckpt"):
+            ckpt = str(entry["ckpt"])
+        else:
+            trained = train_entry(entry, suite, out / "runs" / entry["name"])
+            ckpt, train_steps = trained["checkpoint"], trained.get("steps")
+        ev = evaluate_entry(entry, suite, ckpt, device, fid_overrides)
+        cfg = ev.pop("config")
+        method = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
+        rows.append({
+            "name": entry["name"], "method": method, "D/path": _d_or_path(cfg, entry, method),
+            "dataset": ev["dataset"], "NFE": ev["nfe"],
+            "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
+            "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],
+            "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,
+            "checkpoint": ckpt, "revision": revision, "device": dev,
+        })
+        (out / "leaderboard.json").write_text(json.dumps({"suite": suite["name"], "rows": rows}, indent=1) + "\n")
+    (out / "leaderboard.md").write_text(markdown(suite, rows))
+    result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),
+              "json": str(out / "leaderboard.json"), "fid": {r["name"]: r["FID"] for r in rows},
+              "revision": revision, "device": dev}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    try:
+        run()
+    except GenflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

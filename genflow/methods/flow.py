@@ -1,0 +1,239 @@
+"""Flow matching on affine Gaussian paths (Lipman et al. 2023; Shaul et al. 2023 for KO paths).
+
+Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1 + sigma_t x0):
+
+- Eq. 41 CFM loss || v(x_t, t) - (alpha'_t x1 + sigma'_t x0) ||^2          -> ``FlowMatching.loss``
+  (t ~ U[0, 1] or logit-normal; optional sigma_min: sigma_t + sigma_min alpha_t, Lipman et al.'s
+  sigma_t = 1 - (1 - sigma_min) t for Cond-OT)
+- sampling dx/dt = v(x, t) from t = 0 to 1 (Euler / Heun / dopri5 via ``genflow.solvers``)
+                                                                          -> ``velocity``, ``time_grid``
+- instantaneous change of variables needs log p_0 = standard normal       -> ``prior_log_prob``
+- research note 1.8, scale-time equivalence of affine paths
+  (flow_matching's ScheduleTransformedModel)                              -> ``RetimedFlow``
+- Eqs. 7-8 normalised data: with ``normalize=True`` the method works on z = (x - mean) / scale
+  (statistics from ``prepare``); every protocol function still speaks data space, so the prior is
+  N(mean, scale^2 I) and the velocity is scale * v_z((x - mean) / scale, t).
+
+``path="ko"`` builds an empty ``KineticOptimal`` that ``prepare(datamodule)`` fills from the training
+data's lambda-hat (disk cache keyed by a hash of the data; ``$GENFLOW_CACHE`` or ~/.cache/genflow).
+The table is a buffer, so a checkpoint restores the path without data.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from genflow.errors import config_error
+from genflow.methods.base import Cond, Generators, Method, randn
+from genflow.methods.paths import KineticOptimal, Scheduler, SchedulerOutput, _ResizingBuffers, make_scheduler
+
+TIME_SAMPLING = ("uniform", "logit_normal")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GENFLOW_CACHE", Path.home() / ".cache" / "genflow"))
+
+
+def cached_separation(z: Tensor, *, queries: int = 1024, max_points: int = 50000, device=None):
+    """lambda-hat of normalised data z, memoised on disk by a hash of the data and the settings."""
+    from genflow.methods.kinetic import SeparationFunction, estimate_separation
+
+    z = z.reshape(z.shape[0], -1).to(torch.float32).contiguous().cpu()
+    if z.shape[0] > max_points:
+        # a fixed subset (the estimator is quadratic in n; the paper's Fig. 4 shows n = 50K suffices)
+        z = z[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]]
+    digest = hashlib.sha256(z.numpy().tobytes())
+    digest.update(f"{tuple(z.shape)}|q={queries}|v1".encode())
+    path = cache_dir() / f"lambda_{digest.hexdigest()[:24]}.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        return SeparationFunction(state["s"], state["lam"])
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sep = estimate_separation(z, queries=queries, device=device,
+                              generator=torch.Generator(device=device).manual_seed(0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(sep.state(), tmp)
+    tmp.replace(path)
+    return sep
+
+
+def _per_sample(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class FlowMatching(_ResizingBuffers, Method):
+    """Flow matching over any ``Scheduler`` (an instance or a name: condot | cosine | vp | ko).
+
+    The network predicts the velocity: ``net(x_t, t, cond)`` with t of shape (B,).
+    """
+
+    time_name = "t"
+
+    def __init__(self, path: Scheduler | str = "condot", *, time_sampling: str = "uniform", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, sigma_min: float = 0.0, normalize: bool = False,
+                 ko_queries: int = 1024, ko_max_points: int = 50000):
+        super().__init__()
+        self.path = make_scheduler(path)
+        if time_sampling not in TIME_SAMPLING:
+            raise config_error(f"unknown time_sampling {time_sampling!r}", "flow matching draws t from a fixed law",
+                               f"use one of {', '.join(TIME_SAMPLING)}")
+        if not 0.0 <= sigma_min < 1.0:
+            raise config_error(f"sigma_min={sigma_min}", "it is the noise left at t = 1", "use 0 <= sigma_min < 1")
+        if logit_std <= 0:
+            raise config_error(f"logit_std={logit_std}", "it is a standard deviation", "use a positive value")
+        self.time_sampling, self.logit_mean, self.logit_std = time_sampling, float(logit_mean), float(logit_std)
+        self.sigma_min, self.normalize = float(sigma_min), bool(normalize)
+        self.ko_queries, self.ko_max_points = int(ko_queries), int(ko_max_points)
+        self.register_buffer("shift", torch.tensor(0.0))
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    # -- data-dependent setup -------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, datamodule) -> None:
+        """Normalisation statistics (``normalize=True``) and, for an unfitted KO path, lambda-hat."""
+        needs_ko = isinstance(self.path, KineticOptimal) and not self.path._fitted
+        if not (self.normalize or needs_ko):
+            return
+        from genflow.methods.kinetic import normalize
+
+        x = datamodule.train_tensor()
+        if self.normalize:
+            z, mean, scale = normalize(x)
+            self.shift = mean.to(self.scale.device)
+            self.scale = scale.to(self.scale.device)
+        else:
+            z = x
+        if needs_ko:
+            sep = cached_separation(z, queries=self.ko_queries, max_points=self.ko_max_points)
+            self.path.fit(sep.s, sep.lam)
+
+    def to_normalized(self, x: Tensor) -> Tensor:
+        return (x - self.shift) / self.scale
+
+    def from_normalized(self, z: Tensor) -> Tensor:
+        return z * self.scale + self.shift
+
+    # -- training -------------------------------------------------------------------------------
+    def schedule(self, t: Tensor) -> SchedulerOutput:
+        """The training path: the scheduler with sigma_min added (sigma_t + sigma_min alpha_t)."""
+        out = self.path(t)
+        if self.sigma_min > 0:
+            out = SchedulerOutput(out.alpha_t, out.sigma_t + self.sigma_min * out.alpha_t, out.d_alpha_t,
+                                  out.d_sigma_t + self.sigma_min * out.d_alpha_t)
+        return out
+
+    def sample_time(self, n: int, *, device=None, dtype=torch.float32) -> Tensor:
+        if self.time_sampling == "uniform":
+            return torch.rand(n, device=device, dtype=dtype)
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device, dtype=dtype))
+
+    def loss(self, net: Callable, x: Tensor, cond: Cond = None) -> Tensor:
+        z1 = self.to_normalized(x)
+        t = self.sample_time(x.shape[0], device=x.device, dtype=x.dtype)
+        x0 = torch.randn_like(z1)
+        sch = self.schedule(t)
+        a, s, da, ds = (_per_sample(v, z1) for v in (sch.alpha_t, sch.sigma_t, sch.d_alpha_t, sch.d_sigma_t))
+        pred = net(a * z1 + s * x0, t, cond)
+        return (pred - (da * z1 + ds * x0)).pow(2).flatten(1).sum(1)
+
+    # -- sampling / likelihood ------------------------------------------------------------------
+    def prior_sample(self, shape: Sequence[int], *, generator: Generators = None, device=None) -> Tensor:
+        return self.from_normalized(randn(shape, generator=generator, device=device))
+
+    def prior_log_prob(self, x: Tensor) -> Tensor:
+        z = self.to_normalized(x).flatten(1)
+        d = z.shape[1]
+        return -0.5 * z.pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi) - d * torch.log(self.scale)
+
+    def time_grid(self, steps: int, device=None) -> Tensor:
+        if steps < 1:
+            raise config_error(f"steps={steps}", "a sampler needs at least one step", "use steps >= 1")
+        return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
+
+    def velocity(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        return self.scale * net(self.to_normalized(x), t, cond)
+
+    def retimed(self, path: Scheduler | str) -> "RetimedFlow":
+        """This trained model sampled along another path, without retraining (note 1.8)."""
+        return RetimedFlow(self, make_scheduler(path))
+
+    def hparams(self) -> dict:
+        return {"path": self.path.name, "time_sampling": self.time_sampling, "sigma_min": self.sigma_min,
+                "normalize": self.normalize}
+
+
+def retime_velocity(v_source: Callable[[Tensor, Tensor], Tensor], source: Scheduler, target: Scheduler,
+                    x: Tensor, r: Tensor) -> Tensor:
+    """Velocity in ``target``'s time r from a velocity field v_source(x, t) trained on ``source``.
+
+    Both paths share the coupling, so x^target_r = k_r x^source_{t_r} with the same angle
+    theta = atan2(alpha, sigma) (i.e. the same SNR) and k_r = |(alpha, sigma)_target| / |(alpha, sigma)_source|.
+    Then dx/dr = k' x_t + k t' v_source(x_t, t_r) with t' = theta'_target / theta'_source. Using the angle
+    and radius instead of SNR and sigma keeps every term finite at t = 0 and t = 1.
+    """
+    r = r.to(torch.float64)
+    tg = target(r)
+    theta = torch.atan2(tg.alpha_t, tg.sigma_t)
+    t = source.theta_inverse(theta)
+    sc = source(t)
+
+    def polar(o: SchedulerOutput):
+        rad2 = o.alpha_t ** 2 + o.sigma_t ** 2
+        rad = rad2.sqrt()
+        return rad, (o.alpha_t * o.d_alpha_t + o.sigma_t * o.d_sigma_t) / rad, \
+            (o.d_alpha_t * o.sigma_t - o.alpha_t * o.d_sigma_t) / rad2
+
+    rad_t, drad_t, dth_t = polar(tg)
+    rad_s, drad_s, dth_s = polar(sc)
+    dt = dth_t / dth_s
+    k = rad_t / rad_s
+    dk = (drad_t - k * drad_s * dt) / rad_s
+    k_, dk_, dt_ = (_per_sample(v.to(x.dtype), x) for v in (k, dk, dt))
+    xs = x / k_
+    return dk_ * xs + k_ * dt_ * v_source(xs, t.to(x.dtype))
+
+
+class RetimedFlow(Method):
+    """A trained ``FlowMatching`` model sampled on another scheduler (e.g. trained Cond-OT, sampled KO)."""
+
+    time_name = "t"
+
+    def __init__(self, base: FlowMatching, path: Scheduler):
+        super().__init__()
+        self.base, self.path = base, path
+
+    def loss(self, net, x, cond=None):
+        raise config_error("a re-timed flow cannot be trained", "it reuses a velocity field trained on another path",
+                           "train the base FlowMatching model and call .retimed(path) for sampling")
+
+    def prior_sample(self, shape, *, generator=None, device=None):
+        return self.base.prior_sample(shape, generator=generator, device=device)
+
+    def prior_log_prob(self, x):
+        return self.base.prior_log_prob(x)
+
+    def time_grid(self, steps, device=None):
+        return self.base.time_grid(steps, device=device)
+
+    def velocity(self, net, x, t, cond=None):
+        b = self.base
+        r = torch.as_tensor(t, device=x.device)
+        r = r.expand(x.shape[0]) if r.ndim == 0 else r
+
+        def v_source(z, tt):
+            return net(z, tt, cond)
+
+        return b.scale * retime_velocity(v_source, b.path, self.path, b.to_normalized(x), r)
+
+    def hparams(self) -> dict:
+        return {"trained_on": self.base.path.name, "sampled_on": self.path.name}

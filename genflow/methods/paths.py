@@ -1,0 +1,342 @@
+"""Affine Gaussian probability paths x_t = alpha_t x_data + sigma_t x_noise (t = 0 noise, t = 1 data).
+
+Conventions follow Meta's flow_matching: a scheduler is called as ``scheduler(t)`` and returns
+``SchedulerOutput(alpha_t, sigma_t, d_alpha_t, d_sigma_t)``; ``snr_inverse(alpha/sigma)`` gives t back.
+
+Paper map (Shaul et al., "On Kinetic Optimal Probability Paths for Generative Models", ICML 2023,
+written (a_t, m_t) there, (alpha_t, sigma_t) here):
+
+- Eq. 14 Cond-OT a = t, m = 1 - t                                   -> ``CondOT``
+- Eq. 13 SI / cosine a = sin(pi t / 2), m = cos(pi t / 2)            -> ``Cosine``
+- Eq. 12 DDPM / VP (flow_matching's VPScheduler parametrisation)     -> ``VP``
+- Thm 3.1, Eqs. 28-29 kinetic-optimal path, tabulated               -> ``KineticOptimal``
+  (r_t = sqrt(1 - b t + b t^2) and the angle theta_t; built in ``genflow.methods.kinetic.ko_table``
+  through Phi(theta) = int sqrt(gamma), which turns the problem into a straight segment.)
+
+``KineticOptimal`` stores theta as a monotone (PCHIP) function of u = sqrt(Phi / Phi_1): near the
+noise end Phi ~ theta^2 for centred data, so theta(Phi) has a square-root singularity while
+theta(u) is smooth. Monotone interpolation keeps alpha/sigma = tan(theta) strictly increasing (so
+``snr_inverse`` is well defined) and the returned derivatives are those of the interpolant. The
+exact path has alpha_t ~ sqrt(t) at t -> 0 (research note, pitfall 2), whose conditional target is not
+square-integrable; we replace [0, t_eps] by the chord from (0, 1) to (alpha, sigma)(t_eps), which keeps
+the boundary values exact and changes the kinetic energy by O(t_eps).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from genflow.errors import config_error
+
+
+@dataclass
+class SchedulerOutput:
+    """alpha_t, sigma_t and their time derivatives, each shaped like t."""
+
+    alpha_t: Tensor
+    sigma_t: Tensor
+    d_alpha_t: Tensor
+    d_sigma_t: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# monotone cubic Hermite interpolation (Fritsch-Butland slopes, as scipy's PchipInterpolator)
+# ---------------------------------------------------------------------------------------------
+def pchip_slopes(x: Tensor, y: Tensor) -> Tensor:
+    """Knot slopes that keep the cubic Hermite interpolant monotone wherever the data are."""
+    h = x[1:] - x[:-1]
+    delta = (y[1:] - y[:-1]) / h
+    m = torch.zeros_like(y)
+    if x.numel() == 2:
+        return m + delta
+    w1 = 2 * h[1:] + h[:-1]
+    w2 = h[1:] + 2 * h[:-1]
+    same = (delta[:-1] * delta[1:]) > 0
+    safe0 = torch.where(same, delta[:-1], torch.ones_like(delta[:-1]))
+    safe1 = torch.where(same, delta[1:], torch.ones_like(delta[1:]))
+    m[1:-1] = torch.where(same, (w1 + w2) / (w1 / safe0 + w2 / safe1), torch.zeros_like(w1))
+
+    def end(h0, h1, d0, d1):
+        e = ((2 * h0 + h1) * d0 - h0 * d1) / (h0 + h1)
+        e = torch.where(torch.sign(e) != torch.sign(d0), torch.zeros_like(e), e)
+        return torch.where((torch.sign(d0) != torch.sign(d1)) & (e.abs() > 3 * d0.abs()), 3 * d0, e)
+
+    m[0] = end(h[0], h[1], delta[0], delta[1])
+    m[-1] = end(h[-1], h[-2], delta[-1], delta[-2])
+    return m
+
+
+def limit_slopes(x: Tensor, y: Tensor, m: Tensor) -> Tensor:
+    """Fritsch-Carlson limiter: shrink given (e.g. exact) knot slopes of monotone data just enough that
+    the cubic Hermite interpolant stays monotone (alpha^2 + beta^2 <= 9 on every interval)."""
+    delta = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
+    flat = delta == 0
+    safe = torch.where(flat, torch.ones_like(delta), delta)
+    a, b = m[:-1] / safe, m[1:] / safe
+    norm = torch.sqrt(a * a + b * b)
+    tau = torch.where(flat, torch.zeros_like(norm), torch.clamp(3 / norm.clamp_min(1e-300), max=1.0))
+    scale = torch.ones_like(m)
+    scale[:-1] = torch.minimum(scale[:-1], tau)
+    scale[1:] = torch.minimum(scale[1:], tau)
+    return m * scale
+
+
+def hermite(x: Tensor, y: Tensor, m: Tensor, xq: Tensor) -> tuple[Tensor, Tensor]:
+    """Value and derivative at ``xq`` of the cubic Hermite interpolant through (x, y) with slopes m.
+
+    Outside [x0, xn] the end cubic is extended; callers clamp first.
+    """
+    i = (torch.searchsorted(x, xq.contiguous(), right=True) - 1).clamp(0, x.numel() - 2)
+    x0, x1, y0, y1, m0, m1 = x[i], x[i + 1], y[i], y[i + 1], m[i], m[i + 1]
+    h = x1 - x0
+    tau = (xq - x0) / h
+    t2, t3 = tau * tau, tau * tau * tau
+    val = (2 * t3 - 3 * t2 + 1) * y0 + (t3 - 2 * t2 + tau) * h * m0 + (3 * t2 - 2 * t3) * y1 + (t3 - t2) * h * m1
+    der = (6 * t2 - 6 * tau) * (y0 - y1) / h + (3 * t2 - 4 * tau + 1) * m0 + (3 * t2 - 2 * tau) * m1
+    return val, der
+
+
+# ---------------------------------------------------------------------------------------------
+# schedulers
+# ---------------------------------------------------------------------------------------------
+class Scheduler(nn.Module, ABC):
+    """alpha_t, sigma_t of an affine Gaussian path. Subclasses implement ``forward(t)``.
+
+    ``t_min``/``t_max`` bound the interval on which the schedule is regular (VP is truncated at
+    t = 1 - 1e-5 as in Lipman et al.); kinetic energies and likelihood checks integrate over it.
+    """
+
+    name: str = "scheduler"
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    @abstractmethod
+    def forward(self, t: Tensor) -> SchedulerOutput:
+        """Schedule at times t (any shape), returned in t's dtype."""
+
+    def theta_inverse(self, theta: Tensor, iters: int = 64) -> Tensor:
+        """t with atan2(alpha_t, sigma_t) = theta, by vectorised bisection (the angle is monotone).
+
+        Working with the angle instead of the SNR keeps t = 1 (SNR = inf) finite.
+        """
+        th = theta.to(torch.float64)
+        lo = torch.full_like(th, self.t_min)
+        hi = torch.full_like(th, self.t_max)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            out = self(mid)
+            below = torch.atan2(out.alpha_t, out.sigma_t) < th
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        return (0.5 * (lo + hi)).to(theta.dtype)
+
+    def snr_inverse(self, snr: Tensor) -> Tensor:
+        """t with alpha_t / sigma_t = snr (snr >= 0, inf allowed)."""
+        return self.theta_inverse(torch.atan(snr.to(torch.float64))).to(snr.dtype)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _as_float(t: Tensor) -> Tensor:
+    return t if torch.is_floating_point(t) else t.to(torch.get_default_dtype())
+
+
+class CondOT(Scheduler):
+    """Conditional optimal transport: alpha = t, sigma = 1 - t (Eq. 14)."""
+
+    name = "condot"
+
+    def forward(self, t: Tensor) -> SchedulerOutput:
+        t = _as_float(t)
+        one = torch.ones_like(t)
+        return SchedulerOutput(t, 1 - t, one, -one)
+
+    def snr_inverse(self, snr: Tensor) -> Tensor:
+        return torch.where(torch.isinf(snr), torch.ones_like(snr), snr / (1 + snr))
+
+
+class Cosine(Scheduler):
+    """Trigonometric (SI) path: alpha = sin(pi t/2), sigma = cos(pi t/2) (Eq. 13)."""
+
+    name = "cosine"
+
+    def forward(self, t: Tensor) -> SchedulerOutput:
+        t = _as_float(t)
+        h = 0.5 * math.pi
+        return SchedulerOutput(torch.sin(h * t), torch.cos(h * t), h * torch.cos(h * t), -h * torch.sin(h * t))
+
+    def snr_inverse(self, snr: Tensor) -> Tensor:
+        return torch.atan(snr) * (2 / math.pi)
+
+
+class VP(Scheduler):
+    """Variance preserving (DDPM) path in flow_matching's parametrisation.
+
+    alpha = exp(-T/2), sigma = sqrt(1 - exp(-T)), T(t) = (1-t)^2 (beta_max - beta_min)/2 + (1-t) beta_min.
+    sigma' diverges at t = 1, so t is clamped to ``t_max`` (Lipman et al. evaluate VP on [0, 1 - 1e-5]);
+    alpha(0) = exp(-T(0)/2) ~ 0.0064, not 0.
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_max: float = 1 - 1e-5):
+        super().__init__()
+        if not 0 < beta_min < beta_max:
+            raise config_error(f"VP got beta_min={beta_min}, beta_max={beta_max}",
+                               "the noise rate must be positive and increase", "use 0 < beta_min < beta_max")
+        self.beta_min, self.beta_max, self.t_max = float(beta_min), float(beta_max), float(t_max)
+
+    def forward(self, t: Tensor) -> SchedulerOutput:
+        t = _as_float(t)
+        u = 1 - t.clamp(max=self.t_max)
+        db = self.beta_max - self.beta_min
+        big_t = 0.5 * u * u * db + u * self.beta_min
+        d_big_t = -(u * db + self.beta_min)
+        alpha = torch.exp(-0.5 * big_t)
+        sigma = torch.sqrt(-torch.expm1(-big_t))
+        return SchedulerOutput(alpha, sigma, -0.5 * d_big_t * alpha, 0.5 * d_big_t * torch.exp(-big_t) / sigma)
+
+    def snr_inverse(self, snr: Tensor) -> Tensor:
+        # alpha^2 / sigma^2 = snr^2  <=>  T = log(1 + snr^-2), a quadratic in u = 1 - t
+        big_t = torch.log1p(snr.pow(-2))
+        db = self.beta_max - self.beta_min
+        u = (torch.sqrt(self.beta_min ** 2 + 2 * db * big_t) - self.beta_min) / db
+        return (1 - u).clamp(0.0, self.t_max)
+
+
+class _ResizingBuffers:
+    """Buffers whose shape is only known after fitting (KO table, data statistics) take the shape
+    stored in a checkpoint, so a model restores without seeing data."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, buf in list(self._buffers.items()):
+            key = prefix + name
+            if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device, dtype=buf.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class KineticOptimal(_ResizingBuffers, Scheduler):
+    """Tabulated kinetic-optimal path (Thm 3.1) for data with separation function lambda(s).
+
+    Build with ``KineticOptimal.from_separation(s, lam)`` or ``KineticOptimal.from_data(x)``; an
+    empty instance (``KineticOptimal()``) is filled by ``fit(s, lam)`` or by loading a state_dict.
+    Buffers: ``phi1`` = Phi_1 (b = 2 (1 - cos Phi_1)), ``knots_u`` / ``knots_theta`` / ``slopes`` the
+    monotone table theta(u), ``t_eps`` the end of the start chord, ``ready`` whether it was fitted.
+    """
+
+    name = "ko"
+
+    def __init__(self, t_eps: float = 1e-4):
+        super().__init__()
+        if not 0 <= t_eps < 0.5:
+            raise config_error(f"KineticOptimal t_eps={t_eps}", "it is the length of the smoothed start of the path",
+                               "use a small value such as 1e-4 (0 keeps the exact sqrt(t) start)")
+        f64 = torch.float64
+        self.register_buffer("phi1", torch.tensor(0.5 * math.pi, dtype=f64))
+        self.register_buffer("knots_u", torch.linspace(0, 1, 2, dtype=f64))
+        self.register_buffer("knots_theta", torch.tensor([0.0, 0.5 * math.pi], dtype=f64))
+        self.register_buffer("slopes", torch.zeros(2, dtype=f64))
+        self.register_buffer("t_eps", torch.tensor(float(t_eps), dtype=f64))
+        self.register_buffer("ready", torch.tensor(False))
+        self._fitted = False  # host-side copy of ``ready``: no device sync per call
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_separation(cls, s, lam, *, t_eps: float = 1e-4, table_size: int = 4097) -> "KineticOptimal":
+        """KO path for lambda tabulated on an s-grid (s >= 0 increasing) or given as a callable."""
+        ko = cls(t_eps=t_eps)
+        ko.fit(s, lam, table_size=table_size)
+        return ko
+
+    @classmethod
+    def from_data(cls, x: Tensor, *, t_eps: float = 1e-4, table_size: int = 4097, **estimator) -> "KineticOptimal":
+        """Estimate lambda-hat on normalised data x (n, ...) and build its KO path."""
+        from genflow.methods.kinetic import estimate_separation
+
+        sep = estimate_separation(x, **estimator)
+        return cls.from_separation(sep.s, sep.lam, t_eps=t_eps, table_size=table_size)
+
+    @torch.no_grad()
+    def fit(self, s, lam, *, table_size: int = 4097) -> "KineticOptimal":
+        from genflow.methods.kinetic import SeparationFunction, ko_table
+
+        sep = lam if callable(lam) and not isinstance(lam, Tensor) else SeparationFunction(s, lam)
+        phi1, u, theta, slopes = ko_table(sep, size=table_size)
+        dev = self.phi1.device
+        self.phi1 = phi1.to(dev)
+        self.knots_u, self.knots_theta, self.slopes = u.to(dev), theta.to(dev), slopes.to(dev)
+        self.ready = torch.tensor(True, device=dev)
+        self._fitted = True
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "ready" in state_dict:
+            self._fitted = bool(state_dict[prefix + "ready"])
+
+    @property
+    def b(self) -> Tensor:
+        """The Theorem 3.1 constant: r_t^2 = 1 - b t + b t^2."""
+        return 2 * (1 - torch.cos(self.phi1))
+
+    def _check_ready(self) -> None:
+        if not self._fitted:
+            raise config_error("the kinetic-optimal path has no table yet",
+                               "the KO path is computed from the training data's separation function",
+                               "build it with KineticOptimal.from_data(x) / from_separation(s, lam), call "
+                               "FlowMatching.prepare(datamodule), or load a checkpoint")
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _exact(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The straight segment in (r, Phi) polar coordinates mapped back through theta(Phi)."""
+        c, s1 = torch.cos(self.phi1), torch.sin(self.phi1)
+        b = 2 * (1 - c)
+        px, py = 1 - t + t * c, t * s1
+        r2 = px * px + py * py
+        r = torch.sqrt(r2)
+        phi = torch.atan2(py, px)
+        d_phi = s1 / r2
+        d_r = b * (2 * t - 1) / (2 * r)
+        u = torch.sqrt((phi / self.phi1).clamp(0, 1))
+        theta, d_theta_du = hermite(self.knots_u, self.knots_theta, self.slopes, u)
+        d_theta = d_theta_du * d_phi / (2 * self.phi1 * u.clamp_min(1e-300))
+        st, ct = torch.sin(theta), torch.cos(theta)
+        return r * st, r * ct, d_r * st + r * ct * d_theta, d_r * ct - r * st * d_theta
+
+    def forward(self, t: Tensor) -> SchedulerOutput:
+        self._check_ready()
+        t = _as_float(t)
+        tt = t.to(torch.float64).clamp(0, 1)
+        eps = self.t_eps
+        a, m, da, dm = self._exact(torch.maximum(tt, eps))
+        # start chord (module docstring); with t_eps = 0 the mask is empty and the chord unused
+        ae, me, _, _ = self._exact(eps.reshape(1))
+        chord = tt < eps
+        frac = tt / eps
+        a = torch.where(chord, ae * frac, a)
+        m = torch.where(chord, 1 - (1 - me) * frac, m)
+        da = torch.where(chord, ae / eps, da)
+        dm = torch.where(chord, -(1 - me) / eps, dm)
+        return SchedulerOutput(*(v.to(t.dtype) for v in (a, m, da, dm)))
+
+    def extra_repr(self) -> str:
+        return f"ko, Phi_1={float(self.phi1):.4f}, table={self.knots_u.numel()}, t_eps={float(self.t_eps):g}"
+
+
+PATHS = {"condot": CondOT, "cosine": Cosine, "vp": VP, "ko": KineticOptimal}
+
+
+def make_scheduler(path) -> Scheduler:
+    """A scheduler from an instance or a name (condot | cosine | vp | ko; ko starts empty)."""
+    if isinstance(path, Scheduler):
+        return path
+    if isinstance(path, str) and path.lower() in PATHS:
+        return PATHS[path.lower()]()
+    raise config_error(f"unknown flow-matching path {path!r}", "flow matching needs an affine Gaussian path",
+                       f"use path=one of {', '.join(PATHS)} or pass a Scheduler instance")

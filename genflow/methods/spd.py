@@ -1,0 +1,360 @@
+"""Shortest-path diffusion (SPD): Das, Fotiadis, Batra, Nabiei, Liao, Vakili, Shiu, Bernacchia,
+"Image generation with shortest path diffusion", ICML 2023 (arXiv:2306.00501).
+
+Data model: x_c ~ N(0, F^-1 diag(S) F) per channel, u = F x the orthonormal 2-D FFT, S_k = E|u_k|^2
+the per-frequency second moment in training units ([-1, 1]). The Fisher-Rao geodesic from the data
+to N(0, I) is Sigma(s) = F^-1 diag(S^(1-s)) F (log-variances move linearly; constant speed, length
+L* = sqrt(1/2 sum_{c,k} ln^2 S_k)). Equation -> function:
+
+- Spectrum: empirical table P_c(k) = mean_n |fft2_ortho(x_n,c)_k|^2 (``empirical_spectrum``), radial
+  power law S(k) = c1 / (c2 + |k|)^m fitted to its radial bins (``fit_power_law``,
+  ``power_law_spectrum``; reference constants c1 = 1.59, c2 = 0.0086, m = 2), cached on disk by data
+  hash (``estimate_spectrum``)                                         -> ``SPD.prepare``, ``SPD.from_data``
+- Geodesic realised by a VP process: abar_k(s) S_k + 1 - abar_k(s) = S_k^(1-s), i.e.
+  abar_k(s) = expm1(tau ln S_k) / expm1(ln S_k), tau = 1 - s (limit tau at S_k = 1)
+                                                                       -> ``SPD.alpha_bar``
+- 1 - abar_k(s) = S_k^tau expm1(s ln S_k) / expm1(ln S_k)               -> ``SPD.one_minus_alpha_bar``
+- beta_k(s) = -d ln abar_k / ds = ln S_k S_k^tau / (S_k^tau - 1) (-> 1/(1-s) as s -> 1)
+                                                                       -> ``SPD.rate``
+- SNR_k = 1 at tau* = ln(2 S_k / (S_k + 1)) / ln S_k                    -> ``SPD.snr_crossing_time``
+- Forward corruption in Fourier space, eps-prediction MSE in pixels, uniform time, the per-frequency
+  ancestral sampler with fixed-large variance (T steps), the probability-flow ODE, the prior
+  N(0, F^-1 diag(S^(1/T)) F) at s = 1 - 1/T: shared with DDPM in ``genflow.methods.ddpm.VPDiffusion``.
+
+Numerics: every closed form is evaluated in float64 through expm1 of non-positive arguments, so
+abar, 1 - abar and beta keep full relative precision for S_k -> 0, 1, infinity and s -> 0, 1 (the
+reference computes (1 - S^tau)/(1 - S) in float32, which is off by up to 1.8% in the discrete beta
+near S = 1 and returns abar = 0 at S = 1 + 1e-7). The network label is 1000 * s (the reference's
+t * 1000 / T). Deliberate deviation: the prior is the geodesic's marginal N(0, S^(1/T)) at the grid's
+first time instead of N(0, I) (they differ by < 0.25% in std for the reference fit at T = 4000), so
+that ``prior_sample``, ``prior_log_prob`` and the ODE's start time agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from genflow.errors import config_error
+from genflow.methods.ddpm import VPDiffusion
+
+SOURCES = ("empirical", "radial", "constants")
+#: bumps the on-disk cache key when the estimator changes
+_CACHE_VERSION = "spd-spectrum-v1"
+
+
+# ------------------------------------------------------------------------------ spectrum utilities
+def radial_frequency(H: int, W: int, device=None) -> Tensor:
+    """|k| = sqrt(kx^2 + ky^2) on the FFT grid, integer frequencies in cycles per image, (H, W) float64."""
+    ky = torch.fft.fftfreq(H, d=1.0 / H, dtype=torch.float64, device=device)
+    kx = torch.fft.fftfreq(W, d=1.0 / W, dtype=torch.float64, device=device)
+    return (ky[:, None] ** 2 + kx[None, :] ** 2).sqrt()
+
+
+def power_law_spectrum(c1: float, c2: float, m: float, H: int, W: int, device=None) -> Tensor:
+    """S(k) = c1 / (c2 + |k|)^m on the (H, W) FFT grid, float64 (the reference's radial model)."""
+    return c1 / (c2 + radial_frequency(H, W, device)) ** m
+
+
+def _negated(S: Tensor) -> Tensor:
+    """S(-k): index i -> (-i) mod N along both spatial axes (the Nyquist bin maps to itself)."""
+    return torch.roll(torch.flip(S, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))
+
+
+def empirical_spectrum(images: Tensor, chunk: int = 2048) -> Tensor:
+    """P_c(k) = mean_n |fft2_ortho(x_{n,c})_k|^2, (C, H, W) float64; the DC bin keeps the mean (a
+    second moment, which is what the geodesic's marginal variance S_k^(1-s) refers to)."""
+    if images.ndim != 4:
+        raise config_error(f"images of shape {tuple(images.shape)} are not (N, C, H, W)",
+                           "the SPD spectrum is a per-channel 2-D Fourier power spectrum",
+                           "pass a batch of images shaped (N, C, H, W)")
+    total = torch.zeros(images.shape[1:], dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):  # bounded memory for large datasets
+        x = images[start:start + chunk].detach().to("cpu", torch.float64)
+        total += torch.fft.fft2(x, norm="ortho").abs().square().sum(0)
+    return total / images.shape[0]
+
+
+def fit_power_law(P: Tensor) -> Tensor:
+    """Least-squares fit of log Pbar(r) = log c1 - m log(c2 + r) over the radial bins r = |k| of a
+    (C, H, W) (or (H, W)) power spectrum, one (c1, c2, m) per channel -> (C, 3) float64.
+
+    Every distinct radius is one point (unweighted), so the DC bin, which alone pins c2 when
+    c2 << 1, counts as much as any ring. For fixed c2 the fit is linear in (log c1, m); c2 is found
+    by a log-spaced scan and golden-section refinement of the profile residual."""
+    P = P.to(torch.float64)
+    if P.ndim == 2:
+        P = P[None]
+    r = radial_frequency(*P.shape[-2:]).flatten()
+    radii, inverse = torch.unique(r, return_inverse=True)
+    counts = torch.bincount(inverse).to(torch.float64)
+    out = []
+    for c in range(P.shape[0]):
+        y = (torch.zeros_like(radii).index_add_(0, inverse, P[c].flatten()) / counts).log()
+
+        def profile(log_c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            X = -(log_c2.exp()[:, None] + radii[None, :]).log()   # y = a + m X
+            Xm, ym = X.mean(1, keepdim=True), y.mean()
+            m = ((X - Xm) * (y - ym)).sum(1) / (X - Xm).square().sum(1)
+            a = ym - m * Xm[:, 0]
+            sse = (y - a[:, None] - m[:, None] * X).square().sum(1)
+            return sse, a, m
+
+        grid = torch.linspace(-14, 6, 401, dtype=torch.float64)
+        j = int(profile(grid)[0].argmin())
+        lo, hi = grid[max(j - 1, 0)], grid[min(j + 1, grid.numel() - 1)]
+        g = (math.sqrt(5) - 1) / 2
+        for _ in range(80):
+            a1, a2 = hi - g * (hi - lo), lo + g * (hi - lo)
+            if profile(a1[None])[0] < profile(a2[None])[0]:
+                hi = a2
+            else:
+                lo = a1
+        best = ((lo + hi) / 2)[None]
+        _, a, m = profile(best)
+        out.append(torch.stack([a[0].exp(), best[0].exp(), m[0]]))
+    return torch.stack(out)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GENFLOW_CACHE", Path.home() / ".cache" / "genflow"))
+
+
+def data_hash(images: Tensor) -> str:
+    """sha256 of the images' float32 bytes and shape: the cache key of everything estimated from them."""
+    x = images.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(f"{_CACHE_VERSION}:{tuple(x.shape)}".encode())
+    h.update(memoryview(x.numpy()).cast("B"))
+    return h.hexdigest()[:24]
+
+
+def estimate_spectrum(images: Tensor, source: str = "empirical", *, floor: float = 1e-6, cache: bool = True) -> Tensor:
+    """The per-channel spectrum of ``images`` (N, C, H, W) in their own units, (C, H, W) float64.
+
+    ``empirical``: the 2-D table; ``radial``: the fitted power law per channel. Values are floored at
+    ``floor`` (a zero-variance frequency has ln S = -inf). Results are cached under
+    ``$GENFLOW_CACHE`` (default ``~/.cache/genflow``) keyed by the data hash, source and floor."""
+    if source not in ("empirical", "radial"):
+        raise config_error(f"source={source!r} cannot be estimated from data",
+                           "the spectrum is the empirical 2-D table or a radial power-law fit",
+                           "use source=empirical or source=radial (source=constants takes c1, c2, m)")
+    if not floor > 0:
+        raise config_error(f"floor={floor} is not positive", "ln S must be finite at every frequency",
+                           "use floor=1e-6 (images in [-1, 1])")
+    path = None
+    if cache:
+        path = _cache_dir() / f"spd_spectrum_{data_hash(images)}_{source}_{floor:g}.safetensors"
+        if path.exists():
+            from safetensors.torch import load_file
+
+            return load_file(str(path))["spectrum"]
+    P = empirical_spectrum(images)
+    if source == "radial":
+        consts = fit_power_law(P)
+        k = radial_frequency(*P.shape[-2:])
+        P = consts[:, 0, None, None] / (consts[:, 1, None, None] + k) ** consts[:, 2, None, None]
+    S = P.clamp_min(floor)
+    if path is not None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"spectrum": S.contiguous()}, str(tmp))
+        tmp.replace(path)  # atomic: concurrent ranks never read a half-written file
+    return S
+
+
+def _log1mexp(a: Tensor) -> Tensor:
+    """ln(1 - e^(-a)) for a >= 0, accurate on both sides of a = ln 2 (Maechler's switch)."""
+    return torch.where(a < math.log(2), torch.log(-torch.expm1(-a)), torch.log1p(-torch.exp(-a)))
+
+
+# ------------------------------------------------------------------------------------- the method
+class SPD(VPDiffusion):
+    """Shortest-path diffusion on images (B, C, H, W) with a per-frequency spectrum S of shape (H, W)
+    (shared by all channels) or (C, H, W). See the module docstring for the equations."""
+
+    def __init__(self, spectrum: Tensor | str | None = None, T: int = 1000, *, source: str = "empirical",
+                 c1: float = 1.59, c2: float = 0.0086, m: float = 2.0, floor: float = 1e-6, cache: bool = True,
+                 label_scale: float = 1000.0, time_sampling: str = "continuous", ode_grid: str = "uniform",
+                 rho: float = 7.0):
+        super().__init__(T=T, label_scale=label_scale, time_sampling=time_sampling, ode_grid=ode_grid, rho=rho)
+        if source not in SOURCES:
+            raise config_error(f"source={source!r} is unknown", "SPD's spectrum comes from the data or constants",
+                               f"use one of {', '.join(SOURCES)}")
+        if source == "constants" and not (c1 > 0 and c2 > 0 and m > 0):
+            raise config_error(f"(c1, c2, m)=({c1}, {c2}, {m}) are not all positive",
+                               "S(k) = c1 / (c2 + |k|)^m must be a positive, decreasing spectrum",
+                               "use the reference constants c1=1.59, c2=0.0086, m=2.0")
+        self.source, self.c1, self.c2, self.m = source, float(c1), float(c2), float(m)
+        self.floor, self.cache = float(floor), bool(cache)
+        self.register_buffer("spectrum", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("log_spectrum", torch.empty(0, dtype=torch.float64), persistent=False)
+        if isinstance(spectrum, (str, Path)):
+            spectrum = self._read_spectrum(Path(spectrum))
+        if spectrum is not None:
+            self.set_spectrum(spectrum)
+
+    @staticmethod
+    def _read_spectrum(path: Path) -> Tensor:
+        if not path.exists():
+            raise config_error(f"spectrum file {path} does not exist", "SPD was told to read its spectrum from it",
+                               "pass a .safetensors file with a 'spectrum' tensor, or leave spectrum unset to "
+                               "estimate it from the training data")
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["spectrum"]
+
+    @classmethod
+    def from_data(cls, images: Tensor, T: int = 1000, *, source: str = "empirical", floor: float = 1e-6,
+                  cache: bool = True, **kwargs) -> "SPD":
+        """SPD with the spectrum estimated from ``images`` (N, C, H, W) in training units."""
+        S = estimate_spectrum(images, source, floor=floor, cache=cache)
+        return cls(S, T=T, source=source, floor=floor, cache=cache, **kwargs)
+
+    def prepare(self, datamodule) -> None:
+        """Estimate (or build from c1, c2, m) the spectrum for ``datamodule`` unless one is set."""
+        shape = tuple(datamodule.data_shape)
+        if len(shape) != 3:
+            raise config_error(f"SPD needs image data (C, H, W), got data_shape {shape}",
+                               "its schedule is diagonal in the 2-D Fourier basis of images",
+                               "use an image dataset (digits, cifar10, imagefolder) or model=ddpm for vectors")
+        if not self.ready:
+            if self.source == "constants":
+                S = power_law_spectrum(self.c1, self.c2, self.m, *shape[-2:])
+            else:
+                S = estimate_spectrum(datamodule.train_tensor(), self.source, floor=self.floor, cache=self.cache)
+            self.set_spectrum(S)
+        self._check_data(torch.empty((1, *shape), device="meta"))
+
+    # ------------------------------------------------------------------------------- spectrum state
+    @property
+    def ready(self) -> bool:
+        return self.spectrum.numel() > 0
+
+    @property
+    def coef_shape(self) -> tuple[int, ...]:
+        return tuple(self.spectrum.shape)
+
+    def set_spectrum(self, S) -> None:
+        """Validate, symmetrise (S(k) = S(-k) exactly, so F^-1 of every filter is real) and install S."""
+        S = torch.as_tensor(S).detach().to(device=self.spectrum.device, dtype=torch.float64)
+        if S.ndim not in (2, 3) or S.shape[-1] < 2 or S.shape[-2] < 2:
+            raise config_error(f"spectrum of shape {tuple(S.shape)} is not (H, W) or (C, H, W)",
+                               "SPD has one variance per (channel and) 2-D frequency of the images",
+                               "pass the per-frequency variance of the orthonormal fft2 of the training images")
+        if not bool(torch.isfinite(S).all()) or not bool((S > 0).all()):
+            raise config_error("the spectrum has zero, negative or non-finite entries",
+                               "each S_k is a variance and the schedule uses ln S_k",
+                               "floor it, e.g. spectrum.clamp_min(1e-6), or estimate it with SPD.from_data")
+        S_neg = _negated(S)
+        asym = float(((S - S_neg).abs() / (S + S_neg)).max())
+        if asym > 1e-4:
+            raise config_error(f"the spectrum is not even in k (relative asymmetry {asym:.2e})",
+                               "the power spectrum of real images satisfies S(k) = S(-k); otherwise the filtered "
+                               "images would not be real",
+                               "use a radial spectrum or symmetrise it: 0.5 * (S + S(-k))")
+        S = 0.5 * (S + S_neg)
+        self.spectrum = S
+        self._set_derived()
+
+    def _set_derived(self) -> None:
+        self.log_spectrum = self.spectrum.log()
+        self._build_tables()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "spectrum"
+        if key in state_dict:  # size the buffer from the checkpoint: no data needed to restore SPD
+            self.spectrum = torch.empty(state_dict[key].shape, dtype=torch.float64, device=self.spectrum.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.ready:
+            self._set_derived()
+
+    # ------------------------------------------------------------------------------- closed forms
+    def _time(self, s) -> tuple[Tensor, Tensor]:
+        if not self.ready:
+            self._check_data(torch.empty(0))
+        s = torch.as_tensor(s, dtype=torch.float64, device=self.spectrum.device)
+        s = s.reshape(*s.shape, *([1] * self.spectrum.ndim))
+        return s, 1 - s
+
+    @staticmethod
+    def _g(t: Tensor, Ln: Tensor) -> Tensor:
+        """expm1(t Ln) / expm1(Ln) for Ln <= 0 (both factors in (-1, 0]); the limit t at Ln = 0."""
+        zero = Ln == 0
+        safe = torch.where(zero, -torch.ones_like(Ln), Ln)
+        return torch.where(zero, t, torch.expm1(t * safe) / torch.expm1(safe))
+
+    def alpha_bar(self, s) -> Tensor:
+        """abar_k(s) = expm1(tau ln S_k) / expm1(ln S_k), float64, shape ``s.shape + spectrum.shape``.
+
+        Written as exp(-s max(L, 0)) * g(tau, -|L|) so no intermediate overflows or cancels."""
+        s, tau = self._time(s)
+        L = self.log_spectrum
+        return self._g(tau, -L.abs()) * torch.exp(-s * L.clamp_min(0))
+
+    def log_alpha_bar(self, s) -> Tensor:
+        """ln abar_k(s): log1p(-(1 - abar)) where abar > 1/2 (no cancellation near 1), otherwise
+        ln(1 - e^(-tau |L|)) - ln(1 - e^(-|L|)) - s max(L, 0), finite even where abar underflows."""
+        s_, tau = self._time(s)
+        L = self.log_spectrum
+        a = L.abs()
+        safe = torch.where(a == 0, torch.ones_like(a), a)
+        far = _log1mexp(tau * safe) - _log1mexp(safe) - s_ * L.clamp_min(0)
+        far = torch.where(a == 0, tau.log(), far)
+        near = torch.log1p(-self.one_minus_alpha_bar(s))
+        return torch.where(self.alpha_bar(s) > 0.5, near, far)
+
+    def one_minus_alpha_bar(self, s) -> Tensor:
+        """1 - abar_k(s) = S_k^tau expm1(s ln S_k) / expm1(ln S_k), evaluated like ``alpha_bar``."""
+        s, tau = self._time(s)
+        L = self.log_spectrum
+        return self._g(s, -L.abs()) * torch.exp(-tau * (-L).clamp_min(0))
+
+    def rate(self, s) -> Tensor:
+        """beta_k(s) = -d ln abar_k / ds = |L| S^(tau [L<0]) / (1 - exp(-tau |L|)); 1/tau at S_k = 1."""
+        s, tau = self._time(s)
+        L = self.log_spectrum
+        a = L.abs()
+        num = torch.where(a == 0, torch.ones_like(a), a) * torch.exp(-tau * (-L).clamp_min(0))
+        den = torch.where(a == 0, tau.expand(num.shape), -torch.expm1(-tau * a))
+        return num / den
+
+    def marginal_variance(self, s) -> Tensor:
+        """lambda_k(s) = abar S + 1 - abar (= S^(1-s) on the geodesic), from the implemented abar."""
+        return self.alpha_bar(s) * self.spectrum + self.one_minus_alpha_bar(s)
+
+    def snr(self, s) -> Tensor:
+        """SNR_k(s) = abar_k S_k / (1 - abar_k)."""
+        return self.alpha_bar(s) * self.spectrum / self.one_minus_alpha_bar(s)
+
+    def snr_crossing_time(self) -> Tensor:
+        """s* with SNR_k(s*) = 1: tau* = ln(2S/(S+1)) / ln S = -log1p(expm1(-L)/2) / L (1/2 at S = 1)."""
+        L = self.log_spectrum
+        safe = torch.where(L == 0, torch.ones_like(L), L)
+        tau = torch.where(L == 0, torch.full_like(L, 0.5), -torch.log1p(torch.expm1(-safe) / 2) / safe)
+        return 1 - tau.clamp(0, 1)
+
+    def fisher_length(self) -> Tensor:
+        """L* = sqrt(1/2 sum_{c,k} ln^2 S_k) over the images' channels and grid (a (H, W) spectrum counts
+        once per channel only if it is (C, H, W); multiply by the channel count for a shared one)."""
+        return (0.5 * self.log_spectrum.square().sum()).sqrt()
+
+    def prior_variance(self) -> Tensor:
+        """S^(1 - s_hi) = S^(1/T): the geodesic's marginal at the first grid time."""
+        return (self.log_spectrum / self.T).exp()
+
+    def hparams(self) -> dict:
+        out = {"source": self.source}
+        if self.source == "constants":
+            out.update(c1=self.c1, c2=self.c2, m=self.m)
+        out.update(super().hparams())
+        if self.ready:
+            out["spectrum_shape"] = tuple(self.spectrum.shape)
+        return out

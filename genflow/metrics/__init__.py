@@ -1,0 +1,21 @@
+"""Sample-quality metrics: Fréchet distance (FID), running feature statistics, KID, feature
+extractors (TF-Inception via clean-fid, a digits classifier, any nn.Module) and cached reference
+statistics. See ``fid.py``, ``features.py`` and ``reference.py``."""
+from genflow.metrics.features import (
+    DigitsClassifier,
+    DigitsFeatures,
+    InceptionFeatures,
+    ModuleFeatures,
+    build_feature_extractor,
+    extract_features,
+    resolve_inception_path,
+)
+from genflow.metrics.evaluation import FIDEvaluator, evaluate_fid
+from genflow.metrics.fid import FeatureStats, fid_from_features, frechet_distance, kernel_distance
+from genflow.metrics.reference import ReferenceStats, load_reference, reference_stats
+
+__all__ = [
+    "DigitsClassifier", "DigitsFeatures", "FIDEvaluator", "FeatureStats", "InceptionFeatures", "ModuleFeatures", "ReferenceStats",
+    "build_feature_extractor", "evaluate_fid", "extract_features", "fid_from_features", "frechet_distance", "kernel_distance",
+    "load_reference", "reference_stats", "resolve_inception_path",
+]

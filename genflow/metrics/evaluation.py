@@ -1,0 +1,218 @@
+"""FID of a generative model with the protocol of EDM / PFGM++ (``fid.py``).
+
+- Image i is generated from seed i (``genflow.sampling.generate`` seeds every image with its own
+  generator), seeds 0..N-1 for the first set, N..2N-1 for the second, ...; the reported FID is the
+  minimum over ``seed_sets`` sets (EDM reports the minimum of three).
+- Seeds are sharded over ranks (rank r takes seeds r, r+W, ...); feature statistics are float64 sums
+  all-reduced across ranks, so the FID does not depend on the batch size or the number of processes.
+- The reference is the full training split by default (statistics cached by content hash, see
+  ``reference.py``); an EDM / clean-fid ``.npz`` or ``cleanfid:<name>`` can be given instead.
+
+``FIDEvaluator`` holds the extractor and reference once (the training callback reuses it every N
+steps); ``evaluate_fid`` is the one-call form used by train.py, evaluate.py and the leaderboard.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from genflow.errors import config_error
+from genflow.metrics.features import build_feature_extractor
+from genflow.metrics.fid import FeatureStats, frechet_distance, kernel_distance
+from genflow.metrics.reference import ReferenceStats, load_reference, reference_stats
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+class FIDEvaluator:
+    """Feature extractor + reference statistics, and the seeded, sharded generation loop.
+
+    ``extractor``: "inception", "digits", a ``{_target_: ...}`` config or an nn.Module; None takes the
+    datamodule's ``feature_extractor``. ``ref``: "train" (default), "val", or a statistics file.
+    """
+
+    def __init__(self, datamodule=None, *, extractor: Any = None, mode: str = "clean", inception_path=None,
+                 download: bool = False, ref: str = "train", cache_dir=None, kid: bool = False,
+                 kid_subset_size: int = 1000, kid_subsets: int = 100, batch_size: int = 256, progress: bool = False):
+        self.datamodule = datamodule
+        spec = extractor if extractor is not None else getattr(datamodule, "feature_extractor", None)
+        if spec is None:
+            raise config_error("no FID feature extractor", "neither fid.extractor nor the datamodule names one",
+                               "pass fid.extractor=inception (images) or fid.extractor=digits")
+        self.spec, self.mode, self.inception_path, self.download = spec, mode, inception_path, download
+        self.ref, self.cache_dir, self.kid = str(ref), cache_dir, kid
+        self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
+        self.batch_size, self.progress = batch_size, progress
+        if self.ref in ("train", "val") and datamodule is None:
+            raise config_error(f"fid.ref={self.ref} needs a datamodule", "the reference set comes from the data",
+                               "pass the datamodule, or fid.ref=/path/to/stats.npz")
+        if kid and self.ref not in ("train", "val"):
+            raise config_error(f"fid.kid=true with fid.ref={self.ref}",
+                               "KID needs reference features, and a statistics file holds only mu and sigma",
+                               "use fid.ref=train (or val) with KID, or fid.kid=false")
+        self.extractor = None
+        self.reference: ReferenceStats | None = None
+        self.ref_features: Tensor | None = None
+        self.device = None
+
+    # --- one-time setup -------------------------------------------------------------------------
+    def build_extractor(self, device=None):
+        """The extractor alone (cheap): resolves weights so a missing file fails before any training."""
+        if self.extractor is None:
+            self.extractor = build_feature_extractor(self.spec, mode=self.mode, inception_path=self.inception_path,
+                                                     download=self.download)
+        if device is not None:
+            self.extractor = self.extractor.to(device)
+            self.device = torch.device(device)
+        return self.extractor
+
+    def setup(self, device=None) -> "FIDEvaluator":
+        self.build_extractor(device)
+        if self.reference is not None:
+            return self
+        dist, rank, world = _dist()
+        if self.ref in ("train", "val"):
+            dm = self.datamodule
+            images = dm.train_tensor() if self.ref == "train" else dm.val_tensor()
+            if images.shape[0] < 2:
+                raise config_error(f"fid.ref={self.ref}: the {self.ref} split has {images.shape[0]} images",
+                                   "a covariance needs at least two", "use fid.ref=train or a statistics file")
+            name = getattr(dm, "name", type(dm).__name__.lower())
+            # rank 0 computes and caches; the others wait and read the cache
+            if dist is not None and rank != 0:
+                dist.barrier()
+            self.reference = reference_stats(self.extractor, images, dataset=name, split=self.ref,
+                                             directory=self.cache_dir, batch_size=self.batch_size,
+                                             progress=self.progress and rank == 0)
+            if dist is not None and rank == 0:
+                dist.barrier()
+            if self.kid:
+                sub = images[: max(self.kid_subset_size * 10, self.kid_subset_size)]
+                self.ref_features = torch.cat([self.extractor(sub[i:i + self.batch_size]).cpu()
+                                               for i in range(0, sub.shape[0], self.batch_size)])
+        else:
+            self.reference = load_reference(self.ref, download=self.download)
+        dim = getattr(self.extractor, "dim", None)
+        if dim is not None and self.reference.mu.shape[0] != dim:
+            raise config_error(
+                f"reference {self.reference.source} has {self.reference.mu.shape[0]}-d features but the "
+                f"{getattr(self.extractor, 'name', 'extractor')} extractor gives {dim}-d",
+                "reference statistics must come from the same feature network",
+                "use statistics made with this extractor, or fid.ref=train to compute them")
+        return self
+
+    # --- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_stats(self, method, net, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
+                     solver: str = "heun", guidance: float | None = None, batch_size: int | None = None,
+                     device=None, time_limit: float | None = None) -> FeatureStats:
+        """Generate images for this rank's share of ``seeds`` and accumulate their feature statistics
+        (all-reduced over ranks). With ``time_limit`` (seconds) generation stops early on every rank
+        once it is exceeded; the statistics then cover the images made so far."""
+        from genflow.sampling import generate, sample_conditions
+
+        device = torch.device(device or self.device or "cpu")
+        self.setup(device)
+        dist, rank, world = _dist()
+        mine = list(seeds)[rank::world]
+        batch = int(batch_size or self.batch_size)
+        num_batches = math.ceil(math.ceil(len(seeds) / world) / batch)  # equal on every rank
+        keep = self.kid_subset_size * 10 if self.kid else 0
+        stats = FeatureStats(getattr(self.extractor, "dim", None), keep_features=keep, device=device)
+        start = time.perf_counter()
+        chunks = range(num_batches)
+        if self.progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc=f"FID: generating {len(seeds)} images", leave=False)
+        for b in chunks:
+            part = mine[b * batch:(b + 1) * batch]
+            if part:
+                cond = sample_conditions(self.datamodule, part, device) if self.datamodule is not None else None
+                images = generate(method, net, part, shape, steps=steps, solver=solver, cond=cond,
+                                  guidance=guidance, batch_size=batch, device=device)
+                stats.update(self.extractor(images))
+            if time_limit is not None:
+                over = torch.tensor([float(time.perf_counter() - start > time_limit)], device=device)
+                if dist is not None:
+                    dist.all_reduce(over, op=dist.ReduceOp.MAX)
+                if over.item() > 0:
+                    break
+        return stats.all_reduce()
+
+    def score(self, stats: FeatureStats, generator: torch.Generator | None = None) -> dict:
+        self.setup()
+        out = {"fid": frechet_distance(stats.mean, stats.cov, self.reference.mu, self.reference.sigma)}
+        if self.kid:
+            feats = stats.kept_features()
+            m = min(self.kid_subset_size, feats.shape[0], self.ref_features.shape[0])
+            out["kid"] = kernel_distance(feats, self.ref_features, num_subsets=self.kid_subsets,
+                                         max_subset_size=m, generator=generator)
+        return out
+
+
+def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: int = 50000, seed_start: int = 0,
+                 seed_sets: int = 1, steps: int = 18, solver: str = "heun", guidance: float | None = None,
+                 batch_size: int = 256, device=None, time_limit: float | None = None, evaluator: FIDEvaluator | None = None,
+                 prefix: str = "fid", **evaluator_kwargs) -> dict:
+    """FID (min over ``seed_sets`` sets of ``num`` seeds each) of ``module`` (a GenerativeModule, or
+    ``method`` + ``net``) against the reference; returns a flat dict for the final JSON line.
+
+    ``evaluator_kwargs`` go to ``FIDEvaluator`` (extractor, mode, inception_path, download, ref, cache_dir,
+    kid, progress).
+    """
+    if num < 2:
+        raise config_error(f"fid.num={num}", "FID needs at least two generated images (a covariance)",
+                           "use fid.num=50000 for paper numbers, or a few hundred for a quick check")
+    if seed_sets < 1:
+        raise config_error(f"fid.seed_sets={seed_sets}", "at least one set of seeds is needed",
+                           "use fid.seed_sets=1, or 3 for EDM's minimum over three sets")
+    method = method if method is not None else module.method
+    net = net if net is not None else module.net
+    if device is None:
+        device = module.device if module is not None else next(net.parameters()).device
+    device = torch.device(device)
+    if datamodule is not None and hasattr(datamodule, "setup"):
+        datamodule.setup()
+    evaluator = evaluator or FIDEvaluator(datamodule, batch_size=batch_size, **evaluator_kwargs)
+    evaluator.setup(device)
+    shape = tuple(datamodule.data_shape) if datamodule is not None else tuple(evaluator_kwargs["shape"])
+    was_training = net.training
+    net.eval()
+    values, kids, counts = [], [], []
+    start = time.perf_counter()
+    for s in range(seed_sets):
+        seeds = range(seed_start + s * num, seed_start + (s + 1) * num)
+        stats = evaluator.sample_stats(method, net, seeds, shape, steps=steps, solver=solver, guidance=guidance,
+                                       batch_size=batch_size, device=device, time_limit=time_limit)
+        scored = evaluator.score(stats)
+        values.append(scored["fid"])
+        counts.append(stats.n)
+        if "kid" in scored:
+            kids.append(scored["kid"])
+    wall = time.perf_counter() - start
+    net.train(was_training)
+    best = min(range(seed_sets), key=lambda i: values[i])
+    out = {
+        prefix: round(values[best], 6),
+        f"{prefix}_images": counts[best],
+        f"{prefix}_extractor": getattr(evaluator.extractor, "name", type(evaluator.extractor).__name__),
+        f"{prefix}_ref": evaluator.ref if evaluator.ref in ("train", "val") else evaluator.reference.source,
+        f"{prefix}_img_per_s": round(sum(counts) / max(wall, 1e-9), 2),
+        f"{prefix}_wall_s": round(wall, 2),
+    }
+    if seed_sets > 1:
+        out[f"{prefix}_sets"] = [round(v, 6) for v in values]
+    if kids:
+        out["kid"] = round(kids[best], 8)
+    return out

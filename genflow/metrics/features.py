@@ -1,0 +1,295 @@
+"""Feature extractors for FID behind one interface.
+
+Every extractor is an ``nn.Module`` taking genflow images (float NCHW in [-1, 1], any device) and
+returning float32 features (B, dim), with a ``name``, a ``dim`` and a ``fingerprint()`` (a content
+hash used as part of cache keys for reference statistics).
+
+- ``inception``: the TF-ported Inception-v3 TorchScript file ``inception-2015-12-05.pt`` (the file
+  clean-fid, StyleGAN2-ADA and EDM's detector derive from), loaded through clean-fid's own wrapper
+  ``InceptionV3W``. Mode ``legacy_tensorflow`` resizes to 299x299 inside the network (the TTUR / EDM
+  protocol, comparable with published numbers); mode ``clean`` resizes outside with clean-fid's PIL
+  bicubic resizer (``cleanfid.resize.build_resizer("clean")``), run on a thread pool because PIL
+  releases the GIL. Images are first quantised to uint8 exactly as saving PNGs would.
+  Nothing downloads unless asked (``download=True``); a missing file is a ConfigError.
+- ``digits``: ``DigitsClassifier``, a small CNN trained on the digits training split
+  (``scripts/train_digits_classifier.py``, weights in ``assets/digits_classifier.safetensors``);
+  features are its penultimate activations.
+- any other ``nn.Module`` (``ModuleFeatures``): its flattened output is the feature vector.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genflow.errors import config_error
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_ENV = "GENFLOW_INCEPTION"
+METRICS_HOME_ENV = "GENFLOW_METRICS_HOME"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+DIGITS_WEIGHTS = ASSETS / "digits_classifier.safetensors"
+INCEPTION_MODES = ("clean", "legacy_tensorflow")
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 [0, 255], the rounding of EDM's generate.py when writing PNGs."""
+    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def metrics_home() -> Path:
+    """Folder for downloaded weights and cached reference statistics ($GENFLOW_METRICS_HOME or ~/.cache/genflow)."""
+    return Path(os.environ.get(METRICS_HOME_ENV, Path.home() / ".cache" / "genflow")).expanduser()
+
+
+def resolve_inception_path(path: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """Find ``inception-2015-12-05.pt``: the given path (file or folder), $GENFLOW_INCEPTION,
+    $GENFLOW_METRICS_HOME, or clean-fid's own download folder. Downloads only when ``download``."""
+    candidates: list[Path] = []
+    for p in (path, os.environ.get(INCEPTION_ENV)):
+        if p:
+            p = Path(p).expanduser()
+            candidates.append(p / INCEPTION_FILE if p.is_dir() else p)
+    candidates += [metrics_home() / INCEPTION_FILE, Path(tempfile.gettempdir()) / INCEPTION_FILE]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if download:
+        from cleanfid.downloads_helper import check_download_inception
+
+        target = Path(path).expanduser() if path else metrics_home()
+        target = target if target.suffix != ".pt" else target.parent
+        target.mkdir(parents=True, exist_ok=True)
+        return Path(check_download_inception(fpath=str(target)))
+    looked = ", ".join(str(c) for c in candidates)
+    raise config_error(
+        f"Inception weights {INCEPTION_FILE} not found (looked at: {looked})",
+        "FID compares Inception-v3 features; genflow never downloads weights unless asked",
+        f"download {INCEPTION_URL} once and pass fid.inception_path=/path/to/{INCEPTION_FILE} "
+        f"(or set ${INCEPTION_ENV}, or put it in ${METRICS_HOME_ENV}); on a networked machine "
+        "fid.download=true fetches it",
+    )
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool features of the TF-Inception TorchScript model, via clean-fid's ``InceptionV3W``."""
+
+    dim = 2048
+
+    def __init__(self, path: str | os.PathLike | None = None, mode: str = "clean", download: bool = False,
+                 resize_workers: int | None = None):
+        super().__init__()
+        if mode not in INCEPTION_MODES:
+            raise config_error(f"fid.mode={mode!r} is not an Inception mode", f"supported: {INCEPTION_MODES}",
+                               "use fid.mode=clean (clean-fid) or fid.mode=legacy_tensorflow (EDM/TTUR numbers)")
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        file = resolve_inception_path(path, download)
+        folder = file.parent
+        if file.name != INCEPTION_FILE:
+            # InceptionV3W loads <folder>/inception-2015-12-05.pt; give it a folder with that name
+            folder = Path(tempfile.mkdtemp(prefix="genflow-inception-"))
+            (folder / INCEPTION_FILE).symlink_to(file.resolve())
+        self.file, self.mode = file, mode
+        self.name = f"inception-{mode}"
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice; the file only exists as TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow")).eval()
+        self.model.requires_grad_(False)
+        self._resize = None
+        self._workers = resize_workers or os.cpu_count() or 1
+        self._pool = None
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = f"{self.name}-{_file_sha256(self.file)[:16]}"
+        return self._fingerprint
+
+    def _clean_resize(self, images_u8: Tensor) -> Tensor:
+        from cleanfid.resize import build_resizer
+
+        if self._resize is None:
+            self._resize = build_resizer("clean")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers)
+        hwc = images_u8.permute(0, 2, 3, 1).cpu().numpy()
+        out = list(self._pool.map(self._resize, hwc))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        device = next(self.model.base.parameters()).device
+        u8 = to_uint8(images)
+        if u8.shape[1] == 1:
+            u8 = u8.expand(-1, 3, -1, -1)
+        if u8.shape[1] != 3:
+            raise ValueError(f"Inception features need 1- or 3-channel images, got {u8.shape[1]} channels")
+        if self.mode == "clean":
+            x = self._clean_resize(u8).to(device, non_blocking=True)
+        else:
+            x = u8.to(device).float()
+        return self.model(x).float()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        return state
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for 8x8 one-channel digits in [-1, 1]; ``features`` are its penultimate activations.
+
+    Larger inputs (data.resolution=16/32 are bilinear upsamplings of 8x8) are area-downsampled to 8x8.
+    """
+
+    feature_dim = 64
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, self.feature_dim), nn.SiLU(),
+        )
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    @staticmethod
+    def prepare(images: Tensor) -> Tensor:
+        x = images.float()
+        if x.shape[1] != 1:
+            x = x.mean(1, keepdim=True)
+        if x.shape[-2:] != (8, 8):
+            x = F.adaptive_avg_pool2d(x, 8)
+        return x
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.body(self.prepare(images))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+class DigitsFeatures(nn.Module):
+    """Penultimate features of the shipped digits classifier."""
+
+    name = "digits"
+    dim = DigitsClassifier.feature_dim
+
+    def __init__(self, weights: str | os.PathLike | None = None):
+        super().__init__()
+        from safetensors.torch import load_file
+
+        self.file = Path(weights).expanduser() if weights else DIGITS_WEIGHTS
+        if not self.file.is_file():
+            raise config_error(
+                f"digits classifier weights {self.file} not found",
+                "digits-FID uses the features of a classifier shipped in assets/",
+                "restore assets/digits_classifier.safetensors from the repository or regenerate it with "
+                "`python scripts/train_digits_classifier.py`",
+            )
+        self.classifier = DigitsClassifier()
+        self.classifier.load_state_dict(load_file(str(self.file)))
+        self.classifier.eval().requires_grad_(False)
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = f"digits-{_file_sha256(self.file)[:16]}"
+        return self._fingerprint
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        device = next(self.classifier.parameters()).device
+        return self.classifier.features(images.to(device))
+
+
+class ModuleFeatures(nn.Module):
+    """Any ``nn.Module``: its output, flattened per image, is the feature vector."""
+
+    def __init__(self, module: nn.Module, name: str | None = None):
+        super().__init__()
+        self.module = module.eval().requires_grad_(False)
+        self.name = name or type(module).__name__
+        self.dim = getattr(module, "num_features", None) or getattr(module, "dim", None)
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256(type(self.module).__qualname__.encode())
+            for k, v in sorted(self.module.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = f"{self.name}-{h.hexdigest()[:16]}"
+        return self._fingerprint
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        params = list(self.module.parameters())
+        if params:
+            images = images.to(params[0].device)
+        out = self.module(images)
+        return out.reshape(out.shape[0], -1).float()
+
+
+def build_feature_extractor(spec: Any = "inception", *, mode: str = "clean", inception_path=None,
+                            download: bool = False, digits_weights=None, device=None) -> nn.Module:
+    """Make an extractor from a name ("inception", "digits"), a config with ``_target_``, or a module."""
+    if isinstance(spec, nn.Module):
+        ext = spec if hasattr(spec, "fingerprint") else ModuleFeatures(spec)
+    elif isinstance(spec, str) and spec == "inception":
+        ext = InceptionFeatures(inception_path, mode=mode, download=download)
+    elif isinstance(spec, str) and spec == "digits":
+        ext = DigitsFeatures(digits_weights)
+    elif isinstance(spec, Mapping) or (hasattr(spec, "keys") and "_target_" in spec):
+        from hydra.utils import instantiate
+
+        module = instantiate(spec)
+        if not isinstance(module, nn.Module):
+            raise config_error(f"fid.extractor target {spec.get('_target_')} built a {type(module).__name__}",
+                               "a feature extractor must be an nn.Module mapping images to (B, d) features",
+                               "point _target_ at an nn.Module class")
+        ext = module if hasattr(module, "fingerprint") else ModuleFeatures(module)
+    else:
+        raise config_error(f"fid.extractor={spec!r} is not a known feature extractor",
+                           "FID needs a feature network", "use inception, digits, or a {_target_: ...} module config")
+    if device is not None:
+        ext = ext.to(device)
+    return ext
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256, stats=None, progress: bool = False):
+    """Feed ``images`` through ``extractor`` in chunks; update and return a FeatureStats."""
+    from genflow.metrics.fid import FeatureStats
+
+    stats = stats if stats is not None else FeatureStats()
+    chunks = range(0, images.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=f"features ({getattr(extractor, 'name', 'extractor')})", leave=False)
+    for i in chunks:
+        stats.update(extractor(images[i : i + batch_size]))
+    return stats

@@ -1,0 +1,122 @@
+"""The training run behind train.py: build, fit, then write the grid, the exports and the JSON line."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from genflow.config import build, to_container, validate
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.get("run_dir") or "outputs/run")
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from genflow.training import AtomicCheckpointIO, EDMEma, SampleGrid
+
+    callbacks = [
+        EDMEma(halflife_kimg=cfg.ema.halflife_kimg, rampup=cfg.ema.rampup),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep,
+                        save_last=True),
+        SampleGrid(str(run_dir / "samples"), every_n_steps=cfg.sample.every_n_steps, num=cfg.sample.num,
+                   steps=cfg.sample.steps, solver=cfg.sample.solver, guidance=cfg.sample.guidance),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    callbacks += extra_callbacks(cfg, run_dir)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.update(overrides)
+    loggers = [TensorBoardLogger(str(run_dir), name="tb", version=""), CSVLogger(str(run_dir), name="csv", version="")]
+    # the datamodule's ResumableSampler shards by rank itself, so Lightning must not wrap it
+    return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
+                      plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, **trainer_kwargs)
+
+
+def extra_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    """Callbacks chosen in the `callbacks` config group (e.g. callbacks=fid)."""
+    from hydra.utils import instantiate
+
+    found = []
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        if spec is not None and "_target_" in spec:
+            found.append(instantiate(spec, _convert_="all"))
+    return found
+
+
+def train(cfg: DictConfig) -> dict:
+    validate(cfg)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module, dm = build(cfg)
+    trainer = make_trainer(cfg, run_dir)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    wall = time.perf_counter() - start
+    # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
+    result = finish(cfg, trainer, module, dm, run_dir, wall)
+    if trainer.is_global_zero:
+        print(json.dumps(result), flush=True)
+    return result
+
+
+def finish(cfg, trainer, module, dm, run_dir: Path, wall: float) -> dict:
+    from genflow.training import SampleGrid
+
+    ckpt_cb = trainer.checkpoint_callback
+    final_ckpt = run_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(final_ckpt)  # EMA weights in state_dict, config stored as plain containers
+    grid_cb = next(c for c in trainer.callbacks if isinstance(c, SampleGrid))
+    grid = grid_cb.write(trainer, module, run_dir / "grid.png")
+    figures = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
+               if k in ("train/loss", "val/loss") or k.startswith("val/fid")}
+    steps = int(trainer.global_step)
+    batch = dm.batch_size * trainer.world_size
+    result = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(final_ckpt),
+        "last_checkpoint": str(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None,
+        "grid": str(grid),
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "data": dm.name,
+        "steps": steps,
+        "train_img_per_s": round(steps * batch / max(wall, 1e-9), 1),
+        "wall_s": round(wall, 1),
+        **figures,
+    }
+    if trainer.is_global_zero:
+        result.update(export_ema(cfg, module, run_dir))
+        result.update(final_metrics(cfg, module, dm))
+    return result
+
+
+def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
+    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    path = run_dir / "ema.safetensors"
+    save_file(state, str(path))
+    OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
+    return {"ema_safetensors": str(path)}
+
+
+def final_metrics(cfg: DictConfig, module, dm) -> dict:
+    """FID of the final EMA model where the config asks for it (fid.num > 0)."""
+    if not cfg.get("fid") or not cfg.fid.get("num"):
+        return {}
+    from genflow.metrics import evaluate_fid
+
+    return evaluate_fid(module, dm, num=int(cfg.fid.num), steps=int(cfg.sample.steps), solver=cfg.sample.solver)

@@ -1,0 +1,120 @@
+"""Seeded generation shared by sample.py, the training callbacks and evaluation.
+
+Image i is drawn from its own generator seeded with ``seeds[i]`` (prior and any sampler noise), so it
+is identical whatever the batch size or the number of processes: the protocol of EDM's
+``generate.py --seeds=0-49999``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from genflow.methods.base import Method
+
+
+def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
+    """'0-63' -> [0..63], '1,5,9-11' -> [1,5,9,10,11], 7 -> [7]."""
+    if isinstance(spec, int):
+        return [spec]
+    if not isinstance(spec, str):
+        return [int(s) for s in spec]
+    seeds: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part[1:]:
+            lo, hi = part.split("-", 1)
+            if int(hi) < int(lo):
+                raise ValueError(f"seed range {part!r} runs backwards; write it as low-high, e.g. 0-63")
+            seeds.extend(range(int(lo), int(hi) + 1))
+        else:
+            seeds.append(int(part))
+    if not seeds:
+        raise ValueError(f"no seeds in {spec!r}; use e.g. seeds=0-63")
+    return seeds
+
+
+def sample_conditions(datamodule, seeds: Sequence[int], device) -> dict | None:
+    """The conditioning for each seed: the datamodule's own rule if it has one, else class
+    ``seed % num_classes`` for class-conditional data, else None."""
+    if hasattr(datamodule, "sample_cond"):
+        return datamodule.sample_cond(seeds, device)
+    k = getattr(datamodule, "num_classes", 0)
+    if not k:
+        return None
+    labels = torch.as_tensor(list(seeds), device=device) % k
+    return {"class": torch.nn.functional.one_hot(labels, k).float()}
+
+
+def _select(cond: dict | None, lo: int, hi: int) -> dict | None:
+    return None if cond is None else {k: v[lo:hi] for k, v in cond.items()}
+
+
+@torch.no_grad()
+def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
+             solver: str = "heun", cond: dict | None = None, guidance: float | None = None,
+             batch_size: int = 256, device=None, progress: bool = False, autocast: bool = True) -> Tensor:
+    """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``."""
+    device = torch.device(device or "cpu")
+    seeds = list(seeds)
+    use_autocast = autocast and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    chunks = range(0, len(seeds), batch_size)
+    if progress:
+        from rich.progress import track
+
+        chunks = track(chunks, description=f"sampling {len(seeds)}", transient=True)
+    out = []
+    for lo in chunks:
+        batch = seeds[lo:lo + batch_size]
+        gens = [torch.Generator(device).manual_seed(int(s)) for s in batch]
+        noise = method.prior_sample((len(batch), *shape), generator=gens, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            x = method.sample(net, noise, steps=steps, solver=solver, cond=_select(cond, lo, lo + len(batch)),
+                              guidance=guidance, generator=gens)
+        out.append(x.float())
+    return torch.cat(out)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 with EDM's rounding: clip(127.5 x + 128, 0, 255)."""
+    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(samples: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """A picture of the samples: an image grid for (N, C, H, W), one row per object for multi-view
+    (N, V, C, H, W), a scatter plot for 2-D vectors, pairwise projections for other vectors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = samples.detach().float().cpu()
+    if samples.ndim in (4, 5):
+        import torchvision
+
+        if samples.ndim == 5:
+            nrow = samples.shape[1]
+            samples = samples.flatten(0, 1)
+        nrow = nrow or max(1, int(len(samples) ** 0.5))
+        grid = torchvision.utils.make_grid(to_uint8(samples), nrow=nrow, padding=1, pad_value=255)
+        if grid.shape[-1] < 256:  # tiny images (8x8 digits) are upscaled so a person can see them
+            scale = max(1, 256 // grid.shape[-1])
+            grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        torchvision.io.write_png(grid, str(path))
+        return path
+    if samples.ndim == 2:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        ax.scatter(samples[:, 0], samples[:, 1 % samples.shape[1]], s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        ax.set_title(f"{len(samples)} samples" + (" (dims 0, 1)" if samples.shape[1] > 2 else ""))
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+    raise ValueError(f"cannot draw samples of shape {tuple(samples.shape)}")

@@ -1,0 +1,5 @@
+"""Lightning glue: the GenerativeModule and callbacks (EMA, sample grids, atomic checkpoints)."""
+from genflow.training.callbacks import AtomicCheckpointIO, EDMEma, SampleGrid
+from genflow.training.module import GenerativeModule
+
+__all__ = ["GenerativeModule", "EDMEma", "SampleGrid", "AtomicCheckpointIO"]

@@ -1,0 +1,112 @@
+"""Callbacks: EDM's EMA on Lightning's weight averaging, sample grids, atomic checkpoints."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+
+class EDMEma(WeightAveraging):
+    """EMA with EDM's half-life and ramp-up.
+
+    After ``n`` images the half-life is ``min(halflife_kimg * 1000, rampup * n)`` images and
+    ``beta = 0.5 ** (batch / halflife)``; ``rampup=None`` disables the ramp. The decay is computed on the
+    host from the step counter, so the update is one fused lerp per tensor and no host sync.
+    """
+
+    def __init__(self, halflife_kimg: float = 500.0, rampup: float | None = 0.05, batch_size: int | None = None):
+        self.halflife_kimg, self.rampup, self.batch_size = halflife_kimg, rampup, batch_size
+        self._beta = 0.0
+        super().__init__(use_buffers=True, multi_avg_fn=self._lerp)
+
+    def _lerp(self, averaged: list, current: list, num_averaged) -> None:
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            avg, cur = zip(*floats)
+            torch._foreach_lerp_(list(avg), list(cur), 1.0 - self._beta)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    def beta(self, images_seen: float, batch: int) -> float:
+        halflife = self.halflife_kimg * 1000.0
+        if self.rampup is not None:
+            halflife = min(halflife, images_seen * self.rampup)
+        return 0.5 ** (batch / max(halflife, 1e-8))
+
+    def should_update(self, step_idx=None, epoch_idx=None) -> bool:
+        if step_idx is None:
+            return False
+        trainer = self._trainer
+        batch = self.batch_size or trainer.train_dataloader.batch_size
+        batch *= trainer.world_size * trainer.accumulate_grad_batches
+        self._beta = self.beta((step_idx + 1) * batch, batch)
+        return True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+        super().setup(trainer, pl_module, stage)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder and renames it into place, so a
+    run killed while saving never leaves a truncated checkpoint behind."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every_n_steps`` (and at the end of training) draws a fixed-seed grid from the current
+    (EMA, at validation time) weights: ``samples/step_XXXXXX.png`` in the run folder plus TensorBoard."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 0, num: int = 64, steps: int = 18,
+                 solver: str = "heun", guidance: float | None = None):
+        self.dirpath, self.every_n_steps, self.num = Path(dirpath), every_n_steps, num
+        self.steps, self.solver, self.guidance = steps, solver, guidance
+        self._last_step = -1
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or not self.every_n_steps or step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        self.write(trainer, pl_module, self.dirpath / f"step_{step:06d}.png")
+
+    def write(self, trainer, pl_module, path: Path) -> Path:
+        from genflow.sampling import save_grid, sample_conditions
+
+        dm = trainer.datamodule
+        seeds = list(range(self.num))
+        cond = sample_conditions(dm, seeds, pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        images = pl_module.generate(seeds, dm.data_shape, steps=self.steps, solver=self.solver, cond=cond,
+                                    guidance=self.guidance)
+        pl_module.train(was_training)
+        if trainer.is_global_zero:
+            save_grid(images, path)
+            logger = trainer.logger
+            if logger is not None and hasattr(getattr(logger, "experiment", None), "add_image") and images.ndim == 4:
+                import torchvision
+
+                grid = torchvision.utils.make_grid(images[:64].float().cpu(), nrow=8, normalize=True,
+                                                   value_range=(-1, 1))
+                logger.experiment.add_image("samples", grid, trainer.global_step)
+        return path

@@ -1,0 +1,162 @@
+"""End-to-end training on tiny configurations: fast runs, exact resume, DDP on CPU, sample.py."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from genflow.config import compose, read_checkpoint
+from genflow.errors import CheckpointError, ConfigError
+from genflow.run import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "sample.num=4",
+        "sample.steps=2", "optim.warmup_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false"]
+
+
+def run(overrides, tmp_path, name="run"):
+    cfg = compose(overrides + TINY + [f"+run_dir={tmp_path / name}"])
+    return train(cfg)
+
+
+@pytest.mark.parametrize("model,data,extra", [
+    ("pfgmpp", "digits", ["net=unet_tiny", "data.batch_size=16"]),
+    ("edm", "digits", ["net=unet_tiny", "data.batch_size=16"]),
+    ("pfgmpp", "toy2d", ["data.n=512", "data.batch_size=64"]),
+    ("edm", "toy2d", ["data.n=512", "data.batch_size=64"]),
+])
+def test_fast_training_runs(model, data, extra, tmp_path):
+    result = run([f"model={model}", f"data={data}"] + extra, tmp_path)
+    assert result["steps"] == 6
+    for key in ("checkpoint", "grid", "ema_safetensors"):
+        assert Path(result[key]).is_file(), key
+    assert torch.isfinite(torch.tensor(result["train/loss"]))
+    ckpt = read_checkpoint(result["checkpoint"])  # weights_only=True
+    assert ckpt["hyper_parameters"]["config"]["model"]["_target_"].endswith(model.upper() if model == "edm" else "PFGMPP")
+
+
+def _weights(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["current_model_state"] if "current_model_state" in ckpt else ckpt["state_dict"]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    base = ["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.deterministic=true"]
+    straight = run(base, tmp_path, "straight")
+    # the interrupted run: same config, stopped at step 3, then resumed from that checkpoint
+    first = run(base + ["trainer.max_steps=3"], tmp_path, "interrupted")
+    mid = Path(first["run_dir"]) / "checkpoints" / "last.ckpt"
+    assert mid.is_file()
+    resumed = run(base + [f"ckpt_path={mid}"], tmp_path, "interrupted")
+    assert resumed["steps"] == straight["steps"] == 6
+    a = _weights(Path(straight["run_dir"]) / "checkpoints" / "last.ckpt")
+    b = _weights(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_checkpoint(bad)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a genflow checkpoint"):
+        read_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def sample_cli(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = compose(["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "data.conditional=true",
+                   "++net.label_dropout=0.2"] + TINY + [f"+run_dir={tmp}"])
+    return train(cfg)["checkpoint"]
+
+
+def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path):
+    from genflow.sample_cli import main
+
+    a = main([f"ckpt={tiny_ckpt}", "seeds=0-5", "steps=3", f"out={tmp_path / 'a'}", "batch=6", "progress=false"])
+    b = main([f"ckpt={tiny_ckpt}", "seeds=0-5", "steps=3", f"out={tmp_path / 'b'}", "batch=4", "progress=false"])
+    c = main([f"ckpt={tiny_ckpt}", "seeds=3-5", "steps=3", f"out={tmp_path / 'c'}", "batch=1", "progress=false"])
+    assert a["num"] == 6 and a["nfe"] == 5
+    import numpy as np
+
+    ia = np.load(Path(a["out"]) / "samples.npz")["images"]
+    ib = np.load(Path(b["out"]) / "samples.npz")["images"]
+    ic = np.load(Path(c["out"]) / "samples.npz")["images"]
+    assert (ia == ib).all() and (ia[3:] == ic).all()
+    assert (Path(a["out"]) / "000005.png").is_file() and (Path(a["out"]) / "grid.png").is_file()
+
+
+def test_sample_cli_guidance_and_json_line(tiny_ckpt, tmp_path):
+    proc = sample_cli(f"ckpt={tiny_ckpt}", "num=2", "steps=2", f"out={tmp_path / 'g'}", "guidance=2.0",
+                      "progress=false")
+    assert proc.returncode == 0, proc.stderr
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["num"] == 2 and line["nfe"] == 3 and Path(line["out"]).is_dir()
+
+
+def test_sample_cli_errors(tiny_ckpt, tmp_path):
+    from genflow.sample_cli import main
+
+    with pytest.raises(ConfigError, match="solver"):
+        main([f"ckpt={tiny_ckpt}", "solver=rk77"])
+    with pytest.raises(ConfigError, match="unknown argument"):
+        main([f"ckpt={tiny_ckpt}", "stepz=3"])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        main([f"ckpt={tmp_path}/nope.ckpt"])
+
+
+def test_checkpoint_config_mismatch_is_a_clear_error(tiny_ckpt):
+    from genflow.config import build, config_from_checkpoint, load_weights
+
+    ckpt = read_checkpoint(tiny_ckpt)
+    cfg = config_from_checkpoint(ckpt, ["net.model_channels=24"])
+    module, _ = build(cfg, prepare=False)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_weights(module, tiny_ckpt)
+
+
+DDP_SCRIPT = r"""
+import sys, torch
+import pytorch_lightning as pl
+from genflow.config import compose, build
+from genflow.run import make_trainer
+from pathlib import Path
+out = Path(sys.argv[1])
+cfg = compose(["model=pfgmpp", "data=toy2d", "data.n=256", "data.batch_size=32", "trainer.max_steps=4",
+               "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+               "sample.num=4", "sample.steps=2", "checkpoint.every_n_steps=100"])
+pl.seed_everything(0)
+module, dm = build(cfg)
+trainer = make_trainer(cfg, out, accelerator="cpu", devices=2, strategy="ddp", num_nodes=1)
+trainer.fit(module, datamodule=dm)
+flat = torch.cat([p.detach().flatten() for p in module.net.parameters()])
+torch.save(flat, out / f"rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_weights_identical(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    torch.testing.assert_close(w0, w1, rtol=0, atol=0)
