@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from omegaconf import OmegaConf
 
-from genflow.errors import ConfigError, GenflowError, config_error
+from genflow.errors import GenflowError, config_error
 
 FID_KEYS = {"num", "seed_start", "seed_sets", "steps", "solver", "guidance", "batch", "extractor", "mode",
             "inception_path", "download", "ref", "cache_dir", "kid", "time_limit", "progress"}

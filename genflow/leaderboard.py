@@ -73,6 +73,14 @@ def load_suite(name: str) -> dict:
     return suite
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
@@ -155,6 +163,8 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, fi
     from genflow.metrics import evaluate_fid
 
     fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), **fid_overrides}
+    if device.type == "cuda" and _rank_world()[1] > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # each DDP rank samples on its own GPU
     module, dm, cfg = module_from_checkpoint(ckpt, device=device)
     dm.setup()
     solver = str(entry.get("solver", fid.get("solver", "heun")))
@@ -248,12 +258,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
             "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,
             "checkpoint": ckpt, "revision": revision, "device": dev,
         })
-        (out / "leaderboard.json").write_text(json.dumps({"suite": suite["name"], "rows": rows}, indent=1) + "\n")
-    (out / "leaderboard.md").write_text(markdown(suite, rows))
+        if _rank_world()[0] == 0:  # under DDP training every rank runs this loop; one writes
+            (out / "leaderboard.json").write_text(json.dumps({"suite": suite["name"], "rows": rows}, indent=1) + "\n")
+    if _rank_world()[0] == 0:
+        (out / "leaderboard.md").write_text(markdown(suite, rows))
     result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),
               "json": str(out / "leaderboard.json"), "fid": {r["name"]: r["FID"] for r in rows},
               "revision": revision, "device": dev}
-    print(json.dumps(result), flush=True)
+    if _rank_world()[0] == 0:
+        print(json.dumps(result), flush=True)
     return result
 
 

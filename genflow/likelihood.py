@@ -93,7 +93,8 @@ class GaussianKernel:
     shift: Tensor | float = 0.0   # x_t = alpha x + (1 - alpha) shift + ...: a normalising flow's data mean
 
     def rho(self, t: float) -> float:
-        return self.sigma(t) / self.alpha(t)
+        a = self.alpha(t)
+        return self.sigma(t) / a if a > 0 else math.inf
 
     def time_for(self, sigma0: float) -> float:
         """t0 with rho(t0) = sigma0 (closed form where known, else bisection; rho is monotone)."""
@@ -364,32 +365,34 @@ def truncation_entropy_bpd(method) -> float:
     to ``bpd``; reported so that comparisons can say whether it is included."""
     kernel = gaussian_kernel(method)
     rho = kernel.rho(kernel.t_clean)
+    if rho == 0:  # e.g. Cond-OT with sigma_min = 0 starts at the data itself: no truncation
+        return -math.inf
     return 0.5 * math.log2(2 * math.pi * math.e) + math.log2(rho)
 
 
-def _quantized_levels(x: Tensor, lo: float, hi: float, bits: int) -> Tensor:
-    levels = (x.to(torch.float64) - lo) / (hi - lo) * (2 ** bits - 1)
+def _quantized_levels(x: Tensor, lo: float, hi: float, n_levels: int) -> Tensor:
+    levels = (x.to(torch.float64) - lo) / (hi - lo) * (n_levels - 1)
     ints = levels.round()
     off = (levels - ints).abs().max()
-    if bool(off > 1e-3) or bool(ints.min() < 0) or bool(ints.max() > 2 ** bits - 1):
+    if bool(off > 1e-3) or bool(ints.min() < 0) or bool(ints.max() > n_levels - 1):
         raise config_error(
-            f"the data are not {bits}-bit images in data_range=({lo}, {hi}) (max distance to a level "
+            f"the data are not {n_levels}-level (e.g. 8-bit) images in data_range=({lo}, {hi}) (max distance to a level "
             f"{float(off):.3g}, range [{float(x.min()):.3g}, {float(x.max()):.3g}])",
             "bits/dim with uniform dequantization is the likelihood of the integer pixel values; on other "
             "data it is meaningless (can even be negative)",
-            "pass the un-augmented held-out images, fix data_range, or use bits=None with sigma0=... for "
-            "continuous data")
+            "pass the un-augmented held-out images, fix data_range or bits (levels=17 for the 8x8 digits), "
+            "or use bits=None with sigma0=... for continuous data")
     return ints
 
 
 def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_range: tuple[float, float] = (-1.0, 1.0),
-                 bits: int | None = 8, importance_samples: int = 1, divergence: str = "hutchinson",
+                 bits: int | None = 8, levels: int | None = None, importance_samples: int = 1, divergence: str = "hutchinson",
                  probe: str = "rademacher", solver: str = "dopri5", atol: float = 1e-5, rtol: float = 1e-5,
                  steps: int | None = None, batch_size: int = 256, cond=None, seed: int = 0,
                  generator: torch.Generator | None = None, progress: bool = True) -> dict:
     """Held-out likelihood of ``x`` (all held-out data, on the evaluation device) as a dict of floats.
 
-    - sigma0=None, bits set: 8-bit images, uniform dequantization with K = ``importance_samples`` draws
+    - sigma0=None, bits set: 8-bit images (``levels`` overrides 2^bits, e.g. 17 for the 8x8 digits), uniform dequantization with K = ``importance_samples`` draws
       (importance-weighted bound), keys ``bpd`` (with the data-scaling offset) and ``nll`` (nats/image of
       the dequantized integer data).
     - sigma0 > 0: x + sigma0 eps with eps drawn once from ``seed``; keys ``bpd_sigma0=<s>`` (bits/dim of the
@@ -410,9 +413,13 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(seed)
     dims = x[0].numel()
-    dequantize = sigma0 is None and bits is not None
+    dequantize = sigma0 is None and (bits is not None or levels is not None)
+    n_levels = int(levels) if levels is not None else 2 ** int(bits) if bits is not None else 0
     if dequantize:
-        ints = _quantized_levels(x, lo, hi, bits)
+        if n_levels < 2:
+            raise config_error(f"levels={levels}", "quantized data have at least two levels",
+                               "use bits=8 (256 levels) or levels=<number of grey levels>")
+        ints = _quantized_levels(x, lo, hi, n_levels)
     else:
         gen = torch.Generator(device=x.device).manual_seed(seed)
         data = x if sigma0 is None else x + sigma0 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -426,7 +433,7 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
         for _ in range(repeats):
             if dequantize:
                 u = torch.rand(ints[sl].shape, generator=generator, device=x.device, dtype=torch.float64)
-                y = (lo + (hi - lo) * (ints[sl] + u) / 2 ** bits).to(x.dtype)
+                y = (lo + (hi - lo) * (ints[sl] + u) / n_levels).to(x.dtype)
             else:
                 y = data[sl]
             res = likelihood_solve(method, net, y, sigma0, cond=bcond, divergence=divergence, probe=probe,
@@ -435,7 +442,7 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
             solves, nfe_total = solves + 1, nfe_total + res.nfe
         logs = torch.stack(logs)
         if dequantize:
-            lp = torch.logsumexp(logs, 0) - math.log(repeats) + dims * math.log(hi - lo) - dims * bits * math.log(2)
+            lp = torch.logsumexp(logs, 0) - math.log(repeats) + dims * math.log(hi - lo) - dims * math.log(n_levels)
         else:
             lp = logs.mean(0)
         out.append(lp)
@@ -458,7 +465,9 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
            "importance_samples": importance_samples, "dims": dims}
     if sigma0 is None:
         try:  # the eps-truncation residual is not included in bpd; say how large its entropy part is
-            out["truncation_entropy_bpd"] = truncation_entropy_bpd(method)
+            entropy = truncation_entropy_bpd(method)
+            if math.isfinite(entropy):
+                out["truncation_entropy_bpd"] = entropy
         except ConfigError:
             pass
     return out

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out.with_suffix(".safetensors")))
     info = {"train_accuracy": round(acc_train, 4), "val_accuracy": round(acc_val, 4), "epochs": args.epochs,
             "seed": args.seed, "n_train": int(x.shape[0]), "n_val": int(xv.shape[0]),
-            "weights": str(out.with_suffix(".safetensors"))}
+            "weights": out.with_suffix(".safetensors").name}
     out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(info))
     return info

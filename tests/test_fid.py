@@ -32,21 +32,31 @@ def digits_stats(digits):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, digits):
-    """A tiny EDM UNet trained for STEPS steps with EMA, FID every 30 steps and best-FID checkpoints."""
+    """A tiny EDM UNet trained for STEPS steps with EMA, FID every 25 steps (and at the end) and best-FID
+    checkpoints."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     root = tmp_path_factory.mktemp("run")
     pl.seed_everything(0, verbose=False)
     net = UNet(data_shape=(1, 8, 8), preset="unet_tiny")
     module = GenerativeModule(net, EDM(), lr=3e-3, warmup_steps=10)
-    fid_cb = FIDCallback(every_n_steps=30, num=120, steps=5, batch_size=64, cache_dir=str(root / "refs"))
-    best = ModelCheckpoint(monitor="val/fid", mode="min", save_top_k=1, every_n_train_steps=30,
+    fid_cb = FIDCallback(every_n_steps=25, num=120, steps=5, batch_size=64, cache_dir=str(root / "refs"))
+    best = ModelCheckpoint(monitor="val/fid", mode="min", save_top_k=1, every_n_train_steps=25,
                            filename="best_fid_{step}")
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root),
                          callbacks=[EDMEma(halflife_kimg=1, rampup=0.05, batch_size=32), fid_cb, best])
     trainer.fit(module, datamodule=digits)
-    return module, fid_cb, best, root
+    return module, fid_cb, best, trainer, root
+
+
+def test_shipped_digits_classifier_fits_the_data(digits, digits_stats):
+    """assets/digits_classifier.safetensors classifies the held-out split (it was never trained on it)."""
+    ext = digits_stats[0]
+    with torch.no_grad():
+        pred = ext.classifier(digits.val_tensor()).argmax(1)
+    assert (pred == digits._val.labels).float().mean() > 0.95
+    assert ext(digits.val_tensor()[:5]).shape == (5, ext.dim)
 
 
 def test_digits_fid_orders_data_model_noise(digits, digits_stats, trained):
@@ -59,20 +69,22 @@ def test_digits_fid_orders_data_model_noise(digits, digits_stats, trained):
     module, *_ = trained
     # same number of images as the held-out split, so the finite-sample bias is the same
     fid_model = evaluate_fid(module, digits, num=len(digits.val_tensor()), steps=5, batch_size=90,
-                             cache_dir=str(trained[3] / "refs"))["fid"]
+                             cache_dir=str(trained[-1] / "refs"))["fid"]
     assert fid_val < 10 and fid_noise > 60
     assert 2 * fid_val < fid_model < fid_noise
 
 
 def test_callback_logs_fid_and_keeps_best_checkpoint(digits, trained):
-    module, fid_cb, best, root = trained
+    module, fid_cb, best, trainer, root = trained
     steps = [h["step"] for h in fid_cb.history]
-    assert steps == [30, 60]
+    assert steps == [25, 50, 60]  # every 25 steps, plus once at the end
     assert all(h["val/fid_images"] == 120 for h in fid_cb.history)
-    best_value = min(h["val/fid"] for h in fid_cb.history)
+    best_value = min(h["val/fid"] for h in fid_cb.history[:2])  # ModelCheckpoint sees the periodic ones
     assert best.best_model_score is not None
     assert float(best.best_model_score) == pytest.approx(best_value, rel=1e-5)
     assert os.path.dirname(best.best_model_path) == str(root / "checkpoints")
+    # the end-of-training value reaches callback_metrics (Lightning forbids self.log in on_train_end)
+    assert float(trainer.callback_metrics["val/fid"]) == pytest.approx(fid_cb.history[-1]["val/fid"], rel=1e-6)
     # the callback scored the EMA weights: EDMEma copies them into the module at the end of fit
     again = evaluate_fid(module, digits, num=120, steps=5, batch_size=50, cache_dir=str(root / "refs"))
     assert again["fid"] == pytest.approx(fid_cb.history[-1]["val/fid"], rel=1e-4)
@@ -165,3 +177,41 @@ def test_ddp_two_processes_equal_one(digits, trained, monkeypatch):
 def test_feature_stats_all_reduce_is_noop_without_distributed():
     s = FeatureStats().update(torch.randn(10, 3))
     assert s.all_reduce() is s and s.n == 10
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint written by the real training entry point (compose -> build -> fit)."""
+    from genflow.config import compose
+    from genflow.run import train
+
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = compose(["model=edm", "data=digits", "net=unet_tiny", "trainer.max_steps=20", "data.batch_size=32",
+                   "sample.num=4", "sample.steps=3", "trainer.enable_progress_bar=false", f"+run_dir={root}"])
+    return train(cfg)["checkpoint"], root
+
+
+def test_evaluate_cli_prints_one_json_line(checkpoint, capsys, monkeypatch):
+    import json
+
+    from genflow.evaluate import main
+
+    ckpt, root = checkpoint
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(root / "metrics"))
+    capsys.readouterr()
+    out = main([f"ckpt={ckpt}", "fid.num=40", "fid.steps=3", "fid.seed_sets=2", "fid.batch=20", "device=cpu"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line) == out
+    assert out["fid_images"] == 40 and len(out["fid_sets"]) == 2 and out["fid"] == min(out["fid_sets"])
+    assert out["nfe"] == 5 and out["model"] == "EDM" and out["fid_extractor"] == "digits"
+    # the same seeds through the library call give the same number
+    from genflow.config import module_from_checkpoint
+
+    module, dm, _ = module_from_checkpoint(ckpt)
+    direct = evaluate_fid(module, dm, num=40, steps=3, batch_size=40)
+    assert direct["fid"] == pytest.approx(out["fid_sets"][0], rel=1e-5)
+    # nll=true merges genflow.likelihood.evaluate_nll's keys into the same line
+    both = main([f"ckpt={ckpt}", "nll=true", "nll_num=4", "nll_solver=rk4", "nll_steps=3", "device=cpu"])
+    assert "fid" not in both and any(k.startswith("bpd") for k in both)
+    with pytest.raises(ConfigError, match="unknown fid option"):
+        main([f"ckpt={ckpt}", "fid.nmu=10"])

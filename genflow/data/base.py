@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from genflow.data.augment import AugmentPipe
 from genflow.errors import config_error
 
 
@@ -61,7 +62,7 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
     name: str = "data"
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, conditional: bool = False,
-                 instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0):
+                 instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0, augment_p: float = 0.0):
         super().__init__()
         if batch_size < 1:
             raise config_error(f"data.batch_size={batch_size} is not positive", "a batch needs at least one item",
@@ -72,6 +73,8 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         self.batch_size, self.num_workers, self.conditional = batch_size, num_workers, conditional
         self.instance_noise, self.val_fraction, self.seed = instance_noise, val_fraction, seed
         self._train = self._val = None
+        # EDM's non-leaky augmentation (genflow/data/augment.py): images plus a 9-dim label in cond["augment"]
+        self.augment = AugmentPipe.edm(augment_p) if augment_p != 0 else None
 
     # --- subclasses --------------------------------------------------------------------------
     @abstractmethod
@@ -93,6 +96,9 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         if self._train is not None:
             return
         x, labels = self._load()
+        if self.augment is not None and x.ndim != 4:
+            raise config_error(f"data.augment_p={self.augment.p} was set for data of shape {tuple(x.shape[1:])}",
+                               "the augmentation pipe transforms images (C, H, W)", "set data.augment_p=0")
         if self.conditional and labels is None:
             raise config_error(f"data={self.name} has no class labels", "data.conditional=true needs labels",
                                "set data.conditional=false or use a labelled dataset")
@@ -131,6 +137,10 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            x, cond = batch
+            x, aug = self.augment(x)
+            batch = (x, {**(cond or {}), "augment": aug})
         if self.instance_noise > 0 and self.trainer is not None and self.trainer.training:
             x, cond = batch
             batch = (x + self.instance_noise * torch.randn_like(x), cond)

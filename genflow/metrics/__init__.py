@@ -1,6 +1,7 @@
 """Sample-quality metrics: Fréchet distance (FID), running feature statistics, KID, feature
 extractors (TF-Inception via clean-fid, a digits classifier, any nn.Module) and cached reference
-statistics. See ``fid.py``, ``features.py`` and ``reference.py``."""
+statistics (``fid.py``, ``features.py``, ``reference.py``, ``evaluation.py``), and the sliced
+Wasserstein distance for vector data (``sliced.py``)."""
 from genflow.metrics.features import (
     DigitsClassifier,
     DigitsFeatures,
@@ -13,9 +14,10 @@ from genflow.metrics.features import (
 from genflow.metrics.evaluation import FIDEvaluator, evaluate_fid
 from genflow.metrics.fid import FeatureStats, fid_from_features, frechet_distance, kernel_distance
 from genflow.metrics.reference import ReferenceStats, load_reference, reference_stats
+from genflow.metrics.sliced import sliced_wasserstein
 
 __all__ = [
     "DigitsClassifier", "DigitsFeatures", "FIDEvaluator", "FeatureStats", "InceptionFeatures", "ModuleFeatures", "ReferenceStats",
     "build_feature_extractor", "evaluate_fid", "extract_features", "fid_from_features", "frechet_distance", "kernel_distance",
-    "load_reference", "reference_stats", "resolve_inception_path",
+    "load_reference", "reference_stats", "resolve_inception_path", "sliced_wasserstein",
 ]

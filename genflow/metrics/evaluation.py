@@ -164,7 +164,7 @@ class FIDEvaluator:
 def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: int = 50000, seed_start: int = 0,
                  seed_sets: int = 1, steps: int = 18, solver: str = "heun", guidance: float | None = None,
                  batch_size: int = 256, device=None, time_limit: float | None = None, evaluator: FIDEvaluator | None = None,
-                 prefix: str = "fid", **evaluator_kwargs) -> dict:
+                 prefix: str = "fid", shape: Sequence[int] | None = None, **evaluator_kwargs) -> dict:
     """FID (min over ``seed_sets`` sets of ``num`` seeds each) of ``module`` (a GenerativeModule, or
     ``method`` + ``net``) against the reference; returns a flat dict for the final JSON line.
 
@@ -186,7 +186,12 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
         datamodule.setup()
     evaluator = evaluator or FIDEvaluator(datamodule, batch_size=batch_size, **evaluator_kwargs)
     evaluator.setup(device)
-    shape = tuple(datamodule.data_shape) if datamodule is not None else tuple(evaluator_kwargs["shape"])
+    if shape is None:
+        if datamodule is None:
+            raise config_error("evaluate_fid got neither a datamodule nor shape=", "it must know what to generate",
+                               "pass the datamodule (which also gives the reference) or shape=(C, H, W)")
+        shape = datamodule.data_shape
+    shape = tuple(shape)
     was_training = net.training
     net.eval()
     values, kids, counts = [], [], []

@@ -343,12 +343,13 @@ class UNetBlock(nn.Module):
     def _attend(self, attn: Attention, h: Tensor, x: Tensor, views: int, context: Tensor | None) -> Tensor:
         b, c, hh, ww = h.shape
         # (B*V, C, H, W) -> (B, V*H*W, C): tokens of all views of one object attend to each other.
-        tokens = h.reshape(b // views, views, c, hh * ww).permute(0, 1, 3, 2).reshape(b // views, views * hh * ww, c)
+        # Going through NHWC makes this a free view when the activations are channels-last.
+        tokens = h.permute(0, 2, 3, 1).reshape(b // views, views * hh * ww, c)
         if context is not None and context.shape[0] != tokens.shape[0]:
             raise ValueError(f"context batch {context.shape[0]} does not match {tokens.shape[0]} token groups")
-        out = attn(tokens, context=context)
-        out = out.reshape(b // views, views, hh * ww, c).permute(0, 1, 3, 2).reshape(b, c, hh, ww)
-        x = out.add_(x)
+        out = attn(tokens, context=context).reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x = out.contiguous(memory_format=fmt).add_(x)
         if self.skip_scale != 1.0:
             x = x.mul_(self.skip_scale)
         return x

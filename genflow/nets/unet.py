@@ -41,7 +41,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                           dropout=0.05, augment_dim=9),
     "unet_tiny": dict(_DDPMPP, model_channels=16, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
                       attn_resolutions=(4,), dropout=0.0, adaptive_scale=True),
-    "unet_digits": dict(_DDPMPP, model_channels=64, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=2,
+    # Sized for the main job: 3000 steps of batch 128 in about 4 minutes on 2 CPU cores (0.73 M params).
+    "unet_digits": dict(_DDPMPP, model_channels=32, channel_mult=(1, 2), channel_mult_emb=2, num_blocks=1,
                         attn_resolutions=(4,), dropout=0.0, adaptive_scale=True),
     "unet_small": dict(_DDPMPP, model_channels=64, channel_mult=(1, 2, 2), channel_mult_emb=4, num_blocks=2,
                        attn_resolutions=(16,), dropout=0.1, adaptive_scale=True),
@@ -51,7 +52,7 @@ _DEFAULTS: dict[str, Any] = dict(
     model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,),
     dropout=0.10, label_dropout=0.0, augment_dim=0, embedding_type="positional", channel_mult_noise=1,
     encoder_type="standard", decoder_type="standard", resample_filter=(1, 1), fourier_scale=16.0, num_heads=1,
-    adaptive_scale=False,
+    adaptive_scale=False, channels_last=False,
 )
 
 
@@ -68,7 +69,8 @@ def resolve_hparams(preset: str | None, overrides: Mapping[str, Any]) -> dict[st
         raise config_error(f"unknown UNet hyperparameter(s) {sorted(unknown)}", "UNet does not take them",
                            f"valid ones: {sorted(hp)}")
     hp.update({k: v for k, v in overrides.items() if v is not None})
-    return hp
+    # Hydra hands lists over as ListConfig: keep plain tuples so the net pickles and prints cleanly.
+    return {k: (tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in hp.items()}
 
 
 class UNet(nn.Module):
@@ -106,6 +108,9 @@ class UNet(nn.Module):
             raise config_error(f"label_dropout={hp['label_dropout']}", "it is a probability of dropping the class",
                                "use a value in [0, 1), e.g. 0.1 for classifier-free guidance")
         self.label_dropout = float(hp["label_dropout"])
+        # NHWC activations (oneDNN's native layout). Measured on a 2-core CPU it made no difference
+        # to a training step, so it is off by default; the output is NCHW either way.
+        self.channels_last = bool(hp["channels_last"])
         self.augment_dim = int(hp["augment_dim"])
         self.encoder_type, self.decoder_type = hp["encoder_type"], hp["decoder_type"]
         resample_filter = tuple(int(v) for v in hp["resample_filter"])
@@ -220,6 +225,8 @@ class UNet(nn.Module):
         if x.shape[1:] != self.data_shape:
             raise ValueError(f"UNet built for data_shape {self.data_shape}, got input {tuple(x.shape)}")
         emb = self.embed(noise_label, cond, x.shape[0], x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
 
         skips: list[Tensor] = []
         aux = x
@@ -248,7 +255,7 @@ class UNet(nn.Module):
             else:
                 y = module(x)
                 out = y if out is None else y + out
-        return out
+        return out.contiguous()
 
 
 def _check_resolution(height: int, width: int, levels: int, attn_res: set[int]) -> None:

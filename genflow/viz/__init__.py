@@ -1,0 +1,1 @@
+"""Plots for genflow's methods (matplotlib, Agg backend; nothing here is imported by training)."""
