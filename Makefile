@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 train: venv
-	$(PYBIN) train.py model=pfgmpp D=128 data=digits hydra.run.dir=runs/main
+	$(PYBIN) train.py model=pfgmpp D=128 data=digits fid.num=1000 hydra.run.dir=runs/main
 
 test: venv
 	$(PYBIN) -m pytest -q

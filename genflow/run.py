@@ -119,4 +119,7 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
         return {}
     from genflow.metrics import evaluate_fid
 
-    return evaluate_fid(module, dm, num=int(cfg.fid.num), steps=int(cfg.sample.steps), solver=cfg.sample.solver)
+    options = OmegaConf.to_container(cfg.fid, resolve=True)
+    options.pop("num")
+    return evaluate_fid(module, dm, num=int(cfg.fid.num), steps=int(cfg.sample.steps), solver=cfg.sample.solver,
+                        guidance=cfg.sample.guidance, **options)

@@ -68,9 +68,9 @@ TINY = dict(model_channels=16, channel_mult=(1, 2), channel_mult_emb=2, num_bloc
         ((1, 8, 8), dict(TINY, attn_resolutions=(4,), augment_dim=9, adaptive_scale=False)),
     ],
 )
-@pytest.mark.parametrize("num_classes", [0, 3])
-def test_unet_output_shapes(shape, kw, num_classes):
+def test_unet_output_shapes(shape, kw):
     torch.manual_seed(0)
+    num_classes = 3 if sum(shape) % 2 else 0  # alternate conditional / unconditional cases
     net = UNet(data_shape=shape, num_classes=num_classes, **kw)
     x = torch.randn(5, *shape)
     cond = {"class": F.one_hot(torch.arange(5) % 3, 3).float()} if num_classes else None

@@ -277,6 +277,7 @@ def test_oracle_loss_matches_closed_form():
 
 
 # ------------------------------------------------------------------------- 8. oracle samplers
+@pytest.mark.slow  # 400 steps x 512 images: ~6 s on an idle 2-core machine
 def test_oracle_ancestral_sampler_reproduces_spectrum():
     S = cifar_fit(16)[None]
     spd, n = SPD(S, T=400), 512

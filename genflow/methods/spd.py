@@ -342,8 +342,8 @@ class SPD(VPDiffusion):
         return 1 - tau.clamp(0, 1)
 
     def fisher_length(self) -> Tensor:
-        """L* = sqrt(1/2 sum_{c,k} ln^2 S_k) over the images' channels and grid (a (H, W) spectrum counts
-        once per channel only if it is (C, H, W); multiply by the channel count for a shared one)."""
+        """L* = sqrt(1/2 sum_{c,k} ln^2 S_k) summed over the spectrum's entries: a (C, H, W) spectrum
+        gives the images' length; for a shared (H, W) one multiply by sqrt(C)."""
         return (0.5 * self.log_spectrum.square().sum()).sqrt()
 
     def prior_variance(self) -> Tensor:

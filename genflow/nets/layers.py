@@ -204,7 +204,6 @@ class Attention(nn.Module):
 
     def _heads(self, t: Tensor) -> Tensor:
         # (B, L, n*C) -> n tensors (B, h, L, d)
-        b, l, _ = t.shape
         return t.unflatten(-1, (-1, self.num_heads, self.channels // self.num_heads)).permute(2, 0, 3, 1, 4)
 
     def forward(self, x: Tensor, context: Tensor | None = None, extra: Tensor | None = None, mask: Tensor | None = None) -> Tensor:

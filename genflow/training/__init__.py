@@ -1,5 +1,6 @@
 """Lightning glue: the GenerativeModule and callbacks (EMA, sample grids, atomic checkpoints)."""
 from genflow.training.callbacks import AtomicCheckpointIO, EDMEma, SampleGrid
+from genflow.training.fid import FIDCallback
 from genflow.training.module import GenerativeModule
 
-__all__ = ["GenerativeModule", "EDMEma", "SampleGrid", "AtomicCheckpointIO"]
+__all__ = ["GenerativeModule", "EDMEma", "SampleGrid", "AtomicCheckpointIO", "FIDCallback"]
