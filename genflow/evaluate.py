@@ -131,8 +131,10 @@ def run_nll(module, dm, args: dict, device, progress: bool) -> dict:
         kwargs["solver"] = str(args["nll_solver"])
     if "nll_bits" in args:
         kwargs["bits"] = None if args["nll_bits"] in (None, "none", 0) else int(args["nll_bits"])
+    elif getattr(dm, "levels", None):
+        kwargs["levels"] = int(dm.levels)  # e.g. 17 grey levels for the 8x8 digits
     elif not _is_8bit(x):
-        kwargs["bits"] = None  # continuous (or non-8-bit) data: the clean likelihood, no dequantisation
+        kwargs["bits"] = None  # continuous data: the clean likelihood, no dequantisation
     if args.get("nll_steps"):
         kwargs["steps"] = int(args["nll_steps"])
     was_training = module.net.training

@@ -77,7 +77,9 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float) -> dict:
 
     ckpt_cb = trainer.checkpoint_callback
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
-    trainer.save_checkpoint(final_ckpt)  # EMA weights in state_dict, config stored as plain containers
+    # EMA weights and the config as plain containers, no optimizer state: final.ckpt is for sampling and
+    # evaluation; last.ckpt resumes training
+    trainer.save_checkpoint(final_ckpt, weights_only=True)
     grid_cb = next(c for c in trainer.callbacks if isinstance(c, SampleGrid))
     grid = grid_cb.write(trainer, module, run_dir / "grid.png")
     figures = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()

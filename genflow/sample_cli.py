@@ -58,8 +58,7 @@ def main(argv: list[str]) -> dict:
     if "reference" in args:
         from genflow.data.multiview import inference_cond
 
-        one = inference_cond(args["reference"], cfg.data, device)
-        cond = {k: v.expand(len(seeds), *v.shape[1:]) for k, v in one.items()}
+        cond = inference_cond(args["reference"], cfg.data, device, num=len(seeds))
     elif "class" in args:
         if not dm.num_classes:
             raise config_error("class= given for an unconditional model", "the checkpoint has no class input",
@@ -92,7 +91,14 @@ def main(argv: list[str]) -> dict:
         np.savez(out / "samples.npz", images=images.numpy(), seeds=np.asarray(seeds))
     else:
         np.savez(out / "samples.npz", samples=samples.cpu().numpy(), seeds=np.asarray(seeds))
-    result["grid"] = str(save_grid(samples, out / "grid.png"))
+    if "reference" in args and Path(str(args["reference"])).suffix.lower() not in (".pt", ".pth", ".npy"):
+        from genflow.data.multiview import load_reference_image, save_views
+
+        # one row per seed: the reference image, then the generated views
+        reference = load_reference_image(args["reference"], samples.shape[-1])
+        result["grid"] = str(save_views(out / "grid.png", samples, reference))
+    else:
+        result["grid"] = str(save_grid(samples, out / "grid.png"))
     result["npz"] = str(out / "samples.npz")
     print(json.dumps(result), flush=True)
     return result

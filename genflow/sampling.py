@@ -98,8 +98,8 @@ def save_grid(samples: Tensor, path: str | Path, nrow: int | None = None) -> Pat
             samples = samples.flatten(0, 1)
         nrow = nrow or max(1, int(len(samples) ** 0.5))
         grid = torchvision.utils.make_grid(to_uint8(samples), nrow=nrow, padding=1, pad_value=255)
-        if grid.shape[-1] < 256:  # tiny images (8x8 digits) are upscaled so a person can see them
-            scale = max(1, 256 // grid.shape[-1])
+        if grid.shape[-1] < 512:  # tiny images (8x8 digits) are upscaled so a person can see them
+            scale = max(1, 512 // grid.shape[-1])
             grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
         torchvision.io.write_png(grid, str(path))
         return path

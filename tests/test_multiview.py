@@ -257,7 +257,10 @@ def test_condition_dropout_rates(p_emb, p_ref):
 def test_embedding_dropout_is_the_null_condition():
     net = make_net(p_drop_emb=1.0)
     x, label, cond = make_batch(reference=False)
-    null = {k: torch.zeros_like(v) for k, v in cond.items()}       # what null_cond feeds the uncond branch
+    from genflow.methods.base import null_cond
+
+    null = dict(cond, **null_cond(cond))  # the uncond branch of guided(): embedding zeroed, cameras kept
+    assert torch.equal(null["camera"], cond["camera"]) and not null["image_emb"].any()
     want = net(x, label, null)
     net.train()
     torch.testing.assert_close(net(x, label, cond), want, atol=0, rtol=0)
@@ -268,7 +271,8 @@ def test_guidance_combines_with_zero_embedding_branch():
     x, label, cond = make_batch()
     w = 3.0
     out = guided(net, w)(x, label, cond)
-    uncond = {k: (v if k.startswith("reference") else torch.zeros_like(v)) for k, v in cond.items()}
+    # independent of null_cond: only the image embedding is zeroed; cameras and reference are inputs
+    uncond = {k: (torch.zeros_like(v) if k == "image_emb" else v) for k, v in cond.items()}
     c, u = net(x, label, cond), net(x, label, uncond)
     torch.testing.assert_close(out, u + w * (c - u), atol=1e-10, rtol=0)
 

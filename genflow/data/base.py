@@ -60,6 +60,9 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
     feature_extractor: str = "inception"
     #: default name used for cached reference statistics
     name: str = "data"
+    #: number of quantization levels of the raw data (256 for 8-bit images), None for continuous data;
+    #: likelihood evaluation dequantizes with it
+    levels: int | None = None
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, conditional: bool = False,
                  instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0, augment_p: float = 0.0):

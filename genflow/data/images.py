@@ -34,6 +34,8 @@ class Digits(GenerativeDataModule):
             raise config_error(f"data.resolution={resolution} is below the digits' native 8x8",
                                "downsampling the digits destroys them", "use data.resolution=8, 16 or 32")
         self.resolution = resolution
+        # 16 grey levels + white = 17 values at native size; bilinear upscaling makes them continuous
+        self.levels = 17 if resolution == 8 else None
 
     def _load(self):
         from sklearn.datasets import load_digits
@@ -48,6 +50,7 @@ class CIFAR10(GenerativeDataModule):
 
     feature_extractor = "inception"
     name = "cifar10"
+    levels = 256
     _num_classes = 10
 
     def __init__(self, root: str | None = None, download: bool = False, xflip: bool = False, **kwargs):
@@ -86,6 +89,7 @@ class ImageFolder(GenerativeDataModule):
 
     feature_extractor = "inception"
     name = "imagefolder"
+    levels = 256
 
     def __init__(self, root: str | None = None, resolution: int = 32, channels: int = 3, **kwargs):
         super().__init__(**kwargs)

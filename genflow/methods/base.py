@@ -38,12 +38,17 @@ def randn(shape: Sequence[int], *, generator: Generators = None, device=None, dt
 def null_cond(cond: Cond) -> Cond:
     """The unconditional branch for classifier-free guidance: every conditioning tensor zeroed.
 
-    A reference view (keys starting with "reference") is an input, not a condition to guide on:
-    it is left out here and kept unchanged in both branches by ``guided``.
+    Geometry inputs are not conditions to guide on: a reference view (keys starting with
+    "reference") and the cameras are left out here and kept unchanged in both branches by ``guided``,
+    as in MVDream/Isotropic3D's released sampler.
     """
     if cond is None:
         return None
-    return {k: torch.zeros_like(v) for k, v in cond.items() if not k.startswith("reference")}
+    return {k: torch.zeros_like(v) for k, v in cond.items() if not k.startswith(KEPT_IN_UNCOND)}
+
+
+#: conditioning keys that are inputs rather than guidance targets (kept in the unconditional branch)
+KEPT_IN_UNCOND = ("reference", "camera")
 
 
 def guided(net: Callable, guidance: float | None) -> Callable:

@@ -21,8 +21,9 @@ reference image joins the cross-view attention as one extra frame. How each piec
   its keys out of the cross-view attention, which is exactly the computation without it. Inference
   runs without it (same weights, no extra parameters).
 * condition dropout for classifier-free guidance happens here in training mode (CONTRACTS.md):
-  ``p_drop_emb`` zeroes the image embedding of an object and, with ``drop_camera_with_emb``, its
-  cameras, because ``null_cond`` zeroes the cameras of the unconditional branch too.
+  ``p_drop_emb`` zeroes the image embedding of an object; cameras stay, as ``null_cond`` keeps them
+  in the unconditional branch (the released sampler's choice). ``drop_camera_with_emb=True`` zeroes
+  them together with the embedding, for models guided on cameras too.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class MultiViewUNet(nn.Module):
         stage: int = 2,
         p_drop_emb: float = 0.1,
         p_drop_ref: float = 0.1,
-        drop_camera_with_emb: bool = True,
+        drop_camera_with_emb: bool = False,
         reference_slot: str = "last",
         reference_timestep: str = "zero",
         reference_noise_label: float = math.log(0.002) / 4,
