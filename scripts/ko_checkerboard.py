@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -25,7 +26,7 @@ NFES = (2, 6, 10, 16)
 
 def train(method: FlowMatching, data: torch.Tensor, *, steps: int, batch: int, seed: int) -> MLP:
     torch.manual_seed(seed)
-    net = MLP(data_shape=(2,), hidden=128, num_blocks=3)
+    net = MLP(data_shape=(2,), hidden=64, num_blocks=2)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
@@ -43,8 +44,8 @@ def train(method: FlowMatching, data: torch.Tensor, *, steps: int, batch: int, s
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=256)
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--n-eval", type=int, default=10000)
     args = p.parse_args(argv)
@@ -65,6 +66,7 @@ def main(argv=None) -> dict:
         for name, path in paths.items():
             method = FlowMatching(path)
             net = train(method, z, steps=args.steps, batch=args.batch, seed=seed)
+            print(f"seed {seed} {name}: trained ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
             noise = method.prior_sample((args.n_eval, 2), generator=torch.Generator().manual_seed(1000 + seed))
             with torch.no_grad():
                 for n in NFES:
