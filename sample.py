@@ -4,9 +4,7 @@
 Writes one PNG per seed (images), grid.png and samples.npz, and ends with one JSON line. Image i depends
 only on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled.
 """
-import sys
-
-from genflow.sample_cli import main
+from genflow.sample_cli import cli
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

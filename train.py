@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from genflow.config import check_choices
+from genflow.errors import GenflowError
 from genflow.run import train
 
 
@@ -18,5 +19,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_choices([a for a in sys.argv[1:] if not a.startswith("-")])
+    try:
+        check_choices([a for a in sys.argv[1:] if not a.startswith("-")])
+    except GenflowError as err:
+        sys.exit(f"error: {err}")
     main()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from genflow.errors import ConfigError, config_error
+from genflow.errors import GenflowError, config_error
 
 USAGE = ("usage: python sample.py ckpt=PATH [num=64] [seeds=0-63] [steps=18] [solver=heun|euler|dopri5] "
          "[out=DIR] [guidance=W] [batch=256] [device=cpu|cuda] [class=K] [reference=IMAGE.png]")
@@ -109,5 +109,5 @@ def cli() -> None:
 
     try:
         main(sys.argv[1:])
-    except ConfigError as err:
+    except GenflowError as err:
         raise SystemExit(f"error: {err}")

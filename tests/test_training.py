@@ -180,3 +180,23 @@ def test_isotropic3d_two_stages_and_reference_sampling(tmp_path):
     assert out["num"] == 2 and Path(out["grid"]).is_file()
     row = torchvision.io.read_image(str(tmp_path / "views" / "000000.png"))
     assert row.shape[-1] == 4 * 8 and row.shape[-2] == 8  # the V views side by side
+
+
+def test_cli_sweep_and_clear_cli_errors(tmp_path):
+    """`train.py -m model=pfgmpp D=...` runs one job per value; a bad name exits with the valid ones listed."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    common = ["net=unet_tiny", "trainer.max_steps=2", "sample.num=2", "sample.steps=2",
+              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "model=pfgmpp", "D=64,2048", *common,
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert [Path(l["run_dir"]).name for l in lines] == ["0", "1"]
+    stored = [read_checkpoint(l["checkpoint"])["hyper_parameters"]["config"]["model"]["D"] for l in lines]
+    assert stored == [64, 2048]
+    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=pfgmppp"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)
+    assert bad.returncode != 0 and "pfgmppp" in bad.stderr and "edm" in bad.stderr and "Traceback" not in bad.stderr
+    bad = sample_cli("ckpt=/nonexistent.ckpt")
+    assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
