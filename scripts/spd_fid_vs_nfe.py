@@ -80,7 +80,9 @@ def main(argv=None) -> dict:
     rows = []
     for name in args.models:
         ckpt = train_model(name, args, out)
-        module, dm, _ = module_from_checkpoint(ckpt, device=args.device)
+        # the ODE grid is a sampling choice: it can differ from the one stored with the checkpoint
+        grid = [f"model.ode_grid={args.ode_grid}"] if args.ode_grid else []
+        module, dm, _ = module_from_checkpoint(ckpt, grid, device=args.device)
         rows.append({"model": name, **score(module, dm, solver="ancestral", steps=args.T, args=args)})
         for solver in args.solvers:
             for steps in ([1] if solver == "dopri5" else args.ode_steps):
