@@ -27,9 +27,24 @@ class TensorPairs(Dataset):
         return self.x.shape[0]
 
     def __getitem__(self, i: int):
+        x, cond = self.__getitems__([i])
+        return x[0], {k: v[0] for k, v in cond.items()}
+
+    def __getitems__(self, indices: list[int]):
+        """A whole batch in one indexing op (the DataLoader calls this instead of one item at a time)."""
+        idx = torch.as_tensor(indices)
         if self.labels is None or self.num_classes == 0:
-            return self.x[i], {}
-        return self.x[i], {"class": torch.nn.functional.one_hot(self.labels[i], self.num_classes).float()}
+            return self.x[idx], {}
+        return self.x[idx], {"class": torch.nn.functional.one_hot(self.labels[idx], self.num_classes).float()}
+
+
+def _as_is(batch):
+    return batch
+
+
+def _batched_collate(dataset: Dataset):
+    """Datasets that build whole batches (``__getitems__``) need no per-item collation."""
+    return _as_is if hasattr(dataset, "__getitems__") else None
 
 
 class ResumableSampler(Sampler[int]):
@@ -132,12 +147,14 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         batch = min(self.batch_size, len(self._train) // world)
         sampler = ResumableSampler(len(self._train), batch, self.seed, start_step=step, rank=rank, world_size=world)
         return DataLoader(self._train, batch_size=batch, sampler=sampler, drop_last=True,
+                          collate_fn=_batched_collate(self._train),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers,
+                          collate_fn=_batched_collate(self._val))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment is not None and self.trainer is not None and self.trainer.training:

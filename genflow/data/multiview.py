@@ -64,6 +64,11 @@ class MultiViewPairs(Dataset):
     def __getitem__(self, i: int):
         return self.x[i], {k: v[i] for k, v in self.cond.items()}
 
+    def __getitems__(self, indices: list[int]):
+        """A whole batch in one indexing op per tensor (see TensorPairs)."""
+        idx = torch.as_tensor(indices)
+        return self.x[idx], {k: v[idx] for k, v in self.cond.items()}
+
 
 def encode_images(encoder, images: Tensor, batch: int = 256) -> Tensor:
     """Embed (N, C, H, W) images in chunks without gradients -> (N, E) float32."""
