@@ -12,20 +12,10 @@ from genflow.methods import CondOT, Cosine, FlowMatching, KineticOptimal
 from genflow.solvers import integrate
 from genflow.metrics.sliced import sliced_wasserstein, wasserstein_1d
 
+from gauss_lambda import GaussLambda
+
 F64 = torch.float64
 VAR = torch.tensor([0.5, 1.5], dtype=F64)           # data N(0, diag(VAR)); normalised (Eqs. 7-8)
-
-
-class GaussLambda:
-    def __init__(self, variances):
-        self.v = torch.as_tensor(variances, dtype=F64)
-
-    def mmse(self, s):
-        s = torch.as_tensor(s, dtype=F64)
-        return (self.v / (1 + s[..., None] ** 2 * self.v)).mean(-1)
-
-    def __call__(self, s):
-        return 1 - self.mmse(s)
 
 
 def make_path(name):
