@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from genflow.config import check_choices
-from genflow.errors import GenflowError
+from genflow.errors import exit_on_error
 from genflow.run import train
 
 
@@ -19,8 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        check_choices([a for a in sys.argv[1:] if not a.startswith("-")])
-    except GenflowError as err:
-        sys.exit(f"error: {err}")
+    exit_on_error(check_choices, [a for a in sys.argv[1:] if not a.startswith("-")])
     main()

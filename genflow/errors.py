@@ -20,3 +20,15 @@ class TrainingDiverged(GenflowError, RuntimeError):
 
 def config_error(what: str, why: str, fix: str) -> ConfigError:
     return ConfigError(f"{what}\n  why: {why}\n  fix: {fix}")
+
+
+def exit_on_error(main, *args):
+    """Run a command-line entry point: a genflow error ends the process with its message and exit
+    status 2, without a traceback (the message already says what, why and how to fix)."""
+    import sys
+
+    try:
+        return main(*args)
+    except GenflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from omegaconf import OmegaConf
 
-from genflow.errors import GenflowError, config_error
+from genflow.errors import config_error, exit_on_error
 
 FID_KEYS = {"num", "seed_start", "seed_sets", "steps", "solver", "guidance", "batch", "extractor", "mode",
             "inception_path", "download", "ref", "cache_dir", "kid", "time_limit", "progress"}
@@ -106,11 +106,6 @@ def _nfe(module, steps: int, solver: str):
         return None
 
 
-def _is_8bit(x) -> bool:
-    levels = (x.double() + 1) * 127.5
-    return bool((levels - levels.round()).abs().max() < 1e-3)
-
-
 def run_nll(module, dm, args: dict, device, progress: bool) -> dict:
     from genflow.likelihood import evaluate_nll
 
@@ -132,8 +127,8 @@ def run_nll(module, dm, args: dict, device, progress: bool) -> dict:
     if "nll_bits" in args:
         kwargs["bits"] = None if args["nll_bits"] in (None, "none", 0) else int(args["nll_bits"])
     elif getattr(dm, "levels", None):
-        kwargs["levels"] = int(dm.levels)  # e.g. 17 grey levels for the 8x8 digits
-    elif not _is_8bit(x):
+        kwargs["levels"] = int(dm.levels)  # the datamodule knows its quantization (17 grey levels for digits)
+    else:
         kwargs["bits"] = None  # continuous data: the clean likelihood, no dequantisation
     if args.get("nll_steps"):
         kwargs["steps"] = int(args["nll_steps"])
@@ -185,13 +180,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def cli() -> None:
-    try:
-        main()
-    except GenflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    exit_on_error(main)

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from genflow.errors import GenflowError, config_error
+from genflow.errors import config_error, exit_on_error
 
 SUITE_DIR = Path(__file__).resolve().parent.parent / "configs" / "leaderboard"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
@@ -270,13 +270,5 @@ def run(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def main() -> None:
-    try:
-        run()
-    except GenflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    exit_on_error(run)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from genflow.errors import GenflowError, config_error
+from genflow.errors import config_error, exit_on_error
 
 USAGE = ("usage: python sample.py ckpt=PATH [num=64] [seeds=0-63] [steps=18] [solver=heun|euler|dopri5] "
          "[out=DIR] [guidance=W] [batch=256] [device=cpu|cuda] [class=K] [reference=IMAGE.png]")
@@ -107,7 +107,4 @@ def main(argv: list[str]) -> dict:
 def cli() -> None:
     import sys
 
-    try:
-        main(sys.argv[1:])
-    except GenflowError as err:
-        raise SystemExit(f"error: {err}")
+    exit_on_error(main, sys.argv[1:])
