@@ -1,7 +1,7 @@
 """Throughput benchmarks, printed as one JSON line each (never timed tests).
 
     python -m genflow.bench train-step [--model pfgmpp] [--net unet_digits] [--data digits] [--batch 128]
-                                       [--steps 20] [--device cpu|cuda] [--precision 32|bf16] [--threads 2]
+                                       [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads 2]
     python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
     python -m genflow.bench fid        (feature extraction vs clean-fid; genflow.bench_fid)
     python -m genflow.bench multiview  (3D vs 2D attention; genflow.bench_multiview)
@@ -83,7 +83,7 @@ def bench_sample(args) -> dict:
     module = module.to(device).eval()
     seeds = list(range(args.num))
     kwargs = dict(steps=args.sample_steps, solver=args.solver, batch_size=args.batch, device=device,
-                  autocast=args.precision == "bf16")
+                  precision=args.precision)
     from genflow.sampling import generate
 
     generate(module.method, module.net, seeds[: min(args.batch, args.num)], dm.data_shape, **kwargs)  # warm-up
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--solver", default="heun")
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["32", "bf16"], default="32")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. D=2048")
     args, rest = parser.parse_known_args(argv)

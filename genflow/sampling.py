@@ -38,6 +38,19 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
     return seeds
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        from genflow.errors import config_error
+
+        raise config_error(f"unknown sampling precision {precision!r}",
+                           "the network runs either in float32 (the papers' protocol) or in bfloat16 autocast",
+                           f"use precision={' or precision='.join(PRECISIONS)}")
+    return precision
+
+
 def sample_conditions(datamodule, seeds: Sequence[int], device) -> dict | None:
     """The conditioning for each seed: the datamodule's own rule if it has one, else class
     ``seed % num_classes`` for class-conditional data, else None."""
@@ -57,11 +70,15 @@ def _select(cond: dict | None, lo: int, hi: int) -> dict | None:
 @torch.no_grad()
 def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
              solver: str = "heun", cond: dict | None = None, guidance: float | None = None,
-             batch_size: int = 256, device=None, progress: bool = False, autocast: bool = True) -> Tensor:
-    """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``."""
+             batch_size: int = 256, device=None, progress: bool = False, precision: str = "fp32") -> Tensor:
+    """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``.
+
+    ``precision`` is the network's arithmetic: ``fp32`` (EDM's protocol, the default wherever numbers are
+    compared with papers) or ``bf16`` (autocast; an explicit, faster choice). The sampler state stays float64.
+    """
     device = torch.device(device or "cpu")
     seeds = list(seeds)
-    use_autocast = autocast and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_autocast = check_precision(precision) == "bf16"
     chunks = range(0, len(seeds), batch_size)
     if progress:
         from rich.progress import track
