@@ -592,6 +592,16 @@ def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.
     return out
 
 
+def published_checkpoint(entry: dict, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The checkpoint of a leaderboard entry that names a published pickle (``pickle: PATH``, usually
+    from the runner's environment), converted once and cached; None when the runner does not provide it.
+    The entry's ``D`` is used where the pickle does not record PFGM++'s D."""
+    path = entry.get("pickle")
+    if path in (None, "", "null"):
+        return None
+    return str(converted_checkpoint(path, D=entry.get("D"), cache_dir=cache_dir))
+
+
 # ---------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str]) -> dict:
     import json

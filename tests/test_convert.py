@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -424,3 +425,36 @@ def test_sampling_a_converted_net_reproduces_edm_generate(edm_format, tmp_path):
     # the PNGs: identical bytes except where a value sits within rounding distance of a uint8 boundary
     assert (to_uint8(got).int() - to_uint8(want.float()).int()).abs().max() <= 1
     assert (to_uint8(got) == to_uint8(want.float())).float().mean() >= 0.99
+
+
+def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch, capsys):
+    import json
+
+    from genflow.convert import published_checkpoint
+    from genflow.leaderboard import run
+
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    monkeypatch.setenv("GENFLOW_TEST_PUBLISHED_PKL", str(edm_format(tmp_path / "published.pkl", ema)))
+    monkeypatch.delenv("GENFLOW_TEST_ABSENT_PKL", raising=False)
+    suite = tmp_path / "published.yaml"
+    suite.write_text(
+        "name: published\n"
+        "fid: {num: 64, seed_sets: 1, batch: 64, extractor: digits, ref: train}\n"
+        "entries:\n"
+        "  - {name: tiny-edm, pickle: '${oc.env:GENFLOW_TEST_PUBLISHED_PKL,null}', paper_fid: 1.97, steps: 3}\n"
+        "  - {name: absent, pickle: '${oc.env:GENFLOW_TEST_ABSENT_PKL,null}', paper_fid: 1.79, steps: 3}\n")
+    result = run([f"suite={suite}", f"out={tmp_path / 'lb'}"])
+    captured = capsys.readouterr()
+    assert "skipping absent" in captured.err
+    rows = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["tiny-edm"] and result["entries"] == 1
+    row = rows[0]
+    assert row["paper_fid"] == 1.97 and row["method"] == "EDM" and row["NFE"] == 5 and row["images"] == 64
+    assert math.isfinite(row["FID"]) and row["FID"] > 0
+    cached = Path(row["checkpoint"])
+    assert cached.parent == tmp_path / "metrics" / "converted" and cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    entry = {"pickle": os.environ["GENFLOW_TEST_PUBLISHED_PKL"]}
+    assert published_checkpoint(entry) == str(cached) and cached.stat().st_mtime_ns == stamp  # converted once
+    assert published_checkpoint({"pickle": None}) is None
