@@ -15,6 +15,10 @@ A suite is ``configs/leaderboard/<suite>.yaml``::
         seeds: 0-49999                      # FID seeds (image i from seed i); num = their count
         budget: {steps: 390625}             # or {minutes: 60}; or ckpt: PATH to skip training
         overrides: [experiment=pfgmpp_cifar10_uncond]
+      - name: edm-published
+        pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
+        paper_fid: 1.97                     # converted once (genflow.convert); skipped when not given
+        nfe: 35
 
 Every row records method, D or path, dataset, NFE, FID, images, sampling img/s, wall time, the git
 revision and the device; ``leaderboard.md`` and ``leaderboard.json`` go to ``out`` (default
@@ -38,8 +42,9 @@ from genflow.errors import config_error, exit_on_error
 
 SUITE_DIR = Path(__file__).resolve().parent.parent / "configs" / "leaderboard"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
-              "ckpt", "overrides", "train_seed", "fid"}
-COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "precision", "images", "img/s", "wall_s", "train_steps",
+              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid"}
+COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
+           "train_steps",
            "revision", "device"]
 USAGE = "usage: python -m genflow.leaderboard suite=NAME [out=DIR] [only=A,B] [device=cpu|cuda] [fid.num=N]"
 
@@ -63,7 +68,7 @@ def load_suite(name: str) -> dict:
         if unknown:
             raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown)}",
                                f"entries take {sorted(ENTRY_KEYS)}", f"fix {path}")
-        if "ckpt" not in e and ("method" not in e or "dataset" not in e):
+        if "ckpt" not in e and "pickle" not in e and ("method" not in e or "dataset" not in e):
             raise config_error(f"suite {name!r} entry {i} names neither ckpt nor method+dataset",
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
                                f"fix {path}")
@@ -243,7 +248,15 @@ def run(argv: Sequence[str] | None = None) -> dict:
     for entry in entries:
         start = time.perf_counter()
         train_steps = None
-        if entry.get("ckpt"):
+        if "pickle" in entry:  # a published EDM/PFGM++ network, converted once (genflow.convert)
+            from genflow.convert import published_checkpoint
+
+            ckpt = published_checkpoint(entry)
+            if ckpt is None:
+                print(f"skipping {entry['name']}: no published pickle on this machine (see {suite['path']})",
+                      file=sys.stderr, flush=True)
+                continue
+        elif entry.get("ckpt"):
             ckpt = str(entry["ckpt"])
         else:
             trained = train_entry(entry, suite, out / "runs" / entry["name"])
@@ -253,7 +266,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         method = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
         rows.append({
             "name": entry["name"], "method": method, "D/path": _d_or_path(cfg, entry, method),
-            "dataset": ev["dataset"], "NFE": ev["nfe"],
+            "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
             "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
             "precision": ev["fid_precision"],
             "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],

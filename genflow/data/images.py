@@ -102,6 +102,8 @@ class ImageFolder(GenerativeDataModule):
         if not self.files:
             raise config_error(f"no images under {self.root}", f"looked for {sorted(IMAGE_SUFFIXES)} files",
                                "check data.root")
+        # known before setup, so a conditional net (e.g. a converted ImageNet network) is built with its classes
+        self._num_classes = len({p.parent.name for p in self.files})
 
     def _load(self):
         from PIL import Image

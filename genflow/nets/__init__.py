@@ -3,6 +3,8 @@
 Every net is called as ``net(x, noise_label, cond=None)`` and built with keyword arguments
 ``data_shape`` and ``num_classes`` (filled in by ``genflow.config.build``) plus its own hyperparameters.
 """
+from genflow.nets.adm import PRESETS as ADM_PRESETS
+from genflow.nets.adm import ADMUNet
 from genflow.nets.mlp import MLP
 from genflow.nets.multiview import MultiViewUNet
 from genflow.nets.unet import PRESETS as UNET_PRESETS
@@ -10,5 +12,6 @@ from genflow.nets.unet import UNet
 
 #: every named architecture: preset name -> (class, hyperparameters)
 PRESETS = {name: (UNet, dict(hp)) for name, hp in UNET_PRESETS.items()}
+PRESETS.update({name: (ADMUNet, dict(hp)) for name, hp in ADM_PRESETS.items()})
 
-__all__ = ["UNet", "MLP", "MultiViewUNet", "PRESETS", "UNET_PRESETS"]
+__all__ = ["UNet", "ADMUNet", "MLP", "MultiViewUNet", "PRESETS", "UNET_PRESETS"]

@@ -1,0 +1,460 @@
+"""genflow.convert: EDM / PFGM++ network pickles -> genflow checkpoints, safely and exactly.
+
+The tests write their own EDM-format pickles: a small test-side model of EDM's module naming (SongUNet /
+DhariwalUNet keys, UNetBlock children, 1x1-convolution attention with per-channel interleaved q/k/v rows,
+(1, 1, k, k) resampling-filter buffers), each persistent class pickled as a call of
+``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with meta = {type, version, module_src,
+class_name, state}, tensors by torch's own reducers. The weights are those of a genflow network, laid
+out the EDM way; the converted checkpoint's denoiser must reproduce that network's output.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from genflow.errors import CheckpointError, ConfigError
+from genflow.methods import EDM
+from genflow.nets import ADMUNet, UNet
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test-side writer of EDM's pickle layout
+def _never_called(meta):  # stands for EDM's hook; pickle only records its name
+    raise AssertionError("the converter must never call the persistence hook")
+
+
+@pytest.fixture
+def edm_format(monkeypatch):
+    """Makes ``torch_utils.persistence._reconstruct_persistent_obj`` picklable by name while writing."""
+    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    _never_called.__module__, _never_called.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _never_called
+    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+    return write_pickle
+
+
+class Persistent(nn.Module):
+    """An object of one of EDM's persistent classes: pickled as the persistence record, never as itself."""
+
+    def __init__(self, class_name: str, kwargs: dict | None = None, params=None, buffers=None, children=None,
+                 **attrs):
+        super().__init__()
+        self.edm_class = class_name
+        self._init_args, self._init_kwargs = (), dict(kwargs or {})
+        for k, v in (params or {}).items():
+            self.register_parameter(k, None if v is None else nn.Parameter(v.detach().clone()))
+        for k, v in (buffers or {}).items():
+            self.register_buffer(k, None if v is None else v.detach().clone())
+        for k, v in (children or {}).items():
+            self.add_module(k, v)
+        self.__dict__.update(attrs)
+
+    def __reduce__(self):
+        state = {k: v for k, v in self.__dict__.items() if k != "edm_class"}
+        meta = dict(type="class", version=6, module_src="raise SystemExit('stored source must never run')\n",
+                    class_name=self.edm_class, state=state)
+        return _never_called, (meta,)
+
+
+def write_pickle(path, ema, **extra):
+    with open(path, "wb") as f:
+        pickle.dump(dict(ema=ema, **extra), f)
+    return path
+
+
+def edm_conv(conv):
+    f = conv.resample_filter
+    return Persistent("Conv2d", {}, params={"weight": conv.weight, "bias": conv.bias},
+                      buffers={"resample_filter": None if f is None else f.reshape(1, 1, *f.shape)})
+
+
+def edm_norm(norm):
+    return Persistent("GroupNorm", {}, params={"weight": norm.weight, "bias": norm.bias}, num_groups=norm.num_groups)
+
+
+def edm_linear(lin):
+    return Persistent("Linear", {}, params={"weight": lin.weight, "bias": lin.bias})
+
+
+def edm_block(block):
+    """genflow UNetBlock -> EDM UNetBlock: same children, attention as 1x1 convs with q/k/v interleaved per channel."""
+    children = dict(norm0=edm_norm(block.norm0), conv0=edm_conv(block.conv0), affine=edm_linear(block.affine),
+                    norm1=edm_norm(block.norm1), conv1=edm_conv(block.conv1))
+    if block.skip is not None:
+        children["skip"] = edm_conv(block.skip)
+    if block.attn is not None:
+        c = block.out_channels
+        w, b = block.attn.qkv.weight, block.attn.qkv.bias  # genflow rows: j*C + c  (j = q, k, v)
+        w_edm = w.reshape(3, c, c).transpose(0, 1).reshape(3 * c, c, 1, 1)  # EDM rows: 3*c + j
+        b_edm = b.reshape(3, c).transpose(0, 1).reshape(3 * c)
+        children["norm2"] = edm_norm(block.norm2)
+        children["qkv"] = Persistent("Conv2d", {}, params={"weight": w_edm, "bias": b_edm},
+                                     buffers={"resample_filter": None})
+        children["proj"] = Persistent("Conv2d", {}, params={"weight": block.attn.proj.weight[..., None, None],
+                                                            "bias": block.attn.proj.bias},
+                                      buffers={"resample_filter": None})
+    return Persistent("UNetBlock", {}, children=children)
+
+
+def edm_any(module):
+    from genflow.nets.layers import Conv2d, UNetBlock
+
+    return edm_block(module) if isinstance(module, UNetBlock) else edm_conv(module) if isinstance(module, Conv2d) \
+        else edm_norm(module)
+
+
+def song_keys(res0: int, levels: int, num_blocks: int, encoder_type: str, decoder_type: str):
+    """EDM SongUNet's ModuleDict keys in construction order."""
+    enc, dec = [], []
+    for level in range(levels):
+        r = f"{res0 >> level}x{res0 >> level}"
+        if level == 0:
+            enc.append(f"{r}_conv")
+        else:
+            enc.append(f"{r}_down")
+            enc += [f"{r}_aux_down", f"{r}_aux_skip"] if encoder_type == "skip" else []
+            enc += [f"{r}_aux_residual"] if encoder_type == "residual" else []
+        enc += [f"{r}_block{i}" for i in range(num_blocks)]
+    for level in reversed(range(levels)):
+        r = f"{res0 >> level}x{res0 >> level}"
+        dec += [f"{r}_in0", f"{r}_in1"] if level == levels - 1 else [f"{r}_up"]
+        dec += [f"{r}_block{i}" for i in range(num_blocks + 1)]
+        if decoder_type == "skip" or level == 0:
+            dec += [f"{r}_aux_up"] if decoder_type == "skip" and level < levels - 1 else []
+            dec += [f"{r}_aux_norm", f"{r}_aux_conv"]
+    return enc, dec
+
+
+def edm_song_unet(net: UNet, edm_kwargs: dict):
+    hp = net.hparams
+    c, res = net.data_shape[0], net.data_shape[1]
+    enc_keys, dec_keys = song_keys(res, len(hp["channel_mult"]), hp["num_blocks"], hp["encoder_type"],
+                                   hp["decoder_type"])
+    enc = nn.ModuleDict({k: edm_any(m) for k, m in zip(enc_keys, net.enc)})
+    dec_modules = []
+    for kind, module in zip(net._dec_kinds, net.dec):
+        dec_modules += [edm_norm(module[0]), edm_conv(module[2])] if kind == "out" else [edm_any(module)]
+    dec = nn.ModuleDict(dict(zip(dec_keys, dec_modules)))
+    assert len(enc) == len(net.enc) and len(dec) == len(dec_modules)
+    if hp["embedding_type"] == "positional":
+        map_noise = Persistent("PositionalEmbedding", dict(num_channels=net.map_layer0.in_features, endpoint=True))
+    else:
+        map_noise = Persistent("FourierEmbedding", dict(num_channels=net.map_layer0.in_features),
+                               buffers={"freqs": net.map_noise.freqs})
+    children = dict(map_noise=map_noise)
+    if net.map_label is not None:
+        children["map_label"] = edm_linear(net.map_label)
+    if net.map_augment is not None:
+        children["map_augment"] = Persistent("Linear", {}, params={"weight": net.map_augment.weight})
+    children.update(map_layer0=edm_linear(net.map_layer0), map_layer1=edm_linear(net.map_layer1), enc=enc, dec=dec)
+    kwargs = dict(img_resolution=res, in_channels=c, out_channels=c, label_dim=net.num_classes, **edm_kwargs)
+    return Persistent("SongUNet", kwargs, children=children, label_dropout=0.0)
+
+
+def edm_precond(backbone, model_type: str, edm_kwargs: dict, res: int, c: int, label_dim: int, name="EDMPrecond"):
+    kwargs = dict(img_resolution=res, img_channels=c, label_dim=label_dim, use_fp16=False, sigma_min=0,
+                  sigma_max=float("inf"), sigma_data=0.5, model_type=model_type, **edm_kwargs)
+    if name != "EDMPrecond":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("sigma_min", "sigma_max", "sigma_data")}
+    return Persistent(name, kwargs, children={"model": backbone}, img_resolution=res, img_channels=c,
+                      label_dim=label_dim, use_fp16=False, sigma_data=0.5)
+
+
+#: tiny SongUNets on 8x8x1 images (the bundled digits data), EDM kwargs as train.py passes them
+SONG_CASES = {
+    "ddpmpp-uncond-augment": dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                                  channel_mult_noise=1, resample_filter=[1, 1], model_channels=16,
+                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.13,
+                                  augment_dim=9, label_dim=0),
+    "ncsnpp-cond": dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                        channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=16, channel_mult=[1, 2],
+                        num_blocks=1, attn_resolutions=[4], dropout=0.13, augment_dim=0, label_dim=10),
+}
+
+
+def song_pair(case: str, seed: int = 0):
+    """(genflow UNet with random weights, EDM-format ema record of the same weights)."""
+    kw = dict(SONG_CASES[case])
+    label_dim = kw.pop("label_dim")
+    torch.manual_seed(seed)
+    net = UNet(data_shape=(1, 8, 8), num_classes=label_dim, preset=None, **kw).eval()
+    with torch.no_grad():  # zero-initialised layers would hide mapping mistakes
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    edm_kw = {k: v for k, v in kw.items()}
+    return net, edm_precond(edm_song_unet(net, edm_kw), "SongUNet", edm_kw, 8, 1, label_dim)
+
+
+def denoise_both(original, path, cond_fn, D=math.inf):
+    from genflow.config import module_from_checkpoint
+
+    module, dm, cfg = module_from_checkpoint(path)
+    torch.manual_seed(1)
+    x = torch.randn(6, 1, 8, 8) * 3
+    sigma = torch.tensor([0.002, 0.05, 0.5, 2.0, 20.0, 80.0])
+    cond = cond_fn(6)
+    with torch.no_grad():
+        want = EDM().denoise(original, x, sigma, cond)
+        got = module.method.denoise(module.net, x, sigma, cond)
+    return (got - want).norm() / want.norm(), module, cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(SONG_CASES))
+def test_song_unet_converts_exactly(edm_format, tmp_path, case):
+    net, ema = song_pair(case)
+    src = edm_format(tmp_path / "net.pkl", ema, loss_fn=Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2)),
+                     augment_pipe=None, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset"))
+    from genflow.convert import convert
+
+    out = convert(src, tmp_path / "net.ckpt")
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)  # what sample.py / evaluate / init_from do
+    assert ckpt["hyper_parameters"]["config"]["converted_from"]["backbone"] == "SongUNet"
+    if net.num_classes:
+        cond_fn = lambda b: {"class": torch.nn.functional.one_hot(torch.arange(b) % 10, 10).float()}
+    else:
+        cond_fn = lambda b: {"augment": torch.randn(b, 9, generator=torch.Generator().manual_seed(3))}
+    rel, module, cfg = denoise_both(net, out, cond_fn)
+    assert rel <= 1e-5, rel
+    assert type(module.method).__name__ == "EDM" and cfg.data._target_.endswith("Digits")
+    assert cfg.data.conditional == bool(net.num_classes)
+
+
+def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
+    from genflow.config import read_checkpoint
+    from genflow.convert import convert
+
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    with_D = edm_format(tmp_path / "pfgmpp.pkl", ema, loss_fn=Persistent("EDMLoss", dict(D=2048, N=64)))
+    out = convert(with_D, tmp_path / "a.ckpt")
+    model = read_checkpoint(out)["hyper_parameters"]["config"]["model"]
+    assert model["_target_"].endswith("PFGMPP") and model["D"] == 2048
+    with pytest.raises(ConfigError, match="records D=2048"):
+        convert(with_D, tmp_path / "b.ckpt", D=128)
+
+    without = edm_format(tmp_path / "plain.pkl", ema)
+    out = convert(without, tmp_path / "c.ckpt", D=128)
+    cfg = read_checkpoint(out)["hyper_parameters"]["config"]
+    assert cfg["model"]["D"] == 128 and cfg["converted_from"]["D_source"] == "argument"
+    rel, module, _ = denoise_both(net, out, lambda b: None)
+    assert module.method.D == 128 and rel <= 1e-5  # same denoiser, PFGM++ kernel for the prior
+
+
+def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
+    net, ema = song_pair("ncsnpp-cond")
+    src = edm_format(tmp_path / "net.pkl", ema)
+    code, out, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
+    assert code == 0, err
+    assert '"net": null' not in out and (tmp_path / "net.ckpt").is_file()
+    code, _, err = cli("genflow.convert", str(tmp_path / "missing.pkl"), str(tmp_path / "x.ckpt"))
+    assert code == 2 and err.startswith("error:") and "fix:" in err
+    (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
+    code, _, err = cli("genflow.convert", str(tmp_path / "junk.pkl"), str(tmp_path / "x.ckpt"))
+    assert code == 2 and "cannot read" in err and "Traceback" not in err
+
+
+class _WritesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+class _OpensFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.open, (str(self.path), "w")
+
+
+@pytest.mark.parametrize("payload", [_WritesFile, _OpensFile])
+def test_malicious_pickle_is_refused_and_runs_nothing(edm_format, tmp_path, cli, payload):
+    target = tmp_path / "pwned"
+    # the payload sits deep inside an otherwise well-formed network, where EDM's loader would run it
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    ema.model.payload_attr = payload(target)
+    src = edm_format(tmp_path / "evil.pkl", ema)
+    from genflow.convert import read_pickle
+
+    with pytest.raises(CheckpointError, match="refuses to load"):
+        read_pickle(src)
+    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "evil.ckpt"))
+    assert code == 2 and "refuses" in err and "fix:" in err
+    assert not target.exists() and not (tmp_path / "evil.ckpt").exists()
+
+
+def test_unsupported_preconditioning_is_refused(edm_format, tmp_path):
+    from genflow.convert import convert
+
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    ve = Persistent("VEPrecond", ema._init_kwargs, children={"model": ema.model})
+    with pytest.raises(CheckpointError, match="VEPrecond"):
+        convert(edm_format(tmp_path / "ve.pkl", ve), tmp_path / "ve.ckpt")
+    assert not (tmp_path / "ve.ckpt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# ADM (DhariwalUNet)
+def adm_keys(res0: int, levels: int, num_blocks: int):
+    enc, dec = [], []
+    for level in range(levels):
+        r = f"{res0 >> level}x{res0 >> level}"
+        enc.append(f"{r}_conv" if level == 0 else f"{r}_down")
+        enc += [f"{r}_block{i}" for i in range(num_blocks)]
+    for level in reversed(range(levels)):
+        r = f"{res0 >> level}x{res0 >> level}"
+        dec += [f"{r}_in0", f"{r}_in1"] if level == levels - 1 else [f"{r}_up"]
+        dec += [f"{r}_block{i}" for i in range(num_blocks + 1)]
+    return enc, dec
+
+
+def test_adm_converts_exactly(edm_format, tmp_path):
+    from genflow.convert import convert
+
+    kw = dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.1, augment_dim=9)
+    torch.manual_seed(0)
+    net = ADMUNet(data_shape=(1, 8, 8), num_classes=10, **kw).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    enc_keys, dec_keys = adm_keys(8, 2, 1)
+    children = dict(map_noise=Persistent("PositionalEmbedding", dict(num_channels=64)),
+                    map_augment=Persistent("Linear", {}, params={"weight": net.map_augment.weight}),
+                    map_layer0=edm_linear(net.map_layer0), map_layer1=edm_linear(net.map_layer1),
+                    map_label=Persistent("Linear", {}, params={"weight": net.map_label.weight}),
+                    enc=nn.ModuleDict({k: edm_any(m) for k, m in zip(enc_keys, net.enc)}),
+                    dec=nn.ModuleDict({k: edm_any(m) for k, m in zip(dec_keys, net.dec)}),
+                    out_norm=edm_norm(net.out_norm), out_conv=edm_conv(net.out_conv))
+    unet = Persistent("DhariwalUNet", dict(img_resolution=8, in_channels=1, out_channels=1, label_dim=10, **kw),
+                      children=children)
+    src = edm_format(tmp_path / "adm.pkl", edm_precond(unet, "DhariwalUNet", kw, 8, 1, 10))
+    out = convert(src, tmp_path / "adm.ckpt")
+
+    def cond_fn(b):
+        g = torch.Generator().manual_seed(5)
+        return {"class": torch.nn.functional.one_hot(torch.arange(b) % 10, 10).float(),
+                "augment": torch.randn(b, 9, generator=g)}
+
+    rel, module, cfg = denoise_both(net, out, cond_fn)
+    assert rel <= 1e-5, rel
+    assert cfg.net._target_ == "genflow.nets.ADMUNet"
+
+
+def test_adm_imagenet64_parameter_count():
+    with torch.device("meta"):
+        net = ADMUNet(data_shape=(3, 64, 64), num_classes=1000, preset="adm_imagenet64")
+    # EDM's published ImageNet-64 network (DhariwalUNet, --arch=adm): 295.9 M parameters
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 295.9
+
+
+def test_vp_preconditioning_maps_to_ddpm(edm_format, tmp_path):
+    """VPPrecond: D(x; s) = x - s F(x / sqrt(1 + s^2), (M - 1) t(s)), t(s) the inverse of
+    s(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1); the converted DDPM must see the same net inputs."""
+    from genflow.config import module_from_checkpoint
+    from genflow.convert import convert
+
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    vp = edm_precond(ema.model, "SongUNet", {}, 8, 1, 0, name="VPPrecond")
+    vp._init_kwargs.update(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5)
+    module, _, _ = module_from_checkpoint(convert(edm_format(tmp_path / "vp.pkl", vp), tmp_path / "vp.ckpt"))
+    method = module.method
+    sigma = torch.tensor([0.01, 0.3, 2.0, 40.0], dtype=torch.float64)
+    t = ((0.1 ** 2 + 2 * 19.9 * torch.log1p(sigma ** 2)).sqrt() - 0.1) / 19.9
+    assert torch.allclose(method.alpha_bar(t), 1 / (1 + sigma ** 2), rtol=1e-12)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    s32, c_in = sigma.float().reshape(-1, 1, 1, 1), (1 / (1 + sigma ** 2).sqrt()).float().reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        want = x - s32 * net(c_in * x, (999 * t).float())
+        got = x - s32 * module.net(method.alpha_bar(t).sqrt().float().reshape(-1, 1, 1, 1) * x, method.noise_label(t))
+    assert (got - want).norm() / want.norm() <= 1e-5
+
+
+def edm_algorithm1(net, latents, cond, steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5):
+    """Transcription of EDM's Algorithm 1 as its generate.py runs it (deterministic Heun, S_churn = 0):
+    float64 state; the preconditioned denoiser evaluated in float32."""
+
+    def denoise(x, sigma):
+        x, s = x.float(), torch.full((x.shape[0], 1, 1, 1), float(sigma), dtype=torch.float32)
+        c_skip, c_out = sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s * sigma_data / (s ** 2 + sigma_data ** 2).sqrt()
+        c_in, c_noise = 1 / (sigma_data ** 2 + s ** 2).sqrt(), s.log() / 4
+        return (c_skip * x + c_out * net(c_in * x, c_noise.flatten(), cond)).double()
+
+    i = torch.arange(steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    x = latents.double() * t[0]
+    for n in range(steps):
+        d = (x - denoise(x, t[n])) / t[n]
+        x_next = x + (t[n + 1] - t[n]) * d
+        if n < steps - 1:
+            d2 = (x_next - denoise(x_next, t[n + 1])) / t[n + 1]
+            x_next = x + (t[n + 1] - t[n]) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    return x
+
+
+def test_sampling_a_converted_net_reproduces_edm_generate(edm_format, tmp_path):
+    from genflow.config import module_from_checkpoint
+    from genflow.convert import convert
+    from genflow.sampling import generate, to_uint8
+
+    net, ema = song_pair("ddpmpp-uncond-augment", seed=3)
+    module, _, _ = module_from_checkpoint(convert(edm_format(tmp_path / "net.pkl", ema), tmp_path / "net.ckpt"))
+    seeds = [0, 1, 7, 123456]
+    # generate.py's per-seed latents: randn of one image from a generator seeded with that seed
+    latents = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        want = edm_algorithm1(net, latents, None)
+    got = generate(module.method, module.net, seeds, (1, 8, 8), steps=18, solver="heun", batch_size=3)
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert err <= 1e-5, err
+    assert module.method.nfe(18, "heun") == 35
+    # the PNGs: identical bytes except where a value sits within rounding distance of a uint8 boundary
+    assert (to_uint8(got).int() - to_uint8(want.float()).int()).abs().max() <= 1
+    assert (to_uint8(got) == to_uint8(want.float())).float().mean() >= 0.99
+
+
+def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch, capsys):
+    import json
+
+    from genflow.convert import published_checkpoint
+    from genflow.leaderboard import run
+
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    monkeypatch.setenv("GENFLOW_TEST_PUBLISHED_PKL", str(edm_format(tmp_path / "published.pkl", ema)))
+    monkeypatch.delenv("GENFLOW_TEST_ABSENT_PKL", raising=False)
+    suite = tmp_path / "published.yaml"
+    suite.write_text(
+        "name: published\n"
+        "fid: {num: 64, seed_sets: 1, batch: 64, extractor: digits, ref: train}\n"
+        "entries:\n"
+        "  - {name: tiny-edm, pickle: '${oc.env:GENFLOW_TEST_PUBLISHED_PKL,null}', paper_fid: 1.97, steps: 3}\n"
+        "  - {name: absent, pickle: '${oc.env:GENFLOW_TEST_ABSENT_PKL,null}', paper_fid: 1.79, steps: 3}\n")
+    result = run([f"suite={suite}", f"out={tmp_path / 'lb'}"])
+    captured = capsys.readouterr()
+    assert "skipping absent" in captured.err
+    rows = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["tiny-edm"] and result["entries"] == 1
+    row = rows[0]
+    assert row["paper_fid"] == 1.97 and row["method"] == "EDM" and row["NFE"] == 5 and row["images"] == 64
+    assert math.isfinite(row["FID"]) and row["FID"] > 0
+    cached = Path(row["checkpoint"])
+    assert cached.parent == tmp_path / "metrics" / "converted" and cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    entry = {"pickle": os.environ["GENFLOW_TEST_PUBLISHED_PKL"]}
+    assert published_checkpoint(entry) == str(cached) and cached.stat().st_mtime_ns == stamp  # converted once
+    assert published_checkpoint({"pickle": None}) is None
