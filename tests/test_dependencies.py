@@ -132,7 +132,7 @@ def test_save_grid_draws_without_pyplot_or_a_backend_switch(tmp_path, monkeypatc
     backend is never switched (so a caller's interactive matplotlib session is left alone)."""
     import matplotlib
 
-    from genflow.sampling import save_grid
+    from genflow.sampling import save_grid  # imported first: torchmetrics, if it comes along, loads pyplot itself
 
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # any `import matplotlib.pyplot` raises
     monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("matplotlib.use was called"))

@@ -1,5 +1,5 @@
 """A circle with a non-uniform angle, embedded isometrically in R^D: the singular toy data of the
-noise-perturbed likelihood experiment (Chae et al. 2023; ``research/likelihood.md`` Sec. 5).
+noise-perturbed likelihood experiment (Chae et al. 2023).
 
 theta = 2 pi U, U ~ Beta(a, b) (non-uniform, so learning the circle is not learning the distribution
 on it); x = E (cos theta, sin theta) + noise eps, with E a fixed random D x 2 matrix with orthonormal

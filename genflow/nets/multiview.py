@@ -3,7 +3,7 @@
 Isotropic3D (arXiv 2403.10395) fine-tunes MVDream's multi-view UNet with an image embedding in place
 of text (Stage 1) and then with Explicit Multi-view Attention (EMA, Stage 2): the noise-free
 reference image joins the cross-view attention as one extra frame. How each piece maps here
-(research note ``research/isotropic3d.md`` §1.3-1.8):
+(the paper and MVDream's released design):
 
 * layout: views are flattened object-major, (B*V, C, H, W) with row b*V + v; ResBlocks, GroupNorms
   and convolutions act per view (``UNetBlock``), self-attention runs over the tokens of all views of
