@@ -265,3 +265,20 @@ def test_mfu_is_null_on_cpu():
     from genflow.bench import peak_bf16_flops
 
     assert peak_bf16_flops(torch.device("cpu")) is None
+
+
+def test_fp32_sampling_turns_tf32_off_and_restores_the_settings():
+    from genflow.sampling import full_fp32
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        with full_fp32():
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        with full_fp32(enabled=False):
+            assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
