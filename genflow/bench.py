@@ -2,18 +2,56 @@
 
     python -m genflow.bench train-step [--model pfgmpp] [--net unet_digits] [--data digits] [--batch 128]
                                        [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads 2]
+                                       [--shape 3,32,32] [--compile] [--channels-last]
+                                       [--matmul-precision highest|high|medium] [--no-ema]
     python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
+    python -m genflow.bench gpu-suite  [--device cuda] [--net ddpmpp_cifar10] [--shape 3,32,32] [--batch 256]
     python -m genflow.bench fid        (feature extraction vs clean-fid; genflow.bench_fid)
     python -m genflow.bench multiview  (3D vs 2D attention; genflow.bench_multiview)
+
+``--shape C,H,W`` benchmarks on random data of that shape (no dataset needed), e.g.
+``--net ddpmpp_cifar10 --shape 3,32,32`` for the CIFAR-10 network.
+
+The training step is the one ``train.py`` runs: the method's loss on ``GenerativeModule``'s training
+network (compiled with ``--compile``), bf16 autocast with ``--precision bf16``, backward, the fused
+gradient sanitisation, the module's own optimizer (fused Adam on CUDA) and the EMA update (``--no-ema``
+leaves it out). MFU = (FLOPs of one training step per image, counted once with
+``torch.utils.flop_counter.FlopCounterMode``, x images/s) / the device's dense bf16 tensor-core peak
+(``PEAK_BF16_FLOPS``; the same denominator for fp32 runs, so the figures compare); null where the
+device is not in the table (any CPU).
+
+``gpu-suite`` measures issue 10's figures on one GPU in a few minutes, one JSON line per figure:
+training step fp32 / bf16 / bf16 with the levers of ``trainer=gpu``; sampling fp32 / bf16 (18 Heun
+steps); the time to generate and score 50 000 images for FID, extrapolated from a measured chunk; and
+the feature extractor's throughput (the Inception file when present, else a stand-in network, said so).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
+
+#: dense (no sparsity) bf16 tensor-core peak, FLOP/s, by device-name substring (first match wins). The H200
+#: figure is the one issue 10's MFU goal is stated against; H100 SXM is NVIDIA's 989 TFLOP/s.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 790e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+]
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
 
 
 def device_name(device: torch.device) -> str:
@@ -22,16 +60,33 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def build_for_bench(args):
-    from genflow.config import build, compose
+def _shape(args) -> tuple[int, ...] | None:
+    return tuple(int(s) for s in args.shape.split(",")) if getattr(args, "shape", None) else None
 
+
+def build_for_bench(args):
+    """(module, data_shape, a batch of training data on ``args.device``)."""
+    from genflow.config import build, build_method, compose, instantiate
+    from genflow.training import GenerativeModule
+
+    shape = _shape(args)
     overrides = [f"model={args.model}", f"data={args.data}", f"data.batch_size={args.batch}"]
     if args.net:
         overrides.append(f"net={args.net}")
     overrides += args.override
-    module, dm = build(compose(overrides))
-    dm.setup()
-    return module, dm
+    cfg = compose(overrides)
+    device = torch.device(args.device)
+    if shape is None:
+        module, dm = build(cfg)
+        dm.setup()
+        x = dm.train_tensor()[: args.batch]
+        x = x.repeat(-(-args.batch // x.shape[0]), *[1] * (x.ndim - 1))[: args.batch]
+        shape = tuple(dm.data_shape)
+    else:  # random data of the given shape: the network and method only, no dataset
+        net = instantiate(cfg.net, data_shape=shape, num_classes=0)
+        module = GenerativeModule(net, build_method(cfg), lr=1e-4)
+        x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    return module.to(device), shape, x.to(device)
 
 
 def _sync(device):
@@ -43,26 +98,62 @@ def _peak_mb(device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
 
 
+def _environment(device) -> dict:
+    return {"torch": torch.__version__, "device": device_name(device)}
+
+
+def train_step_flops(module, x: torch.Tensor, precision: str) -> float:
+    """FLOPs of one training step (forward + backward of the method's loss) per image, counted once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sample = x[: min(4, x.shape[0])]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = module.method.loss(module.net, sample, None).mean()
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / sample.shape[0]
+
+
 def bench_train_step(args) -> dict:
+    from genflow.run import MATMUL_PRECISIONS
+    from genflow.training.module import sanitize_gradients
+
     device = torch.device(args.device)
-    module, dm = build_for_bench(args)
-    module = module.to(device).train()
-    x = dm.train_tensor()[: args.batch].to(device)
-    reps = -(-args.batch // x.shape[0])
-    x = x.repeat(reps, *[1] * (x.ndim - 1))[: args.batch]
-    opt = torch.optim.Adam(module.parameters(), lr=1e-4)
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    if args.matmul_precision not in MATMUL_PRECISIONS:
+        raise SystemExit(f"--matmul-precision must be one of {MATMUL_PRECISIONS}")
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.backends.cudnn.allow_tf32 = args.matmul_precision != "highest"
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    module, shape, x = build_for_bench(args)
+    module.train()
+    # the FLOPs do not depend on the precision or the levers: gpu-suite counts them once for its three steps
+    flops = getattr(args, "flops_per_img", None) or train_step_flops(module, x, args.precision)
+    if args.channels_last and hasattr(module.net, "channels_last"):
+        module.net.channels_last = True
+        module.net.to(memory_format=torch.channels_last)
+    if args.compile:
+        module.compile_net = args.compile_backend
+    opt = module.configure_optimizers()["optimizer"]
+    params = [p for p in module.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params] if args.ema else None
+    use_bf16 = args.precision == "bf16"
 
     def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = module.method.loss(module.net, x, None).mean()
-        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = module.method.loss(module._training_net(), x, None).mean()
         loss.backward()
+        sanitize_gradients([p.grad for p in params if p.grad is not None])
         opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1e-3)
 
+    start = time.perf_counter()
     for _ in range(args.warmup):
         step()
     _sync(device)
+    warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -70,64 +161,174 @@ def bench_train_step(args) -> dict:
         step()
     _sync(device)
     wall = time.perf_counter() - start
+    img_per_s = args.batch * args.steps / wall
+    peak = peak_bf16_flops(device)
     return {"bench": "train-step", "model": args.model, "net": args.net or f"{args.data}_default",
-            "data_shape": list(dm.data_shape), "batch": args.batch, "precision": args.precision,
-            "ms_per_step": round(1000 * wall / args.steps, 2), "img_per_s": round(args.batch * args.steps / wall, 1),
+            "data_shape": list(shape), "batch": args.batch, "precision": args.precision,
+            "matmul_precision": args.matmul_precision, "compile": args.compile_backend if args.compile else False,
+            "channels_last": bool(args.channels_last), "ema": bool(args.ema),
+            "optimizer": "fused adam" if opt.defaults.get("fused") else "foreach adam",
+            "ms_per_step": round(1000 * wall / args.steps, 2), "img_per_s": round(img_per_s, 1),
+            "flops_per_img": float(f"{flops:.4g}"), "tflops_per_s": round(flops * img_per_s / 1e12, 2),
+            "mfu": round(flops * img_per_s / peak, 4) if peak else None,
+            "mfu_peak": f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else None,
+            "warmup_s": round(warmup_s, 1),
             "params_M": round(sum(p.numel() for p in module.net.parameters()) / 1e6, 3),
-            "peak_mem_MB": _peak_mb(device), "device": device_name(device)}
+            "peak_mem_MB": _peak_mb(device), **_environment(device)}
 
 
 def bench_sample(args) -> dict:
+    from genflow.sampling import generate
+
     device = torch.device(args.device)
-    module, dm = build_for_bench(args)
-    module = module.to(device).eval()
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.backends.cudnn.allow_tf32 = args.matmul_precision != "highest"
+    module, shape, _ = build_for_bench(args)
+    module.eval()
     seeds = list(range(args.num))
     kwargs = dict(steps=args.sample_steps, solver=args.solver, batch_size=args.batch, device=device,
                   precision=args.precision)
-    from genflow.sampling import generate
-
-    generate(module.method, module.net, seeds[: min(args.batch, args.num)], dm.data_shape, **kwargs)  # warm-up
+    generate(module.method, module.net, seeds[: min(args.batch, args.num)], shape, **kwargs)  # warm-up
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    generate(module.method, module.net, seeds, dm.data_shape, **kwargs)
+    generate(module.method, module.net, seeds, shape, **kwargs)
     _sync(device)
     wall = time.perf_counter() - start
     return {"bench": "sample", "model": args.model, "net": args.net or f"{args.data}_default", "num": args.num,
-            "steps": args.sample_steps, "nfe": module.method.nfe(args.sample_steps, args.solver),
-            "solver": args.solver, "img_per_s": round(args.num / wall, 2), "s_total": round(wall, 3),
-            "peak_mem_MB": _peak_mb(device), "device": device_name(device)}
+            "batch": args.batch, "steps": args.sample_steps, "nfe": module.method.nfe(args.sample_steps, args.solver),
+            "solver": args.solver, "precision": args.precision, "matmul_precision": args.matmul_precision,
+            "img_per_s": round(args.num / wall, 2), "s_total": round(wall, 3),
+            "ms_per_nfe": round(1000 * wall / module.method.nfe(args.sample_steps, args.solver)
+                                / -(-args.num // args.batch), 2),
+            "peak_mem_MB": _peak_mb(device), **_environment(device)}
 
 
-def main(argv=None) -> dict:
+def bench_extractor(args, images: torch.Tensor) -> dict:
+    """Throughput of the FID feature extractor (clean mode, resizer on CPU threads) on generated images."""
+    from genflow.bench_fid import _standin_folder
+    from genflow.errors import ConfigError
+    from genflow.metrics.features import InceptionFeatures, resolve_inception_path
+
+    device = images.device
+    try:
+        path, network = resolve_inception_path(getattr(args, "inception", None)), "inception-2015-12-05"
+    except ConfigError:
+        path, network = _standin_folder(), "torchscript stand-in (inception-2015-12-05.pt not found)"
+    extractor = InceptionFeatures(path, mode="clean").to(device)
+    extractor(images[:2])
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(0, images.shape[0], args.batch):
+        extractor(images[i:i + args.batch])
+    _sync(device)
+    wall = time.perf_counter() - start
+    return {"bench": "fid-extractor", "network": network, "mode": "clean", "num": images.shape[0],
+            "resolution": list(images.shape[1:]), "img_per_s": round(images.shape[0] / wall, 1),
+            "cpu_threads": torch.get_num_threads(), **_environment(device)}
+
+
+def bench_gpu_suite(args) -> list[dict]:
+    """Issue 10's figures, one JSON line each (see the module docstring)."""
+    from genflow.sampling import generate
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: the GPU suite needs a CUDA device and none is visible\n"
+              "  why: it measures training, sampling and FID throughput on the GPU\n"
+              "  fix: run it on a machine with a GPU (scripts/gpu_check.sh), or "
+              "`python -m genflow.bench gpu-suite --device cpu` for a small smoke run", file=sys.stderr)
+        raise SystemExit(2)
+    results = []
+
+    def emit(result: dict) -> None:
+        results.append(result)
+        print(json.dumps(result), flush=True)
+
+    def variant(**changes):
+        return argparse.Namespace(**{**vars(args), **changes})
+
+    # 1. training step: the issue's table (EDM: fp32 249 img/s, its --fp16 1652 img/s on one H200)
+    emit(bench_train_step(variant(precision="fp32", matmul_precision="highest", compile=False, channels_last=False)))
+    flops = results[-1]["flops_per_img"]
+    emit(bench_train_step(variant(precision="bf16", matmul_precision="highest", compile=False, channels_last=False,
+                                  flops_per_img=flops)))
+    emit(bench_train_step(variant(precision="bf16", matmul_precision="high", compile=True, channels_last=True,
+                                  flops_per_img=flops)))
+    # 2. sampling, 18 Heun steps (NFE 35): EDM's generate.py makes 12.6 img/s in fp32 on one H200
+    for precision in ("fp32", "bf16"):
+        emit(bench_sample(variant(precision=precision, matmul_precision="highest", batch=args.sample_batch)))
+    # 3. FID: generate and score a measured chunk in fp32 (the protocol), extrapolate to 50 000 images
+    module, shape, _ = build_for_bench(variant(batch=args.sample_batch))
+    module.eval()
+    seeds = list(range(args.fid_chunk))
+    kwargs = dict(steps=args.sample_steps, solver=args.solver, batch_size=args.sample_batch, device=device)
+    generate(module.method, module.net, seeds[: args.sample_batch], shape, **kwargs)  # warm-up (cuDNN autotune)
+    _sync(device)
+    start = time.perf_counter()
+    images = generate(module.method, module.net, seeds, shape, **kwargs)
+    _sync(device)
+    generate_s = time.perf_counter() - start
+    extractor = bench_extractor(variant(batch=args.sample_batch), images)
+    per_image = generate_s / len(seeds) + 1.0 / extractor["img_per_s"]
+    emit({"bench": "fid-50k", "precision": "fp32", "steps": args.sample_steps,
+          "nfe": module.method.nfe(args.sample_steps, args.solver), "measured_images": len(seeds),
+          "generate_img_per_s": round(len(seeds) / generate_s, 2), "extractor_img_per_s": extractor["img_per_s"],
+          "extractor_network": extractor["network"], "extrapolated_50k_s": round(50000 * per_image, 1),
+          "bottleneck": "extractor" if 1.0 / extractor["img_per_s"] > generate_s / len(seeds) else "generation",
+          **_environment(device)})
+    # 4. the feature extractor alone, on more images than one sampling batch
+    reps = max(1, args.extractor_num // images.shape[0])
+    emit(bench_extractor(args, images.repeat(reps, *[1] * (images.ndim - 1))))
+    return results
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m genflow.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train-step", "sample", "fid", "multiview"])
-    parser.add_argument("--model", default="pfgmpp")
+    parser.add_argument("what", choices=["train-step", "sample", "gpu-suite", "fid", "multiview"])
+    parser.add_argument("--model", default=None, help="default pfgmpp (edm in gpu-suite)")
     parser.add_argument("--net", default=None)
     parser.add_argument("--data", default="digits")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--shape", default=None, help="C,H,W: random data of this shape instead of --data")
+    parser.add_argument("--batch", type=int, default=None, help="default 128 (256 in gpu-suite)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sample-steps", type=int, default=18)
     parser.add_argument("--solver", default="heun")
     parser.add_argument("--num", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default cuda when visible, else cpu (gpu-suite: cuda)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--matmul-precision", default="highest", help="highest (TF32 off) | high | medium")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: eager)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="leave the EMA update out of the step")
+    parser.add_argument("--sample-batch", type=int, default=256, help="gpu-suite: sampling batch")
+    parser.add_argument("--fid-chunk", type=int, default=512, help="gpu-suite: images generated to time FID")
+    parser.add_argument("--extractor-num", type=int, default=4096, help="gpu-suite: images for the extractor")
+    parser.add_argument("--inception", default=None, help="inception-2015-12-05.pt (file or folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. D=2048")
     args, rest = parser.parse_known_args(argv)
+    suite = args.what == "gpu-suite"
+    if suite and args.net is None:
+        args.net, args.shape = "ddpmpp_cifar10", args.shape or "3,32,32"
+    args.model = args.model or ("edm" if suite else "pfgmpp")
+    args.batch = args.batch or (256 if suite else 128)
+    args.device = args.device or ("cuda" if suite or torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
     if args.what == "fid":
         from genflow.bench_fid import bench_fid as fn
     elif args.what == "multiview":
         from genflow.bench_multiview import bench_multiview as fn
     else:
-        fn = {"train-step": bench_train_step, "sample": bench_sample}[args.what]
+        fn = {"train-step": bench_train_step, "sample": bench_sample, "gpu-suite": bench_gpu_suite}[args.what]
     args.rest = rest
     result = fn(args)
-    print(json.dumps(result), flush=True)
+    if not suite:
+        print(json.dumps(result), flush=True)
     return result
 
 

@@ -6,6 +6,7 @@ is identical whatever the batch size or the number of processes: the protocol of
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -74,7 +75,8 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
     """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``.
 
     ``precision`` is the network's arithmetic: ``fp32`` (EDM's protocol, the default wherever numbers are
-    compared with papers) or ``bf16`` (autocast; an explicit, faster choice). The sampler state stays float64.
+    compared with papers: TF32 is off for matmuls and convolutions, whatever trainer.matmul_precision set)
+    or ``bf16`` (autocast; an explicit, faster choice). The sampler state stays float64.
     """
     device = torch.device(device or "cpu")
     seeds = list(seeds)
@@ -89,11 +91,28 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
         batch = seeds[lo:lo + batch_size]
         gens = [torch.Generator(device).manual_seed(int(s)) for s in batch]
         noise = method.prior_sample((len(batch), *shape), generator=gens, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), full_fp32(not use_autocast):
             x = method.sample(net, noise, steps=steps, solver=solver, cond=_select(cond, lo, lo + len(batch)),
                               guidance=guidance, generator=gens)
         out.append(x.float())
     return torch.cat(out)
+
+
+@contextmanager
+def full_fp32(enabled: bool = True):
+    """fp32 matmuls and convolutions without TF32 (cuDNN allows TF32 by default) inside the block."""
+    if not enabled:
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.get_float32_matmul_precision()
+    before = cudnn.allow_tf32
+    try:
+        cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        cudnn.allow_tf32 = before
+        torch.set_float32_matmul_precision(matmul)
 
 
 def to_uint8(images: Tensor) -> Tensor:

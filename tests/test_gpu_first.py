@@ -228,3 +228,57 @@ def test_sample_refuses_non_finite_weights(tmp_path, cli):
     code, stdout, stderr = cli("sample.py", f"ckpt={bad}", f"out={out}", "num=2", "steps=2")
     assert code == 2 and "non-finite weights" in stderr and "fix:" in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+# --- 4. benchmarks ---------------------------------------------------------------------------------
+def test_gpu_suite_refuses_without_a_gpu(monkeypatch, capsys):
+    from genflow import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["gpu-suite"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "error:" in err and "why:" in err and "--device cpu" in err
+
+
+def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
+    from genflow import bench
+
+    monkeypatch.setattr(bench, "peak_bf16_flops", lambda device: 1e12)  # a stand-in peak so MFU is computed
+    results = bench.main(["gpu-suite", "--device", "cpu", "--net", "unet_tiny", "--shape", "1,8,8", "--batch", "4",
+                          "--steps", "1", "--warmup", "1", "--sample-batch", "4", "--num", "4", "--sample-steps", "2",
+                          "--fid-chunk", "4", "--extractor-num", "4", "--compile-backend", "eager"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines == results
+    assert [r["bench"] for r in results] == ["train-step"] * 3 + ["sample"] * 2 + ["fid-50k", "fid-extractor"]
+    train_fp32, train_bf16, best = results[:3]
+    assert (train_fp32["precision"], train_bf16["precision"], best["precision"]) == ("fp32", "bf16", "bf16")
+    assert best["compile"] == "eager" and best["channels_last"] and best["matmul_precision"] == "high"
+    for r in results[:3]:
+        assert r["flops_per_img"] > 0 and r["img_per_s"] > 0
+        assert r["mfu"] == pytest.approx(r["flops_per_img"] * r["img_per_s"] / 1e12, rel=1e-2, abs=1e-4)
+    assert [r["precision"] for r in results[3:5]] == ["fp32", "bf16"] and results[3]["nfe"] == 3
+    assert results[5]["extrapolated_50k_s"] > 0 and all(r["torch"] and r["device"] for r in results)
+
+
+def test_mfu_is_null_on_cpu():
+    from genflow.bench import peak_bf16_flops
+
+    assert peak_bf16_flops(torch.device("cpu")) is None
+
+
+def test_fp32_sampling_turns_tf32_off_and_restores_the_settings():
+    from genflow.sampling import full_fp32
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        with full_fp32():
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        with full_fp32(enabled=False):
+            assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

@@ -30,9 +30,15 @@ class TensorPairs(Dataset):
         x, cond = self.__getitems__([i])
         return x[0], {k: v[0] for k, v in cond.items()}
 
+    def to(self, device) -> "TensorPairs":
+        labels = None if self.labels is None else self.labels.to(device)
+        return TensorPairs(self.x.to(device), labels, self.num_classes)
+
     def __getitems__(self, indices: list[int]):
         """A whole batch in one indexing op (the DataLoader calls this instead of one item at a time)."""
         idx = torch.as_tensor(indices)
+        if self.x.is_cuda:  # a pinned, asynchronous copy of the indices: no wait for the GPU
+            idx = idx.pin_memory().to(self.x.device, non_blocking=True)
         if self.labels is None or self.num_classes == 0:
             return self.x[idx], {}
         return self.x[idx], {"class": torch.nn.functional.one_hot(self.labels[idx], self.num_classes).float()}
@@ -80,7 +86,8 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
     levels: int | None = None
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, conditional: bool = False,
-                 instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0, augment_p: float = 0.0):
+                 instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0, augment_p: float = 0.0,
+                 on_device: bool = False):
         super().__init__()
         if batch_size < 1:
             raise config_error(f"data.batch_size={batch_size} is not positive", "a batch needs at least one item",
@@ -91,6 +98,9 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         self.batch_size, self.num_workers, self.conditional = batch_size, num_workers, conditional
         self.instance_noise, self.val_fraction, self.seed = instance_noise, val_fraction, seed
         self._train = self._val = None
+        # on_device: the training split is copied once to the training GPU and batches are gathered there
+        # (no loader workers, no host-to-device copies per step); for data sets that fit (CIFAR-10: 0.6 GB)
+        self.on_device, self._train_on_device = on_device, None
         # EDM's non-leaky augmentation (genflow/data/augment.py): images plus a 9-dim label in cond["augment"]
         self.augment = AugmentPipe.edm(augment_p) if augment_p != 0 else None
 
@@ -146,9 +156,14 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
         batch = min(self.batch_size, len(self._train) // world)
         sampler = ResumableSampler(len(self._train), batch, self.seed, start_step=step, rank=rank, world_size=world)
-        return DataLoader(self._train, batch_size=batch, sampler=sampler, drop_last=True,
-                          collate_fn=_batched_collate(self._train),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        data, workers = self._train, self.num_workers
+        if self.on_device and trainer is not None and trainer.strategy.root_device.type == "cuda":
+            if self._train_on_device is None:
+                self._train_on_device = self._train.to(trainer.strategy.root_device)
+            data, workers = self._train_on_device, 0
+        return DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True,
+                          collate_fn=_batched_collate(data),
+                          num_workers=workers, persistent_workers=workers > 0,
                           generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
