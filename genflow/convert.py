@@ -486,8 +486,6 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
     if env and config["data"].get("root") is None:
         # resolved when the checkpoint is loaded, so the images' folder comes from that machine's environment
         config["data"]["root"] = "${oc.env:" + env + ",null}"
-    config["converted_from"] = {"source": source, "backbone": backbone.class_name,
-                                "precond": precond.class_name, **method_facts}
 
     net = instantiate(net_cfg, data_shape=(facts["channels"], facts["resolution"], facts["resolution"]),
                       num_classes=facts["label_dim"])
@@ -503,8 +501,11 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
     method = instantiate(cfg.model)
     state_dict = {f"net.{k}": state[k].detach().to(expected[k].dtype).clone().contiguous() for k in expected}
     state_dict.update({f"method.{k}": v for k, v in method.state_dict().items()})
-    return {"state_dict": state_dict, "hyper_parameters": {"config": config}, "epoch": 0, "global_step": 0,
-            "pytorch-lightning_version": _lightning_version()}
+    # provenance sits next to the config, not in it: the stored config stays one train.py accepts
+    provenance = {"source": source, "backbone": backbone.class_name, "precond": precond.class_name,
+                  "converter_version": CONVERTER_VERSION, **method_facts}
+    return {"state_dict": state_dict, "hyper_parameters": {"config": config}, "converted_from": provenance,
+            "epoch": 0, "global_step": 0, "pytorch-lightning_version": _lightning_version()}
 
 
 def _check_filters(backbone: Record, net) -> None:
@@ -562,7 +563,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: S
         raise config_error(f"OUT {out} is the source pickle", "the conversion would overwrite its input",
                            "write the checkpoint to another path, e.g. edm-cifar10.ckpt")
     ckpt = convert_records(read_pickle(src), D=D, overrides=overrides, source=str(src))
-    ckpt["hyper_parameters"]["config"]["converted_from"]["sha256"] = file_sha256(src)
+    ckpt["converted_from"]["sha256"] = file_sha256(src)
     return save_atomic(ckpt, out)
 
 
@@ -624,7 +625,7 @@ def main(argv: Sequence[str]) -> dict:
     config = ckpt["hyper_parameters"]["config"]
     result = {"checkpoint": str(out), "net": config["net"].get("preset") or config["net"]["_target_"],
               "model": config["model"]["_target_"].rsplit(".", 1)[-1], "data": config["data"]["_target_"].rsplit(".", 1)[-1],
-              "D": config["converted_from"].get("D"),
+              "D": ckpt["converted_from"].get("D"),
               "parameters": sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("net."))}
     print(json.dumps(result), flush=True)
     return result
