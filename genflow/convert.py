@@ -208,6 +208,8 @@ SONG_DEFAULTS = dict(model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult
 ADM_DEFAULTS = dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
                     attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0.0, augment_dim=0)
 _SHAPE_KEYS = ("img_resolution", "in_channels", "out_channels", "label_dim")
+#: what PFGM++'s fork of EDM passes on to the backbone besides EDM's arguments (read for D, not architecture)
+_PFGMPP_KEYS = ("pfgm", "pfgmpp", "D")
 
 
 def _plain(value):
@@ -224,7 +226,9 @@ def _backbone_hparams(unet: Record, defaults: dict) -> tuple[dict, dict]:
     if missing:
         raise CheckpointError(f"the pickled {unet.class_name} does not record {missing}\n"
                               "  fix: convert a network saved by EDM/PFGM++'s train.py")
-    unknown = set(kwargs) - set(defaults) - set(_SHAPE_KEYS)
+    if kwargs.get("pfgm"):
+        raise _pfgm_error()
+    unknown = set(kwargs) - set(defaults) - set(_SHAPE_KEYS) - set(_PFGMPP_KEYS)
     if unknown:
         raise CheckpointError(f"the pickled {unet.class_name} has constructor arguments genflow does not map: "
                               f"{sorted(unknown)}\n  fix: convert an unmodified EDM/PFGM++ network")
@@ -240,6 +244,12 @@ def _backbone_hparams(unet: Record, defaults: dict) -> tuple[dict, dict]:
 
 #: hyperparameters that do not change the architecture: a preset still matches, with them overridden
 _TRAINING_ONLY = {"dropout", "label_dropout"}
+
+
+def _pfgm_error() -> CheckpointError:
+    return CheckpointError("the pickle holds a PFGM network (pfgm=True: D = 1, trained to predict the normalised "
+                           "field with an extra output), not a PFGM++ denoiser\n  why: genflow's PFGM++ needs "
+                           "an EDM-style denoiser\n  fix: convert a PFGM++ (pfgmpp) or EDM network pickle")
 
 
 def _net_config(target: str, resolve, presets: Sequence[str], hp: dict, fixed: dict) -> dict:
@@ -407,6 +417,13 @@ def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
     kwargs = precond.kwargs
     name = precond.class_name
     if name == "EDMPrecond":
+        if kwargs.get("pfgm"):
+            raise _pfgm_error()
+        if kwargs.get("small"):
+            # PFGM++'s fork: small=True switches this class to the VE preconditioning
+            raise CheckpointError("the pickle's EDMPrecond was built with small=True, which PFGM++'s code runs "
+                                  "with the VE preconditioning\n  why: genflow has no VE method\n"
+                                  "  fix: convert a network trained with EDM's preconditioning")
         recorded = _find_D(data)
         wanted = None if D is None else _parse_cli_D(D)
         if recorded is not None and wanted is not None and recorded != wanted:

@@ -241,6 +241,19 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     with pytest.raises(ConfigError, match="records D=2048"):
         convert(with_D, tmp_path / "b.ckpt", D=128)
 
+    # PFGM++'s fork records pfgmpp and D in the network's arguments (and hands them on to the backbone)
+    net2, fork = song_pair("ncsnpp-cond")
+    fork._init_kwargs.update(pfgm=False, pfgmpp=True, D=2048)
+    fork.model._init_kwargs.update(pfgm=False, pfgmpp=True, D=2048)
+    cfg = read_checkpoint(convert(edm_format(tmp_path / "fork.pkl", fork), tmp_path / "fork.ckpt"))["hyper_parameters"]
+    assert cfg["config"]["model"]["_target_"].endswith("PFGMPP") and cfg["config"]["model"]["D"] == 2048
+    fork._init_kwargs.update(pfgmpp=False)  # an EDM run of the fork: D is not used
+    out = convert(edm_format(tmp_path / "fork_edm.pkl", fork), tmp_path / "fork_edm.ckpt")
+    assert read_checkpoint(out)["hyper_parameters"]["config"]["model"]["_target_"].endswith(".EDM")
+    fork._init_kwargs.update(pfgm=True)  # PFGM (field prediction) is a different network
+    with pytest.raises(CheckpointError, match="PFGM network"):
+        convert(edm_format(tmp_path / "pfgm.pkl", fork), tmp_path / "pfgm.ckpt")
+
     without = edm_format(tmp_path / "plain.pkl", ema)
     out = convert(without, tmp_path / "c.ckpt", D=128)
     ckpt = read_checkpoint(out)
