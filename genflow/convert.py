@@ -39,6 +39,7 @@ import os
 import pickle
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,7 +76,7 @@ class Record:
 
     @property
     def children(self) -> dict[str, "Record"]:
-        return {k: v for k, v in (self.state.get("_modules") or {}).items() if v is not None}
+        return {k: v for k, v in (self.state.get("_modules") or {}).items() if isinstance(v, Record)}
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -182,7 +183,9 @@ def read_pickle(path: str | os.PathLike) -> dict:
         raise config_error(f"{path} does not exist", "convert reads an EDM/PFGM++ network pickle",
                            "pass the path of a network-snapshot-*.pkl (e.g. edm-cifar10-32x32-uncond-vp.pkl)")
     try:
-        with path.open("rb") as f:
+        with path.open("rb") as f, warnings.catch_warnings():
+            # storages saved by torch's legacy format come back as TypedStorage, whose use torch flags
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             data = SafeUnpickler(f).load()
     except CheckpointError:
         raise
@@ -393,23 +396,27 @@ BACKBONES = {"SongUNet": (_song_net, _song_state), "DhariwalUNet": (_adm_net, _a
 
 # ---------------------------------------------------------------------------------------------------------
 # Preconditioning -> method
-def _find_D(data: dict) -> float | None:
-    """PFGM++'s D where the snapshot records it (network or loss kwargs/state, or its training options)."""
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _find_D(data: dict) -> tuple[float | None, bool]:
+    """(D, decided) from the snapshot. PFGM++'s code records ``pfgmpp`` (on or off) and ``D`` with the network
+    or its training options: then D is decided (inf when pfgmpp is off). Its loss object carries a D even
+    in EDM runs (a default of 128), so a D found only there is not decided: the user must say."""
     places = [data["ema"].kwargs, data["ema"].state]
     loss = data.get("loss_fn")
     if isinstance(loss, Record):
         places += [loss.kwargs, loss.state]
-        for key in ("opts", "kwargs"):
-            if isinstance(loss.state.get(key), dict):
-                places.append(loss.state[key])
+        places += [loss.state[k] for k in ("opts", "kwargs") if isinstance(loss.state.get(k), dict)]
     for place in places:
-        if place.get("pfgmpp") is False:
-            return math.inf
-        for key in ("D", "aug_dim"):
-            value = place.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-    return None
+        if isinstance(place.get("pfgmpp"), bool):
+            if not place["pfgmpp"]:
+                return math.inf, True
+            found = next((_number(p.get(k)) for p in places for k in ("D", "aug_dim") if _number(p.get(k))), None)
+            return found, found is not None
+    undecided = any(_number(p.get(k)) is not None for p in places for k in ("D", "aug_dim"))
+    return None, not undecided
 
 
 def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
@@ -424,8 +431,13 @@ def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
             raise CheckpointError("the pickle's EDMPrecond was built with small=True, which PFGM++'s code runs "
                                   "with the VE preconditioning\n  why: genflow has no VE method\n"
                                   "  fix: convert a network trained with EDM's preconditioning")
-        recorded = _find_D(data)
+        recorded, decided = _find_D(data)
         wanted = None if D is None else _parse_cli_D(D)
+        if not decided and wanted is None:
+            raise config_error("the pickle comes from PFGM++'s code but does not record D",
+                               "its loss carries a D in PFGM++ and EDM runs alike, so the converter cannot tell "
+                               "which noise the network was trained with; sampling with the wrong D is wrong",
+                               "pass D=<the run's --aug_dim> (e.g. D=2048), or D=inf for an EDM run")
         if recorded is not None and wanted is not None and recorded != wanted:
             raise config_error(f"D={D} given, but the pickle records D={recorded:g}",
                                "the converted model must sample with the D it was trained with",
@@ -497,6 +509,8 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
                                   f"{facts[fact]}\n  fix: convert an unmodified EDM/PFGM++ network pickle")
 
     data_ov, env = _data_overrides(facts)
+    if any(o.startswith("data=") for o in overrides):  # the user's choice of data config wins
+        data_ov, env = [o for o in data_ov if not o.startswith("data=")], None
     cfg = compose([*data_ov, *method_ov, *overrides])
     config = to_container(cfg)
     config["net"] = net_cfg
@@ -575,6 +589,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: S
     ``D``: PFGM++'s augmented dimensions where the pickle does not record them (``inf``: EDM).
     ``overrides``: config overrides for the stored configuration (e.g. ``data.root=/data/cifar10``).
     """
+    if D is not None:
+        _parse_cli_D(D)  # a bad D fails before the pickle is read
     src = Path(src).expanduser()
     if Path(out).expanduser().resolve() == src.resolve():
         raise config_error(f"OUT {out} is the source pickle", "the conversion would overwrite its input",

@@ -234,12 +234,13 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     from genflow.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
-    with_D = edm_format(tmp_path / "pfgmpp.pkl", ema, loss_fn=Persistent("EDMLoss", dict(D=2048, N=64)))
-    out = convert(with_D, tmp_path / "a.ckpt")
-    model = read_checkpoint(out)["hyper_parameters"]["config"]["model"]
+    # PFGM++'s loss object carries D (default 128) in EDM runs too: not enough to decide, D= is required
+    loss_only = edm_format(tmp_path / "pfgmpp.pkl", ema, loss_fn=Persistent("EDMLoss", dict(D=128, N=64)))
+    with pytest.raises(ConfigError, match="does not record D"):
+        convert(loss_only, tmp_path / "a.ckpt")
+    assert not (tmp_path / "a.ckpt").exists()
+    model = read_checkpoint(convert(loss_only, tmp_path / "a.ckpt", D=2048))["hyper_parameters"]["config"]["model"]
     assert model["_target_"].endswith("PFGMPP") and model["D"] == 2048
-    with pytest.raises(ConfigError, match="records D=2048"):
-        convert(with_D, tmp_path / "b.ckpt", D=128)
 
     # PFGM++'s fork records pfgmpp and D in the network's arguments (and hands them on to the backbone)
     net2, fork = song_pair("ncsnpp-cond")
@@ -247,6 +248,8 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     fork.model._init_kwargs.update(pfgm=False, pfgmpp=True, D=2048)
     cfg = read_checkpoint(convert(edm_format(tmp_path / "fork.pkl", fork), tmp_path / "fork.ckpt"))["hyper_parameters"]
     assert cfg["config"]["model"]["_target_"].endswith("PFGMPP") and cfg["config"]["model"]["D"] == 2048
+    with pytest.raises(ConfigError, match="records D=2048"):
+        convert(tmp_path / "fork.pkl", tmp_path / "b.ckpt", D=128)
     fork._init_kwargs.update(pfgmpp=False)  # an EDM run of the fork: D is not used
     out = convert(edm_format(tmp_path / "fork_edm.pkl", fork), tmp_path / "fork_edm.ckpt")
     assert read_checkpoint(out)["hyper_parameters"]["config"]["model"]["_target_"].endswith(".EDM")
