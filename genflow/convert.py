@@ -534,7 +534,8 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
     state_dict.update({f"method.{k}": v for k, v in method.state_dict().items()})
     # provenance sits next to the config, not in it: the stored config stays one train.py accepts
     provenance = {"source": source, "backbone": backbone.class_name, "precond": precond.class_name,
-                  "converter_version": CONVERTER_VERSION, **method_facts}
+                  "use_fp16": bool(pre.get("use_fp16", False)), "converter_version": CONVERTER_VERSION,
+                  **method_facts}
     return {"state_dict": state_dict, "hyper_parameters": {"config": config}, "converted_from": provenance,
             "epoch": 0, "global_step": 0, "pytorch-lightning_version": _lightning_version()}
 
