@@ -47,10 +47,11 @@ import torch
 from torch import Tensor
 
 from genflow.errors import CheckpointError, config_error, exit_on_error
+from genflow.methods.pfgmpp import _parse_D
 
 #: bump when the conversion changes, so cached conversions are redone
 CONVERTER_VERSION = 1
-USAGE = ("usage: python -m genflow.convert SRC.pkl OUT.ckpt [D=N] [data=NAME] [key=value ...]\n"
+USAGE = ("usage: python -m genflow.convert SRC.pkl OUT.ckpt [D=N] [overwrite=true] [data=NAME] [key=value ...]\n"
          "  D: PFGM++'s augmented dimensions when the pickle does not record them (D=inf: EDM)")
 
 
@@ -432,7 +433,7 @@ def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
                                   "with the VE preconditioning\n  why: genflow has no VE method\n"
                                   "  fix: convert a network trained with EDM's preconditioning")
         recorded, decided = _find_D(data)
-        wanted = None if D is None else _parse_cli_D(D)
+        wanted = None if D is None else _parse_D(D)
         if not decided and wanted is None:
             raise config_error("the pickle comes from PFGM++'s code but does not record D",
                                "its loss carries a D in PFGM++ and EDM runs alike, so the converter cannot tell "
@@ -467,12 +468,6 @@ def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
                               "the VP baselines (VPPrecond)")
     raise CheckpointError(f"the pickle's 'ema' entry is a {name}, not one of EDM's preconditioned networks\n"
                           "  fix: convert an EDM/PFGM++ network-snapshot pickle (EDMPrecond, VPPrecond)")
-
-
-def _parse_cli_D(D) -> float:
-    from genflow.methods.pfgmpp import _parse_D
-
-    return _parse_D(D)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -584,14 +579,19 @@ def save_atomic(obj: dict, out: str | os.PathLike) -> Path:
     return out
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: Sequence[str] = ()) -> Path:
+def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: Sequence[str] = (),
+            overwrite: bool = False) -> Path:
     """Convert the EDM/PFGM++ network pickle ``src`` into the genflow checkpoint ``out``.
 
     ``D``: PFGM++'s augmented dimensions where the pickle does not record them (``inf``: EDM).
     ``overrides``: config overrides for the stored configuration (e.g. ``data.root=/data/cifar10``).
+    An existing ``out`` is replaced only with ``overwrite=True``.
     """
+    if Path(out).expanduser().exists() and not overwrite:
+        raise config_error(f"{out} already exists", "convert does not replace files unasked",
+                           "choose another OUT path, or pass overwrite=true")
     if D is not None:
-        _parse_cli_D(D)  # a bad D fails before the pickle is read
+        _parse_D(D)  # a bad D fails before the pickle is read
     src = Path(src).expanduser()
     if Path(out).expanduser().resolve() == src.resolve():
         raise config_error(f"OUT {out} is the source pickle", "the conversion would overwrite its input",
@@ -623,7 +623,8 @@ def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.
     folder = Path(cache_dir).expanduser() if cache_dir else metrics_home() / "converted"
     out = folder / f"{src.stem}-{digest}.ckpt"
     if not out.is_file():
-        convert(src, out, D=D)
+        # several processes (DDP ranks) may convert at once: each writes atomically the same content
+        convert(src, out, D=D, overwrite=True)
     return out
 
 
@@ -646,15 +647,16 @@ def main(argv: Sequence[str]) -> dict:
     if len(positional) != 2:
         raise config_error(f"expected SRC.pkl and OUT.ckpt, got {positional}", "convert reads one pickle and "
                            "writes one checkpoint", USAGE)
-    D = None
-    rest = []
+    D, overwrite, rest = None, False, []
     for item in options:
         key, _, value = item.partition("=")
         if key == "D":
             D = value
+        elif key == "overwrite":
+            overwrite = value.lower() in ("1", "true", "yes")
         else:
             rest.append(item)
-    out = convert(positional[0], positional[1], D=D, overrides=rest)
+    out = convert(positional[0], positional[1], D=D, overrides=rest, overwrite=overwrite)
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
     result = {"checkpoint": str(out), "net": config["net"].get("preset") or config["net"]["_target_"],

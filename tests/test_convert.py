@@ -282,6 +282,9 @@ def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     module, _ = build(config_from_checkpoint(ckpt, [f"init_from={tmp_path / 'net.ckpt'}"]))
     state = module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["state_dict"].items())
+    stamp = (tmp_path / "net.ckpt").stat().st_mtime_ns
+    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))  # never replaced unasked
+    assert code == 2 and "already exists" in err and (tmp_path / "net.ckpt").stat().st_mtime_ns == stamp
     code, _, err = cli("genflow.convert", str(tmp_path / "missing.pkl"), str(tmp_path / "x.ckpt"))
     assert code == 2 and err.startswith("error:") and "fix:" in err
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
