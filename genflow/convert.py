@@ -10,13 +10,13 @@ module source, its name and the instance state (for an ``nn.Module``: ``_paramet
 ``torch._utils._rebuild_tensor_v2`` over storages serialised by ``torch.storage._load_from_bytes``.
 
 Loading such a file with ``pickle`` executes the stored module source. Here ``SafeUnpickler`` resolves only
-a fixed list of globals, every one replaced by a function of ours that builds data:
+a fixed list of globals, each of which only builds data:
 
 - the persistence entry point -> ``Record`` (class name + state; the module source is never read);
 - torch's container modules (``ModuleDict`` ...) -> ``Record`` too (their state is data);
 - storages -> ``torch.load(..., weights_only=True)`` of the stored bytes; tensors and parameters ->
-  ``torch._utils._rebuild_tensor`` over such a storage; ``OrderedDict``, ``dnnlib.util.EasyDict`` (a dict)
-  and torch dtypes.
+  ``torch._utils._rebuild_tensor`` over such a storage; ``OrderedDict``, ``dnnlib.util.EasyDict`` (a dict),
+  torch dtypes, ``torch.Size`` and ``torch.device``.
 
 Anything else (``os.system``, ``builtins.exec``, ...) is refused with a ``CheckpointError`` before it can be
 called. The records are then mapped onto genflow's networks (``SongUNet`` -> ``UNet``, ``DhariwalUNet`` ->
@@ -153,6 +153,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): torch.Size,  # plain values, in case a module's state holds them
+    ("torch", "device"): torch.device,
     ("dnnlib.util", "EasyDict"): _EasyDict,
 }
 
