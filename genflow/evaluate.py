@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from genflow.errors import config_error, exit_on_error
 
 FID_KEYS = {"num", "seed_start", "seed_sets", "steps", "solver", "guidance", "batch", "extractor", "mode",
-            "inception_path", "download", "ref", "cache_dir", "kid", "time_limit", "progress"}
+            "inception_path", "download", "ref", "cache_dir", "kid", "time_limit", "progress", "precision"}
 TOP_KEYS = {"ckpt", "fid", "nll", "sigma0", "nll_num", "nll_batch", "nll_importance", "nll_divergence", "nll_solver", "nll_steps", "nll_bits",
             "device", "progress", "out"}
 USAGE = ("usage: python -m genflow.evaluate ckpt=PATH [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] "
@@ -94,7 +94,8 @@ def run_fid(module, dm, cfg, fid: dict, device, progress: bool) -> dict:
                        mode=str(fid.get("mode", "clean")), inception_path=fid.get("inception_path"),
                        download=bool(fid.get("download", False)), ref=str(fid.get("ref", "train")),
                        cache_dir=fid.get("cache_dir"), kid=bool(fid.get("kid", False)),
-                       progress=bool(fid.get("progress", progress)))
+                       progress=bool(fid.get("progress", progress)),
+                       precision=str(fid.get("precision", "fp32")))
     out.update(steps=steps, solver=solver, nfe=_nfe(module, steps, solver))
     return out
 

@@ -43,7 +43,8 @@ from genflow.errors import config_error, exit_on_error
 SUITE_DIR = Path(__file__).resolve().parent.parent / "configs" / "leaderboard"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
               "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid"}
-COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "images", "img/s", "wall_s", "train_steps",
+COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
+           "train_steps",
            "revision", "device"]
 USAGE = "usage: python -m genflow.leaderboard suite=NAME [out=DIR] [only=A,B] [device=cpu|cuda] [fid.num=N]"
 
@@ -181,7 +182,8 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, fi
                        extractor=fid.get("extractor"), mode=str(fid.get("mode", "clean")),
                        inception_path=fid.get("inception_path"), download=bool(fid.get("download", False)),
                        ref=str(fid.get("ref", "train")), cache_dir=fid.get("cache_dir"),
-                       time_limit=fid.get("time_limit"), progress=bool(fid.get("progress", False)))
+                       time_limit=fid.get("time_limit"), progress=bool(fid.get("progress", False)),
+                       precision=str(fid.get("precision", "fp32")))
     out["nfe"] = module.method.nfe(steps, solver)
     out["steps"] = steps
     out["solver"] = solver
@@ -266,6 +268,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             "name": entry["name"], "method": method, "D/path": _d_or_path(cfg, entry, method),
             "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
             "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
+            "precision": ev["fid_precision"],
             "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],
             "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,
             "checkpoint": ckpt, "revision": revision, "device": dev,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -32,16 +33,45 @@ def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep,
                         save_last=True),
         SampleGrid(str(run_dir / "samples"), every_n_steps=cfg.sample.every_n_steps, num=cfg.sample.num,
-                   steps=cfg.sample.steps, solver=cfg.sample.solver, guidance=cfg.sample.guidance),
+                   steps=cfg.sample.steps, solver=cfg.sample.solver, guidance=cfg.sample.guidance,
+                   precision=cfg.sample.get("precision", "fp32")),
         LearningRateMonitor(logging_interval="step"),
     ]
     callbacks += extra_callbacks(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by apply_speed_settings
+        trainer_kwargs.pop(key, None)
     trainer_kwargs.update(overrides)
     loggers = [TensorBoardLogger(str(run_dir), name="tb", version=""), CSVLogger(str(run_dir), name="csv", version="")]
     # the datamodule's ResumableSampler shards by rank itself, so Lightning must not wrap it
     return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
                       plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, **trainer_kwargs)
+
+
+#: trainer.* keys that genflow applies itself (everything else goes to pl.Trainer)
+GENFLOW_TRAINER_KEYS = ("matmul_precision", "compile", "channels_last")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def apply_speed_settings(cfg: DictConfig, module) -> None:
+    """trainer.matmul_precision (set once, before any work: ``highest`` = TF32 off, EDM's protocol),
+    trainer.compile (compiled training forward) and trainer.channels_last (NHWC activations and weights)."""
+    trainer_cfg = cfg.get("trainer") or {}
+    matmul = str(trainer_cfg.get("matmul_precision", "highest"))
+    if matmul not in MATMUL_PRECISIONS:
+        from genflow.errors import config_error
+
+        raise config_error(f"trainer.matmul_precision={matmul}",
+                           "it is torch.set_float32_matmul_precision: highest (full fp32, TF32 off), high (TF32) "
+                           "or medium (bf16 passes)", "use trainer.matmul_precision=highest, high or medium")
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = matmul != "highest"
+    compile_net = trainer_cfg.get("compile", False)
+    if compile_net:
+        module.compile_net = compile_net
+    if trainer_cfg.get("channels_last", False) and hasattr(module.net, "channels_last"):
+        module.net.channels_last = True
+        module.net.to(memory_format=torch.channels_last)
 
 
 def extra_callbacks(cfg: DictConfig, run_dir: Path) -> list:
@@ -61,6 +91,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, dm = build(cfg)
+    apply_speed_settings(cfg, module)
     trainer = make_trainer(cfg, run_dir)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
@@ -80,12 +111,17 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float) -> dict:
     # EMA weights and the config as plain containers, no optimizer state: final.ckpt is for sampling and
     # evaluation; last.ckpt resumes training
     trainer.save_checkpoint(final_ckpt, weights_only=True)
+    # Lightning moves the module back to the CPU when fit ends; the grid, the final FID/NLL and the exports
+    # belong on the training device (each rank's own, for the seed-sharded FID)
+    device = trainer.strategy.root_device
+    module.to(device)
     grid_cb = next(c for c in trainer.callbacks if isinstance(c, SampleGrid))
     grid = grid_cb.write(trainer, module, run_dir / "grid.png")
-    figures = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
+    figures = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()
                if k in ("train/loss", "val/loss") or k.startswith("val/fid")}
     steps = int(trainer.global_step)
     batch = dm.batch_size * trainer.world_size
+    timed = module.timed_steps() if hasattr(module, "timed_steps") else None
     result = {
         "run_dir": str(run_dir),
         "checkpoint": str(final_ckpt),
@@ -94,14 +130,24 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float) -> dict:
         "model": cfg.model._target_.rsplit(".", 1)[-1],
         "data": dm.name,
         "steps": steps,
-        "train_img_per_s": round(steps * batch / max(wall, 1e-9), 1),
+        # the training loop after its warm-up steps, timed as genflow.bench train-step times a step
+        "train_img_per_s": round(timed[0] * batch / timed[1], 1) if timed else round(steps * batch / max(wall, 1e-9), 1),
         "wall_s": round(wall, 1),
         **figures,
     }
     if trainer.is_global_zero:
         result.update(export_ema(cfg, module, run_dir))
-        result.update(final_metrics(cfg, module, dm))
-    return result
+    # every rank takes part: the FID shards its seeds over ranks and all-reduces the statistics
+    metrics = final_metrics(cfg, module, dm)
+    if trainer.is_global_zero:
+        result.update(metrics)
+    # valid JSON: a non-finite number is written as null, never NaN
+    return {k: finite_or_none(v) if isinstance(v, (float, torch.Tensor)) else v for k, v in result.items()}
+
+
+def finite_or_none(value) -> float | None:
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
@@ -124,4 +170,5 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     options = OmegaConf.to_container(cfg.fid, resolve=True)
     options.pop("num")
     return evaluate_fid(module, dm, num=int(cfg.fid.num), steps=int(cfg.sample.steps), solver=cfg.sample.solver,
-                        guidance=cfg.sample.guidance, **options)
+                        guidance=cfg.sample.guidance, precision=cfg.sample.get("precision", "fp32"),
+                        device=module.device, **options)

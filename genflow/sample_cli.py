@@ -14,7 +14,7 @@ from genflow.errors import config_error, exit_on_error
 USAGE = ("usage: python sample.py ckpt=PATH [num=64] [seeds=0-63] [steps=18] [solver=heun|euler|dopri5] "
          "[out=DIR] [guidance=W] [batch=256] [device=cpu|cuda] [class=K] [reference=IMAGE.png]")
 KEYS = {"ckpt", "num", "seeds", "steps", "solver", "out", "guidance", "batch", "device", "class", "reference",
-        "progress"}
+        "progress", "precision"}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -34,6 +34,7 @@ def main(argv: list[str]) -> dict:
     from genflow.config import module_from_checkpoint
     from genflow.sampling import parse_seeds, sample_conditions, save_grid, to_uint8
     from genflow.solvers import SOLVERS
+    from genflow.training.module import check_finite_weights
 
     args = parse_args(argv)
     solver = args.get("solver", "heun")
@@ -54,6 +55,7 @@ def main(argv: list[str]) -> dict:
     out = Path(args.get("out", "samples"))
 
     module, dm, cfg = module_from_checkpoint(args["ckpt"], device=device)
+    check_finite_weights(module, f"checkpoint {args['ckpt']}")
     shape = tuple(dm.data_shape)
     if "reference" in args:
         from genflow.data.multiview import inference_cond
@@ -75,11 +77,12 @@ def main(argv: list[str]) -> dict:
     start = time.perf_counter()
     samples = module.generate(seeds, shape, steps=steps, solver=solver, cond=cond,
                               guidance=None if guidance is None else float(guidance),
-                              batch_size=int(args.get("batch", 256)), progress=bool(args.get("progress", True)))
+                              batch_size=int(args.get("batch", 256)), progress=bool(args.get("progress", True)),
+                              precision=str(args.get("precision", "fp32")))
     wall = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     result = {"out": str(out), "num": len(seeds), "nfe": module.method.nfe(steps, solver), "steps": steps,
-              "solver": solver, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2), "device": str(device)}
+              "solver": solver, "precision": str(args.get("precision", "fp32")), "img_per_s": round(len(seeds) / max(wall, 1e-9), 2), "device": str(device)}
     if samples.ndim == 4 or samples.ndim == 5:
         import torchvision
 

@@ -121,17 +121,14 @@ def save_grid(samples: Tensor, path: str | Path, nrow: int | None = None) -> Pat
         torchvision.io.write_png(grid, str(path))
         return path
     if samples.ndim == 2:
-        import matplotlib
+        from genflow.viz import agg_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        fig = agg_figure(figsize=(4, 4), dpi=100)
+        ax = fig.subplots()
         ax.scatter(samples[:, 0], samples[:, 1 % samples.shape[1]], s=2, alpha=0.5)
         ax.set_aspect("equal")
         ax.set_title(f"{len(samples)} samples" + (" (dims 0, 1)" if samples.shape[1] > 2 else ""))
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
         return path
     raise ValueError(f"cannot draw samples of shape {tuple(samples.shape)}")

@@ -117,13 +117,11 @@ def table(res: dict) -> str:
 
 
 def figure(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from genflow.viz import agg_figure
 
     rows = res["rows"]
-    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(3 * (len(rows) + 1), 3.2))
+    fig = agg_figure(figsize=(3 * (len(rows) + 1), 3.2))
+    axes = fig.subplots(1, len(rows) + 1)
     x = res["_x"]
     axes[0].scatter(x[:, 0], x[:, 1], s=3, c="k")
     axes[0].set_title(f"training data (n={res['n']})")
@@ -138,7 +136,6 @@ def figure(res: dict, path: str) -> None:
     fig.suptitle("g^#P_Z of the latent factor model (first two coordinates)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> None:

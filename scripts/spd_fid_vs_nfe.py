@@ -111,12 +111,10 @@ def main(argv=None) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+    from genflow.viz import agg_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = agg_figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
         color = f"C{i}"
         anc = next(r for r in rows if r["model"] == name and r["solver"] == "ancestral")
@@ -131,7 +129,6 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

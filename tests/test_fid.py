@@ -143,9 +143,9 @@ def _ddp_worker(rank, world, port, state, queue):
         net = UNet(data_shape=(1, 8, 8), preset="unet_tiny")
         net.load_state_dict(state)
         dm = Digits()
-        ev = FIDEvaluator(dm, cache_dir=os.environ["GENFLOW_TEST_REFS"])
+        ev = FIDEvaluator(dm, cache_dir=os.environ["GENFLOW_TEST_REFS"], kid=True, kid_subset_size=50)
         stats = ev.sample_stats(EDM(), net.eval(), range(50), (1, 8, 8), steps=3, batch_size=16)
-        queue.put((rank, stats.n, ev.score(stats)["fid"]))
+        queue.put((rank, stats.n, ev.score(stats)))
     finally:
         dist.destroy_process_group()
 
@@ -157,9 +157,10 @@ def test_ddp_two_processes_equal_one(digits, trained, monkeypatch):
     module, *_, root = trained
     monkeypatch.setenv("GENFLOW_TEST_REFS", str(root / "refs"))
     state = {k: v.clone() for k, v in module.net.state_dict().items()}
-    single = FIDEvaluator(digits, cache_dir=str(root / "refs"))
+    # KID over one subset of all 50 images: gathered from both ranks, it must equal one process's
+    single = FIDEvaluator(digits, cache_dir=str(root / "refs"), kid=True, kid_subset_size=50)
     stats = single.sample_stats(EDM(), module.net.eval(), range(50), (1, 8, 8), steps=3, batch_size=16)
-    expected = single.score(stats)["fid"]
+    expected = single.score(stats)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
@@ -170,8 +171,9 @@ def test_ddp_two_processes_equal_one(digits, trained, monkeypatch):
     for p in procs:
         p.join(timeout=30)
     assert [n for _, n, _ in results] == [50, 50]  # every rank holds the all-reduced count
-    for _, _, fid in results:
-        assert fid == pytest.approx(expected, rel=1e-5)
+    for _, _, scores in results:
+        assert scores["fid"] == pytest.approx(expected["fid"], rel=1e-5)
+        assert scores["kid"] == pytest.approx(expected["kid"], rel=1e-5)
 
 
 def test_feature_stats_all_reduce_is_noop_without_distributed():

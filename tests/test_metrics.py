@@ -90,6 +90,36 @@ def test_running_stats_equal_batch_stats_and_merge():
     assert isinstance(mu, np.ndarray) and mu.dtype == np.float64 and sigma.shape == (12, 12)
 
 
+def test_feature_stats_reduce_over_ranks_as_one_process():
+    """FeatureStats is a torchmetrics Metric: syncing it over "two ranks" holding the same features
+    (an in-process gather that returns each state twice) sums the float64 sums and concatenates the
+    kept features, so its statistics and Fréchet distance are those of one process that saw both."""
+    from torchmetrics import Metric
+
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(60, 5, generator=g) * torch.linspace(0.5, 2, 5) + 1.0
+    stats = FeatureStats(keep_features=100)
+    for chunk in f.split(17):
+        stats.update(chunk)
+    assert isinstance(stats, Metric)
+    mean, cov = stats.compute()
+    assert torch.equal(mean, stats.mean) and torch.equal(cov, stats.cov)
+    both = FeatureStats().update(torch.cat([f, f]))
+    mu_ref, sigma_ref = np.zeros(5), np.eye(5)
+    with stats.sync_context(dist_sync_fn=lambda t, group=None: [t, t], distributed_available=lambda: True):
+        assert stats.n == 120
+        torch.testing.assert_close(stats.mean, both.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats.cov, both.cov, rtol=1e-12, atol=1e-12)
+        assert stats.frechet_distance(mu_ref, sigma_ref) == pytest.approx(both.frechet_distance(mu_ref, sigma_ref),
+                                                                            rel=1e-12)
+        assert torch.equal(stats.kept_features(), torch.cat([f, f]))
+    assert stats.n == 60  # the context restores this rank's own sums
+    stats.reset()
+    assert stats.n == 0 and stats.kept_features().shape == (0, 5)
+    stats.update(f[:3])
+    assert torch.equal(stats.kept_features(), f[:3])
+
+
 def test_kid_matches_cleanfid_and_separates_distributions():
     from cleanfid.fid import kernel_distance as cleanfid_kid
 

@@ -38,6 +38,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -282,12 +283,13 @@ def inference_cond(reference: str | Path, cfg_data, device=None, *, num: int = 1
         emb = encode_images(build_encoder(**enc_cfg), image)
     cams = get_camera(views, elevation=float(_get(inf, "elevation", 15.0)),
                       azimuth_start=float(_get(inf, "azimuth_start", 0.0)), compat=_get(inf, "camera_compat", None))
-    cond = {"camera": cams[None].expand(num, -1, -1, -1).contiguous(), "image_emb": emb.expand(num, -1).contiguous()}
+    cond = {"camera": repeat(cams, "v i j -> n v i j", n=num).contiguous(),
+            "image_emb": repeat(emb, "1 e -> n e", n=num).contiguous()}
     if with_reference:
         ref_cam = camera_to_world(torch.tensor(float(_get(inf, "reference_elevation", 15.0))),
                                   torch.tensor(float(_get(inf, "reference_azimuth", 0.0)))).float()
-        cond["reference"] = image.expand(num, -1, -1, -1).contiguous()
-        cond["reference_camera"] = normalize_camera(ref_cam)[None].expand(num, -1, -1).contiguous()
+        cond["reference"] = repeat(image, "1 c h w -> n c h w", n=num).contiguous()
+        cond["reference_camera"] = repeat(normalize_camera(ref_cam), "i j -> n i j", n=num).contiguous()
     return {k: v.to(device) for k, v in cond.items()}
 
 
@@ -304,8 +306,9 @@ def save_views(path: str | Path, views: Tensor, reference: Tensor | None = None,
     if reference is not None:
         ref = reference.detach().float().cpu().clamp(-1, 1)
         ref = ref.reshape(-1, *views.shape[2:]).expand(n, -1, -1, -1)
-        rows = torch.cat([ref[:, None], views], dim=1)
+        rows = torch.cat([rearrange(ref, "n c h w -> n 1 c h w"), views], dim=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image((rows.flatten(0, 1) + 1) / 2, str(path), nrow=rows.shape[1], padding=pad, pad_value=1.0)
+    torchvision.utils.save_image((rearrange(rows, "n v c h w -> (n v) c h w") + 1) / 2, str(path), nrow=rows.shape[1],
+                                 padding=pad, pad_value=1.0)
     return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import einsum, rearrange
 from torch import Tensor
 
 from genflow.errors import config_error
@@ -126,7 +127,7 @@ def render_boxes(half: Tensor, colors: Tensor, c2w: Tensor, *, resolution: int =
     rot = c2w[..., :3, :3]
     origin = c2w[..., :3, 3]
     origin = origin / origin.norm(dim=-1, keepdim=True).clamp_min(1e-8) * distance  # (n, V, 3)
-    dirs = torch.einsum("nvij,hwj->nvhwi", rot, d_cam)
+    dirs = einsum(rot, d_cam, "n v i j, h w j -> n v h w i")
     dirs = dirs / dirs.norm(dim=-1, keepdim=True)
     o = origin[:, :, None, None, :]
     h = half[:, None, None, None, :]
@@ -147,7 +148,7 @@ def render_boxes(half: Tensor, colors: Tensor, c2w: Tensor, *, resolution: int =
     shade = 0.55 + 0.45 * (FACE_NORMALS @ light_dir).clamp_min(0)  # per face
     col = col * shade[face][..., None]
     img = torch.where(hit[..., None], col, torch.ones_like(col))  # white background
-    img = img.permute(0, 1, 4, 2, 3).reshape(n * v, 3, r, r)
+    img = rearrange(img, "n v h w c -> (n v) c h w")
     if supersample > 1:
         img = torch.nn.functional.avg_pool2d(img, supersample)
-    return (img * 2 - 1).reshape(n, v, 3, resolution, resolution)
+    return rearrange(img * 2 - 1, "(n v) c h w -> n v c h w", n=n)

@@ -115,9 +115,10 @@ class FIDEvaluator:
     @torch.no_grad()
     def sample_stats(self, method, net, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
                      solver: str = "heun", guidance: float | None = None, batch_size: int | None = None,
-                     device=None, time_limit: float | None = None) -> FeatureStats:
+                     device=None, time_limit: float | None = None, precision: str = "fp32") -> FeatureStats:
         """Generate images for this rank's share of ``seeds`` and accumulate their feature statistics
-        (all-reduced over ranks). With ``time_limit`` (seconds) generation stops early on every rank
+        (all-reduced over ranks); ``precision`` is the network's arithmetic (fp32, the papers' protocol,
+        or bf16). With ``time_limit`` (seconds) generation stops early on every rank
         once it is exceeded; the statistics then cover the images made so far."""
         from genflow.sampling import generate, sample_conditions
 
@@ -132,15 +133,15 @@ class FIDEvaluator:
         start = time.perf_counter()
         chunks = range(num_batches)
         if self.progress and rank == 0:
-            from tqdm.auto import tqdm
+            from rich.progress import track
 
-            chunks = tqdm(chunks, desc=f"FID: generating {len(seeds)} images", leave=False)
+            chunks = track(chunks, description=f"FID: generating {len(seeds)} images", transient=True)
         for b in chunks:
             part = mine[b * batch:(b + 1) * batch]
             if part:
                 cond = sample_conditions(self.datamodule, part, device) if self.datamodule is not None else None
                 images = generate(method, net, part, shape, steps=steps, solver=solver, cond=cond,
-                                  guidance=guidance, batch_size=batch, device=device)
+                                  guidance=guidance, batch_size=batch, device=device, precision=precision)
                 stats.update(self.extractor(images))
             if time_limit is not None:
                 over = torch.tensor([float(time.perf_counter() - start > time_limit)], device=device)
@@ -164,13 +165,18 @@ class FIDEvaluator:
 def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: int = 50000, seed_start: int = 0,
                  seed_sets: int = 1, steps: int = 18, solver: str = "heun", guidance: float | None = None,
                  batch_size: int = 256, device=None, time_limit: float | None = None, evaluator: FIDEvaluator | None = None,
-                 prefix: str = "fid", shape: Sequence[int] | None = None, **evaluator_kwargs) -> dict:
+                 prefix: str = "fid", shape: Sequence[int] | None = None, precision: str = "fp32",
+                 **evaluator_kwargs) -> dict:
     """FID (min over ``seed_sets`` sets of ``num`` seeds each) of ``module`` (a GenerativeModule, or
     ``method`` + ``net``) against the reference; returns a flat dict for the final JSON line.
 
     ``evaluator_kwargs`` go to ``FIDEvaluator`` (extractor, mode, inception_path, download, ref, cache_dir,
-    kid, progress).
+    kid, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
+    EDM's protocol and the default wherever a number is compared with a paper; it is part of the result.
     """
+    from genflow.sampling import check_precision
+
+    check_precision(precision)
     if num < 2:
         raise config_error(f"fid.num={num}", "FID needs at least two generated images (a covariance)",
                            "use fid.num=50000 for paper numbers, or a few hundred for a quick check")
@@ -199,7 +205,8 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     for s in range(seed_sets):
         seeds = range(seed_start + s * num, seed_start + (s + 1) * num)
         stats = evaluator.sample_stats(method, net, seeds, shape, steps=steps, solver=solver, guidance=guidance,
-                                       batch_size=batch_size, device=device, time_limit=time_limit)
+                                       batch_size=batch_size, device=device, time_limit=time_limit,
+                                       precision=precision)
         scored = evaluator.score(stats)
         values.append(scored["fid"])
         counts.append(stats.n)
@@ -212,6 +219,7 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
         prefix: round(values[best], 6),
         f"{prefix}_images": counts[best],
         f"{prefix}_extractor": getattr(evaluator.extractor, "name", type(evaluator.extractor).__name__),
+        f"{prefix}_precision": precision,
         f"{prefix}_ref": evaluator.ref if evaluator.ref in ("train", "val") else evaluator.reference.source,
         f"{prefix}_img_per_s": round(sum(counts) / max(wall, 1e-9), 2),
         f"{prefix}_wall_s": round(wall, 2),

@@ -11,19 +11,25 @@ round-off that ``sqrtm`` has to discard; if they fail (non-finite or non-converg
 covariances get ``eps`` added to their diagonal, the usual fallback of the TTUR/clean-fid code.
 
 ``FeatureStats`` keeps float64 sums (n, sum f, sum f f^T), so memory is O(d^2) whatever the number
-of images, statistics from several processes merge by adding the sums (one all-reduce), and
+of images, statistics from several processes merge by adding the sums (a torchmetrics ``Metric``
+whose states reduce with ``dist_reduce_fx="sum"``), and
 mean/covariance are those of EDM's ``fid.py``: mu = sum f / n, S = (sum f f^T - n mu mu^T) / (n - 1).
 
 ``kernel_distance`` is the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y/d + 1)^3
-averaged over random subsets (Binkowski et al. 2018), the KID of clean-fid and torchmetrics.
+averaged over random subsets (Binkowski et al. 2018), the KID of clean-fid and torchmetrics; each
+subset's MMD^2 is torchmetrics' ``poly_mmd``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.image.kid import poly_mmd
+from torchmetrics.utilities import dim_zero_cat
 
 from genflow.errors import config_error
 
@@ -74,109 +80,146 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff.dot(diff) + s1.trace() + s2.trace() - 2.0 * tr)
 
 
-class FeatureStats:
+class FeatureStats(Metric):
     """Running mean/covariance of feature vectors in float64; constant memory, mergeable across ranks.
 
-    ``keep_features`` additionally stores up to that many raw features (float32, on CPU) for KID.
+    A torchmetrics ``Metric`` whose states are the float64 sums (count, sum f, sum f f^T), all
+    reduced with ``dist_reduce_fx="sum"``, so ``all_reduce`` (or ``compute``) over ranks equals one
+    process that saw every feature. ``keep_features`` additionally keeps up to that many raw
+    features (float32, a ``"cat"`` state gathered from every rank) for KID.
     """
 
-    def __init__(self, dim: int | None = None, *, keep_features: int = 0, device=None):
-        self.dim = dim
-        self.keep_features = int(keep_features)
-        self.device = torch.device(device) if device is not None else None
-        self.n = 0
-        self._sum: Tensor | None = None
-        self._outer: Tensor | None = None
-        self._kept: list[Tensor] = []
-        self._num_kept = 0
-        if dim is not None:
-            self._alloc(dim, self.device or torch.device("cpu"))
+    full_state_update = False
+    is_differentiable = False
 
-    def _alloc(self, dim: int, device) -> None:
-        self.dim = dim
-        self._sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self._outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    def __init__(self, dim: int | None = None, *, keep_features: int = 0, device=None):
+        super().__init__()
+        self.dim: int | None = None
+        self.keep_features = int(keep_features)
+        # without an explicit device the sums live where the first features come from (no host copy)
+        self._follow_features = device is None
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kept", [], dist_reduce_fx="cat")
+        self._num_kept = 0
+        if device is not None:
+            self.to(device)
+        if dim is not None:
+            self._alloc(dim)
+
+    def _alloc(self, dim: int) -> None:
+        self.dim = int(dim)
+        self.add_state("feature_sum", torch.zeros(dim, dtype=torch.float64, device=self.device), dist_reduce_fx="sum")
+        self.add_state("outer_sum", torch.zeros(dim, dim, dtype=torch.float64, device=self.device),
+                       dist_reduce_fx="sum")
+
+    def _wrap_update(self, update):
+        # torchmetrics' wrapper returns None; keep ``FeatureStats().update(f)`` chainable
+        counted = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def update_and_return_self(*args, **kwargs) -> "FeatureStats":
+            counted(*args, **kwargs)
+            return self
+
+        return update_and_return_self
 
     def update(self, features: Tensor) -> "FeatureStats":
-        """Add a batch of features, shape (B, d). Stays on the features' device (no host sync)."""
+        """Add a batch of features, shape (B, d). Stays on the stats' device (no host sync)."""
         if not isinstance(features, Tensor):
             features = torch.as_tensor(np.asarray(features))
         features = features.reshape(features.shape[0], -1)
-        if self._sum is None:
-            self._alloc(features.shape[1], self.device or features.device)
+        if self.dim is None:
+            if self._follow_features:
+                self.to(features.device)
+            self._alloc(features.shape[1])
         if features.shape[1] != self.dim:
             raise ValueError(f"FeatureStats: expected {self.dim}-d features, got {features.shape[1]}-d")
-        f = features.to(device=self._sum.device, dtype=torch.float64)
-        self.n += f.shape[0]
-        self._sum += f.sum(0)
-        self._outer += f.T @ f
+        f = features.to(device=self.device, dtype=torch.float64)
+        self.count += f.shape[0]
+        self.feature_sum += f.sum(0)
+        self.outer_sum += f.T @ f
         if self._num_kept < self.keep_features:
-            take = f[: self.keep_features - self._num_kept].float().cpu()
-            self._kept.append(take)
+            take = f[: self.keep_features - self._num_kept].float()
+            self.kept.append(take)
             self._num_kept += take.shape[0]
         return self
+
+    def reset(self) -> None:
+        super().reset()
+        self._num_kept = 0
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """(mean, covariance) over every rank's features (torchmetrics syncs the sums for this call)."""
+        return self.mean, self.cov
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Add another set's statistics into this one (as if all its features were passed to update)."""
         if other.n == 0:
             return self
-        if self._sum is None:
-            self._alloc(other.dim, other._sum.device)
+        if self.dim is None:
+            if self._follow_features:
+                self.to(other.device)
+            self._alloc(other.dim)
         if other.dim != self.dim:
             raise ValueError(f"FeatureStats.merge: {self.dim}-d vs {other.dim}-d")
-        self.n += other.n
-        self._sum += other._sum.to(self._sum.device)
-        self._outer += other._outer.to(self._outer.device)
-        for k in other._kept:
+        self.count += other.count.to(self.device)
+        self.feature_sum += other.feature_sum.to(self.device)
+        self.outer_sum += other.outer_sum.to(self.device)
+        for k in other.kept:
             if self._num_kept >= self.keep_features:
                 break
-            k = k[: self.keep_features - self._num_kept]
-            self._kept.append(k)
+            k = k[: self.keep_features - self._num_kept].to(self.device)
+            self.kept.append(k)
             self._num_kept += k.shape[0]
         return self
 
     def all_reduce(self, group=None) -> "FeatureStats":
-        """Sum the statistics over all ranks of torch.distributed (no-op when not initialised).
+        """Replace the statistics by their sum over all ranks of torch.distributed (no-op when not
+        initialised); kept features (KID) are gathered from every rank, up to ``keep_features``.
 
         Every rank must have seen at least one batch (dim known) or have been built with ``dim``.
-        Kept features (KID) are gathered from every rank as well.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
-        if self._sum is None:
+        if self.dim is None:
             raise ValueError("FeatureStats.all_reduce needs the feature dimension: build it with dim=...")
-        dev = self._sum.device
-        if dist.get_backend(group) == "nccl" and dev.type != "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        n = torch.tensor([float(self.n)], dtype=torch.float64, device=dev)
-        s, o = self._sum.to(dev), self._outer.to(dev)
-        for t in (n, s, o):
-            dist.all_reduce(t, group=group)
-        self.n = int(n[0].item())
-        self._sum, self._outer = s.to(self._sum.device), o.to(self._outer.device)
+        home = self.device
+        if dist.get_backend(group) == "nccl" and home.type != "cuda":
+            self.to(torch.device("cuda", torch.cuda.current_device()))
+        if self.keep_features and not self.kept:
+            self.kept.append(torch.zeros(0, self.dim, device=self.device))  # a 2-D empty share to gather
+        # the summed states are kept; the context would otherwise restore this rank's own on exit
+        with self.sync_context(process_group=group):
+            reduced = dict(self.metric_state)
+        for name, value in reduced.items():
+            setattr(self, name, value)
+        self.to(home)
         if self.keep_features:
-            mine = self.kept_features() if self._num_kept else torch.zeros(0, self.dim)
-            gathered: list[Any] = [None] * dist.get_world_size(group)
-            dist.all_gather_object(gathered, mine, group=group)
-            allf = torch.cat(gathered)[: self.keep_features]
-            self._kept, self._num_kept = [allf], allf.shape[0]
+            gathered = dim_zero_cat(reduced["kept"])[: self.keep_features]
+            self.kept, self._num_kept = [gathered.to(home)], gathered.shape[0]
         return self
+
+    @property
+    def n(self) -> int:
+        return int(self.count.item())
 
     @property
     def mean(self) -> Tensor:
         self._require(1)
-        return self._sum / self.n
+        return self.feature_sum / self.n
 
     @property
     def cov(self) -> Tensor:
         self._require(2)
-        mu = self._sum / self.n
-        return (self._outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        mu = self.feature_sum / self.n
+        return (self.outer_sum - self.n * torch.outer(mu, mu)) / (self.n - 1)
 
     def kept_features(self) -> Tensor:
-        return torch.cat(self._kept) if self._kept else torch.zeros(0, self.dim or 0)
+        if isinstance(self.kept, list) and not self.kept:
+            return torch.zeros(0, self.dim or 0)
+        return dim_zero_cat(self.kept).cpu()  # a list of batches, or one tensor once synced
 
     def _require(self, k: int) -> None:
         if self.n < k:
@@ -214,9 +257,5 @@ def kernel_distance(
     for _ in range(num_subsets):
         x = f2[torch.randperm(f2.shape[0], generator=gen)[:m]]
         y = f1[torch.randperm(f1.shape[0], generator=gen)[:m]]
-        kxx = (x @ x.T / d + 1) ** 3
-        kyy = (y @ y.T / d + 1) ** 3
-        kxy = (x @ y.T / d + 1) ** 3
-        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-        total += within - 2 * kxy.sum() / (m * m)
+        total += poly_mmd(x, y, degree=3, gamma=1.0 / d, coef=1.0)
     return float(total / num_subsets)

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from genflow.errors import config_error
@@ -69,12 +70,12 @@ class _MVBlock(UNetBlock):
     def _attend(self, attn, h, x, views, context):
         if context is not None or self._key_mask is None:
             return super()._attend(attn, h, x, views, context)
-        b, c, hh, ww = h.shape
-        tokens = h.reshape(b // views, views, c, hh * ww).permute(0, 1, 3, 2).reshape(b // views, views * hh * ww, c)
-        # key_mask (B, F) -> (B, 1, 1, F*H*W): True = this frame's tokens may be attended to
-        mask = self._key_mask.repeat_interleave(hh * ww, dim=1)[:, None, None, :]
+        hh, ww = h.shape[-2:]
+        tokens = rearrange(h, "(b f) c h w -> b (f h w) c", f=views)
+        # True = this frame's tokens may be attended to
+        mask = repeat(self._key_mask, "b f -> b 1 1 (f hw)", hw=hh * ww)
         out = attn(tokens, mask=mask)
-        out = out.reshape(b // views, views, hh * ww, c).permute(0, 1, 3, 2).reshape(b, c, hh, ww)
+        out = rearrange(out, "b (f h w) c -> (b f) c h w", f=views, h=hh, w=ww)
         x = out.add_(x)
         if self.skip_scale != 1.0:
             x = x.mul_(self.skip_scale)
@@ -208,7 +209,7 @@ class MultiViewUNet(nn.Module):
         if emb_img.shape != (b, self.embedding_dim):
             raise ValueError(f"cond['image_emb'] has shape {tuple(emb_img.shape)}, expected ({b}, {self.embedding_dim})")
         cams = flatten_cameras(camera.to(dtype))                          # (B, V, 16)
-        labels = noise_label.to(dtype).reshape(b, 1).expand(b, v)         # one noise level per object
+        labels = repeat(noise_label.to(dtype), "b -> b v", v=v)         # one noise level per object
 
         ref = cond.get("reference") if self.use_reference else None
         keep_ref = None
@@ -240,12 +241,13 @@ class MultiViewUNet(nn.Module):
                 key_mask = _join(torch.ones(b, v, dtype=torch.bool, device=x.device), keep_ref[:, None], first)
         nf = frames.shape[1]
 
-        emb = F.silu(self.noise_mlp(self.noise_embed(labels.reshape(-1))) + self.camera_mlp(cams.reshape(-1, 16)))
-        context = emb_img[:, None, None, :].expand(b, nf, 1, self.embedding_dim).reshape(b * nf, 1, self.embedding_dim)
+        emb = F.silu(self.noise_mlp(self.noise_embed(rearrange(labels, "b f -> (b f)")))
+                     + self.camera_mlp(rearrange(cams, "b f k -> (b f) k")))
+        context = repeat(emb_img, "b e -> (b f) 1 e", f=nf)  # one cross-attention token per frame
         views = nf if self.attention_mode == "3d" else 1
         kw = dict(views=views, key_mask=key_mask)
 
-        h = self.conv_in(frames.reshape(b * nf, *frames.shape[2:]))
+        h = self.conv_in(rearrange(frames, "b f c h w -> (b f) c h w"))
         if self.pos is not None:
             h = h + self.pos.to(h.dtype)
         skips = [h]
@@ -260,7 +262,7 @@ class MultiViewUNet(nn.Module):
             else:
                 h = blk(torch.cat([h, skips.pop()], dim=1), emb,
                         context=context if blk.cross_attn is not None else None, **kw)
-        out = self.conv_out(F.silu(self.norm_out(h))).reshape(b, nf, *x.shape[2:])
+        out = rearrange(self.conv_out(F.silu(self.norm_out(h))), "(b f) c h w -> b f c h w", b=b)
         if nf == v:
             return out
         # the reference frame's prediction is discarded here: it never reaches a loss

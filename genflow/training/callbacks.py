@@ -74,12 +74,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` (and at the end of training) draws a fixed-seed grid from the current
-    (EMA, at validation time) weights: ``samples/step_XXXXXX.png`` in the run folder plus TensorBoard."""
+    (EMA, at validation time) weights: ``samples/step_XXXXXX.png`` in the run folder plus TensorBoard.
+    ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``)."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, num: int = 64, steps: int = 18,
-                 solver: str = "heun", guidance: float | None = None):
+                 solver: str = "heun", guidance: float | None = None, precision: str = "fp32"):
+        from genflow.sampling import check_precision
+
         self.dirpath, self.every_n_steps, self.num = Path(dirpath), every_n_steps, num
         self.steps, self.solver, self.guidance = steps, solver, guidance
+        self.precision = check_precision(precision)
         self._last_step = -1
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -98,7 +102,7 @@ class SampleGrid(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         images = pl_module.generate(seeds, dm.data_shape, steps=self.steps, solver=self.solver, cond=cond,
-                                    guidance=self.guidance)
+                                    guidance=self.guidance, precision=self.precision)
         pl_module.train(was_training)
         if trainer.is_global_zero:
             save_grid(images, path)

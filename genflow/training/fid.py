@@ -35,7 +35,9 @@ class FIDCallback(pl.Callback):
                  inception_path: str | None = None, download: bool = False, ref: str = "train",
                  cache_dir: str | None = None, kid: bool = False, kid_subset_size: int = 1000, seed_start: int = 0,
                  use_ema: bool = True, time_limit: float | None = None, at_end: bool = True,
-                 monitor: str = "val/fid", progress: bool = False):
+                 monitor: str = "val/fid", progress: bool = False, precision: str = "fp32"):
+        from genflow.sampling import check_precision
+
         if every_n_steps < 1:
             raise config_error(f"callbacks.fid.every_n_steps={every_n_steps}", "FID runs every N optimizer steps",
                                "use a positive N (e.g. 1000), or drop callbacks=fid")
@@ -45,6 +47,7 @@ class FIDCallback(pl.Callback):
         self.every_n_steps, self.num, self.steps, self.solver = every_n_steps, num, steps, solver
         self.guidance, self.batch_size, self.seed_start = guidance, batch_size, seed_start
         self.use_ema, self.time_limit, self.at_end, self.monitor = use_ema, time_limit, at_end, monitor
+        self.precision = check_precision(precision)
         self._evaluator_kwargs = dict(extractor=extractor, mode=mode, inception_path=inception_path,
                                       download=download, ref=ref, cache_dir=cache_dir, kid=kid,
                                       kid_subset_size=kid_subset_size, batch_size=batch_size, progress=progress)
@@ -88,7 +91,8 @@ class FIDCallback(pl.Callback):
         seeds = range(self.seed_start, self.seed_start + self.num)
         stats = self.evaluator.sample_stats(source.method, net, seeds, tuple(dm.data_shape), steps=self.steps,
                                             solver=self.solver, guidance=self.guidance, batch_size=self.batch_size,
-                                            device=pl_module.device, time_limit=self.time_limit)
+                                            device=pl_module.device, time_limit=self.time_limit,
+                                            precision=self.precision)
         scores = self.evaluator.score(stats)
         net.train(was_training)
         metrics = {self.monitor: scores["fid"], f"{self.monitor}_images": float(stats.n),

@@ -45,10 +45,7 @@ def main(argv=None) -> dict:
     p.add_argument("--queries", type=int, default=1024)
     args = p.parse_args(argv)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from genflow.viz import agg_figure
 
     from genflow.methods import CondOT, Cosine, KineticOptimal, VP, kinetic_energy
     from genflow.methods.flow import cached_separation
@@ -64,7 +61,8 @@ def main(argv=None) -> dict:
     d = z[0].numel()
 
     s = sep.s[1:]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = agg_figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.semilogx(s, sep.lam[1:], label=r"$\hat\lambda(s)$")
     ax.semilogx(s, s ** 2 / (1 + s ** 2), "--", label=r"$s^2/(1+s^2)$ (isotropic Gaussian)")
     ax.set(xlabel="SNR s = alpha/sigma", ylabel="lambda", title=f"{args.data} (n={z.shape[0]}, d={d})")
@@ -72,11 +70,11 @@ def main(argv=None) -> dict:
     fig.tight_layout()
     lam_png = out / f"lambda_{args.data}.png"
     fig.savefig(lam_png, dpi=120)
-    plt.close(fig)
 
     t = torch.linspace(0, 1, 501, dtype=torch.float64)
     o = ko(t)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = agg_figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot(t, o.alpha_t, label=r"KO $\alpha_t$")
     ax.plot(t, o.sigma_t, label=r"KO $\sigma_t$")
     ax.plot(t, t, "--", color="gray", label=r"Cond-OT $\alpha_t = t$")
@@ -86,7 +84,6 @@ def main(argv=None) -> dict:
     fig.tight_layout()
     path_png = out / f"ko_path_{args.data}.png"
     fig.savefig(path_png, dpi=120)
-    plt.close(fig)
 
     energies = {sch.name: round(float(kinetic_energy(sch, sep)), 5) for sch in (ko, CondOT(), Cosine(), VP())}
     result = {"data": args.data, "n": int(z.shape[0]), "d": int(d), "phi1": round(float(ko.phi1), 5),

@@ -54,10 +54,9 @@ def schedule_summary(spd: SPD, images: torch.Tensor | None = None) -> dict:
 
 
 def plot(spd: SPD, summary: dict, path: Path) -> Path:
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from genflow.viz import agg_figure
 
     radii = torch.tensor(summary["radii"])
     S_r = torch.tensor(summary["spectrum_radial"])[0]
@@ -67,9 +66,10 @@ def plot(spd: SPD, summary: dict, path: Path) -> Path:
     ab = spd.alpha_bar(s)
     ab = ab if ab.ndim == 4 else ab[:, None]
     _, ab_r = _radial_mean(ab[:, 0], k)                    # (times, radii), channel 0
-    colors = plt.cm.viridis((radii / radii.max()).numpy())
+    colors = colormaps["viridis"]((radii / radii.max()).numpy())
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    fig = agg_figure(figsize=(11, 8.5))
+    axes = fig.subplots(2, 2)
     ax = axes[0, 0]
     ax.loglog(radii[1:], S_r[1:], "o", ms=3, label="estimated S (radial mean, ch 0)")
     ax.loglog([radii[1] * 0.8], [S_r[0]], "s", color="C3", label=f"DC: {float(S_r[0]):.3g}")
@@ -96,7 +96,6 @@ def plot(spd: SPD, summary: dict, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -1,0 +1,230 @@
+"""GPU-first behaviour checked on CPU (issue 10) and divergence handling (issue 14 item 3).
+
+The device tests use a stand-in for the accelerator: the strategy's root device is patched to ``meta`` after
+``fit``, so post-training work that stays on the CPU is caught without a GPU.
+"""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from genflow.config import build, compose, read_checkpoint
+from genflow.errors import CheckpointError, ConfigError, TrainingDiverged
+from genflow.run import train
+from genflow.training.module import check_finite_weights, sanitize_gradients
+
+TINY = ["model=edm", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "checkpoint.every_n_steps=2", "sample.num=4", "sample.steps=2",
+        "optim.warmup_steps=2", "trainer.log_every_n_steps=2", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false"]
+
+
+def _run(tmp_path, *extra, name="run"):
+    return train(compose(TINY + list(extra) + [f"+run_dir={tmp_path / name}"]))
+
+
+# --- 1. post-training work on the training device ---------------------------------------------------
+def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypatch):
+    """Also: the progress bar never reads a device tensor per step, and trainer.compile/channels_last/
+    matmul_precision are genflow's keys, not Lightning's."""
+    import genflow.run as run_mod
+    import genflow.sampling as sampling
+    from genflow.training import GenerativeModule
+
+    seen = []
+
+    def fake_generate(method, net, seeds, shape, *, device=None, precision="fp32", **kwargs):
+        seen.append(("grid", torch.device(device).type, next(net.parameters()).device.type, precision))
+        return torch.zeros(len(seeds), *shape)  # meta tensors hold no numbers to draw
+
+    def fake_export(cfg, module, run_dir):
+        seen.append(("export", next(module.parameters()).device.type))
+        return {}
+
+    def fake_final_metrics(cfg, module, dm):
+        seen.append(("fid", module.device.type, next(module.parameters()).device.type))
+        return {"fid": float("nan")}
+
+    real_finish = run_mod.finish
+
+    def finish_on_stand_in_device(cfg, trainer, module, *args):
+        # what Lightning does on a GPU: fit ends with the module on the CPU while the strategy's device differs
+        assert next(module.parameters()).device.type == "cpu"
+        monkeypatch.setattr(type(trainer.strategy), "root_device", property(lambda self: torch.device("meta")))
+        return real_finish(cfg, trainer, module, *args)
+
+    logged = []
+    real_log = GenerativeModule.log
+
+    def spy_log(self, name, value, *args, prog_bar=False, **kwargs):
+        if self.training:
+            logged.append((self.global_step, name, prog_bar, value.device.type, value.requires_grad))
+        return real_log(self, name, value, *args, prog_bar=prog_bar, **kwargs)
+
+    monkeypatch.setattr(GenerativeModule, "log", spy_log)
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+    monkeypatch.setattr(run_mod, "export_ema", fake_export)
+    monkeypatch.setattr(run_mod, "final_metrics", fake_final_metrics)
+    monkeypatch.setattr(run_mod, "finish", finish_on_stand_in_device)
+    # genflow's own trainer keys must not reach pl.Trainer; the progress bar is on to watch what it reads
+    result = _run(tmp_path, "sample.precision=bf16", "trainer.enable_progress_bar=true", "trainer.max_steps=6",
+                  "trainer.log_every_n_steps=3", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3",
+                  "trainer.compile=false", "trainer.channels_last=true", "trainer.matmul_precision=highest")
+    assert result["steps"] == 6 and result["train_img_per_s"] > 0
+    # the loss reaches the progress bar as a host copy every 3 steps, never as a device tensor each step
+    assert [(step, dev) for step, name, bar, dev, _ in logged if bar] == [(0, "cpu"), (3, "cpu")]
+    assert all(not bar for _, name, bar, _, _ in logged if name == "train/loss")
+    assert not any(req for *_, req in logged)
+    assert [s[0] for s in seen] == ["grid", "export", "fid"]
+    assert seen[0] == ("grid", "meta", "meta", "bf16")
+    assert seen[1] == ("export", "meta") and seen[2] == ("fid", "meta", "meta")
+    assert result["fid"] is None  # non-finite -> null
+    json.dumps(result, allow_nan=False)  # valid JSON
+    assert read_checkpoint(result["checkpoint"])  # written before the move, from real weights
+
+
+def test_final_fid_gets_precision_and_device(monkeypatch):
+    import genflow.metrics as metrics
+    from genflow.run import final_metrics
+
+    cfg = compose(["model=edm", "data=digits", "net=unet_tiny", "fid.num=10", "sample.precision=bf16"])
+    module, dm = build(cfg)
+    calls = {}
+    monkeypatch.setattr(metrics, "evaluate_fid", lambda module, dm, **kw: calls.update(kw) or {"fid": 1.0})
+    assert final_metrics(cfg, module, dm) == {"fid": 1.0}
+    assert calls["precision"] == "bf16" and calls["device"] == module.device and calls["num"] == 10
+
+
+# --- 2. precision is configuration ---------------------------------------------------------------
+def test_precision_and_matmul_defaults_follow_the_papers():
+    cfg = compose(["model=edm", "data=digits", "callbacks=fid"])
+    assert cfg.sample.precision == "fp32" and cfg.callbacks.fid.precision == "fp32"
+    assert cfg.trainer.matmul_precision == "highest" and cfg.trainer.compile is False
+    assert compose(["sample.precision=bf16", "callbacks=fid"]).callbacks.fid.precision == "bf16"
+    gpu = compose(["trainer=gpu"]).trainer
+    assert gpu.precision == "bf16-mixed" and gpu.compile is True and gpu.channels_last is True
+    for name in ("pfgmpp_cifar10_uncond", "pfgmpp_cifar10_cond", "edm_cifar10_uncond", "pfgmpp_ffhq64"):
+        exp = compose([f"experiment={name}"])
+        assert exp.trainer.matmul_precision == "highest" and exp.sample.precision == "fp32", name
+
+
+def test_matmul_precision_is_set_once_and_checked():
+    from genflow.run import apply_speed_settings
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    cfg = compose(["model=edm", "data=digits", "net=unet_tiny"])
+    module, _ = build(cfg)
+    try:
+        cfg.trainer.matmul_precision = "high"
+        apply_speed_settings(cfg, module)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        cfg.trainer.matmul_precision = "highest"
+        apply_speed_settings(cfg, module)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        cfg.trainer.matmul_precision = "fast"
+        with pytest.raises(ConfigError, match="matmul_precision"):
+            apply_speed_settings(cfg, module)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_fid_result_names_its_precision(tmp_path):
+    from genflow.metrics import evaluate_fid
+
+    cfg = compose(["model=edm", "data=digits", "net=unet_tiny"])
+    module, dm = build(cfg)
+    out = evaluate_fid(module, dm, num=8, steps=2, batch_size=8, precision="bf16", extractor="digits",
+                       cache_dir=str(tmp_path))
+    assert out["fid_precision"] == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        evaluate_fid(module, dm, num=8, steps=2, precision="fp16", extractor="digits", cache_dir=str(tmp_path))
+
+
+# --- 3. training-step levers keep the maths ------------------------------------------------------
+def test_fused_gradient_sanitisation_equals_per_tensor_nan_to_num():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g, dtype=torch.float64),
+             torch.randn(2, 8, 3, 3, generator=g).contiguous(memory_format=torch.channels_last),
+             torch.randn(7, generator=g)]
+    for t in grads:
+        t[(t > 1.0)] = float("nan") if t.dtype == torch.float32 else float("inf")
+        t[(t < -1.0)] = float("-inf")
+    expected = [torch.nan_to_num(t, nan=0.0, posinf=1e5, neginf=-1e5) for t in grads]
+    before = [t.data_ptr() for t in grads]
+    sanitize_gradients(grads)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [t.data_ptr() for t in grads] == before and grads[2].is_contiguous(memory_format=torch.channels_last)
+
+
+def _loss_and_grads(module, x, seed=0):
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = module.method.loss(module._training_net(), x, None).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_compiled_and_channels_last_training_step_keep_loss_gradients_and_checkpoint_keys():
+    torch.manual_seed(0)
+    cfg = compose(["model=edm", "data=digits", "net=unet_tiny"])
+    module, dm = build(cfg)
+    dm.setup()
+    x = dm.train_tensor()[:8]
+    keys = list(module.state_dict())
+    loss0, grads0 = _loss_and_grads(module, x)
+
+    module.compile_net = "eager"  # dynamo capture without a C++ toolchain; trainer.compile=true uses inductor
+    ema_copy = copy.deepcopy(module)  # what the EMA callback does in setup, before the first step
+    loss1, grads1 = _loss_and_grads(module, x)
+    assert module._compiled_forward is not None
+    assert list(module.state_dict()) == keys and not any("_orig_mod" in k for k in module.state_dict())
+    assert "_compiled_forward" not in dict(module.named_modules())
+    torch.testing.assert_close(loss1, loss0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], msg=n)
+    # compiled lazily at the first step: the EMA copy holds no compiled forward bound to the live weights
+    assert ema_copy._compiled_forward is None
+
+    module.compile_net = False
+    module.net.channels_last = True
+    module.net.to(memory_format=torch.channels_last)
+    loss2, grads2 = _loss_and_grads(module, x)
+    torch.testing.assert_close(loss2, loss0, rtol=1e-5, atol=1e-6)
+    for n in grads0:
+        torch.testing.assert_close(grads2[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# --- issue 14 item 3: divergence ---------------------------------------------------------------
+@pytest.mark.parametrize("steps,every", [(6, 2), (3, 1000)], ids=["checkpoint-writes", "short-run"])
+def test_divergence_stops_before_any_checkpoint(tmp_path, steps, every):
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written.*\n  why: .*\n  fix: "):
+        _run(tmp_path, "optim.lr=1e6", "optim.warmup_steps=0", f"trainer.max_steps={steps}",
+             f"checkpoint.every_n_steps={every}")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not ckpts.exists() or not any(ckpts.iterdir())
+    assert not (tmp_path / "run" / "ema.safetensors").exists()
+
+
+def test_sample_refuses_non_finite_weights(tmp_path, cli):
+    from genflow.config import to_container
+
+    cfg = compose(["model=edm", "data=digits", "net=unet_tiny"])
+    module, _ = build(cfg)
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": to_container(cfg)}}, good)
+    ckpt = read_checkpoint(good)
+    check_finite_weights(ckpt["state_dict"], "good")  # a healthy checkpoint passes
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    ckpt["state_dict"][name].view(-1)[1] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match=name):
+        check_finite_weights(ckpt["state_dict"], str(bad))
+    out = tmp_path / "samples"
+    code, stdout, stderr = cli("sample.py", f"ckpt={bad}", f"out={out}", "num=2", "steps=2")
+    assert code == 2 and "non-finite weights" in stderr and "fix:" in stderr and "Traceback" not in stderr
+    assert not out.exists()
