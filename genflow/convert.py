@@ -10,13 +10,13 @@ module source, its name and the instance state (for an ``nn.Module``: ``_paramet
 ``torch._utils._rebuild_tensor_v2`` over storages serialised by ``torch.storage._load_from_bytes``.
 
 Loading such a file with ``pickle`` executes the stored module source. Here ``SafeUnpickler`` resolves only
-a fixed list of globals, every one replaced by a function of ours that builds data:
+a fixed list of globals, each of which only builds data:
 
 - the persistence entry point -> ``Record`` (class name + state; the module source is never read);
 - torch's container modules (``ModuleDict`` ...) -> ``Record`` too (their state is data);
 - storages -> ``torch.load(..., weights_only=True)`` of the stored bytes; tensors and parameters ->
-  ``torch._utils._rebuild_tensor`` over such a storage; ``OrderedDict``, ``dnnlib.util.EasyDict`` (a dict)
-  and torch dtypes.
+  ``torch._utils._rebuild_tensor`` over such a storage; ``OrderedDict``, ``dnnlib.util.EasyDict`` (a dict),
+  torch dtypes, ``torch.Size`` and ``torch.device``.
 
 Anything else (``os.system``, ``builtins.exec``, ...) is refused with a ``CheckpointError`` before it can be
 called. The records are then mapped onto genflow's networks (``SongUNet`` -> ``UNet``, ``DhariwalUNet`` ->
@@ -39,6 +39,7 @@ import os
 import pickle
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,10 +47,11 @@ import torch
 from torch import Tensor
 
 from genflow.errors import CheckpointError, config_error, exit_on_error
+from genflow.methods.pfgmpp import _parse_D
 
 #: bump when the conversion changes, so cached conversions are redone
 CONVERTER_VERSION = 1
-USAGE = ("usage: python -m genflow.convert SRC.pkl OUT.ckpt [D=N] [data=NAME] [key=value ...]\n"
+USAGE = ("usage: python -m genflow.convert SRC.pkl OUT.ckpt [D=N] [overwrite=true] [data=NAME] [key=value ...]\n"
          "  D: PFGM++'s augmented dimensions when the pickle does not record them (D=inf: EDM)")
 
 
@@ -75,7 +77,7 @@ class Record:
 
     @property
     def children(self) -> dict[str, "Record"]:
-        return {k: v for k, v in (self.state.get("_modules") or {}).items() if v is not None}
+        return {k: v for k, v in (self.state.get("_modules") or {}).items() if isinstance(v, Record)}
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -151,6 +153,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): torch.Size,  # plain values, in case a module's state holds them
+    ("torch", "device"): torch.device,
     ("dnnlib.util", "EasyDict"): _EasyDict,
 }
 
@@ -182,7 +186,9 @@ def read_pickle(path: str | os.PathLike) -> dict:
         raise config_error(f"{path} does not exist", "convert reads an EDM/PFGM++ network pickle",
                            "pass the path of a network-snapshot-*.pkl (e.g. edm-cifar10-32x32-uncond-vp.pkl)")
     try:
-        with path.open("rb") as f:
+        with path.open("rb") as f, warnings.catch_warnings():
+            # storages saved by torch's legacy format come back as TypedStorage, whose use torch flags
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             data = SafeUnpickler(f).load()
     except CheckpointError:
         raise
@@ -208,6 +214,8 @@ SONG_DEFAULTS = dict(model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult
 ADM_DEFAULTS = dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
                     attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0.0, augment_dim=0)
 _SHAPE_KEYS = ("img_resolution", "in_channels", "out_channels", "label_dim")
+#: what PFGM++'s fork of EDM passes on to the backbone besides EDM's arguments (read for D, not architecture)
+_PFGMPP_KEYS = ("pfgm", "pfgmpp", "D")
 
 
 def _plain(value):
@@ -224,7 +232,9 @@ def _backbone_hparams(unet: Record, defaults: dict) -> tuple[dict, dict]:
     if missing:
         raise CheckpointError(f"the pickled {unet.class_name} does not record {missing}\n"
                               "  fix: convert a network saved by EDM/PFGM++'s train.py")
-    unknown = set(kwargs) - set(defaults) - set(_SHAPE_KEYS)
+    if kwargs.get("pfgm"):
+        raise _pfgm_error()
+    unknown = set(kwargs) - set(defaults) - set(_SHAPE_KEYS) - set(_PFGMPP_KEYS)
     if unknown:
         raise CheckpointError(f"the pickled {unet.class_name} has constructor arguments genflow does not map: "
                               f"{sorted(unknown)}\n  fix: convert an unmodified EDM/PFGM++ network")
@@ -240,6 +250,12 @@ def _backbone_hparams(unet: Record, defaults: dict) -> tuple[dict, dict]:
 
 #: hyperparameters that do not change the architecture: a preset still matches, with them overridden
 _TRAINING_ONLY = {"dropout", "label_dropout"}
+
+
+def _pfgm_error() -> CheckpointError:
+    return CheckpointError("the pickle holds a PFGM network (pfgm=True: D = 1, trained to predict the normalised "
+                           "field with an extra output), not a PFGM++ denoiser\n  why: genflow's PFGM++ needs "
+                           "an EDM-style denoiser\n  fix: convert a PFGM++ (pfgmpp) or EDM network pickle")
 
 
 def _net_config(target: str, resolve, presets: Sequence[str], hp: dict, fixed: dict) -> dict:
@@ -383,23 +399,27 @@ BACKBONES = {"SongUNet": (_song_net, _song_state), "DhariwalUNet": (_adm_net, _a
 
 # ---------------------------------------------------------------------------------------------------------
 # Preconditioning -> method
-def _find_D(data: dict) -> float | None:
-    """PFGM++'s D where the snapshot records it (network or loss kwargs/state, or its training options)."""
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _find_D(data: dict) -> tuple[float | None, bool]:
+    """(D, decided) from the snapshot. PFGM++'s code records ``pfgmpp`` (on or off) and ``D`` with the network
+    or its training options: then D is decided (inf when pfgmpp is off). Its loss object carries a D even
+    in EDM runs (a default of 128), so a D found only there is not decided: the user must say."""
     places = [data["ema"].kwargs, data["ema"].state]
     loss = data.get("loss_fn")
     if isinstance(loss, Record):
         places += [loss.kwargs, loss.state]
-        for key in ("opts", "kwargs"):
-            if isinstance(loss.state.get(key), dict):
-                places.append(loss.state[key])
+        places += [loss.state[k] for k in ("opts", "kwargs") if isinstance(loss.state.get(k), dict)]
     for place in places:
-        if place.get("pfgmpp") is False:
-            return math.inf
-        for key in ("D", "aug_dim"):
-            value = place.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-    return None
+        if isinstance(place.get("pfgmpp"), bool):
+            if not place["pfgmpp"]:
+                return math.inf, True
+            found = next((_number(p.get(k)) for p in places for k in ("D", "aug_dim") if _number(p.get(k))), None)
+            return found, found is not None
+    undecided = any(_number(p.get(k)) is not None for p in places for k in ("D", "aug_dim"))
+    return None, not undecided
 
 
 def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
@@ -407,8 +427,20 @@ def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
     kwargs = precond.kwargs
     name = precond.class_name
     if name == "EDMPrecond":
-        recorded = _find_D(data)
-        wanted = None if D is None else _parse_cli_D(D)
+        if kwargs.get("pfgm"):
+            raise _pfgm_error()
+        if kwargs.get("small"):
+            # PFGM++'s fork: small=True switches this class to the VE preconditioning
+            raise CheckpointError("the pickle's EDMPrecond was built with small=True, which PFGM++'s code runs "
+                                  "with the VE preconditioning\n  why: genflow has no VE method\n"
+                                  "  fix: convert a network trained with EDM's preconditioning")
+        recorded, decided = _find_D(data)
+        wanted = None if D is None else _parse_D(D)
+        if not decided and wanted is None:
+            raise config_error("the pickle comes from PFGM++'s code but does not record D",
+                               "its loss carries a D in PFGM++ and EDM runs alike, so the converter cannot tell "
+                               "which noise the network was trained with; sampling with the wrong D is wrong",
+                               "pass D=<the run's --aug_dim> (e.g. D=2048), or D=inf for an EDM run")
         if recorded is not None and wanted is not None and recorded != wanted:
             raise config_error(f"D={D} given, but the pickle records D={recorded:g}",
                                "the converted model must sample with the D it was trained with",
@@ -438,12 +470,6 @@ def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
                               "the VP baselines (VPPrecond)")
     raise CheckpointError(f"the pickle's 'ema' entry is a {name}, not one of EDM's preconditioned networks\n"
                           "  fix: convert an EDM/PFGM++ network-snapshot pickle (EDMPrecond, VPPrecond)")
-
-
-def _parse_cli_D(D) -> float:
-    from genflow.methods.pfgmpp import _parse_D
-
-    return _parse_D(D)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -480,14 +506,14 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
                                   f"{facts[fact]}\n  fix: convert an unmodified EDM/PFGM++ network pickle")
 
     data_ov, env = _data_overrides(facts)
+    if any(o.startswith("data=") for o in overrides):  # the user's choice of data config wins
+        data_ov, env = [o for o in data_ov if not o.startswith("data=")], None
     cfg = compose([*data_ov, *method_ov, *overrides])
     config = to_container(cfg)
     config["net"] = net_cfg
     if env and config["data"].get("root") is None:
         # resolved when the checkpoint is loaded, so the images' folder comes from that machine's environment
         config["data"]["root"] = "${oc.env:" + env + ",null}"
-    config["converted_from"] = {"source": source, "backbone": backbone.class_name,
-                                "precond": precond.class_name, **method_facts}
 
     net = instantiate(net_cfg, data_shape=(facts["channels"], facts["resolution"], facts["resolution"]),
                       num_classes=facts["label_dim"])
@@ -503,8 +529,12 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
     method = instantiate(cfg.model)
     state_dict = {f"net.{k}": state[k].detach().to(expected[k].dtype).clone().contiguous() for k in expected}
     state_dict.update({f"method.{k}": v for k, v in method.state_dict().items()})
-    return {"state_dict": state_dict, "hyper_parameters": {"config": config}, "epoch": 0, "global_step": 0,
-            "pytorch-lightning_version": _lightning_version()}
+    # provenance sits next to the config, not in it: the stored config stays one train.py accepts
+    provenance = {"source": source, "backbone": backbone.class_name, "precond": precond.class_name,
+                  "use_fp16": bool(pre.get("use_fp16", False)), "converter_version": CONVERTER_VERSION,
+                  **method_facts}
+    return {"state_dict": state_dict, "hyper_parameters": {"config": config}, "converted_from": provenance,
+            "epoch": 0, "global_step": 0, "pytorch-lightning_version": _lightning_version()}
 
 
 def _check_filters(backbone: Record, net) -> None:
@@ -551,18 +581,25 @@ def save_atomic(obj: dict, out: str | os.PathLike) -> Path:
     return out
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: Sequence[str] = ()) -> Path:
+def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: Sequence[str] = (),
+            overwrite: bool = False) -> Path:
     """Convert the EDM/PFGM++ network pickle ``src`` into the genflow checkpoint ``out``.
 
     ``D``: PFGM++'s augmented dimensions where the pickle does not record them (``inf``: EDM).
     ``overrides``: config overrides for the stored configuration (e.g. ``data.root=/data/cifar10``).
+    An existing ``out`` is replaced only with ``overwrite=True``.
     """
+    if Path(out).expanduser().exists() and not overwrite:
+        raise config_error(f"{out} already exists", "convert does not replace files unasked",
+                           "choose another OUT path, or pass overwrite=true")
+    if D is not None:
+        _parse_D(D)  # a bad D fails before the pickle is read
     src = Path(src).expanduser()
     if Path(out).expanduser().resolve() == src.resolve():
         raise config_error(f"OUT {out} is the source pickle", "the conversion would overwrite its input",
                            "write the checkpoint to another path, e.g. edm-cifar10.ckpt")
     ckpt = convert_records(read_pickle(src), D=D, overrides=overrides, source=str(src))
-    ckpt["hyper_parameters"]["config"]["converted_from"]["sha256"] = file_sha256(src)
+    ckpt["converted_from"]["sha256"] = file_sha256(src)
     return save_atomic(ckpt, out)
 
 
@@ -588,7 +625,8 @@ def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.
     folder = Path(cache_dir).expanduser() if cache_dir else metrics_home() / "converted"
     out = folder / f"{src.stem}-{digest}.ckpt"
     if not out.is_file():
-        convert(src, out, D=D)
+        # several processes (DDP ranks) may convert at once: each writes atomically the same content
+        convert(src, out, D=D, overwrite=True)
     return out
 
 
@@ -611,20 +649,21 @@ def main(argv: Sequence[str]) -> dict:
     if len(positional) != 2:
         raise config_error(f"expected SRC.pkl and OUT.ckpt, got {positional}", "convert reads one pickle and "
                            "writes one checkpoint", USAGE)
-    D = None
-    rest = []
+    D, overwrite, rest = None, False, []
     for item in options:
         key, _, value = item.partition("=")
         if key == "D":
             D = value
+        elif key == "overwrite":
+            overwrite = value.lower() in ("1", "true", "yes")
         else:
             rest.append(item)
-    out = convert(positional[0], positional[1], D=D, overrides=rest)
+    out = convert(positional[0], positional[1], D=D, overrides=rest, overwrite=overwrite)
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
     result = {"checkpoint": str(out), "net": config["net"].get("preset") or config["net"]["_target_"],
               "model": config["model"]["_target_"].rsplit(".", 1)[-1], "data": config["data"]["_target_"].rsplit(".", 1)[-1],
-              "D": config["converted_from"].get("D"),
+              "D": ckpt["converted_from"].get("D"),
               "parameters": sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("net."))}
     print(json.dumps(result), flush=True)
     return result

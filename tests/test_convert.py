@@ -218,7 +218,7 @@ def test_song_unet_converts_exactly(edm_format, tmp_path, case):
 
     out = convert(src, tmp_path / "net.ckpt")
     ckpt = torch.load(out, map_location="cpu", weights_only=True)  # what sample.py / evaluate / init_from do
-    assert ckpt["hyper_parameters"]["config"]["converted_from"]["backbone"] == "SongUNet"
+    assert ckpt["converted_from"]["backbone"] == "SongUNet"
     if net.num_classes:
         cond_fn = lambda b: {"class": torch.nn.functional.one_hot(torch.arange(b) % 10, 10).float()}
     else:
@@ -234,17 +234,33 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     from genflow.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
-    with_D = edm_format(tmp_path / "pfgmpp.pkl", ema, loss_fn=Persistent("EDMLoss", dict(D=2048, N=64)))
-    out = convert(with_D, tmp_path / "a.ckpt")
-    model = read_checkpoint(out)["hyper_parameters"]["config"]["model"]
+    # PFGM++'s loss object carries D (default 128) in EDM runs too: not enough to decide, D= is required
+    loss_only = edm_format(tmp_path / "pfgmpp.pkl", ema, loss_fn=Persistent("EDMLoss", dict(D=128, N=64)))
+    with pytest.raises(ConfigError, match="does not record D"):
+        convert(loss_only, tmp_path / "a.ckpt")
+    assert not (tmp_path / "a.ckpt").exists()
+    model = read_checkpoint(convert(loss_only, tmp_path / "a.ckpt", D=2048))["hyper_parameters"]["config"]["model"]
     assert model["_target_"].endswith("PFGMPP") and model["D"] == 2048
+
+    # PFGM++'s fork records pfgmpp and D in the network's arguments (and hands them on to the backbone)
+    net2, fork = song_pair("ncsnpp-cond")
+    fork._init_kwargs.update(pfgm=False, pfgmpp=True, D=2048)
+    fork.model._init_kwargs.update(pfgm=False, pfgmpp=True, D=2048)
+    cfg = read_checkpoint(convert(edm_format(tmp_path / "fork.pkl", fork), tmp_path / "fork.ckpt"))["hyper_parameters"]
+    assert cfg["config"]["model"]["_target_"].endswith("PFGMPP") and cfg["config"]["model"]["D"] == 2048
     with pytest.raises(ConfigError, match="records D=2048"):
-        convert(with_D, tmp_path / "b.ckpt", D=128)
+        convert(tmp_path / "fork.pkl", tmp_path / "b.ckpt", D=128)
+    fork._init_kwargs.update(pfgmpp=False)  # an EDM run of the fork: D is not used
+    out = convert(edm_format(tmp_path / "fork_edm.pkl", fork), tmp_path / "fork_edm.ckpt")
+    assert read_checkpoint(out)["hyper_parameters"]["config"]["model"]["_target_"].endswith(".EDM")
+    fork._init_kwargs.update(pfgm=True)  # PFGM (field prediction) is a different network
+    with pytest.raises(CheckpointError, match="PFGM network"):
+        convert(edm_format(tmp_path / "pfgm.pkl", fork), tmp_path / "pfgm.ckpt")
 
     without = edm_format(tmp_path / "plain.pkl", ema)
     out = convert(without, tmp_path / "c.ckpt", D=128)
-    cfg = read_checkpoint(out)["hyper_parameters"]["config"]
-    assert cfg["model"]["D"] == 128 and cfg["converted_from"]["D_source"] == "argument"
+    ckpt = read_checkpoint(out)
+    assert ckpt["hyper_parameters"]["config"]["model"]["D"] == 128 and ckpt["converted_from"]["D_source"] == "argument"
     rel, module, _ = denoise_both(net, out, lambda b: None)
     assert module.method.D == 128 and rel <= 1e-5  # same denoiser, PFGM++ kernel for the prior
 
@@ -255,6 +271,20 @@ def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     code, out, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
     assert code == 0, err
     assert '"net": null' not in out and (tmp_path / "net.ckpt").is_file()
+    # sample.py reads it (weights_only=True), and train.py init_from= starts from its weights
+    code, out, err = cli("sample.py", f"ckpt={tmp_path / 'net.ckpt'}", "seeds=0-1", "steps=2",
+                         f"out={tmp_path / 'samples'}", "device=cpu", "progress=false")
+    assert code == 0, err
+    assert (tmp_path / "samples" / "000001.png").is_file()
+    from genflow.config import build, config_from_checkpoint, read_checkpoint
+
+    ckpt = read_checkpoint(tmp_path / "net.ckpt")
+    module, _ = build(config_from_checkpoint(ckpt, [f"init_from={tmp_path / 'net.ckpt'}"]))
+    state = module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ckpt["state_dict"].items())
+    stamp = (tmp_path / "net.ckpt").stat().st_mtime_ns
+    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))  # never replaced unasked
+    assert code == 2 and "already exists" in err and (tmp_path / "net.ckpt").stat().st_mtime_ns == stamp
     code, _, err = cli("genflow.convert", str(tmp_path / "missing.pkl"), str(tmp_path / "x.ckpt"))
     assert code == 2 and err.startswith("error:") and "fix:" in err
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
@@ -413,12 +443,12 @@ def test_sampling_a_converted_net_reproduces_edm_generate(edm_format, tmp_path):
 
     net, ema = song_pair("ddpmpp-uncond-augment", seed=3)
     module, _, _ = module_from_checkpoint(convert(edm_format(tmp_path / "net.pkl", ema), tmp_path / "net.ckpt"))
-    seeds = [0, 1, 7, 123456]
+    seeds = [7, 123456]
     # generate.py's per-seed latents: randn of one image from a generator seeded with that seed
     latents = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
     with torch.no_grad():
         want = edm_algorithm1(net, latents, None)
-    got = generate(module.method, module.net, seeds, (1, 8, 8), steps=18, solver="heun", batch_size=3)
+    got = generate(module.method, module.net, seeds, (1, 8, 8), steps=18, solver="heun", batch_size=1)
     err = (got.double() - want).abs().max() / want.abs().max()
     assert err <= 1e-5, err
     assert module.method.nfe(18, "heun") == 35

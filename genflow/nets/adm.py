@@ -12,6 +12,9 @@ genflow's ``UNet`` (DDPM++/NCSN++) it differs in:
 - the level-0 convolution outputs ``model_channels * channel_mult[0]`` channels; the output is
   GroupNorm-SiLU-conv after the last decoder block.
 
+Initialisation follows ADM's (Kaiming-uniform weights scaled by sqrt(1/3), zero-initialised output
+layers) except that biases start at zero. ``genflow.convert`` maps EDM's ``DhariwalUNet`` pickles onto it.
+
 Call: ``net(x, noise_label, cond=None)`` like every genflow net.
 """
 from __future__ import annotations
