@@ -240,8 +240,9 @@ class VPDiffusion(Method):
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; 0, F^-1 diag(lambda) F), (B,) float64: the FFT is unitary, so the quadratic form is
-        sum_k |U_k|^2 / lambda_k and log det = sum_k ln lambda_k over every channel and grid index."""
-        x = x.detach().to(torch.float64)
+        sum_k |U_k|^2 / lambda_k and log det = sum_k ln lambda_k over every channel and grid index.
+        Differentiable in x, for maximum-likelihood training."""
+        x = x.to(torch.float64)
         lam = self.prior_variance().to(x.device)
         n = x[0].numel()
         if self.per_frequency:

@@ -135,8 +135,9 @@ class EDM(Method):
         return g * _bcast(self._kernel_scale(sigma, generator), g)
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
-        """Analytic log-density of the prior, (B,) float64."""
-        flat = x.detach().to(torch.float64).flatten(1)
+        """Analytic log-density of the prior, (B,) float64; differentiable in x (maximum likelihood
+        backpropagates through the end state of the ODE into the network)."""
+        flat = x.to(torch.float64).flatten(1)
         return self._log_kernel((flat ** 2).sum(1), flat.shape[1], self.sigma_max)
 
     # ---------------------------------------------------------------------------------- sampling
