@@ -238,8 +238,7 @@ def test_reference_lowers_heldout_error_at_high_noise():
     dm = MultiView(num_objects=400, views=4, resolution=8, reference_pose="random", val_fraction=0.15)
     dm.setup()
     net = MultiViewUNet(data_shape=dm.data_shape, embedding_dim=8, model_channels=16, channel_mult=(1, 2),
-                        attn_resolutions=(8, 4), channels_per_head=16, p_drop_emb=0.0, p_drop_ref=0.5,
-                        reference_input_scale=2.0)
+                        attn_resolutions=(8, 4), channels_per_head=16, p_drop_emb=0.0, p_drop_ref=0.5)
     edm = EDM(P_mean=0.0, P_std=1.2)                         # emphasise the noise levels the test looks at
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     x_tr, c_tr = dm.train_tensor(), dm.train_cond()

@@ -18,6 +18,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from genflow.errors import config_error
+
 Cond = Mapping[str, Tensor] | None
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -49,6 +51,9 @@ def null_cond(cond: Cond) -> Cond:
 
 #: conditioning keys that are inputs rather than guidance targets (kept in the unconditional branch)
 KEPT_IN_UNCOND = ("reference", "camera")
+#: conditioning entries that are clean data frames shown beside the noisy input (Isotropic3D's reference
+#: view); ``Method.net_cond`` feeds them as the running method feeds clean data
+CLEAN_FRAMES = ("reference",)
 
 
 def guided(net: Callable, guidance: float | None) -> Callable:
@@ -116,6 +121,25 @@ class Method(nn.Module, ABC):
         grid = self.time_grid(steps, device=noise.device)
         return solvers.integrate(lambda x, t: self.velocity(net, x, t, cond), noise, grid, solver=solver,
                                  callback=callback, **self.solver_options(solver))
+
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """How the net sees clean data x (B, ...): (net input, noise label (B,)) at the data end of this
+        method's path. Conditioning frames (``CLEAN_FRAMES``) are fed this way, so a reference view looks
+        to the net like a target that has reached the end of sampling."""
+        raise config_error(f"{type(self).__name__} has no clean view",
+                           "it has no noise label at the data end to show a clean conditioning frame with",
+                           "use a diffusion or flow method (edm, pfgmpp, ddpm, spd, flow) with reference views")
+
+    def net_cond(self, cond: Cond) -> Cond:
+        """``cond`` as the net receives it: every clean frame (``CLEAN_FRAMES``) replaced by its clean view,
+        with its noise label added as ``<key>_noise_label`` (B,)."""
+        if not cond or not any(k in cond for k in CLEAN_FRAMES):
+            return cond
+        out = dict(cond)
+        for key in CLEAN_FRAMES:
+            if key in cond:
+                out[key], out[f"{key}_noise_label"] = self.clean_view(cond[key])
+        return out
 
     def solver_options(self, solver: str) -> dict:
         """Per-method solver options (e.g. EDM's Heun skips the correction on the step to sigma = 0)."""

@@ -207,6 +207,11 @@ class VPDiffusion(Method):
         """What the network sees: label_scale * s as float32, shape (B,)."""
         return (self.label_scale * s).to(torch.float32)
 
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Clean data as the net sees it at the data end of the grid, s_lo = 1/T: x itself (VP inputs
+        are not rescaled) with the label of s_lo."""
+        return x, self.noise_label(torch.full((x.shape[0],), self.s_lo, dtype=torch.float64, device=x.device))
+
     # -------------------------------------------------------------------------------- training
     def q_sample(self, x0: Tensor, s, noise: Tensor) -> Tensor:
         """x_s = F^-1[sqrt(abar(s)) F x0 + sqrt(1 - abar(s)) F noise]; s scalar or (B,)."""
@@ -227,7 +232,7 @@ class VPDiffusion(Method):
         s = self.sample_training_times(x.shape[0], x.device) if s is None else self._s(s, x.device).expand(x.shape[0])
         noise = torch.randn_like(x) if noise is None else noise
         x_s = self.q_sample(x, s, noise)
-        eps = net(x_s, self.noise_label(s), cond)
+        eps = net(x_s, self.noise_label(s), self.net_cond(cond))
         return (eps.to(x.dtype) - noise).square().flatten(1).sum(1)
 
     # ------------------------------------------------------------------------------------ prior
@@ -286,7 +291,7 @@ class VPDiffusion(Method):
         self._check_data(x)
         s = self._s_batch(t, x)
         beta = self.rate(s)
-        eps = net(x, self.noise_label(s), cond).to(x.dtype)
+        eps = net(x, self.noise_label(s), self.net_cond(cond)).to(x.dtype)
         return self._combine((x, -0.5 * beta), (eps, 0.5 * beta / self.one_minus_alpha_bar(s).sqrt()))
 
     def reverse_mean(self, x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor) -> Tensor:
@@ -314,6 +319,7 @@ class VPDiffusion(Method):
         log_ab = self.log_alpha_bar(s_grid)
         log_alpha = log_ab - torch.cat([torch.zeros_like(log_ab[:1]), log_ab[:-1]])
         x = noise.to(torch.float64)
+        cond = self.net_cond(cond)
         for i in range(idx.numel() - 1, -1, -1):
             s = s_grid[i].expand(x.shape[0])
             eps = net(x.to(noise.dtype), self.noise_label(s), cond).to(torch.float64)

@@ -110,8 +110,15 @@ class EDM(Method):
         """D(x; sigma) = c_skip x + c_out net(c_in x, ln(sigma)/4, cond); sigma scalar or (B,)."""
         sigma = self._sigma_batch(sigma, x)
         c_skip, c_out, c_in, c_noise = self.preconditioning(_bcast(sigma, x))
-        out = net(c_in * x, c_noise.reshape(-1), cond)
+        out = net(c_in * x, c_noise.reshape(-1), self.net_cond(cond))
         return c_skip * x + c_out * out.to(x.dtype)
+
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Clean data as the net sees it at sigma_min, the smallest level it is trained and sampled at:
+        (c_in(sigma_min) x, c_noise(sigma_min))."""
+        sigma = torch.full((x.shape[0],), self.sigma_min, device=x.device, dtype=x.dtype)
+        _, _, c_in, c_noise = self.preconditioning(_bcast(sigma, x))
+        return c_in * x, c_noise.reshape(-1)
 
     # -------------------------------------------------------------------------------- training
     def perturb(self, y: Tensor, sigma, generator: Generators = None) -> Tensor:

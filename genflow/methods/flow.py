@@ -121,6 +121,14 @@ class FlowMatching(_ResizingBuffers, Method):
     def from_normalized(self, z: Tensor) -> Tensor:
         return z * self.scale + self.shift
 
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Clean data as the net sees it at the data end t = 1: the normalised frame (x itself unless
+        ``normalize=True``) with label 1. A frame of one view of multi-view data takes the views' mean shift."""
+        shift = self.shift
+        if shift.ndim > x.ndim - 1:
+            shift = shift.reshape(-1, *x.shape[1:]).mean(0)
+        return (x - shift) / self.scale, torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
+
     # -- training -------------------------------------------------------------------------------
     def schedule(self, t: Tensor) -> SchedulerOutput:
         """The training path: the scheduler with sigma_min added (sigma_t + sigma_min alpha_t)."""
@@ -141,7 +149,7 @@ class FlowMatching(_ResizingBuffers, Method):
         x0 = torch.randn_like(z1)
         sch = self.schedule(t)
         a, s, da, ds = (_per_sample(v, z1) for v in (sch.alpha_t, sch.sigma_t, sch.d_alpha_t, sch.d_sigma_t))
-        pred = net(a * z1 + s * x0, t, cond)
+        pred = net(a * z1 + s * x0, t, self.net_cond(cond))
         return (pred - (da * z1 + ds * x0)).pow(2).flatten(1).sum(1)
 
     # -- sampling / likelihood ------------------------------------------------------------------
@@ -161,7 +169,7 @@ class FlowMatching(_ResizingBuffers, Method):
     def velocity(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        return self.scale * net(self.to_normalized(x), t, cond)
+        return self.scale * net(self.to_normalized(x), t, self.net_cond(cond))
 
     def retimed(self, path: Scheduler | str) -> "RetimedFlow":
         """This trained model sampled along another path, without retraining (note 1.8)."""
@@ -229,6 +237,8 @@ class RetimedFlow(Method):
         b = self.base
         r = torch.as_tensor(t, device=x.device)
         r = r.expand(x.shape[0]) if r.ndim == 0 else r
+
+        cond = b.net_cond(cond)
 
         def v_source(z, tt):
             return net(z, tt, cond)
