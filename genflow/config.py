@@ -57,7 +57,10 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 def validate(cfg: DictConfig) -> None:
     """Checks that need the whole configuration, run before anything is built."""
     if cfg.get("model") is not None:
-        build_method(cfg)  # the method checks its own settings (e.g. PFGM++'s D <= 2 opt-in); it is cheap
+        method = build_method(cfg)  # the method checks its own settings (e.g. PFGM++'s D <= 2 opt-in); cheap
+        solver = (cfg.get("sample") or {}).get("solver")
+        if solver is not None:
+            method.check_solver(str(solver))  # before training, not at the first sample grid
     for key in ("ckpt_path", "init_from"):
         value = cfg.get(key)
         if value not in (None, "last") and not Path(str(value)).expanduser().is_file():

@@ -222,7 +222,8 @@ class Method(nn.Module, ABC):
         if solver not in self.solvers():
             raise config_error(f"unknown solver {solver!r} for {type(self).__name__}",
                                f"{type(self).__name__} samples with {', '.join(self.solvers())}",
-                               f"use solver={self.solvers()[0]} (or one of {', '.join(self.solvers())})")
+                               f"use solver={'heun' if 'heun' in self.solvers() else self.solvers()[0]} "
+                               f"(or one of {', '.join(self.solvers())})")
         return solver
 
     def solve(self, net: Callable, noise: Tensor, *, steps: int, solver: str = "heun", cond: Cond = None,
