@@ -214,7 +214,8 @@ def _dopri5(f, x: Tensor, t0: Tensor, t1: Tensor, atol: float, rtol: float) -> t
 def _ode_sampler(solver: str):
     def run(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
             **options) -> Solution:
-        grid = method.time_grid(steps, device=noise.device)
+        # dopri5 chooses its own steps: it reads only the grid's ends (and, with final_euler, its last step)
+        grid = method.time_grid(2 if solver == "dopri5" else steps, device=noise.device)
         return integrate(lambda x, t: method.velocity(net, x, t, cond), noise, grid, solver=solver,
                          callback=callback, **options)
 

@@ -216,6 +216,17 @@ def test_stochastic_sampler_matches_edm_algorithm2(churn):
         assert (ours - heun).abs().max() > 1e-3
 
 
+def test_dopri5_ignores_steps_and_agrees_with_fine_heun():
+    """dopri5 integrates sigma_max -> sigma_min adaptively, then x = D(x; sigma_min), whatever ``steps``."""
+    m = EDM(sigma_max=10.0)
+    noise = m.prior_sample((3, 2, 3, 3), generator=torch.Generator().manual_seed(4)).double()
+    one = m.solve(tiny_net, noise, steps=1, solver="dopri5")
+    many = m.solve(tiny_net, noise, steps=18, solver="dopri5")
+    assert torch.equal(one.x, many.x) and one.nfe == many.nfe > 8
+    fine = m.sample(tiny_net, noise, steps=400, solver="heun")
+    torch.testing.assert_close(one.x, fine, atol=2e-3, rtol=0)
+
+
 def test_prior_and_log_prob_are_gaussian_at_sigma_max():
     m = EDM(sigma_max=10.0)
     x = m.prior_sample((4000, 8), generator=torch.Generator().manual_seed(0)).double()
