@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
 import torch
+
+from genflow.devices import device_name
 
 #: dense (no sparsity) bf16 tensor-core peak, FLOP/s, by device-name substring (first match wins). The H200
 #: figure is the one issue 10's MFU goal is stated against; H100 SXM is NVIDIA's 989 TFLOP/s.
@@ -52,12 +53,6 @@ def peak_bf16_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def _shape(args) -> tuple[int, ...] | None:

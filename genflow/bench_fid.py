@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from genflow.devices import device_name
+
 
 @functools.lru_cache(maxsize=None)  # one stand-in file per process
 def _standin_folder() -> Path:
@@ -62,9 +64,9 @@ def bench_fid(args) -> dict:
     from cleanfid.fid import get_model_features
     from cleanfid.inception_torchscript import InceptionV3W
 
-    from genflow.bench import device_name
     from genflow.errors import ConfigError
-    from genflow.metrics.features import DigitsFeatures, InceptionFeatures, resolve_inception_path, to_uint8
+    from genflow.metrics.features import DigitsFeatures, InceptionFeatures, resolve_inception_path
+    from genflow.sampling import to_uint8
 
     p = argparse.ArgumentParser(prog="python -m genflow.bench fid")
     p.add_argument("--inception", default=None)

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from genflow.devices import device_name
+
 
 def _parse(rest) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m genflow.bench multiview")
@@ -94,7 +96,6 @@ def run_point(mode: str, views: int, objects: int, resolution: int, stage: int, 
 
 def bench_multiview(args) -> dict:
     """Entry point used by ``python -m genflow.bench multiview``; returns the JSON-able result."""
-    from genflow.bench import device_name
 
     opts = _parse(getattr(args, "rest", None))
     steps, warmup = getattr(args, "steps", 10), getattr(args, "warmup", 2)

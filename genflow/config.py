@@ -56,16 +56,11 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 
 def validate(cfg: DictConfig) -> None:
     """Checks that need the whole configuration, run before anything is built."""
-    model = cfg.get("model") or {}
-    target = str(model.get("_target_", ""))
-    if target.endswith("PFGMPP") and model.get("D") is not None:
-        D = float(model.D)
-        if D <= 2 and not (cfg.get("allow_heavy_tails") or model.get("allow_heavy_tails")):
-            raise config_error(
-                f"D={model.D} gives PFGM++ a kernel with infinite second moment",
-                "for D <= 2 (D = 1 is the original PFGM) the noise norm has heavy tails: E||n||^2 = inf, "
-                "training is unstable and the sigma alignment r = sigma*sqrt(D) no longer matches EDM",
-                "use D > 2 (the paper's best are 128 and 2048), or opt in with allow_heavy_tails=true")
+    if cfg.get("model") is not None:
+        method = build_method(cfg)  # the method checks its own settings (e.g. PFGM++'s D <= 2 opt-in); cheap
+        solver = (cfg.get("sample") or {}).get("solver")
+        if solver is not None:
+            method.check_solver(str(solver))  # before training, not at the first sample grid
     for key in ("ckpt_path", "init_from"):
         value = cfg.get(key)
         if value not in (None, "last") and not Path(str(value)).expanduser().is_file():
@@ -120,7 +115,7 @@ def build(cfg: DictConfig, *, prepare: bool = True):
     dm = build_data(cfg)
     net = build_net(cfg, dm)
     method = build_method(cfg)
-    if prepare and hasattr(method, "prepare"):
+    if prepare:
         method.prepare(dm)
     optim = cfg.get("optim", {})
     module = GenerativeModule(net, method, config=to_container(cfg), optimizer=optim.get("name", "adam"),

@@ -162,9 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dm.setup()
     result = {"ckpt": str(args["ckpt"]), "model": str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1],
               "data": getattr(dm, "name", "?")}
-    if cfg.model.get("D") is not None:
-        D = float(cfg.model.D)
-        result["D"] = "inf" if D == float("inf") else (int(D) if D.is_integer() else D)
+    result.update({k: v for k, v in module.method.describe().items() if k != "method"})
     if want_fid:
         # build the extractor first: a missing weight file fails before any sampling
         result.update(run_fid(module, dm, cfg, fid, device, progress))

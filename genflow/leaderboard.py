@@ -188,18 +188,20 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, fi
     out["steps"] = steps
     out["solver"] = solver
     out["config"] = cfg
+    out["describe"] = module.method.describe()
     out["dataset"] = getattr(dm, "name", type(dm).__name__.lower())
     return out
 
 
-def _d_or_path(cfg, entry: dict, method: str):
-    """PFGM++'s D (EDM is its D = inf limit), a flow's probability path, or None."""
-    if entry.get("path") is not None:
-        return str(entry["path"])
-    if "D" in cfg.model:
-        D = cfg.model.D
-        return "inf" if D is None or float(D) == float("inf") else (int(D) if float(D).is_integer() else float(D))
-    return "inf" if method == "EDM" else None
+def _settings(describe: dict):
+    """The method's own settings for the row (``Method.describe`` minus its name): PFGM++'s D (EDM is
+    D = inf), a flow's path, ...; one setting is shown as its value."""
+    rest = {k: v for k, v in describe.items() if k != "method"}
+    if not rest:
+        return None
+    if len(rest) == 1:
+        return next(iter(rest.values()))
+    return ", ".join(f"{k}={v}" for k, v in rest.items())
 
 
 def _fmt(v: Any) -> str:
@@ -265,7 +267,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         cfg = ev.pop("config")
         method = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
         rows.append({
-            "name": entry["name"], "method": method, "D/path": _d_or_path(cfg, entry, method),
+            "name": entry["name"], "method": method, "D/path": _settings(ev.pop("describe")),
             "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
             "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
             "precision": ev["fid_precision"],

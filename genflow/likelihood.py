@@ -33,12 +33,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from genflow.errors import ConfigError, config_error
+from genflow.methods.base import GaussianMarginal
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -75,124 +75,23 @@ def add_instance_noise(x: Tensor, sigma: float, generator: torch.Generator | Non
 
 
 # ------------------------------------------------------------------------------- Gaussian kernels
-@dataclass
-class GaussianKernel:
-    """The method's marginal at time t is alpha(t) (data + rho(t) eps), rho = sigma/alpha.
-
-    (Flow matching on normalised data adds (1 - alpha) shift.) ``t_data``/``t_prior`` are the two ends of the ODE; ``t_clean`` is where the clean likelihood starts
-    (EDM: sigma_min, since the ODE is singular at sigma = 0).
-    """
-
-    name: str
-    alpha: Callable[[float], float]
-    sigma: Callable[[float], float]
-    t_data: float
-    t_prior: float
-    t_clean: float
-    closed_form: Callable[[float], float] | None = None
-    shift: Tensor | float = 0.0   # x_t = alpha x + (1 - alpha) shift + ...: a normalising flow's data mean
-
-    def rho(self, t: float) -> float:
-        a = self.alpha(t)
-        return self.sigma(t) / a if a > 0 else math.inf
-
-    def time_for(self, sigma0: float) -> float:
-        """t0 with rho(t0) = sigma0 (closed form where known, else bisection; rho is monotone)."""
-        lo_rho, hi_rho = self.rho(self.t_data), self.rho(self.t_prior)
-        if sigma0 < lo_rho * (1 - 1e-9):
-            raise config_error(
-                f"sigma0={sigma0} is below this path's smallest noise level {lo_rho:g} ({self.name})",
-                "the model's density at its data end is already the data perturbed by that much noise; "
-                "a smaller perturbation is not contained in the path",
-                f"use sigma0 >= {lo_rho:g}, or a model trained with a smaller sigma_min")
-        if sigma0 > hi_rho:
-            raise config_error(f"sigma0={sigma0} exceeds the path's largest noise level {hi_rho:g} ({self.name})",
-                               "there is no time on the path with that much noise",
-                               "use a smaller sigma0 (typical: 0.01-0.1 for data in [-1, 1])")
-        if sigma0 <= lo_rho:
-            return self.t_data
-        if self.closed_form is not None:
-            return self.closed_form(sigma0)
-        a, b = self.t_data, self.t_prior
-        for _ in range(200):  # rho increases from t_data to t_prior, whichever way time runs
-            m = 0.5 * (a + b)
-            if self.rho(m) < sigma0:
-                a = m
-            else:
-                b = m
-        return 0.5 * (a + b)
+#: the sigma0 <-> t0 map of a Gaussian path; each method states its own (``Method.gaussian_marginal``)
+GaussianKernel = GaussianMarginal
 
 
-def gaussian_kernel(method) -> GaussianKernel:
-    """The Gaussian perturbation kernel of ``method`` (the sigma0 <-> t0 map), or a clear error.
-
-    Keyed on public attributes: EDM/PFGM++ (``D``, ``sigma_min``, ``sigma_max``, time = sigma), isotropic
-    VP diffusions (``alpha_bar``, ``one_minus_alpha_bar``; SPD's ``per_frequency`` schedule is refused),
-    flow matching (``path``, ``schedule(t)`` -> alpha_t, sigma_t incl. sigma_min; ``shift``/``scale`` of
-    ``normalize=True``; data at t = 1).
-    """
-    name = type(method).__name__
-    if hasattr(method, "sigma_min") and hasattr(method, "sigma_max") and getattr(method, "time_name", "") == "sigma":
-        D = float(getattr(method, "D", math.inf))
-        if math.isfinite(D):
-            raise config_error(
-                f"sigma0-perturbed likelihood requested for PFGM++ with D={D:g}",
-                "its perturbation kernel is a heavy-tailed multivariate t, not N(0, sigma0^2 I), so no time on "
-                "the path holds the Gaussian-perturbed data law (only D=inf, i.e. EDM, does)",
-                "evaluate the clean likelihood (drop sigma0), or train with D=inf (model=edm) for "
-                "perturbed likelihoods")
-        return GaussianKernel(name, alpha=lambda t: 1.0, sigma=lambda t: t, t_data=0.0,
-                              t_prior=float(method.sigma_max), t_clean=float(method.sigma_min),
-                              closed_form=lambda s: s)
-    if getattr(method, "per_frequency", False) or "spd" in name.lower() or "shortestpath" in name.lower():
+def gaussian_kernel(method) -> GaussianMarginal:
+    """The method's Gaussian perturbation path (the sigma0 <-> t0 map), or a clear error where it has none."""
+    kernel = method.gaussian_marginal()
+    if kernel is None:
+        described = ", ".join(f"{k}={v}" for k, v in method.describe().items() if k != "method")
         raise config_error(
-            f"sigma0-perturbed likelihood requested for {name}",
-            "shortest-path diffusion perturbs with frequency-dependent (coloured) noise, so no time on its path "
+            f"sigma0-perturbed likelihood requested for {method.describe()['method']}"
+            + (f" ({described})" if described else ""),
+            "its perturbation is not N(alpha x, sigma^2 I) at any time (heavy-tailed kernel such as PFGM++ with "
+            "finite D, coloured noise such as SPD, or an anisotropic normalisation), so no time on the path "
             "holds the data law convolved with white N(0, sigma0^2 I)",
-            "evaluate the clean likelihood (drop sigma0), or use EDM / DDPM / a Gaussian flow path")
-    if callable(getattr(method, "alpha_bar", None)) and callable(getattr(method, "one_minus_alpha_bar", None)):
-        # isotropic VP diffusion (DDPM), time s: 0 = data, 1 = noise; x_s = sqrt(abar) x + sqrt(1 - abar) eps
-        grid = method.time_grid(1)
-        return GaussianKernel(name, alpha=lambda s: math.sqrt(float(method.alpha_bar(s))),
-                              sigma=lambda s: math.sqrt(float(method.one_minus_alpha_bar(s))), t_data=0.0,
-                              t_prior=float(grid[0]), t_clean=float(grid[-1]))
-    schedule = getattr(method, "schedule", None)
-    if callable(schedule) and hasattr(method, "path"):
-        # flow matching, t: 0 = noise, 1 = data; in data space x_t = alpha_t x + (1 - alpha_t) shift +
-        # scale sigma_t eps (``normalize=True`` works on z = (x - shift)/scale; sigma_min is in schedule)
-        scale = torch.as_tensor(getattr(method, "scale", 1.0), dtype=torch.float64)
-        if scale.numel() > 1 and not bool((scale == scale.flatten()[0]).all()):
-            raise config_error(f"sigma0-perturbed likelihood for {name} with per-dimension normalisation",
-                               "its noise is anisotropic in data space, so no time holds data + N(0, sigma0^2 I)",
-                               "train with model.normalize=false (or a scalar scale) for perturbed likelihoods")
-        c = float(scale.flatten()[0])
-        shift = getattr(method, "shift", 0.0)
-
-        def coeffs(t: float) -> tuple[float, float]:
-            out = schedule(torch.tensor(t, dtype=torch.float64))
-            return float(out.alpha_t), c * float(out.sigma_t)
-
-        grid = method.time_grid(1)
-        t_prior, t_data = float(grid[0]), float(grid[-1])
-        closed = None
-        if type(method.path).__name__ == "CondOT" and float(getattr(method, "sigma_min", 0.0)) == 0.0:
-            closed = lambda s: c / (c + s)  # alpha = t, sigma = c (1 - t): delta = s / (c + s)
-        return GaussianKernel(f"{name}/{type(method.path).__name__}", alpha=lambda t: coeffs(t)[0],
-                              sigma=lambda t: coeffs(t)[1], t_data=t_data, t_prior=t_prior, t_clean=t_data,
-                              closed_form=closed, shift=shift)
-    raise config_error(f"sigma0-perturbed likelihood is not defined for {name}",
-                       "genflow only knows the Gaussian kernel of EDM, affine-path flows and VP diffusions",
-                       "evaluate the clean likelihood (drop sigma0)")
-
-
-def _clean_interval(method) -> tuple[float, float]:
-    """(t_start, t_prior) for the clean likelihood of any method: its own grid ends, with a sigma-time
-    method starting at sigma_min (its ODE is singular at sigma = 0)."""
-    grid = method.time_grid(1)
-    t_prior, t_data = float(grid[0]), float(grid[-1])
-    if t_data == 0.0 and getattr(method, "time_name", "") == "sigma":
-        t_data = float(method.sigma_min)
-    return t_data, t_prior
+            "evaluate the clean likelihood (drop sigma0), or use EDM (PFGM++ D=inf) / DDPM / a Gaussian flow path")
+    return kernel
 
 
 # --------------------------------------------------------------------------------- divergences
@@ -275,7 +174,7 @@ def likelihood_solve(method, net, x: Tensor, sigma0: float | None = None, *, con
 
     _check_args(divergence, probe, probes, solver, steps, sigma0)
     if sigma0 is None:
-        t_start, t_end = _clean_interval(method)
+        t_start, t_end = method.likelihood_interval()
         scale, shift, log_jac = 1.0, 0.0, 0.0
     else:
         kernel = gaussian_kernel(method)

@@ -128,6 +128,7 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float) -> dict:
         "last_checkpoint": str(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None,
         "grid": str(grid),
         "model": cfg.model._target_.rsplit(".", 1)[-1],
+        **{k: v for k, v in module.method.describe().items() if k != "method"},
         "data": dm.name,
         "steps": steps,
         # the training loop after its warm-up steps, timed as genflow.bench train-step times a step

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from genflow.errors import config_error, exit_on_error
 
-USAGE = ("usage: python sample.py ckpt=PATH [num=64] [seeds=0-63] [steps=18] [solver=heun|euler|dopri5] "
+USAGE = ("usage: python sample.py ckpt=PATH [num=64] [seeds=0-63] [steps=18] [solver=heun|euler|dopri5|stochastic|ancestral] "
          "[out=DIR] [guidance=W] [batch=256] [device=cpu|cuda] [class=K] [reference=IMAGE.png]")
 KEYS = {"ckpt", "num", "seeds", "steps", "solver", "out", "guidance", "batch", "device", "class", "reference",
         "progress", "precision"}
@@ -33,14 +33,10 @@ def parse_args(argv: list[str]) -> dict:
 def main(argv: list[str]) -> dict:
     from genflow.config import module_from_checkpoint
     from genflow.sampling import parse_seeds, sample_conditions, save_grid, to_uint8
-    from genflow.solvers import SOLVERS
     from genflow.training.module import check_finite_weights
 
     args = parse_args(argv)
     solver = args.get("solver", "heun")
-    if solver not in SOLVERS + ("ancestral",):
-        raise config_error(f"unknown solver {solver!r}", "the shared solvers are euler, heun and dopri5 "
-                           "(SPD/DDPM add ancestral)", "use solver=heun")
     steps = int(args.get("steps", 18))
     if steps < 1:
         raise config_error(f"steps={steps}", "at least one step is needed", "use e.g. steps=18")
@@ -56,11 +52,14 @@ def main(argv: list[str]) -> dict:
 
     module, dm, cfg = module_from_checkpoint(args["ckpt"], device=device)
     check_finite_weights(module, f"checkpoint {args['ckpt']}")
+    module.method.check_solver(solver)  # each method lists the samplers it offers
     shape = tuple(dm.data_shape)
     if "reference" in args:
-        from genflow.data.multiview import inference_cond
-
-        cond = inference_cond(args["reference"], cfg.data, device, num=len(seeds))
+        if not hasattr(dm, "reference_cond"):
+            raise config_error(f"reference= given for a model trained on {getattr(dm, 'name', 'this data')}",
+                               "only multi-view models are conditioned on a reference image",
+                               "drop reference=, or use a checkpoint trained with data=multiview")
+        cond = dm.reference_cond(args["reference"], seeds, device)
     elif "class" in args:
         if not dm.num_classes:
             raise config_error("class= given for an unconditional model", "the checkpoint has no class input",
@@ -95,11 +94,8 @@ def main(argv: list[str]) -> dict:
     else:
         np.savez(out / "samples.npz", samples=samples.cpu().numpy(), seeds=np.asarray(seeds))
     if "reference" in args and Path(str(args["reference"])).suffix.lower() not in (".pt", ".pth", ".npy"):
-        from genflow.data.multiview import load_reference_image, save_views
-
         # one row per seed: the reference image, then the generated views
-        reference = load_reference_image(args["reference"], samples.shape[-1])
-        result["grid"] = str(save_views(out / "grid.png", samples, reference))
+        result["grid"] = str(dm.save_reference_grid(out / "grid.png", samples, args["reference"]))
     else:
         result["grid"] = str(save_grid(samples, out / "grid.png"))
     result["npz"] = str(out / "samples.npz")

@@ -71,13 +71,17 @@ def _select(cond: dict | None, lo: int, hi: int) -> dict | None:
 @torch.no_grad()
 def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
              solver: str = "heun", cond: dict | None = None, guidance: float | None = None,
-             batch_size: int = 256, device=None, progress: bool = False, precision: str = "fp32") -> Tensor:
+             batch_size: int = 256, device=None, progress: bool = False, precision: str = "fp32",
+             solver_options: dict | None = None) -> Tensor:
     """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``.
 
     ``precision`` is the network's arithmetic: ``fp32`` (EDM's protocol, the default wherever numbers are
     compared with papers: TF32 is off for matmuls and convolutions, whatever trainer.matmul_precision set)
     or ``bf16`` (autocast; an explicit, faster choice). The sampler state stays float64.
+    ``solver`` is any sampler ``method.solvers()`` offers; ``solver_options`` override the method's own
+    (e.g. EDM's churn: {"S_churn": 40, ...}). Each image's generator also drives its sampler noise.
     """
+    method.check_solver(solver)
     device = torch.device(device or "cpu")
     seeds = list(seeds)
     use_autocast = check_precision(precision) == "bf16"
@@ -93,7 +97,7 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
         noise = method.prior_sample((len(batch), *shape), generator=gens, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), full_fp32(not use_autocast):
             x = method.sample(net, noise, steps=steps, solver=solver, cond=_select(cond, lo, lo + len(batch)),
-                              guidance=guidance, generator=gens)
+                              guidance=guidance, generator=gens, **(solver_options or {}))
         out.append(x.float())
     return torch.cat(out)
 
@@ -116,7 +120,8 @@ def full_fp32(enabled: bool = True):
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 with EDM's rounding: clip(127.5 x + 128, 0, 255)."""
+    """[-1, 1] floats -> uint8 with EDM's rounding: clip(127.5 x + 128, 0, 255); the one conversion used
+    for PNGs, grids and FID features."""
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 

@@ -173,6 +173,60 @@ def test_heun_sampler_matches_edm_algorithm1():
     torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+def _edm_algorithm2(net, latents, steps, S_churn, S_tmin, S_tmax, S_noise, gens):
+    """EDM's stochastic sampler (Algorithm 2), written out from the paper, float64 throughout; the
+    noise eps_i ~ N(0, S_noise^2 I) of each step is drawn from each sample's own generator."""
+    i = torch.arange(steps, dtype=torch.float64)
+    t = (80 ** (1 / 7) + i / (steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+    def D(x, s):
+        sc = torch.full((x.shape[0],) + (1,) * (x.ndim - 1), float(s), dtype=torch.float64)
+        c_skip, c_out = SD ** 2 / (sc ** 2 + SD ** 2), sc * SD / (sc ** 2 + SD ** 2).sqrt()
+        return c_skip * x + c_out * net(x / (sc ** 2 + SD ** 2).sqrt(), sc.flatten().log() / 4)
+
+    x = latents.double()
+    for k in range(steps):
+        gamma = min(S_churn / steps, math.sqrt(2) - 1) if S_tmin <= t[k] <= S_tmax else 0.0
+        eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in gens]) * S_noise
+        t_hat = t[k] + gamma * t[k]
+        x_hat = x + (t_hat ** 2 - t[k] ** 2).sqrt() * eps
+        d = (x_hat - D(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t[k + 1] - t_hat) * d
+        if t[k + 1] != 0:
+            d_prime = (x_next - D(x_next, t[k + 1])) / t[k + 1]
+            x_next = x_hat + (t[k + 1] - t_hat) * (0.5 * d + 0.5 * d_prime)
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("churn", [(40.0, 0.05, 50.0, 1.003), (10.0, 0.0, math.inf, 1.0), (0.0, 0.0, math.inf, 1.0)])
+def test_stochastic_sampler_matches_edm_algorithm2(churn):
+    S_churn, S_tmin, S_tmax, S_noise = churn
+    m = EDM(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
+    noise = m.prior_sample((3, 2, 3, 3), generator=torch.Generator().manual_seed(3)).double()
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    ours = m.sample(tiny_net, noise, steps=12, solver="stochastic", generator=gens())
+    ref = _edm_algorithm2(tiny_net, noise, 12, S_churn, S_tmin, S_tmax, S_noise, gens())
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    heun = m.sample(tiny_net, noise, steps=12, solver="heun")
+    if S_churn == 0:  # no churn is Algorithm 1
+        torch.testing.assert_close(ours, heun, rtol=1e-10, atol=1e-10)
+    else:
+        assert (ours - heun).abs().max() > 1e-3
+
+
+def test_dopri5_ignores_steps_and_agrees_with_fine_heun():
+    """dopri5 integrates sigma_max -> sigma_min adaptively, then x = D(x; sigma_min), whatever ``steps``."""
+    m = EDM(sigma_max=10.0)
+    noise = m.prior_sample((3, 2, 3, 3), generator=torch.Generator().manual_seed(4)).double()
+    one = m.solve(tiny_net, noise, steps=1, solver="dopri5")
+    many = m.solve(tiny_net, noise, steps=18, solver="dopri5")
+    assert torch.equal(one.x, many.x) and one.nfe == many.nfe > 8
+    fine = m.sample(tiny_net, noise, steps=400, solver="heun")
+    torch.testing.assert_close(one.x, fine, atol=2e-3, rtol=0)
+
+
 def test_prior_and_log_prob_are_gaussian_at_sigma_max():
     m = EDM(sigma_max=10.0)
     x = m.prior_sample((4000, 8), generator=torch.Generator().manual_seed(0)).double()

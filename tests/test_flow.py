@@ -44,7 +44,7 @@ def test_analytic_velocity_sampling(name):
     # on Gaussian data the KO path has sqrt singularities at both ends (alpha ~ sqrt(t), sigma ~ sqrt(1-t)):
     # dopri5 needs a tight tolerance and fixed-step solvers drop to first order (see the slow test below)
     out = integrate(lambda y, t: method.velocity(net, y, t), noise[:64], method.time_grid(1), solver="dopri5",
-                    atol=1e-8, rtol=1e-8)
+                    atol=1e-8, rtol=1e-8).x
     torch.testing.assert_close(out, exact[:64], atol=1e-4, rtol=0)
     if name != "ko":
         torch.testing.assert_close(method.sample(net, noise, steps=200, solver="heun"), exact, atol=2e-3, rtol=0)
@@ -102,7 +102,7 @@ def test_retimed_sampling_matches_original(target):
     retimed = base.retimed(make_path(target))
     ref = base.sample(net, noise, steps=1, solver="dopri5")
     out = integrate(lambda y, t: retimed.velocity(net, y, t), noise, retimed.time_grid(1), solver="dopri5",
-                    atol=1e-7, rtol=1e-7)
+                    atol=1e-7, rtol=1e-7).x
     torch.testing.assert_close(out, ref, atol=3e-4, rtol=0)
 
 

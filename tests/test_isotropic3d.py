@@ -117,11 +117,17 @@ def test_toy_datamodule_batches(toy):
     assert torch.equal(again.val_tensor(), toy.val_tensor())     # toy objects do not depend on the training seed
 
 
-def test_reference_pose_view0_copies_target_zero():
-    dm = MultiView(num_objects=4, views=4, resolution=16, reference_pose="view0", val_fraction=0.0)
+@pytest.mark.parametrize("pose", ["random", "front"])
+def test_reference_is_a_separate_render(pose):
+    """The reference is never one of the targets (the net could copy it); view0 mode is refused."""
+    dm = MultiView(num_objects=4, views=4, resolution=16, reference_pose=pose, val_fraction=0.0)
     data = dm.all_objects()
-    torch.testing.assert_close(data["reference"], data["x"][:, 0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(data["reference_camera"], data["camera"][:, 0])
+    diff = (data["reference"][:, None] - data["x"]).abs().flatten(2).amax(2)      # (objects, views)
+    assert bool((diff > 0.05).all())
+    cam_diff = (data["reference_camera"][:, None] - data["camera"]).abs().flatten(2).amax(2)
+    assert bool((cam_diff > 1e-3).all())
+    with pytest.raises(ConfigError, match="copy of target"):
+        MultiView(num_objects=4, views=4, resolution=16, reference_pose="view0")
 
 
 def test_folder_format_round_trip(tmp_path, toy):
@@ -147,6 +153,11 @@ def test_folder_format_round_trip(tmp_path, toy):
     torch.testing.assert_close(got["reference"], data["reference"][:3], atol=1.01 / 127.5, rtol=0)
     with pytest.raises(ConfigError, match="views"):
         MultiView(root=str(tmp_path), views=5, resolution=16).all_objects()
+    meta = json.loads((tmp_path / "obj0" / "cameras.json").read_text())
+    del meta["reference"]
+    (tmp_path / "obj0" / "cameras.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="no \"reference\" entry"):
+        MultiView(root=str(tmp_path), views=4, resolution=16).all_objects()
 
 
 def test_inference_cond_and_side_by_side_writer(tmp_path, toy):
@@ -238,8 +249,7 @@ def test_reference_lowers_heldout_error_at_high_noise():
     dm = MultiView(num_objects=400, views=4, resolution=8, reference_pose="random", val_fraction=0.15)
     dm.setup()
     net = MultiViewUNet(data_shape=dm.data_shape, embedding_dim=8, model_channels=16, channel_mult=(1, 2),
-                        attn_resolutions=(8, 4), channels_per_head=16, p_drop_emb=0.0, p_drop_ref=0.5,
-                        reference_input_scale=2.0)
+                        attn_resolutions=(8, 4), channels_per_head=16, p_drop_emb=0.0, p_drop_ref=0.5)
     edm = EDM(P_mean=0.0, P_std=1.2)                         # emphasise the noise levels the test looks at
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     x_tr, c_tr = dm.train_tensor(), dm.train_cond()

@@ -135,6 +135,23 @@ def test_circle_data():
     assert dm.data_shape == (3,) and dm.val_tensor().shape == (20, 3) and dm.num_classes == 0
 
 
+def test_instance_noise_fixed_perturbs_each_point_once():
+    """Chae et al.: Y_i = X_i + s~ eps_i drawn once (``fixed``, the default); ``fresh`` redraws every batch."""
+    dm = Circle(n=400, D=2, seed=3, val_fraction=0.0, instance_noise=0.1, batch_size=50)
+    x, y = dm.train_tensor(), dm.fit_dataset().x
+    assert dm.instance_noise_mode == "fixed" and torch.equal(dm.fit_dataset().x, y)   # the same every epoch
+    eps = (y - x) / 0.1
+    assert abs(float(eps.mean())) < 4 / math.sqrt(eps.numel()) and abs(float(eps.std()) - 1) < 4 / math.sqrt(2 * eps.numel())
+    again = Circle(n=400, D=2, seed=3, val_fraction=0.0, instance_noise=0.1).fit_dataset().x
+    assert torch.equal(again, y)                                                    # seeded: resumes and ranks agree
+    batch = next(iter(dm.train_dataloader()))[0]
+    assert all(bool((y == row).all(1).any()) for row in batch)                      # batches hold the fixed points
+    fresh = Circle(n=400, D=2, seed=3, val_fraction=0.0, instance_noise=0.1, instance_noise_mode="fresh")
+    assert torch.equal(fresh.fit_dataset().x, x)                                    # noise added per batch instead
+    with pytest.raises(ConfigError, match="instance_noise_mode"):
+        Circle(n=10, instance_noise_mode="sometimes")
+
+
 def test_beta_circle_density_converges_and_integrates():
     """Quadrature over the Beta angle: the midpoint rule's O(1/M^2) error (the Beta(2, 5) density has a kink
     where the angle wraps) is below 1e-4 nats at 4096 nodes, and the density of the

@@ -19,7 +19,8 @@ from genflow.metrics import (
     reference_stats,
     resolve_inception_path,
 )
-from genflow.metrics.features import INCEPTION_FILE, to_uint8
+from genflow.metrics.features import INCEPTION_FILE
+from genflow.sampling import to_uint8
 
 
 def _random_spd(rng, d, scale=1.0):

@@ -43,6 +43,8 @@ def make_batch(seed=0, b=B, v=V, reference=True):
     if reference:
         cond["reference"] = torch.randn(b, C, R, R, generator=g, dtype=torch.float64)
         cond["reference_camera"] = torch.stack([get_camera(1, 20.0, float(i * 40))[0] for i in range(b)]).double()
+        # what a Method adds (Method.net_cond) when the net is called directly
+        cond["reference_noise_label"] = torch.full((b,), math.log(0.002) / 4, dtype=torch.float64)
     x = torch.randn(b, v, C, R, R, generator=g, dtype=torch.float64)
     label = torch.randn(b, generator=g, dtype=torch.float64)
     return x, label, cond
@@ -154,28 +156,43 @@ def test_single_token_cross_attention_is_position_independent():
 
 
 # -------------------------------------------------------------- 6. the reference is noise-free
-@pytest.mark.parametrize("slot,timestep,camera", [("last", "zero", "pose"), ("first", "shared", "zero")])
-def test_reference_frame_is_clean_with_configured_label_and_camera(slot, timestep, camera):
-    net = make_net(reference_slot=slot, reference_timestep=timestep, reference_camera=camera,
-                   reference_input_scale=2.0)
+def _clean_end(name):
+    """(method, input scale, noise label) of clean data at each method's data end, written out by hand."""
+    from genflow.methods import DDPM, FlowMatching
+
+    if name == "edm":
+        return EDM(), 1 / math.sqrt(0.002 ** 2 + 0.5 ** 2), math.log(0.002) / 4
+    if name == "flow":
+        return FlowMatching("condot"), 1.0, 1.0
+    return DDPM(T=1000), 1.0, 1000 * (1 / 1000)
+
+
+@pytest.mark.parametrize("slot,timestep,camera,method", [("last", "zero", "pose", "edm"),
+                                                         ("first", "shared", "zero", "edm"),
+                                                         ("last", "zero", "pose", "flow"),
+                                                         ("last", "zero", "zero", "ddpm")])
+def test_reference_frame_is_the_methods_clean_end(slot, timestep, camera, method):
+    """The reference is fed as the running method feeds clean data (it once got EDM's c_in and label under
+    every method: flow matching's reference saw label -1.55 and twice the amplitude)."""
+    net = make_net(reference_slot=slot, reference_timestep=timestep, reference_camera=camera)
+    method, scale, clean_label = _clean_end(method)
     x, label, cond = make_batch()
     frames, h1 = capture(net.conv_in)
     labels, h2 = capture(net.noise_embed)
     cams, h3 = capture(net.camera_mlp)
-    edm = EDM()
     seen = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        edm.loss(net, x, cond)
+        method.loss(net, x, cond)
         f = frames["value"].reshape(B, V + 1, C, R, R)
         ref_i = 0 if slot == "first" else V
         seen.append(f[:, ref_i].clone())
-        assert torch.equal(f[:, ref_i], 2.0 * cond["reference"])        # bit-for-bit, whatever the noise
+        torch.testing.assert_close(f[:, ref_i], scale * cond["reference"], atol=1e-6, rtol=1e-6)  # whatever the noise
         lab = labels["value"].reshape(B, V + 1)
         tgt = lab[:, 1:] if slot == "first" else lab[:, :V]
         assert torch.equal(tgt, tgt[:, :1].expand_as(tgt))               # one noise level per object
-        want = tgt[:, 0] if timestep == "shared" else torch.full((B,), net.reference_noise_label, dtype=lab.dtype)
-        torch.testing.assert_close(lab[:, ref_i], want, atol=0, rtol=0)
+        want = tgt[:, 0] if timestep == "shared" else torch.full((B,), clean_label, dtype=lab.dtype)
+        torch.testing.assert_close(lab[:, ref_i], want, atol=1e-6, rtol=1e-6)
         cam = cams["value"].reshape(B, V + 1, 16)
         want_cam = flatten_cameras(cond["reference_camera"]) if camera == "pose" else torch.zeros(B, 16, dtype=cam.dtype)
         torch.testing.assert_close(cam[:, ref_i], want_cam, atol=0, rtol=0)

@@ -7,7 +7,8 @@ from scipy.interpolate import PchipInterpolator
 
 from genflow.errors import ConfigError
 from genflow.methods import CondOT, Cosine, KineticOptimal, SchedulerOutput, VP
-from genflow.methods.paths import hermite, make_scheduler, pchip_slopes
+from genflow.methods.paths import make_scheduler
+from genflow.methods.splines import hermite, pchip_slopes
 
 from gauss_lambda import GaussLambda
 

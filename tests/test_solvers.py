@@ -1,5 +1,5 @@
 """genflow.solvers on linear ODEs with closed-form solutions: orders of convergence, NFE accounting,
-dopri5 accuracy, float64 state, grid/solver validation."""
+dopri5 accuracy and per-sample step control, float64 state, grid/solver validation, the registry."""
 import math
 
 import pytest
@@ -17,7 +17,7 @@ def linear(x, t):
 def error(solver, steps, *, t0=0.0, t1=1.0, **kw):
     x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
     grid = torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
-    out = solvers.integrate(linear, x0, grid, solver=solver, **kw)
+    out = solvers.integrate(linear, x0, grid, solver=solver, **kw).x
     return float((out - x0 * math.exp(A * (t1 - t0))).abs().max())
 
 
@@ -44,29 +44,44 @@ def test_nonuniform_grid_is_followed():
     assert seen == grid[:-1].tolist()
     h = grid.diff()
     expect = x0 * torch.prod(1 + A * h)
-    torch.testing.assert_close(solvers.integrate(linear, x0, grid, solver="euler"), expect)
+    torch.testing.assert_close(solvers.integrate(linear, x0, grid, solver="euler").x, expect)
 
 
 @pytest.mark.parametrize("final_correction,expect", [(True, 20), (False, 19)])
 def test_heun_nfe_accounting(final_correction, expect):
     calls = []
     grid = torch.linspace(1.0, 0.0, 11, dtype=torch.float64)
-    solvers.integrate(lambda x, t: calls.append(float(t)) or linear(x, t), torch.ones(2), grid, solver="heun",
-                      final_correction=final_correction)
-    assert len(calls) == expect == solvers.nfe("heun", 10, final_correction=final_correction)
+    sol = solvers.integrate(lambda x, t: calls.append(float(t)) or linear(x, t), torch.ones(2), grid, solver="heun",
+                            final_correction=final_correction)
+    assert len(calls) == expect == sol.nfe == solvers.ode_nfe("heun", 10, final_correction=final_correction)
     if not final_correction:
         assert 0.0 not in calls  # the velocity is never evaluated at the grid's end
-    assert solvers.nfe("euler", 10) == 10
+    assert solvers.ode_nfe("euler", 10) == 10 and solvers.ode_nfe("dopri5", 10) is None
 
 
 def test_dopri5_accuracy_and_measured_nfe():
     calls = []
-    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    x0 = torch.tensor([[1.0], [-2.0]], dtype=torch.float64)
     grid = torch.tensor([0.0, 2.0], dtype=torch.float64)
-    out = solvers.integrate(lambda x, t: calls.append(float(t)) or linear(x, t), x0, grid, solver="dopri5",
+    sol = solvers.integrate(lambda x, t: calls.append(t.tolist()) or linear(x, t), x0, grid, solver="dopri5",
                             atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(out, x0 * math.exp(2 * A), rtol=1e-8, atol=1e-9)
-    assert solvers.nfe("dopri5", 1) == len(calls) == solvers.integrate.last_nfe > 6
+    torch.testing.assert_close(sol.x, x0 * math.exp(2 * A), rtol=1e-8, atol=1e-9)
+    assert sol.nfe == len(calls) > 6 and int(sol.nfe_per_sample.max()) == sol.nfe
+
+
+def test_dopri5_steps_each_sample_on_its_own():
+    """Per-sample step control: a stiff sample takes more steps than a gentle one, each sample's result is
+    the same alone as in a batch, and both match the closed form x(t) = x0 exp(a t)."""
+    rates = torch.tensor([-0.5, -40.0, -3.0], dtype=torch.float64)
+    x0 = torch.tensor([[1.0, 2.0], [1.0, -1.0], [0.5, 0.25]], dtype=torch.float64)
+    field = lambda r: (lambda x, t: r[:, None] * x)
+    grid = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    sol = solvers.integrate(field(rates), x0, grid, solver="dopri5", atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(sol.x, x0 * rates.exp()[:, None], rtol=1e-7, atol=1e-9)
+    assert sol.nfe_per_sample[1] > sol.nfe_per_sample[0]
+    for i in range(3):
+        alone = solvers.integrate(field(rates[i:i + 1]), x0[i:i + 1], grid, solver="dopri5", atol=1e-9, rtol=1e-9)
+        assert torch.equal(alone.x[0], sol.x[i]) and int(alone.nfe_per_sample[0]) == int(sol.nfe_per_sample[i])
 
 
 @pytest.mark.parametrize("grid", [[0.0, 1.0], [1.0, 0.0]])
@@ -74,7 +89,7 @@ def test_dopri5_never_evaluates_outside_the_grid(grid):
     # EDM's velocity is singular at sigma = 0, so stepping past the end and interpolating back is not an option
     seen = []
     g = torch.tensor([2.0 + 3 * grid[0], 2.0 + 3 * grid[1]], dtype=torch.float64)
-    solvers.integrate(lambda x, t: seen.append(float(t)) or linear(x, t), torch.ones(2, dtype=torch.float64), g,
+    solvers.integrate(lambda x, t: seen.extend(t.tolist()) or linear(x, t), torch.ones(2, dtype=torch.float64), g,
                       solver="dopri5", atol=1e-3, rtol=1e-3)
     assert min(seen) >= 2.0 - 1e-12 and max(seen) <= 5.0 + 1e-12
 
@@ -87,7 +102,7 @@ def test_state_is_float64_and_velocity_sees_caller_dtype():
         return torch.full_like(x, 1e-9)
 
     grid = torch.arange(1001, dtype=torch.float64)
-    out = solvers.integrate(tiny, torch.ones(4), grid, solver="euler")
+    out = solvers.integrate(tiny, torch.ones(4), grid, solver="euler").x
     assert out.dtype == torch.float32 and set(dtypes) == {(torch.float32, torch.float64, 0)}
     # 1000 increments of 1e-9 vanish in a float32 state (1 + 1e-9 == 1) but not in float64
     torch.testing.assert_close(out, torch.full((4,), 1 + 1e-6), rtol=0, atol=2e-7)
@@ -114,4 +129,76 @@ def test_validation_errors(solver, grid, match):
 
 def test_nfe_rejects_unknown_solver():
     with pytest.raises(ValueError, match="unknown solver"):
-        solvers.nfe("rk4", 10)
+        solvers.ode_nfe("rk4", 10)
+    with pytest.raises(ValueError, match="unknown solver"):
+        solvers.get("rk4")
+
+
+def test_registry_holds_every_methods_samplers():
+    from genflow.methods import DDPM, EDM, PFGMPP, FlowMatching
+
+    assert set(EDM().solvers()) == {"euler", "heun", "dopri5", "stochastic"}
+    assert "stochastic" not in PFGMPP(D=128).solvers() and "stochastic" in PFGMPP(D=None).solvers()
+    assert set(DDPM().solvers()) == {"ancestral", "euler", "heun", "dopri5"}
+    assert set(FlowMatching().solvers()) == {"euler", "heun", "dopri5"}
+    for m in (EDM(), DDPM(), FlowMatching()):
+        assert all(name in solvers.SAMPLERS for name in m.solvers())
+    assert EDM().nfe(18, "stochastic") == 35 and DDPM().nfe(20, "ancestral") == 20 and EDM().nfe(18, "dopri5") is None
+
+
+# ------------------------------------------------------------------ image i depends only on seed i
+class _TinyConvNet(torch.nn.Module):
+    """A small nonlinear field that mixes pixels (a 3x3 convolution) and reads the noise label."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.out = torch.nn.Conv2d(4, 1, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+
+    def forward(self, x, label, cond=None):
+        return self.out(torch.tanh(self.conv(x))) + 0.1 * x * torch.tanh(label.float()).reshape(-1, 1, 1, 1)
+
+
+def _per_seed_methods():
+    from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
+    from genflow.methods.spd import power_law_spectrum
+
+    return {"edm": EDM(sigma_max=20.0, S_churn=10.0, S_noise=1.003), "pfgmpp": PFGMPP(D=128, sigma_max=20.0),
+            "ddpm": DDPM(T=40), "spd": SPD(power_law_spectrum(1.59, 0.5, 2.0, 8, 8), T=40),
+            "flow": FlowMatching("condot")}
+
+
+@pytest.fixture
+def one_thread():
+    """Per-sample results can only be batch-independent if the net's are: on CPU a convolution split over
+    several threads rounds differently for different batch sizes (~1e-7), which dopri5's error estimate
+    (a difference of nearly equal stages) amplifies to its tolerance. One thread keeps the net bitwise
+    batch-independent, so the test sees the solvers alone (and a tiny net runs faster on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["edm", "pfgmpp", "ddpm", "spd", "flow"])
+def test_every_solver_png_depends_only_on_its_seed(name, one_thread):
+    """PNG bytes of seeds 0..5 drawn in one batch of 6 equal those drawn in batches of 4 + 2 and of 1,
+    for every sampler the method registers (dopri5's per-sample step control, the stochastic churn and
+    the ancestral noise included)."""
+    from torchvision.io import encode_png
+
+    from genflow.sampling import generate, to_uint8
+
+    method, net = _per_seed_methods()[name], _TinyConvNet()
+    seeds = list(range(6))
+    for solver in method.solvers():
+        pngs = []
+        for batch in (6, 4, 1):
+            x = generate(method, net, seeds, (1, 8, 8), steps=6, solver=solver, batch_size=batch)
+            pngs.append([bytes(encode_png(img).numpy()) for img in to_uint8(x)])
+        assert pngs[0] == pngs[1] == pngs[2], f"{name}/{solver}: an image changed with the batch size"
+        assert len(set(pngs[0])) == len(seeds)  # distinct seeds give distinct images

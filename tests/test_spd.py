@@ -14,8 +14,8 @@ import torch
 
 from genflow.errors import CheckpointError, ConfigError
 from genflow.methods import DDPM, SPD
-from genflow.methods.spd import (_negated, empirical_spectrum, estimate_spectrum, fit_power_law,
-                                 power_law_spectrum, radial_frequency)
+from genflow.methods.spectrum import (_negated, empirical_spectrum, estimate_spectrum, fit_power_law,
+                                      power_law_spectrum, radial_frequency)
 
 mp.mp.dps = 40
 F64 = torch.float64
@@ -352,7 +352,7 @@ def test_spectrum_estimator_recovers_known_constants(tmp_path, monkeypatch):
     assert float(fit[1]) == pytest.approx(c2, rel=4 * math.sqrt(2 / n) / m)
     radial = estimate_spectrum(x, "radial")
     assert list(tmp_path.glob("spd_spectrum_*_radial_*.safetensors"))
-    monkeypatch.setattr("genflow.methods.spd.empirical_spectrum", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr("genflow.methods.spectrum.empirical_spectrum", lambda *a, **k: pytest.fail("cache not used"))
     assert torch.equal(estimate_spectrum(x, "radial"), radial)   # second call: from the cache
     with pytest.raises(BaseException):
         estimate_spectrum(x[:-1], "radial")                      # different data -> different key

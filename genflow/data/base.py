@@ -1,8 +1,10 @@
 """The datamodule contract: batches are ``(x, cond)`` with ``cond`` a dict (possibly empty).
 
 Subclasses build tensors once (``_load``) and the base class turns them into loaders. Images are
-float32 NCHW in [-1, 1]; vectors (B, d). ``instance_noise`` adds fresh N(0, sigma^2) to every
-training batch (the noise-perturbed likelihood paper's regulariser), drawn on the batch's device.
+float32 NCHW in [-1, 1]; vectors (B, d). ``instance_noise`` perturbs the training points with
+N(0, sigma^2) (the noise-perturbed likelihood paper's regulariser): ``instance_noise_mode=fixed`` (the
+paper, Chae et al.: each training point perturbed once, Y_i = X_i + sigma eps_i, eps_i drawn from the
+data seed) or ``fresh`` (a new draw on every batch, on the batch's device).
 """
 from __future__ import annotations
 
@@ -76,6 +78,9 @@ class ResumableSampler(Sampler[int]):
             step += 1
 
 
+INSTANCE_NOISE_MODES = ("fixed", "fresh")
+
+
 class GenerativeDataModule(pl.LightningDataModule, ABC):
     #: name of the FID feature extractor that fits this data (see genflow.metrics)
     feature_extractor: str = "inception"
@@ -87,7 +92,7 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, conditional: bool = False,
                  instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0, augment_p: float = 0.0,
-                 on_device: bool = False):
+                 instance_noise_mode: str = "fixed", on_device: bool = False):
         super().__init__()
         if batch_size < 1:
             raise config_error(f"data.batch_size={batch_size} is not positive", "a batch needs at least one item",
@@ -95,6 +100,11 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         if instance_noise < 0:
             raise config_error(f"data.instance_noise={instance_noise} is negative", "it is a standard deviation",
                                "use data.instance_noise=0 (off) or a positive value such as 0.05")
+        if instance_noise_mode not in INSTANCE_NOISE_MODES:
+            raise config_error(f"data.instance_noise_mode={instance_noise_mode!r} is unknown",
+                               "instance noise perturbs each training point once (fixed, the paper's estimator) "
+                               "or anew on every batch (fresh)", "use data.instance_noise_mode=fixed or fresh")
+        self.instance_noise_mode = instance_noise_mode
         self.batch_size, self.num_workers, self.conditional = batch_size, num_workers, conditional
         self.instance_noise, self.val_fraction, self.seed = instance_noise, val_fraction, seed
         self._train = self._val = None
@@ -150,16 +160,32 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
         self.setup()
         return self._train.labels
 
+    def fit_dataset(self) -> Dataset:
+        """What training draws from: the training set, each point perturbed once with
+        ``instance_noise_mode=fixed`` (noise drawn from the data seed, so identical on every rank and resume)."""
+        self.setup()
+        if not (self.instance_noise > 0 and self.instance_noise_mode == "fixed"):
+            return self._train
+        if getattr(self, "_fit", None) is None:
+            import copy
+
+            x = self._train.x
+            eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7), dtype=x.dtype)
+            self._fit = copy.copy(self._train)
+            self._fit.x = x + self.instance_noise * eps
+        return self._fit
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        fit = self.fit_dataset()
         trainer = self.trainer
         rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
-        batch = min(self.batch_size, len(self._train) // world)
-        sampler = ResumableSampler(len(self._train), batch, self.seed, start_step=step, rank=rank, world_size=world)
-        data, workers = self._train, self.num_workers
+        batch = min(self.batch_size, len(fit) // world)
+        sampler = ResumableSampler(len(fit), batch, self.seed, start_step=step, rank=rank, world_size=world)
+        data, workers = fit, self.num_workers
         if self.on_device and trainer is not None and trainer.strategy.root_device.type == "cuda":
             if self._train_on_device is None:
-                self._train_on_device = self._train.to(trainer.strategy.root_device)
+                self._train_on_device = fit.to(trainer.strategy.root_device)
             data, workers = self._train_on_device, 0
         return DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True,
                           collate_fn=_batched_collate(data),
@@ -176,7 +202,8 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
             x, cond = batch
             x, aug = self.augment(x)
             batch = (x, {**(cond or {}), "augment": aug})
-        if self.instance_noise > 0 and self.trainer is not None and self.trainer.training:
+        if (self.instance_noise > 0 and self.instance_noise_mode == "fresh" and self.trainer is not None
+                and self.trainer.training):
             x, cond = batch
             batch = (x + self.instance_noise * torch.randn_like(x), cond)
         return batch

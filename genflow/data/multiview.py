@@ -10,8 +10,9 @@ Each example is V target views of one object, ``x`` (V, 3, R, R) in [-1, 1], wit
 
 Toy set (``root: null``): boxes with random half extents and 6 face colours
 (``genflow.data.render``), targets at azimuths a0 + k 360/V (a0 uniform per object) at one elevation
-drawn from ``elevation_range``; the reference at a random pose (``reference_pose: random``) or at
-target 0's pose (``view0``). The default ``stats`` encoder is lossy on purpose: it keeps the mean
+drawn from ``elevation_range``; the reference is its own render, at a random pose (``reference_pose:
+random``) or at the front pose (``front``: azimuth 0 at the middle of the elevation range), never one
+of the target views (a copy of a target would let the net copy it instead of learning the object). The default ``stats`` encoder is lossy on purpose: it keeps the mean
 colour and silhouette, so the per-face colours are only in the reference view's pixels.
 
 Folder format (``root: /path``)::
@@ -20,11 +21,12 @@ Folder format (``root: /path``)::
     root/<object_id>/<image files>
 
     cameras.json = {"views": [{"file": "000.png", "c2w": [[4 floats] x 4]}, ...],
-                    "reference": {"file": "ref.png", "c2w": [[...]]}}      # "reference" optional
+                    "reference": {"file": "ref.png", "c2w": [[...]]}}      # a separate render
 
 ``c2w`` is camera-to-world in the convention above (Blender: z up, camera looks down its -z); the
 translation is rescaled to unit length on load. Every object needs at least ``views`` views (the
-first ``views`` are used); without a "reference" entry, view 0 doubles as the reference. RGBA images
+first ``views`` are used) and a "reference" entry, a separate render (an object without one is an
+error: using a target view as the reference would let the net copy that target). RGBA images
 are composited on white; all images are resized to ``resolution``.
 
 ``inference_cond`` builds the sampling condition from a reference PNG or a saved embedding and
@@ -49,7 +51,7 @@ from genflow.nets.encoders import build_encoder
 
 __all__ = ["MultiView", "inference_cond", "load_reference_image", "save_views", "encode_images"]
 
-REFERENCE_POSES = ("random", "view0")
+REFERENCE_POSES = ("random", "front")
 
 
 class MultiViewPairs(Dataset):
@@ -90,9 +92,14 @@ class MultiView(GenerativeDataModule):
         super().__init__(**kwargs)
         if views < 1:
             raise config_error(f"data.views={views}", "each object needs at least one target view", "set data.views >= 1")
+        if reference_pose == "view0":
+            raise config_error("data.reference_pose=view0 makes the reference a copy of target view 0",
+                               "stage 2 would learn to copy that target from the reference frame instead of "
+                               "generating it; Isotropic3D's reference is a separate render",
+                               "use data.reference_pose=random or front")
         if reference_pose not in REFERENCE_POSES:
             raise config_error(f"data.reference_pose={reference_pose!r}", f"choose from {REFERENCE_POSES}",
-                               "set data.reference_pose=random (a random pose) or view0 (target 0's pose)")
+                               "set data.reference_pose=random (a random pose) or front (azimuth 0)")
         if root is not None and not Path(root).expanduser().is_dir():
             raise config_error(f"data.root={root} is not a folder", "data=multiview reads per-object folders there",
                                "point data.root at the folder of object folders (see genflow/data/multiview.py), "
@@ -131,8 +138,8 @@ class MultiView(GenerativeDataModule):
         elev = lo + (hi - lo) * torch.rand(n, 1, generator=g)
         azim = a0 + torch.arange(v) * (360.0 / v)
         cams = camera_to_world(elev.expand(n, v), azim).float()
-        if self.reference_pose == "view0":
-            ref_cam = cams[:, 0]
+        if self.reference_pose == "front":
+            ref_cam = camera_to_world(torch.full((n,), 0.5 * (lo + hi)), torch.zeros(n)).float()
         else:
             ref_cam = camera_to_world(lo + (hi - lo) * torch.rand(n, generator=g),
                                       torch.rand(n, generator=g) * 360).float()
@@ -156,7 +163,13 @@ class MultiView(GenerativeDataModule):
                                    "every object must provide the same number of target views",
                                    "render more views or lower data.views")
             entries = entries[: self.views]
-            ref = meta.get("reference") or entries[0]
+            ref = meta.get("reference")
+            if not ref:
+                raise config_error(f"{obj / 'cameras.json'} has no \"reference\" entry",
+                                   "the stage-2 reference must be a separate render: a target view used as the "
+                                   "reference lets the net copy that target",
+                                   'add "reference": {"file": "ref.png", "c2w": [[...]]}, rendered from a pose '
+                                   "that is not one of the target views")
             xs.append(torch.cat([load_reference_image(obj / e["file"], self.resolution) for e in entries]))
             cams.append(torch.tensor([e["c2w"] for e in entries], dtype=torch.float32))
             refs.append(load_reference_image(obj / ref["file"], self.resolution)[0])
@@ -207,6 +220,19 @@ class MultiView(GenerativeDataModule):
         cond = self.val_cond() if len(self._val) else self.train_cond()
         idx = torch.as_tensor(list(seeds)) % cond["camera"].shape[0]
         return {k: cond[k][idx].to(device) for k in ("camera", "image_emb")}
+
+    def reference_cond(self, reference: str | Path, seeds, device=None) -> dict[str, Tensor]:
+        """Condition for every seed from a user's reference image or embedding (``sample.py reference=``)."""
+        data = {"views": self.views, "resolution": self.resolution, "inference": self.inference,
+                "encoder": self.encoder_cfg}
+        return inference_cond(reference, data, device, num=len(list(seeds)))
+
+    def save_reference_grid(self, path: str | Path, samples: Tensor, reference: str | Path) -> Path:
+        """One row per seed: the reference image (an image file; an embedding has none), then the views."""
+        image = None
+        if Path(str(reference)).suffix.lower() not in (".pt", ".pth", ".npy"):
+            image = load_reference_image(reference, samples.shape[-1])
+        return save_views(path, samples, image)
 
 
 # --------------------------------------------------------------------------------------------- I/O

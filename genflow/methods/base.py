@@ -12,11 +12,16 @@ Isotropic3D's zero image embedding.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from genflow import solvers
+from genflow.errors import config_error
 
 Cond = Mapping[str, Tensor] | None
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -49,6 +54,9 @@ def null_cond(cond: Cond) -> Cond:
 
 #: conditioning keys that are inputs rather than guidance targets (kept in the unconditional branch)
 KEPT_IN_UNCOND = ("reference", "camera")
+#: conditioning entries that are clean data frames shown beside the noisy input (Isotropic3D's reference
+#: view); ``Method.net_cond`` feeds them as the running method feeds clean data
+CLEAN_FRAMES = ("reference",)
 
 
 def guided(net: Callable, guidance: float | None) -> Callable:
@@ -72,20 +80,83 @@ def guided(net: Callable, guidance: float | None) -> Callable:
     return guided_net
 
 
+@dataclass
+class GaussianMarginal:
+    """A Gaussian perturbation path: x_t = alpha(t) x + (1 - alpha(t)) shift + sigma(t) eps, eps ~ N(0, I).
+
+    ``t_data``/``t_prior`` are the ends of the ODE; ``t_clean`` is where the clean likelihood starts (EDM:
+    sigma_min, its ODE is singular at sigma = 0). The likelihood's sigma0 mapping solves rho(t0) = sigma0
+    with rho = sigma/alpha (``closed_form`` where known, else bisection). ``shift`` is a normalising
+    flow's data mean.
+    """
+
+    name: str
+    alpha: Callable[[float], float]
+    sigma: Callable[[float], float]
+    t_data: float
+    t_prior: float
+    t_clean: float
+    closed_form: Callable[[float], float] | None = None
+    shift: Tensor | float = 0.0
+
+    def rho(self, t: float) -> float:
+        a = self.alpha(t)
+        return self.sigma(t) / a if a > 0 else math.inf
+
+    def time_for(self, sigma0: float) -> float:
+        """t0 with rho(t0) = sigma0 (closed form where known, else bisection; rho is monotone)."""
+        lo_rho, hi_rho = self.rho(self.t_data), self.rho(self.t_prior)
+        if sigma0 < lo_rho * (1 - 1e-9):
+            raise config_error(
+                f"sigma0={sigma0} is below this path's smallest noise level {lo_rho:g} ({self.name})",
+                "the model's density at its data end is already the data perturbed by that much noise; "
+                "a smaller perturbation is not contained in the path",
+                f"use sigma0 >= {lo_rho:g}, or a model trained with a smaller sigma_min")
+        if sigma0 > hi_rho:
+            raise config_error(f"sigma0={sigma0} exceeds the path's largest noise level {hi_rho:g} ({self.name})",
+                               "there is no time on the path with that much noise",
+                               "use a smaller sigma0 (typical: 0.01-0.1 for data in [-1, 1])")
+        if sigma0 <= lo_rho:
+            return self.t_data
+        if self.closed_form is not None:
+            return self.closed_form(sigma0)
+        a, b = self.t_data, self.t_prior
+        for _ in range(200):  # rho increases from t_data to t_prior, whichever way time runs
+            m = 0.5 * (a + b)
+            if self.rho(m) < sigma0:
+                a = m
+            else:
+                b = m
+        return 0.5 * (a + b)
+
+
 class Method(nn.Module, ABC):
     """Base class of all generative methods; see the module docstring for the net contract.
 
     Times: EDM/PFGM++ use sigma (decreasing to 0), flow matching t in [0, 1] (noise -> data),
-    SPD s in [1, 0]. Solvers integrate ``velocity`` along whatever ``time_grid`` returns.
+    SPD s in [1, 0]. Samplers (``genflow.solvers``) integrate ``velocity`` along whatever ``time_grid``
+    returns, or run a method's own chain.
+
+    Everything the rest of genflow needs from a method is here, so nothing outside ``genflow.methods``
+    asks which method it runs: training (``loss``, ``prepare``), sampling (``prior_sample``,
+    ``time_grid``, ``velocity``, ``solvers``, ``sample``/``solve``, ``nfe``), conditioning frames
+    (``clean_view``), likelihoods (``prior_log_prob``, ``likelihood_interval``, ``gaussian_marginal``)
+    and reports (``describe``).
     """
 
     #: human-readable time variable name (for plots and docs)
     time_name: str = "t"
+    #: the name rows and JSON lines report (``describe``)
+    display_name: str = ""
 
     @abstractmethod
     def loss(self, net: Callable, x: Tensor, cond: Cond = None) -> Tensor:
         """Per-sample training loss, shape (B,), already weighted (summed over data dimensions)."""
         ...
+
+    def prepare(self, datamodule) -> None:
+        """Data-dependent setup before training (spectra, normalisation, separation functions); a
+        checkpoint restores what it computes. Most methods need none."""
 
     @abstractmethod
     def prior_sample(self, shape: Sequence[int], *, generator: Generators = None, device=None) -> Tensor:
@@ -94,7 +165,7 @@ class Method(nn.Module, ABC):
 
     @abstractmethod
     def prior_log_prob(self, x: Tensor) -> Tensor:
-        """Log-density of the prior, shape (B,), for likelihoods."""
+        """Log-density of the prior, shape (B,), differentiable in x (likelihood training)."""
         ...
 
     @abstractmethod
@@ -107,25 +178,81 @@ class Method(nn.Module, ABC):
         """ODE drift dx/dt in this method's time; t is a scalar tensor or shape (B,)."""
         ...
 
-    def sample(self, net: Callable, noise: Tensor, *, steps: int, solver: str = "heun", cond: Cond = None,
-               guidance: float | None = None, generator: Generators = None, callback=None) -> Tensor:
-        """Integrate the probability-flow ODE from ``noise`` (a prior draw) to data."""
-        from genflow import solvers
+    # ---------------------------------------------------------------------------- likelihood
+    def likelihood_interval(self) -> tuple[float, float]:
+        """(t_data, t_prior): where the clean likelihood's ODE starts and ends (default: the grid's ends)."""
+        grid = self.time_grid(1)
+        return float(grid[-1]), float(grid[0])
 
-        net = guided(net, guidance)
-        grid = self.time_grid(steps, device=noise.device)
-        return solvers.integrate(lambda x, t: self.velocity(net, x, t, cond), noise, grid, solver=solver,
-                                 callback=callback, **self.solver_options(solver))
+    def gaussian_marginal(self) -> GaussianMarginal | None:
+        """The path's Gaussian perturbation (alpha(t), sigma(t)) for the sigma0-perturbed likelihood, or
+        None where the perturbation is not N(alpha x, sigma^2 I) at any time (heavy tails, coloured noise)."""
+        return None
+
+    # --------------------------------------------------------------------- conditioning frames
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """How the net sees clean data x (B, ...): (net input, noise label (B,)) at the data end of this
+        method's path. Conditioning frames (``CLEAN_FRAMES``) are fed this way, so a reference view looks
+        to the net like a target that has reached the end of sampling."""
+        raise config_error(f"{type(self).__name__} has no clean view",
+                           "it has no noise label at the data end to show a clean conditioning frame with",
+                           "use a diffusion or flow method (edm, pfgmpp, ddpm, spd, flow) with reference views")
+
+    def net_cond(self, cond: Cond) -> Cond:
+        """``cond`` as the net receives it: every clean frame (``CLEAN_FRAMES``) replaced by its clean view,
+        with its noise label added as ``<key>_noise_label`` (B,)."""
+        if not cond or not any(k in cond for k in CLEAN_FRAMES):
+            return cond
+        out = dict(cond)
+        for key in CLEAN_FRAMES:
+            if key in cond:
+                out[key], out[f"{key}_noise_label"] = self.clean_view(cond[key])
+        return out
+
+    # -------------------------------------------------------------------------------- sampling
+    def solvers(self) -> tuple[str, ...]:
+        """Names of the samplers (``genflow.solvers.SAMPLERS``) this method offers."""
+        return solvers.ODE_SOLVERS
 
     def solver_options(self, solver: str) -> dict:
-        """Per-method solver options (e.g. EDM's Heun skips the correction on the step to sigma = 0)."""
+        """Per-method sampler options (e.g. EDM's Heun skips the correction on the step to sigma = 0)."""
         return {}
 
-    def nfe(self, steps: int, solver: str = "heun") -> int:
-        """Network evaluations of ``sample`` with this many steps (dopri5: measured, not predicted)."""
-        from genflow import solvers
+    def check_solver(self, solver: str) -> str:
+        if solver not in self.solvers():
+            raise config_error(f"unknown solver {solver!r} for {type(self).__name__}",
+                               f"{type(self).__name__} samples with {', '.join(self.solvers())}",
+                               f"use solver={'heun' if 'heun' in self.solvers() else self.solvers()[0]} "
+                               f"(or one of {', '.join(self.solvers())})")
+        return solver
 
-        return solvers.nfe(solver, steps, **self.solver_options(solver))
+    def solve(self, net: Callable, noise: Tensor, *, steps: int, solver: str = "heun", cond: Cond = None,
+              guidance: float | None = None, generator: Generators = None, callback=None, **options) -> "solvers.Solution":
+        """Run sampler ``solver`` from ``noise`` (a prior draw) to data; returns x and the NFE.
+
+        ``generator`` (one per sample) drives any sampler noise; ``options`` override ``solver_options``."""
+        self.check_solver(solver)
+        return solvers.get(solver).run(self, guided(net, guidance), noise, steps=steps, cond=cond,
+                                       generator=generator, callback=callback,
+                                       **{**self.solver_options(solver), **options})
+
+    def sample(self, net: Callable, noise: Tensor, *, steps: int, solver: str = "heun", cond: Cond = None,
+               guidance: float | None = None, generator: Generators = None, callback=None, **options) -> Tensor:
+        """``solve(...).x``: samples from ``noise``."""
+        return self.solve(net, noise, steps=steps, solver=solver, cond=cond, guidance=guidance,
+                          generator=generator, callback=callback, **options).x
+
+    def nfe(self, steps: int, solver: str = "heun") -> int | None:
+        """Network evaluations of ``sample`` with this many steps; None for adaptive solvers (measured:
+        ``solve(...).nfe``)."""
+        self.check_solver(solver)
+        return solvers.get(solver).nfe(steps, **self.solver_options(solver))
+
+    # --------------------------------------------------------------------------------- reports
+    def describe(self) -> dict:
+        """The settings a result row reports, starting with the method's name (e.g. {"method": "PFGM++",
+        "D": 128}); ``hparams`` has them all."""
+        return {"method": self.display_name or type(self).__name__}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.hparams().items())

@@ -13,8 +13,11 @@ Paper equation -> function:
 - Probability-flow ODE with sigma(t) = t, s(t) = 1: dx/ds = (x - D(x; s))/s  -> ``EDM.velocity``
 - Time steps (Eq. 5): s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, s_n = 0
                                                                            -> ``EDM.time_grid``
-- Algorithm 1 (deterministic Heun, no correction on the step to s = 0)     -> ``EDM.sample`` via
+- Algorithm 1 (deterministic Heun, no correction on the step to s = 0)     -> ``solver="heun"`` with
   ``solver_options`` (NFE = 2 steps - 1: 35 for 18 steps)
+- Algorithm 2 (stochastic: churn gamma_i = min(S_churn/N, sqrt(2) - 1) on S_tmin <= s_i <= S_tmax,
+  s^ = s_i (1 + gamma_i), x^ = x_i + sqrt(s^2 - s_i^2) S_noise eps, then Heun from s^ to s_{i+1})
+                                                                           -> ``stochastic_sampler``
 - Prior x_0 ~ N(0, s_max^2 I)                                              -> ``EDM.prior_sample``
 
 Everything that depends on the perturbation kernel goes through three hooks (``_kernel_scale``,
@@ -31,7 +34,7 @@ from torch import Tensor
 
 from genflow import solvers
 from genflow.errors import config_error
-from genflow.methods.base import Cond, Generators, Method, guided, randn
+from genflow.methods.base import Cond, GaussianMarginal, Generators, Method, randn
 
 
 def _positive(name: str, value) -> float:
@@ -47,6 +50,54 @@ def _bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def _churn(S_churn, S_tmin, S_tmax, S_noise) -> dict:
+    """Algorithm 2's settings, checked (the paper's ImageNet-64: 40, 0.05, 50, 1.003)."""
+    values = {"S_churn": S_churn, "S_tmin": S_tmin, "S_tmax": S_tmax, "S_noise": S_noise}
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+            raise config_error(f"{name}={v!r} is not a non-negative number",
+                               "it is a setting of EDM's stochastic sampler (Algorithm 2)",
+                               "use the paper's values, e.g. S_churn=40 S_tmin=0.05 S_tmax=50 S_noise=1.003")
+    if S_tmin > S_tmax:
+        raise config_error(f"S_tmin={S_tmin} exceeds S_tmax={S_tmax}", "churn applies on S_tmin <= sigma <= S_tmax",
+                           "choose S_tmin <= S_tmax")
+    return {k: float(v) for k, v in values.items()}
+
+
+@solvers.register("stochastic", nfe=lambda steps, **_: 2 * steps - 1)
+def stochastic_sampler(method: "EDM", net: Callable, noise: Tensor, *, steps: int, cond: Cond = None,
+                       generator: Generators = None, callback=None, S_churn: float = 0.0, S_tmin: float = 0.0,
+                       S_tmax: float = math.inf, S_noise: float = 1.0) -> solvers.Solution:
+    """EDM's Algorithm 2 on ``method.time_grid(steps)`` (sigma_0 > ... > sigma_{N-1} = sigma_min, sigma_N = 0).
+
+    The churn noise eps ~ N(0, S_noise^2 I) comes from ``generator`` (one per sample), so image i depends
+    only on its seed; S_churn = 0 is Algorithm 1. State and update arithmetic in float64."""
+    grid = method.time_grid(steps, device=noise.device)
+    gamma_max = min(S_churn / steps, math.sqrt(2) - 1) if steps > 0 else 0.0
+    dtype, x, nfe = noise.dtype, noise.to(torch.float64), 0
+
+    def d(state: Tensor, sigma: Tensor) -> Tensor:
+        return method.velocity(net, state.to(dtype), sigma, cond).to(torch.float64)
+
+    for i in range(steps):
+        t_cur, t_next = grid[i], grid[i + 1]
+        gamma = gamma_max if S_tmin <= float(t_cur) <= S_tmax else 0.0
+        t_hat = t_cur + gamma * t_cur
+        # drawn on every step, as in Algorithm 2, so each step's noise is the same whatever the churn range
+        eps = randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(torch.float64) * S_noise
+        x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * eps
+        d_cur = d(x, t_hat)
+        x_next = x + (t_next - t_hat) * d_cur
+        nfe += 1
+        if i < steps - 1:  # the last step ends at sigma = 0: no correction there
+            x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d(x_next, t_next))
+            nfe += 1
+        x = x_next
+        if callback is not None:
+            callback({"i": i, "t": t_next, "x": x})
+    return solvers.Solution(x.to(dtype), nfe)
+
+
 class EDM(Method):
     """EDM preconditioned denoiser, log-normal training noise and Heun sampler for any data shape (B, ...)."""
 
@@ -55,8 +106,10 @@ class EDM(Method):
     D: float = math.inf
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+                 P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, S_churn: float = 0.0,
+                 S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0):
         super().__init__()
+        self.churn = _churn(S_churn, S_tmin, S_tmax, S_noise)
         self.sigma_min = _positive("sigma_min", sigma_min)
         self.sigma_max = _positive("sigma_max", sigma_max)
         self.rho = _positive("rho", rho)
@@ -110,8 +163,15 @@ class EDM(Method):
         """D(x; sigma) = c_skip x + c_out net(c_in x, ln(sigma)/4, cond); sigma scalar or (B,)."""
         sigma = self._sigma_batch(sigma, x)
         c_skip, c_out, c_in, c_noise = self.preconditioning(_bcast(sigma, x))
-        out = net(c_in * x, c_noise.reshape(-1), cond)
+        out = net(c_in * x, c_noise.reshape(-1), self.net_cond(cond))
         return c_skip * x + c_out * out.to(x.dtype)
+
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Clean data as the net sees it at sigma_min, the smallest level it is trained and sampled at:
+        (c_in(sigma_min) x, c_noise(sigma_min))."""
+        sigma = torch.full((x.shape[0],), self.sigma_min, device=x.device, dtype=x.dtype)
+        _, _, c_in, c_noise = self.preconditioning(_bcast(sigma, x))
+        return c_in * x, c_noise.reshape(-1)
 
     # -------------------------------------------------------------------------------- training
     def perturb(self, y: Tensor, sigma, generator: Generators = None) -> Tensor:
@@ -135,8 +195,9 @@ class EDM(Method):
         return g * _bcast(self._kernel_scale(sigma, generator), g)
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
-        """Analytic log-density of the prior, (B,) float64."""
-        flat = x.detach().to(torch.float64).flatten(1)
+        """Analytic log-density of the prior, (B,) float64; differentiable in x (maximum likelihood
+        backpropagates through the end state of the ODE into the network)."""
+        flat = x.to(torch.float64).flatten(1)
         return self._log_kernel((flat ** 2).sum(1), flat.shape[1], self.sigma_max)
 
     # ---------------------------------------------------------------------------------- sampling
@@ -159,23 +220,33 @@ class EDM(Method):
         sigma = self._sigma_batch(t, x)
         return (x - self.denoise(net, x, sigma, cond)) / _bcast(sigma, x)
 
-    def solver_options(self, solver: str) -> dict:
-        return {"final_correction": False} if solver == "heun" else {}
+    def solvers(self) -> tuple[str, ...]:
+        return (*solvers.ODE_SOLVERS, "stochastic")
 
-    def sample(self, net: Callable, noise: Tensor, *, steps: int, solver: str = "heun", cond: Cond = None,
-               guidance: float | None = None, generator: Generators = None, callback=None) -> Tensor:
-        """Algorithm 1 of EDM (churn off). ``dopri5`` integrates to sigma_min adaptively and then takes
-        the Euler step to sigma = 0, which is exactly x = D(x; sigma_min) (the ODE is singular at 0)."""
-        if solver != "dopri5":
-            return super().sample(net, noise, steps=steps, solver=solver, cond=cond, guidance=guidance,
-                                  generator=generator, callback=callback)
-        net = guided(net, guidance)
-        grid = torch.tensor([self.sigma_max, self.sigma_min], dtype=torch.float64, device=noise.device)
-        x = solvers.integrate(lambda x, t: self.velocity(net, x, t, cond), noise, grid, solver="dopri5",
-                              callback=callback)
-        solvers.integrate.last_nfe = getattr(solvers.integrate, "last_nfe", 0) + 1
-        return self.denoise(net, x, self.sigma_min, cond)
+    def solver_options(self, solver: str) -> dict:
+        """Algorithm 1: no Heun correction on the step to sigma = 0; dopri5 integrates to sigma_min and
+        takes that last step with Euler (x = D(x; sigma_min)); ``stochastic``: the churn settings."""
+        if solver == "heun":
+            return {"final_correction": False}
+        if solver == "dopri5":
+            return {"final_euler": True}
+        if solver == "stochastic":
+            return dict(self.churn)
+        return {}
+
+    # -------------------------------------------------------------------------------- likelihood
+    def likelihood_interval(self) -> tuple[float, float]:
+        """From sigma_min (the ODE is singular at sigma = 0) to sigma_max."""
+        return self.sigma_min, self.sigma_max
+
+    def gaussian_marginal(self) -> GaussianMarginal | None:
+        """x_sigma = x + sigma eps: alpha = 1, and sigma0 is reached at t0 = sigma0."""
+        return GaussianMarginal(type(self).__name__, alpha=lambda t: 1.0, sigma=lambda t: t, t_data=0.0,
+                                t_prior=self.sigma_max, t_clean=self.sigma_min, closed_form=lambda s: s)
+
+    def describe(self) -> dict:
+        return {"method": "EDM", "D": "inf"}  # the D -> infinity member of the PFGM++ family
 
     def hparams(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho, "P_mean": self.P_mean,
-                "P_std": self.P_std, "sigma_data": self.sigma_data}
+                "P_std": self.P_std, "sigma_data": self.sigma_data, **self.churn}

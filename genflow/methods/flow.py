@@ -15,54 +15,46 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
   N(mean, scale^2 I) and the velocity is scale * v_z((x - mean) / scale, t).
 
 ``path="ko"`` builds an empty ``KineticOptimal`` that ``prepare(datamodule)`` fills from the training
-data's lambda-hat (disk cache keyed by a hash of the data; ``$GENFLOW_CACHE`` or ~/.cache/genflow).
+data's lambda-hat (``genflow.cache``: keyed by a hash of the data; ``$GENFLOW_CACHE`` or ~/.cache/genflow).
 The table is a buffer, so a checkpoint restores the path without data.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from genflow.cache import cache_dir, cached, content_hash
 from genflow.errors import config_error
-from genflow.methods.base import Cond, Generators, Method, randn
-from genflow.methods.paths import KineticOptimal, Scheduler, SchedulerOutput, _ResizingBuffers, make_scheduler
+from genflow.methods.base import Cond, GaussianMarginal, Generators, Method, randn
+from genflow.methods.kinetic import SeparationFunction, estimate_separation, normalize
+from genflow.methods.paths import CondOT, KineticOptimal, Scheduler, SchedulerOutput, _ResizingBuffers, make_scheduler
 
 TIME_SAMPLING = ("uniform", "logit_normal")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GENFLOW_CACHE", Path.home() / ".cache" / "genflow"))
-
-
-def cached_separation(z: Tensor, *, queries: int = 1024, max_points: int = 50000, device=None):
-    """lambda-hat of normalised data z, memoised on disk by a hash of the data and the settings."""
-    from genflow.methods.kinetic import SeparationFunction, estimate_separation
-
+def cached_separation(z: Tensor, *, queries: int = 1024, max_points: int = 50000, device=None) -> SeparationFunction:
+    """lambda-hat of normalised data z, memoised on disk (``genflow.cache``) by a hash of the data and settings."""
     z = z.reshape(z.shape[0], -1).to(torch.float32).contiguous().cpu()
     if z.shape[0] > max_points:
         # a fixed subset (the estimator is quadratic in n; the paper's Fig. 4 shows n = 50K suffices)
         z = z[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]]
-    digest = hashlib.sha256(z.numpy().tobytes())
-    digest.update(f"{tuple(z.shape)}|q={queries}|v1".encode())
-    path = cache_dir() / f"lambda_{digest.hexdigest()[:24]}.pt"
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        return SeparationFunction(state["s"], state["lam"])
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    sep = estimate_separation(z, queries=queries, device=device,
-                              generator=torch.Generator(device=device).manual_seed(0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(sep.state(), tmp)
-    tmp.replace(path)
-    return sep
+
+    def compute() -> SeparationFunction:
+        return estimate_separation(z, queries=queries, device=device,
+                                   generator=torch.Generator(device=device).manual_seed(0))
+
+    def load(path: Path) -> SeparationFunction:
+        state = torch.load(path, weights_only=True)
+        return SeparationFunction(state["s"], state["lam"])
+
+    path = cache_dir() / f"lambda_{content_hash('separation-v2', z, f'q={queries}')}.pt"
+    return cached(path, compute, load=load, save=lambda sep, f: torch.save(sep.state(), f))
 
 
 def _per_sample(v: Tensor, x: Tensor) -> Tensor:
@@ -102,8 +94,6 @@ class FlowMatching(_ResizingBuffers, Method):
         needs_ko = isinstance(self.path, KineticOptimal) and not self.path._fitted
         if not (self.normalize or needs_ko):
             return
-        from genflow.methods.kinetic import normalize
-
         x = datamodule.train_tensor()
         if self.normalize:
             z, mean, scale = normalize(x)
@@ -120,6 +110,14 @@ class FlowMatching(_ResizingBuffers, Method):
 
     def from_normalized(self, z: Tensor) -> Tensor:
         return z * self.scale + self.shift
+
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Clean data as the net sees it at the data end t = 1: the normalised frame (x itself unless
+        ``normalize=True``) with label 1. A frame of one view of multi-view data takes the views' mean shift."""
+        shift = self.shift
+        if shift.ndim > x.ndim - 1:
+            shift = shift.reshape(-1, *x.shape[1:]).mean(0)
+        return (x - shift) / self.scale, torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
 
     # -- training -------------------------------------------------------------------------------
     def schedule(self, t: Tensor) -> SchedulerOutput:
@@ -141,7 +139,7 @@ class FlowMatching(_ResizingBuffers, Method):
         x0 = torch.randn_like(z1)
         sch = self.schedule(t)
         a, s, da, ds = (_per_sample(v, z1) for v in (sch.alpha_t, sch.sigma_t, sch.d_alpha_t, sch.d_sigma_t))
-        pred = net(a * z1 + s * x0, t, cond)
+        pred = net(a * z1 + s * x0, t, self.net_cond(cond))
         return (pred - (da * z1 + ds * x0)).pow(2).flatten(1).sum(1)
 
     # -- sampling / likelihood ------------------------------------------------------------------
@@ -161,7 +159,30 @@ class FlowMatching(_ResizingBuffers, Method):
     def velocity(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        return self.scale * net(self.to_normalized(x), t, cond)
+        return self.scale * net(self.to_normalized(x), t, self.net_cond(cond))
+
+    def gaussian_marginal(self) -> GaussianMarginal | None:
+        """In data space x_t = alpha_t x + (1 - alpha_t) shift + scale sigma_t eps (``normalize=True`` works
+        on z = (x - shift)/scale; sigma_min is in ``schedule``); data at t = 1. None with a per-dimension
+        scale (anisotropic noise in data space)."""
+        scale = self.scale.to(torch.float64)
+        if scale.numel() > 1 and not bool((scale == scale.flatten()[0]).all()):
+            return None
+        c = float(scale.flatten()[0])
+
+        def coeffs(t: float) -> tuple[float, float]:
+            out = self.schedule(torch.tensor(t, dtype=torch.float64))
+            return float(out.alpha_t), c * float(out.sigma_t)
+
+        closed = None
+        if isinstance(self.path, CondOT) and self.sigma_min == 0.0:
+            closed = lambda s: c / (c + s)  # alpha = t, sigma = c (1 - t): delta = s / (c + s)
+        return GaussianMarginal(f"FlowMatching/{self.path.name}", alpha=lambda t: coeffs(t)[0],
+                                sigma=lambda t: coeffs(t)[1], t_data=1.0, t_prior=0.0, t_clean=1.0,
+                                closed_form=closed, shift=self.shift)
+
+    def describe(self) -> dict:
+        return {"method": "flow", "path": self.path.name}
 
     def retimed(self, path: Scheduler | str) -> "RetimedFlow":
         """This trained model sampled along another path, without retraining (note 1.8)."""
@@ -230,10 +251,18 @@ class RetimedFlow(Method):
         r = torch.as_tensor(t, device=x.device)
         r = r.expand(x.shape[0]) if r.ndim == 0 else r
 
+        cond = b.net_cond(cond)
+
         def v_source(z, tt):
             return net(z, tt, cond)
 
         return b.scale * retime_velocity(v_source, b.path, self.path, b.to_normalized(x), r)
+
+    def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.base.clean_view(x)
+
+    def describe(self) -> dict:
+        return {"method": "flow", "path": self.path.name, "trained_on": self.base.path.name}
 
     def hparams(self) -> dict:
         return {"trained_on": self.base.path.name, "sampled_on": self.path.name}

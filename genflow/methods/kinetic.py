@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from genflow.errors import config_error
-from genflow.methods.paths import Scheduler, hermite, limit_slopes, pchip_slopes
+from genflow.methods.splines import hermite, limit_slopes, pchip_slopes
 
 F64 = torch.float64
 
@@ -262,7 +262,7 @@ def _gauss_panels(a: float, b: float, panels: int = 96, order: int = 10, smalles
     return nodes.flatten(), weights.flatten()
 
 
-def kinetic_energy(scheduler: Scheduler, lam, *, t_min: float | None = None, t_max: float | None = None) -> Tensor:
+def kinetic_energy(scheduler, lam, *, t_min: float | None = None, t_max: float | None = None) -> Tensor:
     """Kinetic energy (Eq. 18, per dimension) of ``scheduler``'s path on normalised data with separation
     ``lam``, via the polar form int r'^2 + r^2 theta'^2 gamma(theta) dt (equivalent to Eq. 21 but free of
     the cancelling 1/t terms of KO starts). Integrated over [scheduler.t_min, scheduler.t_max] unless given.

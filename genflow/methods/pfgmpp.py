@@ -126,9 +126,10 @@ class PFGMPP(EDM):
 
     def __init__(self, D: float | None = 128, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
-                 allow_heavy_tails: bool = False, correct_c_in: bool = False):
+                 allow_heavy_tails: bool = False, correct_c_in: bool = False, S_churn: float = 0.0,
+                 S_tmin: float = 0.0, S_tmax: float = math.inf, S_noise: float = 1.0):
         super().__init__(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, P_mean=P_mean, P_std=P_std,
-                         sigma_data=sigma_data)
+                         sigma_data=sigma_data, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
         self.D = _parse_D(D)
         self.allow_heavy_tails = bool(allow_heavy_tails)
         self.correct_c_in = bool(correct_c_in)
@@ -173,6 +174,20 @@ class PFGMPP(EDM):
         if self.correct_c_in and not self.gaussian:
             return sigma ** 2 * (self.D / (self.D - 2))
         return super()._input_variance(sigma)
+
+    def solvers(self) -> tuple[str, ...]:
+        """EDM's, but the stochastic sampler only for D = inf: its churn adds Gaussian noise, which is not
+        this kernel's perturbation for finite D."""
+        return super().solvers() if self.gaussian else tuple(s for s in super().solvers() if s != "stochastic")
+
+    def gaussian_marginal(self):
+        """EDM's for D = inf; None for finite D: the kernel is a heavy-tailed multivariate t, so no time
+        on the path holds the data law convolved with N(0, sigma0^2 I)."""
+        return super().gaussian_marginal() if self.gaussian else None
+
+    def describe(self) -> dict:
+        D = self.D
+        return {"method": "PFGM++", "D": "inf" if math.isinf(D) else (int(D) if float(D).is_integer() else D)}
 
     def hparams(self) -> dict:
         return {"D": self.D, **super().hparams(), "allow_heavy_tails": self.allow_heavy_tails,

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genflow.errors import config_error
+from genflow.sampling import to_uint8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -48,11 +49,6 @@ def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 [0, 255], the rounding of EDM's generate.py when writing PNGs."""
-    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def metrics_home() -> Path:

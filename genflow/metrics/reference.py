@@ -13,7 +13,6 @@ Reference sources understood by ``load_reference``:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from genflow.cache import cached, content_hash
 from genflow.errors import config_error
 from genflow.metrics.features import extract_features, metrics_home
 
@@ -33,14 +33,6 @@ class ReferenceStats:
     sigma: np.ndarray
     n: int = 0
     source: str = ""
-
-
-def tensor_hash(x: Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes."""
-    x = x.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
-    h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-    return h.hexdigest()
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -90,15 +82,16 @@ def reference_stats(extractor, images: Tensor, *, dataset: str, split: str = "tr
                     batch_size: int = 256, progress: bool = False) -> ReferenceStats:
     """Statistics of ``extractor`` features over ``images``, cached on disk under a content-hash key."""
     res = "x".join(str(s) for s in images.shape[1:])
-    key = f"{dataset}_{split}_{res}_{extractor.fingerprint()}_{tensor_hash(images)[:16]}"
+    key = f"{dataset}_{split}_{res}_{extractor.fingerprint()}_{content_hash(images, length=16)}"
     path = cache_dir(directory) / f"{key}.npz"
-    if path.is_file():
-        ref = load_reference(path)
-        return ref
-    stats = extract_features(extractor, images, batch_size=batch_size, progress=progress)
-    mu, sigma = stats.stats()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(stats.n), key=np.array(json.dumps({"key": key})))
-    os.replace(tmp, path)  # atomic, so concurrent ranks or runs never read a half-written file
-    return ReferenceStats(mu, sigma, stats.n, str(path))
+
+    def compute() -> ReferenceStats:
+        stats = extract_features(extractor, images, batch_size=batch_size, progress=progress)
+        mu, sigma = stats.stats()
+        return ReferenceStats(mu, sigma, stats.n, str(path))
+
+    def save(ref: ReferenceStats, tmp) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, mu=ref.mu, sigma=ref.sigma, n=np.int64(ref.n), key=np.array(json.dumps({"key": key})))
+
+    return cached(path, compute, load=load_reference, save=save)

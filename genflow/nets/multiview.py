@@ -14,8 +14,10 @@ reference image joins the cross-view attention as one extra frame. How each piec
   is 1 and the layer adds the same vector at every position; the unconditional branch is the zero
   embedding (``genflow.methods.base.null_cond``);
 * EMA reference: cond["reference"] (B, C, H, W) becomes frame V (``reference_slot``) with its own
-  noise label (``reference_timestep``: "zero" = ``reference_noise_label``, the label of sigma -> 0,
-  or "shared" = the targets' label) and camera (``reference_camera``: "pose" or "zero"). It is never
+  noise label (``reference_timestep``: "zero" = cond["reference_noise_label"], or "shared" = the
+  targets' label) and camera (``reference_camera``: "pose" or "zero"). The running method puts the
+  reference in as it feeds clean data (``Method.net_cond``: EDM/PFGM++ c_in x and c_noise at
+  sigma_min, flow matching t = 1, DDPM/SPD s = 1/T), so the net holds no method constants. It is never
   noised (it is conditioning, not part of x), its prediction is dropped before the output, so it
   gets no loss, and in training it is dropped per object with probability ``p_drop_ref`` by masking
   its keys out of the cross-view attention, which is exactly the computation without it. Inference
@@ -27,7 +29,6 @@ reference image joins the cross-view attention as one extra frame. How each piec
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -110,9 +111,7 @@ class MultiViewUNet(nn.Module):
         drop_camera_with_emb: bool = False,
         reference_slot: str = "last",
         reference_timestep: str = "zero",
-        reference_noise_label: float = math.log(0.002) / 4,
         reference_camera: str = "pose",
-        reference_input_scale: float = 1.0,
     ):
         super().__init__()
         if len(data_shape) != 4:
@@ -144,8 +143,7 @@ class MultiViewUNet(nn.Module):
         self.stage, self.use_reference = stage, stage >= 2
         self.p_drop_emb, self.p_drop_ref, self.drop_camera_with_emb = p_drop_emb, p_drop_ref, drop_camera_with_emb
         self.reference_slot, self.reference_timestep = reference_slot, reference_timestep
-        self.reference_noise_label, self.reference_camera = reference_noise_label, reference_camera
-        self.reference_input_scale = reference_input_scale
+        self.reference_camera = reference_camera
 
         emb_ch = 4 * model_channels
         self.noise_embed = PositionalEmbedding(model_channels, endpoint=True)
@@ -231,10 +229,15 @@ class MultiViewUNet(nn.Module):
                 ref_cam = flatten_cameras(cond["reference_camera"].to(dtype))
             else:
                 ref_cam = cams.new_zeros(b, 16)
-            ref_label = (labels[:, 0] if self.reference_timestep == "shared"
-                         else labels.new_full((b,), self.reference_noise_label))
+            if self.reference_timestep == "shared":
+                ref_label = labels[:, 0]
+            elif "reference_noise_label" in cond:
+                ref_label = cond["reference_noise_label"].to(dtype).reshape(b)
+            else:
+                raise ValueError("net.reference_timestep=zero needs cond['reference_noise_label'] (B,): call the "
+                                 "net through a Method (Method.net_cond adds the clean view of the reference)")
             first = self.reference_slot == "first"
-            frames = _join(x, (ref.to(dtype) * self.reference_input_scale)[:, None], first)
+            frames = _join(x, ref.to(dtype)[:, None], first)
             cams = _join(cams, ref_cam[:, None], first)
             labels = _join(labels, ref_label[:, None], first)
             if keep_ref is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from genflow.methods import DDPM, SPD
-from genflow.methods.spd import empirical_spectrum, fit_power_law, radial_frequency
+from genflow.methods.spectrum import empirical_spectrum, fit_power_law, radial_frequency
 
 
 def _radial_mean(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
