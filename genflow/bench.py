@@ -1,7 +1,7 @@
 """Throughput benchmarks, printed as one JSON line each (never timed tests).
 
     python -m genflow.bench train-step [--model pfgmpp] [--net unet_digits] [--data digits] [--batch 128]
-                                       [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads 2]
+                                       [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads N]
     python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
     python -m genflow.bench fid        (feature extraction vs clean-fid; genflow.bench_fid)
     python -m genflow.bench multiview  (3D vs 2D attention; genflow.bench_multiview)
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
@@ -115,10 +116,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available to the process)")
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. D=2048")
     args, rest = parser.parse_known_args(argv)
-    torch.set_num_threads(args.threads)
+    from genflow.threads import configure_threads
+
+    print(f"bench: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.what == "fid":
         from genflow.bench_fid import bench_fid as fn
     elif args.what == "multiview":

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# CPU thread defaults, measured: `python -m genflow.bench train-step` (PFGM++ D=128, unet_digits, 8x8, batch 128)
+# with genflow's default threads and with 1 thread, each on an idle machine and next to one competing
+# CPU-bound process; then optionally the whole `make train` job. Run it on an otherwise idle machine:
+#
+#   scripts/measure_threads.sh            # the four bench figures (about 2 minutes)
+#   scripts/measure_threads.sh --make     # + `make train` timed (about 10 minutes), default threads, idle
+#
+# Prints one line per measurement: <setting> <load> <ms/step> <img/s>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python
+STEPS=${STEPS:-30}
+
+bench() {  # $1: threads ("" = default), prints ms/step and img/s
+    local threads=$1 json
+    json=$(env ${threads:+OMP_NUM_THREADS=$threads} "$PY" -m genflow.bench train-step --steps "$STEPS" 2>/dev/null | tail -1)
+    "$PY" -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["ms_per_step"], r["img_per_s"], r["device"])' "$json"
+}
+
+competitor_pid=""
+start_competitor() { "$PY" -c 'while True: pass' & competitor_pid=$!; sleep 1; }
+stop_competitor() { [ -n "$competitor_pid" ] && kill "$competitor_pid" 2>/dev/null; wait "$competitor_pid" 2>/dev/null || true; competitor_pid=""; }
+trap stop_competitor EXIT
+
+echo "# setting load ms/step img/s device"
+for threads in "" 1; do
+    echo "threads=${threads:-default} idle $(bench "$threads")"
+    start_competitor
+    echo "threads=${threads:-default} +1-busy-process $(bench "$threads")"
+    stop_competitor
+done
+
+if [ "${1:-}" = "--make" ]; then
+    start=$(date +%s)
+    make train RUN_DIR="runs/measure/$(date +%Y-%m-%d_%H-%M-%S)" | tail -1
+    echo "make train: $(( $(date +%s) - start )) s (set-up included when .venv is fresh)"
+fi
