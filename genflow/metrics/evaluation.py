@@ -132,9 +132,9 @@ class FIDEvaluator:
         start = time.perf_counter()
         chunks = range(num_batches)
         if self.progress and rank == 0:
-            from tqdm.auto import tqdm
+            from genflow.progress import track
 
-            chunks = tqdm(chunks, desc=f"FID: generating {len(seeds)} images", leave=False)
+            chunks = track(chunks, description=f"FID: generating {len(seeds)} images")
         for b in chunks:
             part = mine[b * batch:(b + 1) * batch]
             if part:

@@ -287,9 +287,9 @@ def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256
     stats = stats if stats is not None else FeatureStats()
     chunks = range(0, images.shape[0], batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from genflow.progress import track
 
-        chunks = tqdm(chunks, desc=f"features ({getattr(extractor, 'name', 'extractor')})", leave=False)
+        chunks = track(chunks, description=f"features ({getattr(extractor, 'name', 'extractor')})")
     for i in chunks:
         stats.update(extractor(images[i : i + batch_size]))
     return stats
