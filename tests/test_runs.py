@@ -16,7 +16,7 @@ from genflow.errors import CheckpointError, ConfigError
 from genflow.run import train
 from genflow.training.runs import output_mode, prepare_run, summarize
 
-TINY = ["model=pfgmpp", "data=toy2d", "data.n=256", "data.batch_size=32", "trainer.max_steps=6",
+TINY = ["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=6",
         "trainer.val_check_interval=3", "checkpoint.every_n_steps=2", "sample.num=4", "sample.steps=2",
         "optim.warmup_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
 
@@ -28,7 +28,7 @@ def cfg_for(run_dir, *extra):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "done"
-    return train(cfg_for(run_dir))
+    return train(cfg_for(run_dir, "fid.num=32"))
 
 
 def _snapshot(run_dir: Path) -> dict:
@@ -46,6 +46,18 @@ def test_outputs_share_one_file_mode(finished):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["model"] in ("PFGMPP", "pfgmpp") and result["D"] == 128 and result["seed"] == 0
     assert result["steps"] == result["steps_this_session"] == 6
+
+
+def test_final_fid_reaches_csv_and_tensorboard(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(finished["run_dir"])
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("final/fid")]
+    assert len(rows) == 1 and float(rows[0]["final/fid"]) == pytest.approx(finished["fid"], rel=1e-6)
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert events.Scalars("final/fid")[0].value == pytest.approx(finished["fid"], rel=1e-5)
+    assert "D: 128" in (run_dir / "tb" / "hparams.yaml").read_text()
 
 
 def test_training_into_a_run_is_refused_before_any_work(finished, cli):
@@ -73,7 +85,7 @@ def test_resume_with_another_model_is_refused_naming_the_keys(finished, cli):
     assert _snapshot(run_dir) == before
     # without the explicit override the recorded model is kept (compose() alone cannot tell: it refuses)
     with pytest.raises(CheckpointError, match="net"):
-        prepare_run(cfg_for(run_dir, "ckpt_path=last", "trainer.max_steps=8", "net.hidden=32"), run_dir)
+        prepare_run(cfg_for(run_dir, "ckpt_path=last", "trainer.max_steps=8", "net=unet_small"), run_dir)
 
 
 def test_last_falls_back_to_the_newest_valid_checkpoint(finished, tmp_path):
@@ -140,3 +152,12 @@ def test_sweep_summary_table(tmp_path):
     table, rows = summarize(tmp_path)
     assert [r["D"] for r in rows] == [64, 128]
     assert table.splitlines()[0] == "| run | model | D | fid |" and "| 1_D=128 | pfgmpp | 128 | 1.5 |" in table
+
+
+def test_init_from_says_what_it_loaded(finished, capsys):
+    from genflow.config import build
+
+    build(cfg_for("unused", f"init_from={finished['checkpoint']}"))
+    note = capsys.readouterr().out
+    total = note.split(" of ")[1].split()[0]
+    assert f"loaded {total} of {total} tensors" in note and "skipped" not in note
