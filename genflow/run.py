@@ -127,7 +127,8 @@ def train(cfg: DictConfig) -> dict:
     for logger in trainer.loggers:
         logger.log_hyperparams(describe(cfg))
     began = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=start.ckpt_path)
+    # prepare_run read the checkpoint with weights_only=True already: Lightning never unpickles code either
+    trainer.fit(module, datamodule=dm, ckpt_path=start.ckpt_path, weights_only=True)
     wall = time.perf_counter() - began
     stop = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
     if stop.stopped_by is not None:

@@ -260,9 +260,11 @@ SUMMARY_COLUMNS = ("run", "model", "D", "path", "stage", "net", "data", "steps",
 def summarize(sweep_dir: Path) -> tuple[str, list[dict]]:
     """A markdown table and the rows of every run's result.json under ``sweep_dir``."""
     rows = []
-    for path in sorted(sweep_dir.glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    found = [(str(p.parent.relative_to(sweep_dir)), p) for p in sweep_dir.rglob("result.json")]
+    for name, path in sorted(found, key=lambda item: (int(item[0].split("_", 1)[0]) if item[0].split("_", 1)[0].isdigit()
+                                                      else 1 << 30, item[0])):
         result = json.loads(path.read_text())
-        result["run"] = path.parent.name
+        result["run"] = name
         rows.append(result)
     columns = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
