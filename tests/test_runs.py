@@ -161,3 +161,32 @@ def test_init_from_says_what_it_loaded(finished, capsys):
     note = capsys.readouterr().out
     total = note.split(" of ")[1].split()[0]
     assert f"loaded {total} of {total} tensors" in note and "skipped" not in note
+
+
+def test_plain_progress_lines_when_not_a_terminal(tmp_path, cli):
+    """stdout captured (not a terminal): settings lines, then `step i/N | rate | ETA | loss/dim` lines in stdout
+    and train.log, then the JSON line; none of Lightning's device lines or advertisements."""
+    run_dir = tmp_path / "plain"
+    args = [a for a in TINY if a != "trainer.enable_progress_bar=false"]
+    code, out, err = cli("train.py", *args, "progress.every_seconds=0", f"hydra.run.dir={run_dir}")
+    assert code == 0, err[-2000:]
+    lines = out.strip().splitlines()
+    steps = [l for l in lines if l.startswith("step ")]
+    assert steps[0].startswith("step 1/6 | ") and steps[-1].startswith("step 6/6 | ")
+    assert all(" it/s, " in l and "ETA " in l and "loss/dim " in l for l in steps)
+    assert lines[0] == f"run {run_dir}" and "CPU thread" in lines[2] and json.loads(lines[-1])["steps"] == 6
+    assert "Epoch" not in out + err and "GPU available" not in out + err and "Tip" not in out + err
+    log = (run_dir / "train.log").read_text()
+    assert steps[-1] in log and lines[-1] in log
+
+
+def test_threads_follow_the_available_cpus(monkeypatch):
+    from genflow import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.choose_threads() == (len(os.sched_getaffinity(0)), "CPUs available to this process")
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 0.5)  # a quota below one CPU still gets one thread
+    assert threads.available_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads() == (3, "OMP_NUM_THREADS") and threads.choose_threads(2) == (2, "requested")

@@ -118,6 +118,19 @@ def explicit_sections() -> set[str] | None:
     return sections
 
 
+def forget_choices(sections) -> None:
+    """The Hydra group choices of ``sections`` no longer name what runs (the recorded config replaced them):
+    drop them so ``describe`` falls back to the configured classes."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        with read_write(choices), open_dict(choices):
+            for section in sections:
+                choices[section] = None
+
+
 def _comparable(section: str, node) -> dict:
     value = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
     if section == "data":
@@ -165,6 +178,7 @@ def match_recorded(cfg: DictConfig, recorded: dict, path: Path) -> list[str]:
                 cfg[key] = recorded[key]
         for section in adopted:
             cfg[section] = OmegaConf.create(recorded[section])
+        forget_choices(adopted)
         return [f"resuming with the run's recorded {', '.join(adopted)}"]
     return []
 
