@@ -118,26 +118,33 @@ def test_weights_only_export_is_not_resumable(finished, tmp_path):
 class SignalAt(pl.Callback):
     """Sends a signal to this process at the end of a given step (as a user's Ctrl-C or a scheduler would)."""
 
+    seen_last_step = None  # global_step of last.ckpt when the signal was sent
+
     def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
         self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
+            last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            if last.is_file():
+                SignalAt.seen_last_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
             os.kill(os.getpid(), self.signum)
 
 
 def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
     run_dir = tmp_path / "killed"
-    extra = ["trainer.max_steps=8", "checkpoint.every_n_steps=100", "checkpoint.every_minutes=null",
-             f"+callbacks.kill._target_={__name__}.SignalAt", "+callbacks.kill.step=3"]
+    extra = ["trainer.max_steps=8", "checkpoint.every_n_steps=100", "checkpoint.every_minutes=null"]
+    kill = [f"+callbacks.kill._target_={__name__}.SignalAt", "+callbacks.kill.step=3"]
+    # a wall-clock cadence of ~0 s: last.ckpt after every step, although every_n_steps is never reached
     with pytest.raises(SystemExit) as stop:
-        train(cfg_for(run_dir, *extra))
+        train(cfg_for(run_dir, *extra, *kill, "checkpoint.every_minutes=1e-9"))
     assert stop.value.code == 128 + signal.SIGTERM
+    assert SignalAt.seen_last_step == 2  # the time-based save of the step before the signal
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 3
     handler = signal.getsignal(signal.SIGTERM)  # ours is removed after fit
     assert type(getattr(handler, "__self__", None)).__name__ != "SafeStop"
-    resumed = train(cfg_for(run_dir, *extra[:3], "ckpt_path=last"))
+    resumed = train(cfg_for(run_dir, *extra, "ckpt_path=last"))
     assert resumed["steps"] == 8 and resumed["steps_this_session"] == 5
     with open(run_dir / "csv" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
