@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> dict:
     import signal
     import sys
 
+    from pytorch_lightning.utilities import rank_zero_only
+
     from genflow.progress import say
     from genflow.threads import configure_threads
     from genflow.training.resume import RunCheckpoint
@@ -111,7 +113,7 @@ def train(cfg: DictConfig) -> dict:
     start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
-    for note in start.notes:
+    for note in start.notes if rank_zero_only.rank == 0 else ():
         say(note, log)
     if start.finished is not None:
         print(json.dumps(start.finished), flush=True)
