@@ -21,7 +21,7 @@ class RunCheckpoint(ModelCheckpoint):
     * at the end of the step during which SIGINT or SIGTERM arrived, then stops training (a second signal
       stops at once, without a checkpoint): ``stopped_by`` holds the signal;
     * every ``every_minutes`` of wall-clock time, so ``ckpt_path=last`` always continues from a recent state;
-    * at the end of the last step.
+    * at the end of the last step (``max_steps`` reached or ``trainer.should_stop`` set, e.g. by ``max_time``).
 
     Every save happens at the end of a step, where Lightning's own periodic checkpoints are taken, so a
     resumed run continues exactly (data position, RNG, EMA, optimizer). Nothing is saved in ``on_train_end``:
@@ -74,7 +74,9 @@ class RunCheckpoint(ModelCheckpoint):
             due = trainer.strategy.reduce_boolean_decision(due, all=False)
         elif trainer.world_size > 1:
             stop = due = False
-        final = 0 < trainer.max_steps <= trainer.global_step
+        # the last step: max_steps reached, or another callback (e.g. the trainer.max_time Timer, which runs
+        # before checkpoint callbacks) ended training
+        final = 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop
         if (stop or due or final) and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         if stop or due:
