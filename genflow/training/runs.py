@@ -194,7 +194,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
         if holds_run(run_dir):
             raise config_error(
                 f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
-                f"resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
+                "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
                 "fresh timestamped one)")
         return start
     if str(requested) == "last":
