@@ -127,6 +127,8 @@ def train(cfg: DictConfig) -> dict:
         for line in settings_lines(cfg, module, run_dir, threads):
             say(line, log)
     for logger in trainer.loggers:
+        if start.step and hasattr(logger, "_kwargs"):  # TensorBoard: hide what a killed session logged after
+            logger._kwargs.setdefault("purge_step", start.step)  # its checkpoint (the CSV logger drops it)
         logger.log_hyperparams(describe(cfg))
     began = time.perf_counter()
     # prepare_run read the checkpoint with weights_only=True already: Lightning never unpickles code either

@@ -128,6 +128,7 @@ class SignalAt(pl.Callback):
             last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
             if last.is_file():
                 SignalAt.seen_last_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+                shutil.copy(last, last.with_name("early.ckpt"))  # an older state to resume from
             os.kill(os.getpid(), self.signum)
 
 
@@ -143,12 +144,17 @@ def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 3
     handler = signal.getsignal(signal.SIGTERM)  # ours is removed after fit
-    assert type(getattr(handler, "__self__", None)).__name__ != "SafeStop"
-    resumed = train(cfg_for(run_dir, *extra, "ckpt_path=last"))
-    assert resumed["steps"] == 8 and resumed["steps_this_session"] == 5
+    assert type(getattr(handler, "__self__", None)).__name__ != "RunCheckpoint"
+    # resuming from the older state (step 2) makes step 2 of the first session a lost segment, as after kill -9
+    resumed = train(cfg_for(run_dir, *extra, f"ckpt_path={run_dir / 'checkpoints' / 'early.ckpt'}"))
+    assert resumed["steps"] == 8 and resumed["steps_this_session"] == 6
     with open(run_dir / "csv" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert steps == list(range(8))  # the first session's rows kept, every step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert sorted(e.step for e in tb.Scalars("train/loss")) == list(range(8))  # both sessions, each step once
     assert "stopped by SIGTERM at step 3" in (run_dir / "train.log").read_text()
 
 
