@@ -203,3 +203,9 @@ def test_threads_follow_the_available_cpus(monkeypatch):
     assert threads.available_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.choose_threads() == (3, "OMP_NUM_THREADS") and threads.choose_threads(2) == (2, "requested")
+
+
+def test_help_starts_with_genflow_and_its_groups(cli):
+    code, out, err = cli("train.py", "--help")
+    assert code == 0 and out.startswith("genflow: train continuous-time generative models")
+    assert "model: ddpm, edm, flow, isotropic3d, lfm, pfgmpp, spd" in out and "Powered by Hydra" not in out
