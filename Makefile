@@ -2,9 +2,17 @@
 PY      ?= python3
 VENV    ?= .venv
 PYBIN   := $(VENV)/bin/python
-THREADS ?= 2
+# CPU threads: empty = the CPUs available to the process (affinity and cgroup quota; genflow.threads).
+# THREADS=1 is the safe choice on a machine busy with other jobs. Idle OpenMP threads sleep (PASSIVE)
+# instead of spinning against other work.
+THREADS ?=
+ifneq ($(strip $(THREADS)),)
 export OMP_NUM_THREADS := $(THREADS)
 export MKL_NUM_THREADS := $(THREADS)
+endif
+export OMP_WAIT_POLICY ?= PASSIVE
+# each `make train` gets its own folder: a finished run is never overwritten
+RUN_DIR ?= runs/main/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .PHONY: venv train test bench clean
 
@@ -18,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 train: venv
-	$(PYBIN) train.py model=pfgmpp D=128 data=digits fid.num=1000 hydra.run.dir=runs/main
+	$(PYBIN) train.py model=pfgmpp D=128 data=digits fid.num=1000 hydra.run.dir=$(RUN_DIR)
 
 test: venv
 	$(PYBIN) -m pytest -q

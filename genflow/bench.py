@@ -1,7 +1,7 @@
 """Throughput benchmarks, printed as one JSON line each (never timed tests).
 
     python -m genflow.bench train-step [--model pfgmpp] [--net unet_digits] [--data digits] [--batch 128]
-                                       [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads 2]
+                                       [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads N]
                                        [--shape 3,32,32] [--compile] [--channels-last]
                                        [--matmul-precision highest|high|medium] [--no-ema]
     python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
@@ -304,7 +304,8 @@ def main(argv=None):
     parser.add_argument("--fid-chunk", type=int, default=512, help="gpu-suite: images generated to time FID")
     parser.add_argument("--extractor-num", type=int, default=4096, help="gpu-suite: images for the extractor")
     parser.add_argument("--inception", default=None, help="inception-2015-12-05.pt (file or folder)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available to the process)")
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. D=2048")
     args, rest = parser.parse_known_args(argv)
     suite = args.what == "gpu-suite"
@@ -313,7 +314,9 @@ def main(argv=None):
     args.model = args.model or ("edm" if suite else "pfgmpp")
     args.batch = args.batch or (256 if suite else 128)
     args.device = args.device or ("cuda" if suite or torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
+    from genflow.threads import configure_threads
+
+    print(f"bench: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.what == "fid":
         from genflow.bench_fid import bench_fid as fn
     elif args.what == "multiview":

@@ -168,11 +168,14 @@ def load_weights(module, checkpoint: str | Path | dict, *, strict: bool = True, 
                               f"  why: {str(err).splitlines()[0]}\n"
                               "  fix: use the checkpoint's own net (do not override net=...), or "
                               "pick the checkpoint trained with this net") from err
-    if not strict and (missing or unexpected):
-        import warnings
-
-        warnings.warn(f"init_from={path}: {len(missing)} missing and {len(unexpected)} unexpected keys "
-                      f"(missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]})")
+    if not strict:  # init_from: say what was loaded and what was not
+        total = len(module.state_dict())
+        note = f"init_from={path}: loaded {total - len(missing)} of {total} tensors"
+        if missing:
+            note += f"; {len(missing)} not in the checkpoint keep their initialisation (e.g. {', '.join(missing[:3])})"
+        if unexpected:
+            note += f"; {len(unexpected)} of the checkpoint are not in this model, skipped (e.g. {', '.join(unexpected[:3])})"
+        print(note, flush=True)
 
 
 def module_from_checkpoint(path: str | Path, overrides: Sequence[str] = (), device="cpu"):

@@ -30,7 +30,6 @@ sigma_min with the (dequantized) data as x(sigma_min), as score_sde does at t = 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -325,7 +324,10 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
     repeats = importance_samples if (dequantize or divergence == "hutchinson") else 1
     started, solves, nfe_total = time.perf_counter(), 0, 0
     out = []
-    for b0 in range(0, x.shape[0], batch_size):
+    from genflow.progress import track
+
+    batches = track(range(0, x.shape[0], batch_size), description=f"NLL of {x.shape[0]} samples", enabled=progress)
+    for b0 in batches:
         sl = slice(b0, b0 + batch_size)
         bcond = None if cond is None else {k: v[sl] for k, v in cond.items()}
         logs = []
@@ -345,9 +347,6 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
         else:
             lp = logs.mean(0)
         out.append(lp)
-        if progress:
-            print(f"[nll] {min(b0 + batch_size, x.shape[0])}/{x.shape[0]} samples, "
-                  f"{time.perf_counter() - started:.1f}s, last NFE {res.nfe}", file=sys.stderr, flush=True)
     lp = torch.cat(out)
     elapsed = time.perf_counter() - started
     bpd_each = -lp / (dims * math.log(2))

@@ -22,27 +22,30 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     from genflow.training import AtomicCheckpointIO, EDMEma, SampleGrid
+    from genflow.training.resume import HistoryCSVLogger, RunCheckpoint
 
     callbacks = [
         EDMEma(halflife_kimg=cfg.ema.halflife_kimg, rampup=cfg.ema.rampup),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep,
-                        save_last=True),
+        RunCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
+                      every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep,
+                      monitor="step", mode="max", save_last=True,  # keep = the newest `keep` checkpoints
+                      every_minutes=cfg.checkpoint.get("every_minutes")),
         SampleGrid(str(run_dir / "samples"), every_n_steps=cfg.sample.every_n_steps, num=cfg.sample.num,
                    steps=cfg.sample.steps, solver=cfg.sample.solver, guidance=cfg.sample.guidance,
                    precision=cfg.sample.get("precision", "fp32")),
         LearningRateMonitor(logging_interval="step"),
     ]
     callbacks += extra_callbacks(cfg, run_dir)
+    callbacks += run_callbacks(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by apply_speed_settings
         trainer_kwargs.pop(key, None)
     trainer_kwargs.update(overrides)
-    loggers = [TensorBoardLogger(str(run_dir), name="tb", version=""), CSVLogger(str(run_dir), name="csv", version="")]
+    loggers = [TensorBoardLogger(str(run_dir), name="tb", version=""), HistoryCSVLogger(str(run_dir), name="csv", version="")]
     # the datamodule's ResumableSampler shards by rank itself, so Lightning must not wrap it
     return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
                       plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, **trainer_kwargs)
@@ -85,26 +88,102 @@ def extra_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     return found
 
 
+def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    """The progress display every run gets (a Rich bar, or plain lines when stdout is not a terminal)."""
+    from genflow.training.progress import TrainProgress
+
+    if not cfg.trainer.get("enable_progress_bar", True):
+        return []
+    return [TrainProgress(every_seconds=(cfg.get("progress") or {}).get("every_seconds", 30),
+                          log_path=run_dir / "train.log")]
+
+
+def quiet_console() -> None:
+    """Silence what carries no information for a genflow user: Lightning's device lines ("GPU available:
+    False ..."), its advertisements ("Tip: ... litlogger"), its stop notice, and known third-party
+    deprecation warnings that a user cannot act on."""
+    import logging
+    import warnings
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches.*is smaller than the logging.*")
+
+
+def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list[str]:
+    from genflow.training.runs import describe
+
+    d = describe(cfg, module.method)
+    model = " ".join([d["model"]] + [f"{k}={d[k]}" for k in ("D", "path", "stage", "T", "schedule") if k in d])
+    params = sum(p.numel() for p in module.net.parameters()) / 1e6
+    res = f" {d['resolution']}px" if "resolution" in d else ""
+    return [f"run {run_dir}",
+            f"  {model} | net {d['net']} ({params:.2f} M params) | data {d['data']}{res}, batch {d['batch']}",
+            f"  {d['max_steps']} steps, lr {d['lr']}, precision {d['precision']}, seed {d['seed']}, "
+            f"{cfg.trainer.get('accelerator', 'cpu')}, {threads}"]
+
+
 def train(cfg: DictConfig) -> dict:
+    import signal
+    import sys
+
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from genflow.progress import say
+    from genflow.threads import configure_threads
+    from genflow.training.resume import RunCheckpoint
+    from genflow.training.runs import describe, prepare_run, write_result
+
     validate(cfg)
     run_dir = run_dir_of(cfg)
+    start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "train.log"
+    for note in start.notes if rank_zero_only.rank == 0 else ():
+        say(note, log)
+    if start.finished is not None:
+        print(json.dumps(start.finished), flush=True)
+        return start.finished
+    quiet_console()
+    threads = configure_threads()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, dm = build(cfg)
     apply_speed_settings(cfg, module)
-    trainer = make_trainer(cfg, run_dir)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    wall = time.perf_counter() - start
-    # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
-    result = finish(cfg, trainer, module, dm, run_dir, wall)
+    trainer = make_trainer(cfg, run_dir, enable_model_summary=False)
     if trainer.is_global_zero:
-        print(json.dumps(result), flush=True)
+        for line in settings_lines(cfg, module, run_dir, threads):
+            say(line, log)
+    for logger in trainer.loggers:
+        if start.step and hasattr(logger, "_kwargs"):  # TensorBoard: hide what a killed session logged after
+            logger._kwargs.setdefault("purge_step", start.step)  # its checkpoint (the CSV logger drops it)
+        logger.log_hyperparams(describe(cfg, module.method))
+    began = time.perf_counter()
+    # prepare_run read the checkpoint with weights_only=True already: Lightning never unpickles code either
+    trainer.fit(module, datamodule=dm, ckpt_path=start.ckpt_path, weights_only=True)
+    wall = time.perf_counter() - began
+    stop = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
+    if stop.stopped_by is not None:
+        name = signal.Signals(stop.stopped_by).name
+        say(f"stopped by {name} at step {trainer.global_step}: the state is in {stop.last_path}; continue with "
+            f"ckpt_path=last hydra.run.dir={run_dir}", log)
+        sys.exit(128 + int(stop.stopped_by))
+    # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
+    result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step)
+    if trainer.is_global_zero:
+        write_result(run_dir, result)
+        say(json.dumps(result), log)
     return result
 
 
-def finish(cfg, trainer, module, dm, run_dir: Path, wall: float) -> dict:
+def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0) -> dict:
+    """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
+    so the reported rate counts only the steps trained here, over this process's wall time."""
     from genflow.training import SampleGrid
+    from genflow.training.runs import describe
 
     ckpt_cb = trainer.checkpoint_callback
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
@@ -127,21 +206,22 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float) -> dict:
         "checkpoint": str(final_ckpt),
         "last_checkpoint": str(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None,
         "grid": str(grid),
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
-        **{k: v for k, v in module.method.describe().items() if k != "method"},
-        "data": dm.name,
+        **describe(cfg, module.method),
         "steps": steps,
+        "steps_this_session": steps - steps_before,
         # the training loop after its warm-up steps, timed as genflow.bench train-step times a step
-        "train_img_per_s": round(timed[0] * batch / timed[1], 1) if timed else round(steps * batch / max(wall, 1e-9), 1),
+        "train_img_per_s": round(timed[0] * batch / timed[1], 1) if timed
+        else round((steps - steps_before) * batch / max(wall, 1e-9), 1),
         "wall_s": round(wall, 1),
         **figures,
     }
     if trainer.is_global_zero:
         result.update(export_ema(cfg, module, run_dir))
     # every rank takes part: the FID shards its seeds over ranks and all-reduces the statistics
-    metrics = final_metrics(cfg, module, dm)
+    final = final_metrics(cfg, module, dm)
     if trainer.is_global_zero:
-        result.update(metrics)
+        result.update(final)
+        log_final(trainer, final)
     # valid JSON: a non-finite number is written as null, never NaN
     return {k: finite_or_none(v) if isinstance(v, (float, torch.Tensor)) else v for k, v in result.items()}
 
@@ -151,13 +231,38 @@ def finite_or_none(value) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+def log_final(trainer, final: dict) -> None:
+    """The final FID / NLL into TensorBoard and the CSV log, at the last step."""
+    numbers = {f"final/{k}": float(v) for k, v in final.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not numbers:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(numbers, step=trainer.global_step)
+        logger.save()
+
+
 def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
-    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow."""
+    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow. Written to a
+    temporary file and renamed, with the mode of any other output."""
+    import os
+    import tempfile
+
     from safetensors.torch import save_file
+
+    from genflow.training.runs import output_mode
 
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     path = run_dir / "ema.safetensors"
-    save_file(state, str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=run_dir)
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.chmod(tmp, output_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
     return {"ema_safetensors": str(path)}
 

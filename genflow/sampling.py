@@ -87,9 +87,9 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
     use_autocast = check_precision(precision) == "bf16"
     chunks = range(0, len(seeds), batch_size)
     if progress:
-        from rich.progress import track
+        from genflow.progress import track
 
-        chunks = track(chunks, description=f"sampling {len(seeds)}", transient=True)
+        chunks = track(chunks, description=f"sampling {len(seeds)} images")
     out = []
     for lo in chunks:
         batch = seeds[lo:lo + batch_size]

@@ -192,7 +192,11 @@ def test_cli_sweep_and_clear_cli_errors(tmp_path):
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    assert [Path(l["run_dir"]).name for l in lines] == ["0", "1"]
+    names = [Path(l["run_dir"]).name for l in lines]  # hydra.sweep.subdir: <num>_<overrides>
+    assert names[0].startswith("0_") and "D=64" in names[0] and names[1].startswith("1_") and "D=2048" in names[1]
+    assert [l["D"] for l in lines] == [64, 2048] and all(l["model"] == "pfgmpp" for l in lines)
+    summary = (tmp_path / "sweep" / "summary.md").read_text()  # the multirun's table of all runs
+    assert "| 0_D=64" in summary and "| 1_D=2048" in summary and "sweep of 2 runs" in proc.stdout
     stored = [read_checkpoint(l["checkpoint"])["hyper_parameters"]["config"]["model"]["D"] for l in lines]
     assert stored == [64, 2048]
     bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=pfgmppp"], capture_output=True, text=True,

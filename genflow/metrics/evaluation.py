@@ -133,9 +133,9 @@ class FIDEvaluator:
         start = time.perf_counter()
         chunks = range(num_batches)
         if self.progress and rank == 0:
-            from rich.progress import track
+            from genflow.progress import track
 
-            chunks = track(chunks, description=f"FID: generating {len(seeds)} images", transient=True)
+            chunks = track(chunks, description=f"FID: generating {len(seeds)} images")
         for b in chunks:
             part = mine[b * batch:(b + 1) * batch]
             if part:

@@ -283,9 +283,9 @@ def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256
     stats = stats if stats is not None else FeatureStats()
     chunks = range(0, images.shape[0], batch_size)
     if progress:
-        from rich.progress import track
+        from genflow.progress import track
 
-        chunks = track(chunks, description=f"features ({getattr(extractor, 'name', 'extractor')})", transient=True)
+        chunks = track(chunks, description=f"features ({getattr(extractor, 'name', 'extractor')})")
     for i in chunks:
         stats.update(extractor(images[i : i + batch_size]))
     return stats

@@ -55,9 +55,13 @@ class EDMEma(WeightAveraging):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder and renames it into place, so a
-    run killed while saving never leaves a truncated checkpoint behind."""
+    run killed while saving never leaves a truncated checkpoint behind. The file gets the mode of any other
+    output (``mkstemp`` would leave it private); a temporary file orphaned by a kill is removed when the run
+    folder is next used (``genflow.training.runs.remove_stale_temps``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from genflow.training.runs import output_mode
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -66,6 +70,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, output_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,302 @@
+"""Run folders: which checkpoint a run starts from, what it refuses to overwrite, and how it describes itself.
+
+``prepare_run`` is called before anything is built. It
+
+* refuses to train into a folder that already holds a run unless ``ckpt_path`` resumes it,
+* resolves ``ckpt_path=last`` to the newest *valid* full checkpoint of the folder (say which, skip broken ones),
+* checks that a resume matches the run's recorded model, net and data (an explicit differing override is
+  refused; a default that differs is replaced by the recorded value),
+* turns the resume of a finished run into a no-op,
+* removes hidden temporary files that an interrupted atomic write left behind.
+
+``describe`` is the one place that says which settings distinguish runs: the JSON line, TensorBoard's
+hyperparameters, the sweep summary and the settings lines printed at the start all read it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from genflow.errors import CheckpointError, config_error
+
+# what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
+# they do not count)
+RUN_FILES = ("ema.safetensors", "config.yaml", "result.json", "grid.png")
+# recorded settings a resume must keep, and data keys that may change between machines or sessions
+RECORDED = ("model", "net", "data")
+MACHINE_KEYS = {"num_workers", "root", "download", "cache_dir", "pin_memory", "persistent_workers"}
+# top-level override keys and the recorded section they change
+OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "model", "allow_heavy_tails": "model",
+                     "net": "net", "data": "data", "experiment": "model net data"}
+
+
+@dataclass
+class Start:
+    """How a run starts: from scratch, from a checkpoint, or not at all (a finished run)."""
+
+    ckpt_path: str | None = None
+    step: int = 0
+    finished: dict | None = None    # the finished run's result when resuming it is a no-op
+    notes: list[str] = field(default_factory=list)
+
+
+def output_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives under the current umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Hidden ``.<name>.<random>`` files of the atomic writer whose process died before the rename."""
+    stale = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir():
+            for path in folder.glob(".*"):
+                name = path.name
+                if path.is_file() and (".ckpt." in name or ".safetensors." in name):
+                    path.unlink(missing_ok=True)
+                    stale.append(path)
+    return stale
+
+
+def holds_run(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
+
+
+def read_resumable(path: Path) -> dict:
+    """A full training checkpoint (weights, optimizer and loop state); a weights-only export is refused."""
+    from genflow.config import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds weights only (an export such as final.ckpt), not a training state\n"
+            "  why: resuming needs the optimizer, the EMA and the data position, which only full checkpoints "
+            "keep\n"
+            "  fix: resume from <run>/checkpoints/last.ckpt (ckpt_path=last), or start a new run from these "
+            f"weights with init_from={path}")
+    return ckpt
+
+
+def newest_valid(run_dir: Path) -> tuple[Path, dict, list[str]]:
+    """The newest readable full checkpoint in ``run_dir/checkpoints`` (by modification time), and notes on
+    the ones skipped."""
+    folder = run_dir / "checkpoints"
+    found = sorted((p for p in folder.glob("*.ckpt") if p.name != "final.ckpt"),
+                   key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True) if folder.is_dir() else []
+    if not found:
+        raise config_error(f"ckpt_path=last but {run_dir} holds no checkpoint to resume",
+                           "resuming continues a run that was started in this folder; there is none",
+                           "start a new run without ckpt_path, or point hydra.run.dir at the run to resume")
+    skipped = []
+    for path in found:
+        try:
+            return path, read_resumable(path), skipped
+        except CheckpointError as err:
+            skipped.append(f"skipped {path.name}: {str(err).splitlines()[0]}")
+    raise CheckpointError(f"no readable checkpoint in {folder}\n  why: " + "; ".join(skipped) +
+                          "\n  fix: start a new run in another folder (this one keeps the broken files for "
+                          "inspection)")
+
+
+def explicit_sections() -> set[str] | None:
+    """The recorded sections the user changed on the command line; None when unknown (not a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    sections = set()
+    for item in HydraConfig.get().overrides.task:
+        key = item.lstrip("+~").split("=", 1)[0]
+        sections.update(OVERRIDE_SECTIONS.get(key.split(".", 1)[0], "").split())
+    return sections
+
+
+def forget_choices(sections) -> None:
+    """The Hydra group choices of ``sections`` no longer name what runs (the recorded config replaced them):
+    drop them so ``describe`` falls back to the configured classes."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        with read_write(choices), open_dict(choices):
+            for section in sections:
+                choices[section] = None
+
+
+def _comparable(section: str, node) -> dict:
+    value = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    if section == "data":
+        value = {k: v for k, v in value.items() if k not in MACHINE_KEYS}
+    return value
+
+
+def _differences(a: dict, b: dict, prefix: str) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k, "<absent>") != b.get(k, "<absent>"):
+            out.append(f"{prefix}{k}: recorded {b.get(k, '<absent>')!r}, requested {a.get(k, '<absent>')!r}")
+    return out
+
+
+def match_recorded(cfg: DictConfig, recorded: dict, path: Path) -> list[str]:
+    """Make ``cfg`` continue the recorded run: refuse explicit changes to model/net/data, adopt the recorded
+    values where the requested ones are only defaults. Returns notes on what was adopted."""
+    explicit = explicit_sections()
+    refused, adopted = [], []
+    for section in RECORDED:
+        if section not in recorded:
+            continue
+        diff = _differences(_comparable(section, cfg.get(section)), _comparable(section, recorded[section]),
+                            f"{section}.")
+        if not diff:
+            continue
+        if explicit is None or section in explicit:
+            refused += diff
+        else:
+            adopted.append(section)
+    if refused:
+        raise CheckpointError(
+            f"the resumed run {path} was trained with other settings:\n    " + "\n    ".join(refused[:12]) +
+            "\n  why: continuing a run with another model, net or data would mix two experiments in one folder "
+            "and overwrite its results\n"
+            "  fix: drop these overrides to resume the run as recorded, or start a new run in another folder "
+            "(init_from=CKPT to start from its weights)")
+    if adopted:
+        for key in ("D", "path", "stage"):
+            if key in recorded and key in cfg:
+                cfg[key] = recorded[key]
+        for section in adopted:
+            cfg[section] = OmegaConf.create(recorded[section])
+        forget_choices(adopted)
+        return [f"resuming with the run's recorded {', '.join(adopted)}"]
+    return []
+
+
+def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
+    """Decide how the run in ``run_dir`` starts, refusing anything that would overwrite a run."""
+    start = Start()
+    stale = remove_stale_temps(run_dir)
+    if stale:
+        start.notes.append(f"removed {len(stale)} stale temporary file(s) of an interrupted write")
+    requested = cfg.get("ckpt_path")
+    if requested is None:
+        if holds_run(run_dir):
+            raise config_error(
+                f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
+                "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
+                "fresh timestamped one)")
+        return start
+    if str(requested) == "last":
+        path, ckpt, skipped = newest_valid(run_dir)
+        start.notes += skipped
+        start.notes.append(f"resuming from {path} (step {ckpt.get('global_step', 0)})")
+    else:
+        path = Path(str(requested)).expanduser()
+        ckpt = read_resumable(path)
+        inside = path.resolve().parent == (run_dir / "checkpoints").resolve()
+        if holds_run(run_dir) and not inside:
+            raise config_error(f"{run_dir} already holds a run, and ckpt_path={path} belongs to another folder",
+                               "the resumed run would overwrite the run in this folder",
+                               f"resume in the checkpoint's own folder (hydra.run.dir={path.parent.parent}), or "
+                               "choose an empty folder")
+        start.notes.append(f"resuming from {path} (step {ckpt.get('global_step', 0)})")
+    start.notes += match_recorded(cfg, ckpt["hyper_parameters"]["config"], path)
+    start.ckpt_path, start.step = str(path), int(ckpt.get("global_step", 0))
+    max_steps = int(cfg.trainer.get("max_steps", -1))
+    final = run_dir / "checkpoints" / "final.ckpt"
+    if final.is_file() and 0 <= max_steps <= start.step:
+        previous = run_dir / "result.json"
+        result = json.loads(previous.read_text()) if previous.is_file() else {"run_dir": str(run_dir)}
+        result.update(already_finished=True, steps=start.step, steps_this_session=0)
+        start.finished = result
+        start.notes.append(f"the run already finished at step {start.step} (max_steps={max_steps}): nothing to do, "
+                           f"{final.name} and ema.safetensors are kept; raise trainer.max_steps to train further")
+    return start
+
+
+# --- what distinguishes runs ------------------------------------------------------------------------
+def hydra_choices() -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")}
+
+
+def describe(cfg: DictConfig, method=None, choices: dict | None = None) -> dict:
+    """The settings that tell runs apart: model and its key parameters (``Method.describe()``: D, path, T,
+    ...), net, data, precision, steps, seed. Names are Hydra's group choices where a Hydra job runs."""
+    choices = hydra_choices() if choices is None else choices
+    model = cfg.get("model") or {}
+    out = {"model": choices.get("model") or str(model.get("_target_", "?")).rsplit(".", 1)[-1]}
+    if method is not None:
+        out.update({k: v for k, v in method.describe().items() if k != "method"})
+    if cfg.get("stage") is not None:
+        out["stage"] = cfg.stage
+    net = cfg.get("net") or {}
+    out["net"] = choices.get("net") or str(net.get("_target_", "?")).rsplit(".", 1)[-1]
+    data = cfg.get("data") or {}
+    out["data"] = choices.get("data") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
+    if data.get("resolution") is not None:
+        out["resolution"] = data.resolution
+    trainer = cfg.get("trainer") or {}
+    out.update(precision=str(trainer.get("precision", "32-true")), max_steps=trainer.get("max_steps"),
+               batch=data.get("batch_size"), lr=(cfg.get("optim") or {}).get("lr"), seed=cfg.get("seed"))
+    return out
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    path = run_dir / "result.json"
+    path.write_text(json.dumps(result) + "\n")
+
+
+# --- the end of a multirun ----------------------------------------------------------------------------
+SUMMARY_COLUMNS = ("run", "model", "D", "path", "stage", "net", "data", "steps", "train/loss", "val/loss", "fid",
+                   "nll_bpd", "train_img_per_s", "wall_s")
+
+
+def summarize(sweep_dir: Path) -> tuple[str, list[dict]]:
+    """A markdown table and the rows of every run's result.json under ``sweep_dir``."""
+    rows = []
+    found = [(str(p.parent.relative_to(sweep_dir)), p) for p in sweep_dir.rglob("result.json")]
+    for name, path in sorted(found, key=lambda item: (int(item[0].split("_", 1)[0]) if item[0].split("_", 1)[0].isdigit()
+                                                      else 1 << 30, item[0])):
+        result = json.loads(path.read_text())
+        result["run"] = name
+        rows.append(result)
+    columns = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n", rows
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - Hydra < 1.1
+    _HydraCallback = object
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback: at the end of ``train.py -m ...`` write ``summary.md`` and ``summary.json`` in the sweep
+    folder (one row per run, read from each run's result.json) and print the table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        table, rows = summarize(sweep_dir)
+        (sweep_dir / "summary.md").write_text(table)
+        (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"\nsweep of {len(rows)} runs ({sweep_dir}/summary.md):\n{table}", flush=True)

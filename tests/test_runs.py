@@ -1,0 +1,211 @@
+"""Run folders: no run is ever overwritten, resume keeps everything (signal checkpoints, CSV history, true
+rates), runs describe themselves. One tiny trained run is shared by the module."""
+import csv
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from genflow.config import compose
+from genflow.errors import CheckpointError, ConfigError
+from genflow.run import train
+from genflow.training.runs import output_mode, prepare_run, summarize
+
+TINY = ["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=6",
+        "trainer.val_check_interval=3", "checkpoint.every_n_steps=2", "sample.num=4", "sample.steps=2",
+        "optim.warmup_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
+
+
+def cfg_for(run_dir, *extra):
+    return compose(TINY + list(extra) + [f"+run_dir={run_dir}"])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "done"
+    return train(cfg_for(run_dir, "fid.num=32"))
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+
+
+def test_outputs_share_one_file_mode(finished):
+    run_dir = Path(finished["run_dir"])
+    for path in (run_dir / "checkpoints" / "final.ckpt", run_dir / "checkpoints" / "last.ckpt",
+                 run_dir / "ema.safetensors", run_dir / "grid.png"):
+        assert path.stat().st_mode & 0o777 == output_mode(), path
+    # keep=3 (the default) bounds the periodic checkpoints: steps 2, 4, 6 of every_n_steps=2 ...
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.ckpt")) == \
+        ["step_000002.ckpt", "step_000004.ckpt", "step_000006.ckpt"]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["model"] in ("PFGMPP", "pfgmpp") and result["D"] == 128 and result["seed"] == 0
+    assert result["steps"] == result["steps_this_session"] == 6
+
+
+def test_final_fid_reaches_csv_and_tensorboard(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(finished["run_dir"])
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("final/fid")]
+    assert len(rows) == 1 and float(rows[0]["final/fid"]) == pytest.approx(finished["fid"], rel=1e-6)
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert events.Scalars("final/fid")[0].value == pytest.approx(finished["fid"], rel=1e-5)
+    assert "D: 128" in (run_dir / "tb" / "hparams.yaml").read_text()
+
+
+def test_training_into_a_run_is_refused_before_any_work(finished, cli):
+    run_dir = Path(finished["run_dir"])
+    before = _snapshot(run_dir)
+    code, out, err = cli("train.py", *TINY, f"hydra.run.dir={run_dir}")
+    assert code == 2 and "already holds a run" in err and "fix:" in err and "Traceback" not in err
+    assert _snapshot(run_dir) == before
+
+
+def test_resuming_a_finished_run_is_a_no_op(finished):
+    run_dir = Path(finished["run_dir"])
+    before = _snapshot(run_dir)
+    result = train(cfg_for(run_dir, "ckpt_path=last"))
+    assert result["already_finished"] and result["steps"] == 6
+    assert _snapshot(run_dir) == before  # final.ckpt and ema.safetensors untouched
+
+
+def test_resume_with_another_model_is_refused_naming_the_keys(finished, cli):
+    run_dir = Path(finished["run_dir"])
+    before = _snapshot(run_dir)
+    code, out, err = cli("train.py", *TINY, "model=edm", "trainer.max_steps=8", "ckpt_path=last",
+                         f"hydra.run.dir={run_dir}")
+    assert code == 2 and "model._target_" in err and "Traceback" not in err
+    assert _snapshot(run_dir) == before
+    # without the explicit override the recorded model is kept (compose() alone cannot tell: it refuses)
+    with pytest.raises(CheckpointError, match="net"):
+        prepare_run(cfg_for(run_dir, "ckpt_path=last", "trainer.max_steps=8", "net=unet_small"), run_dir)
+
+
+def test_last_falls_back_to_the_newest_valid_checkpoint(finished, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished["run_dir"], run_dir)
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "last.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:1000])  # a kill during the write
+    stale = ckpts / ".last.ckpt.x1y2z3"
+    stale.write_bytes(b"")
+    now = ckpts.stat().st_mtime
+    for i, name in enumerate(["step_000002.ckpt", "step_000004.ckpt", "step_000006.ckpt", "last.ckpt"]):
+        os.utime(ckpts / name, (now + i, now + i))
+    os.utime(ckpts / "step_000006.ckpt", (now - 10, now - 10))  # older than step 4 on disk
+    start = prepare_run(cfg_for(run_dir, "ckpt_path=last", "trainer.max_steps=8"), run_dir)
+    assert start.ckpt_path == str(ckpts / "step_000004.ckpt") and start.step == 4
+    assert any("skipped last.ckpt" in n for n in start.notes) and any("step_000004" in n for n in start.notes)
+    assert not stale.exists()
+
+
+def test_last_without_a_run_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        prepare_run(cfg_for(tmp_path / "empty", "ckpt_path=last"), tmp_path / "empty")
+
+
+def test_weights_only_export_is_not_resumable(finished, tmp_path):
+    with pytest.raises(CheckpointError, match="weights only"):
+        prepare_run(cfg_for(tmp_path / "new", f"ckpt_path={finished['checkpoint']}"), tmp_path / "new")
+
+
+class SignalAt(pl.Callback):
+    """Sends a signal to this process at the end of a given step (as a user's Ctrl-C or a scheduler would)."""
+
+    seen_last_step = None  # global_step of last.ckpt when the signal was sent
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            if last.is_file():
+                SignalAt.seen_last_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+                shutil.copy(last, last.with_name("early.ckpt"))  # an older state to resume from
+            os.kill(os.getpid(), self.signum)
+
+
+def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
+    run_dir = tmp_path / "killed"
+    extra = ["trainer.max_steps=8", "checkpoint.every_n_steps=100", "checkpoint.every_minutes=null"]
+    kill = [f"+callbacks.kill._target_={__name__}.SignalAt", "+callbacks.kill.step=3"]
+    # a wall-clock cadence of ~0 s: last.ckpt after every step, although every_n_steps is never reached
+    with pytest.raises(SystemExit) as stop:
+        train(cfg_for(run_dir, *extra, *kill, "checkpoint.every_minutes=1e-9"))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert SignalAt.seen_last_step == 2  # the time-based save of the step before the signal
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3
+    handler = signal.getsignal(signal.SIGTERM)  # ours is removed after fit
+    assert type(getattr(handler, "__self__", None)).__name__ != "RunCheckpoint"
+    # resuming from the older state (step 2) makes step 2 of the first session a lost segment, as after kill -9
+    resumed = train(cfg_for(run_dir, *extra, f"ckpt_path={run_dir / 'checkpoints' / 'early.ckpt'}"))
+    assert resumed["steps"] == 8 and resumed["steps_this_session"] == 6
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == list(range(8))  # the first session's rows kept, every step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert sorted(e.step for e in tb.Scalars("train/loss")) == list(range(8))  # both sessions, each step once
+    assert "stopped by SIGTERM at step 3" in (run_dir / "train.log").read_text()
+
+
+def test_sweep_summary_table(tmp_path):
+    for name, D, fid in (("0_D=64", 64, 2.5), ("1_D=128", 128, 1.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps({"model": "pfgmpp", "D": D, "fid": fid}))
+    table, rows = summarize(tmp_path)
+    assert [r["D"] for r in rows] == [64, 128]
+    assert table.splitlines()[0] == "| run | model | D | fid |" and "| 1_D=128 | pfgmpp | 128 | 1.5 |" in table
+
+
+def test_init_from_says_what_it_loaded(finished, capsys):
+    from genflow.config import build
+
+    build(cfg_for("unused", f"init_from={finished['checkpoint']}"))
+    note = capsys.readouterr().out
+    total = note.split(" of ")[1].split()[0]
+    assert f"loaded {total} of {total} tensors" in note and "skipped" not in note
+
+
+def test_plain_progress_lines_when_not_a_terminal(tmp_path, cli):
+    """stdout captured (not a terminal): settings lines, then `step i/N | rate | ETA | loss/dim` lines in stdout
+    and train.log, then the JSON line; none of Lightning's device lines or advertisements."""
+    run_dir = tmp_path / "plain"
+    args = [a for a in TINY if a != "trainer.enable_progress_bar=false"]
+    code, out, err = cli("train.py", *args, "progress.every_seconds=0", f"hydra.run.dir={run_dir}")
+    assert code == 0, err[-2000:]
+    lines = out.strip().splitlines()
+    steps = [l for l in lines if l.startswith("step ")]
+    assert steps[0].startswith("step 1/6 | ") and steps[-1].startswith("step 6/6 | ")
+    assert all(" it/s, " in l and "ETA " in l and "loss/dim " in l for l in steps)
+    assert lines[0] == f"run {run_dir}" and "CPU thread" in lines[2] and json.loads(lines[-1])["steps"] == 6
+    assert "Epoch" not in out + err and "GPU available" not in out + err and "Tip" not in out + err
+    log = (run_dir / "train.log").read_text()
+    assert steps[-1] in log and lines[-1] in log
+
+
+def test_threads_follow_the_available_cpus(monkeypatch):
+    from genflow import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.choose_threads() == (len(os.sched_getaffinity(0)), "CPUs available to this process")
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 0.5)  # a quota below one CPU still gets one thread
+    assert threads.available_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads() == (3, "OMP_NUM_THREADS") and threads.choose_threads(2) == (2, "requested")
+
+
+def test_help_starts_with_genflow_and_its_groups(cli):
+    code, out, err = cli("train.py", "--help")
+    assert code == 0 and out.startswith("genflow: train continuous-time generative models")
+    assert "model: ddpm, edm, flow, isotropic3d, lfm, pfgmpp, spd" in out and "Powered by Hydra" not in out
