@@ -93,7 +93,8 @@ def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path):
     assert (Path(a["out"]) / "000005.png").is_file() and (Path(a["out"]) / "grid.png").is_file()
 
 
-def test_sample_cli_guidance_and_json_line(tiny_ckpt, tmp_path, cli):
+def test_sample_cli_guidance_and_json_line(tiny_ckpt, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever the CLI writes relative to the working directory stays here
     code, stdout, stderr = cli("sample.py", f"ckpt={tiny_ckpt}", "num=2", "steps=2", f"out={tmp_path / 'g'}",
                                "guidance=2.0", "progress=false")
     assert code == 0, stderr
