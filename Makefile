@@ -29,7 +29,7 @@ train: venv
 	$(PYBIN) train.py model=pfgmpp D=128 data=digits fid.num=1000 hydra.run.dir=$(RUN_DIR)
 
 test: venv
-	$(PYBIN) -m pytest -q
+	$(PYBIN) -m pytest -q --durations=15
 
 bench: venv
 	$(PYBIN) -m genflow.bench train-step

@@ -1,11 +1,14 @@
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread unless the caller sets OMP_NUM_THREADS: the test nets are too small to gain from a second
+# one, and next to any other job OpenMP threads waiting on each other cost many times the work
+# (tests/test_fid.py on the shared 2-core machine: 7 s CPU with one thread, 151 s with two).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,12 +32,17 @@ def run_cli(entry: str, *args: str):
     """
     import contextlib
     import io
+    import logging
     import runpy
     import sys
 
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     GlobalHydra.instance().clear()
+    # a Hydra app configures the root logger and may leave its HydraConfig set (--cfg, --help): undo both
+    # afterwards, or later tests would log into this call's buffers and train() would take its output dir
+    root_handlers, root_level = logging.root.handlers[:], logging.root.level
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
     code = 0
@@ -50,6 +58,10 @@ def run_cli(entry: str, *args: str):
     finally:
         sys.argv = argv
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        for handler in set(logging.root.handlers) - set(root_handlers):
+            handler.close()
+        logging.root.handlers[:], logging.root.level = root_handlers, root_level
     return code, out.getvalue(), err.getvalue()
 
 
@@ -57,3 +69,29 @@ def run_cli(entry: str, *args: str):
 def cli():
     """``cli("sample.py", "ckpt=...", ...) -> (exit_code, stdout, stderr)``, in-process."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny trained model for every test that only needs "a trained model" (sample.py, evaluate, weight
+    loading): class-conditional PFGM++ on digits with label dropout, so guidance and class= work too.
+
+    Trained once per session by the real entry point (compose -> build -> fit) into a folder of its own; the
+    result is ``genflow.run.train``'s dict (``checkpoint``, ``run_dir``, ...). Tests must not write into
+    ``run_dir``: copy what they change. Tests of training itself (resume, DDP, sweeps) train their own runs.
+    """
+    from genflow.config import compose
+    from genflow.run import train
+
+    root = tmp_path_factory.mktemp("trained_run") / "run"
+    cfg = compose(["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "data.conditional=true",
+                   "++net.label_dropout=0.2", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                   "checkpoint.every_n_steps=3", "sample.num=4", "sample.steps=2", "optim.warmup_steps=2",
+                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"+run_dir={root}"])
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(trained_run):
+    """The shared tiny model's final checkpoint (see ``trained_run``)."""
+    return trained_run["checkpoint"]

@@ -161,7 +161,7 @@ def test_ddp_two_processes_equal_one(digits, trained, monkeypatch):
     single = FIDEvaluator(digits, cache_dir=str(root / "refs"), kid=True, kid_subset_size=50)
     stats = single.sample_stats(EDM(), module.net.eval(), range(50), (1, 8, 8), steps=3, batch_size=16)
     expected = single.score(stats)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # the workers need no fresh interpreter (and no second Lightning import)
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, state, queue)) for r in range(2)]
@@ -181,16 +181,11 @@ def test_feature_stats_all_reduce_is_noop_without_distributed():
     assert s.all_reduce() is s and s.n == 10
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint written by the real training entry point (compose -> build -> fit)."""
-    from genflow.config import compose
-    from genflow.run import train
-
-    root = tmp_path_factory.mktemp("ckpt")
-    cfg = compose(["model=edm", "data=digits", "net=unet_tiny", "trainer.max_steps=20", "data.batch_size=32",
-                   "sample.num=4", "sample.steps=3", "trainer.enable_progress_bar=false", f"+run_dir={root}"])
-    return train(cfg)["checkpoint"], root
+@pytest.fixture
+def checkpoint(trained_ckpt, tmp_path):
+    """The session's shared tiny model (tests/conftest.py, written by genflow.run.train) and a folder for
+    this test's files."""
+    return trained_ckpt, tmp_path
 
 
 def test_evaluate_cli_prints_one_json_line(checkpoint, capsys, monkeypatch):
@@ -205,7 +200,7 @@ def test_evaluate_cli_prints_one_json_line(checkpoint, capsys, monkeypatch):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line) == out
     assert out["fid_images"] == 40 and len(out["fid_sets"]) == 2 and out["fid"] == min(out["fid_sets"])
-    assert out["nfe"] == 5 and out["model"] == "EDM" and out["fid_extractor"] == "digits"
+    assert out["nfe"] == 5 and out["model"] == "PFGMPP" and out["fid_extractor"] == "digits"
     # the same seeds through the library call give the same number
     from genflow.config import module_from_checkpoint
 

@@ -72,18 +72,9 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         read_checkpoint(tmp_path / "missing.ckpt")
 
 
-def sample_cli(*args):
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    cfg = compose(["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "data.conditional=true",
-                   "++net.label_dropout=0.2"] + TINY + [f"+run_dir={tmp}"])
-    return train(cfg)["checkpoint"]
+@pytest.fixture
+def tiny_ckpt(trained_ckpt):
+    return trained_ckpt  # the session's shared tiny model (conditional PFGM++ on digits, tests/conftest.py)
 
 
 def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path):
@@ -102,11 +93,12 @@ def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path):
     assert (Path(a["out"]) / "000005.png").is_file() and (Path(a["out"]) / "grid.png").is_file()
 
 
-def test_sample_cli_guidance_and_json_line(tiny_ckpt, tmp_path):
-    proc = sample_cli(f"ckpt={tiny_ckpt}", "num=2", "steps=2", f"out={tmp_path / 'g'}", "guidance=2.0",
-                      "progress=false")
-    assert proc.returncode == 0, proc.stderr
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_sample_cli_guidance_and_json_line(tiny_ckpt, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever the CLI writes relative to the working directory stays here
+    code, stdout, stderr = cli("sample.py", f"ckpt={tiny_ckpt}", "num=2", "steps=2", f"out={tmp_path / 'g'}",
+                               "guidance=2.0", "progress=false")
+    assert code == 0, stderr
+    line = json.loads(stdout.strip().splitlines()[-1])
     assert line["num"] == 2 and line["nfe"] == 3 and Path(line["out"]).is_dir()
 
 
@@ -182,25 +174,23 @@ def test_isotropic3d_two_stages_and_reference_sampling(tmp_path):
     assert row.shape[-1] == 4 * 8 and row.shape[-2] == 8  # the V views side by side
 
 
-def test_cli_sweep_and_clear_cli_errors(tmp_path):
+def test_cli_sweep_and_clear_cli_errors(tmp_path, cli, monkeypatch):
     """`train.py -m model=pfgmpp D=...` runs one job per value; a bad name exits with the valid ones listed."""
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    monkeypatch.chdir(tmp_path)
     common = ["net=unet_tiny", "trainer.max_steps=2", "sample.num=2", "sample.steps=2",
               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "model=pfgmpp", "D=64,2048", *common,
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+    code, stdout, stderr = cli("train.py", "-m", "model=pfgmpp", "D=64,2048", *common,
+                               f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 0, stderr[-2000:]
+    lines = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
     names = [Path(l["run_dir"]).name for l in lines]  # hydra.sweep.subdir: <num>_<overrides>
     assert names[0].startswith("0_") and "D=64" in names[0] and names[1].startswith("1_") and "D=2048" in names[1]
     assert [l["D"] for l in lines] == [64, 2048] and all(l["model"] == "pfgmpp" for l in lines)
     summary = (tmp_path / "sweep" / "summary.md").read_text()  # the multirun's table of all runs
-    assert "| 0_D=64" in summary and "| 1_D=2048" in summary and "sweep of 2 runs" in proc.stdout
+    assert "| 0_D=64" in summary and "| 1_D=2048" in summary and "sweep of 2 runs" in stdout
     stored = [read_checkpoint(l["checkpoint"])["hyper_parameters"]["config"]["model"]["D"] for l in lines]
     assert stored == [64, 2048]
-    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=pfgmppp"], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, timeout=120)
-    assert bad.returncode != 0 and "pfgmppp" in bad.stderr and "edm" in bad.stderr and "Traceback" not in bad.stderr
-    bad = sample_cli("ckpt=/nonexistent.ckpt")
-    assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    code, _, stderr = cli("train.py", "model=pfgmppp")
+    assert code != 0 and "pfgmppp" in stderr and "edm" in stderr and "Traceback" not in stderr
+    code, _, stderr = cli("sample.py", "ckpt=/nonexistent.ckpt")
+    assert code != 0 and "does not exist" in stderr and "Traceback" not in stderr
