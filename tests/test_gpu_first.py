@@ -49,11 +49,11 @@ def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypa
 
     real_finish = run_mod.finish
 
-    def finish_on_stand_in_device(cfg, trainer, module, *args):
+    def finish_on_stand_in_device(cfg, trainer, module, *args, **kwargs):
         # what Lightning does on a GPU: fit ends with the module on the CPU while the strategy's device differs
         assert next(module.parameters()).device.type == "cpu"
         monkeypatch.setattr(type(trainer.strategy), "root_device", property(lambda self: torch.device("meta")))
-        return real_finish(cfg, trainer, module, *args)
+        return real_finish(cfg, trainer, module, *args, **kwargs)
 
     logged = []
     real_log = GenerativeModule.log
