@@ -7,7 +7,8 @@ checkpoints so a resumed run draws the same noise as an uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -18,15 +19,17 @@ from genflow.methods.base import Method
 
 
 class GenerativeModule(pl.LightningModule):
-    def __init__(self, net: nn.Module, method: Method, *, config: dict | None = None, optimizer: str = "adam",
-                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, net: nn.Module, method: Method, *, config: dict | None = None,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, warmup_steps: int = 0, nonfinite_check_every: int = 50):
         super().__init__()
         self.net, self.method = net, method
         # the resolved run configuration, as plain containers so checkpoints load with weights_only=True
         self.save_hyperparameters({"config": config or {}}, logger=False)
-        self.optimizer_name, self.lr, self.betas, self.eps = optimizer, lr, tuple(betas), eps
-        self.weight_decay, self.warmup_steps = weight_decay, warmup_steps
+        # the optimizer as a partial (configs/train.yaml optim: _target_ + _partial_); Adam(lr, ...) by default
+        self.optimizer = optimizer or functools.partial(torch.optim.Adam, lr=lr, betas=tuple(betas), eps=eps,
+                                                        weight_decay=weight_decay)
+        self.warmup_steps = warmup_steps
         self.nonfinite_check_every = nonfinite_check_every
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
 
@@ -69,12 +72,7 @@ class GenerativeModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_name == "adam":
-            opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-        elif self.optimizer_name == "adamw":
-            opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-        else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use adam or adamw")
+        opt = self.optimizer(params)
         warmup = max(int(self.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
