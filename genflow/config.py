@@ -17,6 +17,8 @@ from genflow.errors import CheckpointError, ConfigError, GenflowError, checkpoin
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "net", "data", "trainer", "callbacks", "logger", "experiment")
+APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard"}  # an app's config folder, where not configs/
+APP_FILES = {"leaderboard": "configs/leaderboard/leaderboard.yaml"}
 APPS = {"train": "train.py", "sample": "sample.py", "evaluate": "python -m genflow.evaluate",
         "leaderboard": "python -m genflow.leaderboard"}
 
@@ -58,20 +60,30 @@ def hydra_error(err: Exception, app: str = "train") -> ConfigError:
             key = text.split("Key '", 1)[1].split("'", 1)[0] if "Key '" in text else ""
             what += f" (no key {key!r} there)" if key else ""
     if "not in struct" in text or "Could not append to config" in text or "Key '" in text:
-        why = (f"the key does not exist in configs/{app}.yaml or its groups; an unknown key would otherwise be "
-               "silently ignored")
+        why = (f"the key does not exist in {APP_FILES.get(app, f'configs/{app}.yaml')} or its groups; an unknown "
+               "key would otherwise be silently ignored")
     elif "could not be converted" in text or "Value '" in text:
         why = "the value has the wrong type for this key"
+    elif "Could not find '" in text:
+        group = text.split("Could not find '", 1)[1].split("'", 1)[0].rpartition("/")[0]
+        root = APP_DIRS.get(app, CONFIG_DIR)
+        if group and (root / group).is_dir():
+            names = sorted(p.stem for p in (root / group).glob("*.yaml"))
+            return config_error(what, f"there is no such file in {root / group}", f"use {group}=one of: "
+                                f"{', '.join(names)}")
+        why = "a config file named in the defaults or on the command line does not exist"
     else:
         why = "Hydra could not compose the configuration from these overrides"
     return config_error(what, why, f"see `{APPS.get(app, app)} --help` (or --cfg job) for the keys and their values")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train", *, return_hydra_config: bool = False,
-            validator=None) -> DictConfig:
+            validator=None, environment: bool = True) -> DictConfig:
     """Compose a configuration like ``python train.py <overrides>`` would (``config_name`` picks the app:
     train, sample, evaluate, leaderboard), and validate it (``validator``: the app's checks; the training
-    config's ``validate`` by default, ``False`` for none)."""
+    config's ``validate`` by default, ``False`` for none). ``environment=False`` skips the training config's
+    checks of this machine and its files (GPU present, checkpoints readable), e.g. to compose a GPU recipe
+    on a CPU machine."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -82,7 +94,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", *, return
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(APP_DIRS.get(config_name, CONFIG_DIR)), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides,
                                 return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as err:
@@ -90,7 +102,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", *, return
     finally:
         GlobalHydra.instance().clear()
     if validator is None and config_name == "train":
-        validator = validate
+        validator = functools.partial(validate, environment=environment)
     if validator:
         validator(cfg)
     return cfg
@@ -306,7 +318,7 @@ def check_knobs(cfg: DictConfig) -> None:
                                f"drop {knob}=, or choose {owner}")
 
 
-def check_trainer(trainer) -> None:
+def check_trainer(trainer, environment: bool = True) -> None:
     import inspect
 
     if trainer is None:
@@ -328,7 +340,7 @@ def check_trainer(trainer) -> None:
                            "pass trainer.max_steps=N, or bound the run explicitly with "
                            "+trainer.max_time='{minutes: 60}' or trainer.max_epochs=N")
     accelerator = str(trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if environment and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise config_error(f"trainer.accelerator={accelerator} but no CUDA GPU is visible",
                            "torch.cuda.is_available() is False on this machine",
                            "use trainer=cpu, or run on a machine with a GPU (check CUDA_VISIBLE_DEVICES)")
@@ -378,10 +390,10 @@ def check_output_dir(path, key: str) -> None:
             return
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, environment: bool = True) -> None:
     """Checks that need the whole training configuration, run when it is composed and before anything is
     built: types and ranges, unknown keys, knobs that do not apply, the trainer, the sampler settings
-    against the model, and the checkpoints it will read."""
+    against the model, and (``environment``) the GPU, the checkpoints it will read and the run folder."""
     check_schema(cfg, TRAIN_SCHEMA)
     check_knobs(cfg)
     for group in ("data", "model", "net", "optim", "trainer"):
@@ -402,7 +414,7 @@ def validate(cfg: DictConfig) -> None:
         if problem:
             raise config_error(f"optim.{key}={value!r}", f"optim.{key}: {problem}",
                                f"pass a valid value, e.g. optim.{key}={spec.example or 0}")
-    check_trainer(cfg.get("trainer"))
+    check_trainer(cfg.get("trainer"), environment)
     method = target_class(cfg.model) if cfg.get("model") is not None else None
     sample = cfg.get("sample") or {}
     if method is not None and sample:
@@ -424,6 +436,12 @@ def validate(cfg: DictConfig) -> None:
                 "for D <= 2 (D = 1 is the original PFGM) the noise norm has heavy tails: E||n||^2 = inf, "
                 "training is unstable and the sigma alignment r = sigma*sqrt(D) no longer matches EDM",
                 "use D > 2 (the paper's best are 128 and 2048), or opt in with allow_heavy_tails=true")
+    if environment:
+        check_files(cfg, target)
+
+
+def check_files(cfg: DictConfig, target: str) -> None:
+    """The checkpoints a training run reads (readable, of the right kind and model) and its run folder."""
     for key in ("ckpt_path", "init_from"):
         value = cfg.get(key)
         if value not in (None, "last") and not Path(str(value)).expanduser().is_file():
@@ -443,6 +461,7 @@ def validate(cfg: DictConfig) -> None:
             raise checkpoint_error(f"ckpt_path={cfg.ckpt_path} was trained with {stored}, not {target}",
                                    "a resume continues the same model", "drop the model override, or start a new "
                                    "run (init_from= to reuse the weights)")
+    check_output_dir(cfg.get("run_dir"), "run_dir")
     if cfg.get("hydra") is not None:
         check_output_dir(OmegaConf.select(cfg, "hydra.run.dir"), "hydra.run.dir")
 
