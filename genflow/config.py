@@ -462,6 +462,8 @@ def check_files(cfg: DictConfig, target: str) -> None:
                                    "a resume continues the same model", "drop the model override, or start a new "
                                    "run (init_from= to reuse the weights)")
     check_output_dir(cfg.get("run_dir"), "run_dir")
+    if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
+        build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts
     if cfg.get("hydra") is not None:
         check_output_dir(OmegaConf.select(cfg, "hydra.run.dir"), "hydra.run.dir")
 
@@ -591,8 +593,8 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt") -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # empty, truncated, corrupt or pickling foreign classes
-        raise checkpoint_error(f"cannot read checkpoint {key}={path} ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0][:200] if str(err) else 'empty'})",
+        reason = str(err).split(". ")[0].splitlines()[0][:160] if str(err) else "empty file"
+        raise checkpoint_error(f"cannot read checkpoint {key}={path} ({type(err).__name__}: {reason})",
                                "the file is empty, truncated, corrupt, or holds objects other than tensors and "
                                "plain containers (genflow never unpickles code)",
                                "use a checkpoint written by genflow's train.py") from err

@@ -33,10 +33,11 @@ from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int,
 from genflow.errors import config_error, reported
 
 EVALUATE_SCHEMA = {
-    "ckpt": Str(), "fid": FID_SCHEMA, "nll": Bool(), "sigma0": Float(0, lo_open=True, null=True),
+    "ckpt": Str(), "precision": PRECISION, "fid": FID_SCHEMA, "nll": Bool(),
+    "sigma0": Float(0, lo_open=True, null=True, example=0.01),
     "nll_num": Int(1, null=True), "nll_batch": Int(1), "nll_importance": Int(1, null=True),
     "nll_divergence": Str(null=True), "nll_solver": Str(null=True), "nll_steps": Int(1, null=True),
-    "nll_bits": Spec(object, null=True), "device": Str(null=True), "precision": PRECISION,
+    "nll_bits": Spec(object, null=True), "device": Str(null=True),
     "progress": Bool(null=True), "out": Str(null=True),
 }
 

@@ -48,7 +48,7 @@ ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver"
 COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "images", "img/s", "wall_s", "train_steps",
            "revision", "device", "precision"]
 LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "device": Str(null=True),
-                      "num": Int(2, null=True), "precision": PRECISION}
+                      "num": Int(2, null=True, example=200), "precision": PRECISION}
 
 
 def suites() -> list[str]:

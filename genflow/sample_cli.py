@@ -19,9 +19,9 @@ from genflow.config import (PRECISION, Bool, Float, Int, Spec, Str, check_device
 from genflow.errors import config_error
 
 SAMPLE_SCHEMA = {
-    "ckpt": Str(), "num": Int(1, null=True), "seeds": Spec(object, null=True), "steps": Int(1), "solver": Str(),
+    "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1), "solver": Str(),
     "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
-    "class": Int(0, null=True), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
+    "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
 }
 
 
