@@ -27,13 +27,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
-                            check_schema,
-                            check_solver, check_target, config_from_checkpoint, read_checkpoint, run_app,
-                            target_class)
+                            check_schema, check_solver, check_target, config_from_checkpoint, read_checkpoint,
+                            run_app, target_class)
 from genflow.errors import config_error, reported
 
 EVALUATE_SCHEMA = {
-    "ckpt": Str(), "precision": PRECISION, "fid": FID_SCHEMA, "nll": Bool(),
+    "ckpt": Str(), "precision": PRECISION, "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)}, "nll": Bool(),
     "sigma0": Float(0, lo_open=True, null=True, example=0.01),
     "nll_num": Int(1, null=True), "nll_batch": Int(1), "nll_importance": Int(1, null=True),
     "nll_divergence": Str(null=True), "nll_solver": Str(null=True), "nll_steps": Int(1, null=True),
@@ -54,10 +53,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("ckpt") is None:
         raise config_error("no checkpoint given", "evaluate scores a trained model", "pass ckpt=PATH")
     check_schema(cfg, EVALUATE_SCHEMA, app="evaluate", open_keys=("hydra", "data"))
-    if cfg.fid.num == 0 and not cfg.nll:
+    if fid_num(cfg) == 0 and not cfg.nll:
         raise config_error("nothing to evaluate (fid.num=0 and nll=false)", "both FID and NLL are switched off",
                            "pass fid.num=N and/or nll=true")
-    if cfg.fid.num == 1:
+    if fid_num(cfg) == 1:
         raise config_error("fid.num=1", "FID needs at least two generated images (a covariance)",
                            "use fid.num=50000 for paper numbers, or a few hundred for a quick check")
     bits = cfg.nll_bits
@@ -74,7 +73,7 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg.device)
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
-    if cfg.fid.num:
+    if fid_num(cfg):
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
         check_solver(target_class(stored.model), solver, "fid.solver")
 
@@ -151,10 +150,19 @@ def run_nll(module, dm, args: DictConfig, device, progress: bool) -> dict:
     return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in result.items()}
 
 
-def main(cfg: DictConfig) -> dict:
-    from genflow.config import module_from_checkpoint
+def fid_num(cfg: DictConfig) -> int:
+    """Images per FID seed set: fid.num, or by default 50000 (none when only nll=true is asked for)."""
+    return int(cfg.fid.num) if cfg.fid.num is not None else (0 if cfg.nll else 50000)
 
+
+def main(cfg: DictConfig | list[str]) -> dict:
+    """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
+    from genflow.config import compose, module_from_checkpoint
+
+    if not isinstance(cfg, DictConfig):
+        cfg = compose(list(cfg), "evaluate", validator=False)
     validate(cfg)
+    cfg.fid.num = fid_num(cfg)
     want_fid, want_nll = bool(cfg.fid.num), bool(cfg.nll)
     device, rank = _init_distributed(cfg.device)
     progress = bool(sys.stderr.isatty() if cfg.progress is None else cfg.progress)

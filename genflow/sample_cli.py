@@ -68,10 +68,13 @@ def validate(cfg: DictConfig) -> None:
                            "the checkpoint was trained with data.conditional=false", "drop class=")
 
 
-def main(cfg: DictConfig) -> dict:
-    from genflow.config import module_from_checkpoint
+def main(cfg: DictConfig | list[str]) -> dict:
+    """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``)."""
+    from genflow.config import compose, module_from_checkpoint
     from genflow.sampling import sample_conditions, save_grid, to_uint8
 
+    if not isinstance(cfg, DictConfig):
+        cfg = compose(list(cfg), "sample", validator=False)
     validate(cfg)
     seeds = seeds_of(cfg)
     solver, steps, guidance = cfg.solver, int(cfg.steps), cfg.guidance

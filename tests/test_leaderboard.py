@@ -50,7 +50,7 @@ def test_every_suite_entry_composes(name, tmp_path):
     for entry in suite["entries"]:
         if entry.get("ckpt"):
             continue
-        cfg = compose(entry_overrides(entry, suite, tmp_path / entry["name"]))
+        cfg = compose(entry_overrides(entry, suite, tmp_path / entry["name"]), environment=False)
         assert cfg.trainer.max_steps == entry["budget"]["steps"]
         method = build_method(cfg)
         steps = resolve_steps(method, entry, "heun")
@@ -72,7 +72,7 @@ def test_bad_suites_are_clear_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="NFE 36"):
         resolve_steps(EDM(), {"name": "x", "nfe": 36}, "heun")
-    with pytest.raises(ConfigError, match="unknown argument"):
+    with pytest.raises(ConfigError, match="bogus"):
         run(["suite=smoke", "bogus=1"])
 
 
