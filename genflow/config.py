@@ -568,8 +568,10 @@ def build(cfg: DictConfig, *, prepare: bool = True):
     if prepare and hasattr(method, "prepare"):
         method.prepare(dm)
     optim = OmegaConf.masked_copy(cfg.optim, [k for k in cfg.optim if k != "warmup_steps"])
-    module = GenerativeModule(net, method, config=to_container(cfg), optimizer=instantiate(optim),
-                              warmup_steps=cfg.optim.get("warmup_steps", 0))
+    # checkpoints written before the optimizer became a _partial_ target hold {name, lr, ...}: Adam(lr)
+    optimizer = instantiate(optim) if "_target_" in optim else None
+    module = GenerativeModule(net, method, config=to_container(cfg), optimizer=optimizer,
+                              lr=cfg.optim.get("lr", 1e-3), warmup_steps=cfg.optim.get("warmup_steps", 0))
     if cfg.get("init_from"):
         load_weights(module, cfg.init_from, strict=False)
     return module, dm

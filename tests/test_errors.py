@@ -17,7 +17,7 @@ CASES = [
     (T, "optim.lrr=1e-4"), (T, "optim=3"), (T, "data.foo=1"), (T, "+data.foo=1"), (T, "data.batch_size=abc"),
     (T, "+trainer.foo=1"), (T, "model=nope"), (T, "data=nope"), (T, "ema.halflife_kimg=-1"),
     (T, "checkpoint.keep=-5"), (T, "fid.num=abc"), (T, "fid.mode=foo"), (T, "fid.batch=3"), (T, "D=1"),
-    (T, "stage=3 data=multiview"), (T, "foo=1"),
+    (T, "stage=3 data=multiview"), (T, "foo=1"), (T, "-m D=64,abc"),
     # train.py: knobs that do not apply to the chosen model
     (T, "model=edm D=64"), (T, "path=ko"), (T, "stage=2"), (T, "model=flow D=64"),
     # train.py: what the run needs later, checked before it starts
@@ -35,7 +35,8 @@ CASES = [
     (S, "ckpt={weights} guidance=2"), (S, "ckpt={weights} num=3 seeds=0-1"), (S, "ckpt={weights} out={afile}"),
     (S, "ckpt={weights} precision=fp16"), (S, "ckpt={weights} foo=1"), (S, "ckpt={weights} +foo=1"),
     (S, "ckpt={missing}"), (S, "ckpt={empty}"), (S, "ckpt={truncated}"), (S, "ckpt={text}"), (S, "ckpt={adir}"),
-    (S, "num=4"), pytest.param(S, "ckpt={weights} device=cuda", marks=gpu_absent),
+    (S, "num=4"), (S, "-m ckpt={weights} out={out} guidance=1,2"), (S, "-m ckpt={weights} out={out} steps=2,abc"),
+    pytest.param(S, "ckpt={weights} device=cuda", marks=gpu_absent),
     # python -m genflow.evaluate
     (E, "ckpt={weights} fid.num=abc"), (E, "ckpt={weights} fid.num=1"), (E, "ckpt={weights} out={adir}"),
     (E, "ckpt={weights} data.foo=1"), (E, "ckpt={weights} +data.foo=1"), (E, "ckpt={weights} +data.batch_size=abc"),
