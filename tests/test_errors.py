@@ -131,3 +131,18 @@ def test_debug_shows_the_traceback(files, cli, tmp_path, monkeypatch):
 def test_table_is_large_enough():
     assert len(CASES) >= 60
     assert {_values(c)[0] for c in CASES} == {T, S, E, L}
+
+
+def test_sample_multirun_writes_one_folder_per_value(files, cli, tmp_path, monkeypatch):
+    """The Hydra surface of sample.py: `-m steps=1,2` runs two jobs, each into its own folder under out=,
+    each ending with one JSON line that records the precision."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("sample.py", "-m", f"ckpt={files['weights']}", "num=2", "steps=1,2", "progress=false",
+                         f"out={tmp_path / 'sweep'}")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [line["steps"] for line in lines] == [1, 2] and {line["precision"] for line in lines} == {"fp32"}
+    assert [Path(line["out"]).name for line in lines] == ["num=2,steps=1", "num=2,steps=2"]
+    assert all((Path(line["out"]) / "000001.png").is_file() for line in lines)
