@@ -15,9 +15,11 @@ from genflow.config import build, to_container, validate
 def run_dir_of(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
+    if cfg.get("run_dir"):  # explicit (tests, and the leaderboard, which trains inside its own Hydra app)
+        return Path(cfg.run_dir)
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.get("run_dir") or "outputs/run")
+    return Path("outputs/run")
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:

@@ -98,3 +98,20 @@ def test_workflow_parses_and_calls_existing_commands():
     uploads = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
     assert "leaderboard/${{ env.SUITE }}/leaderboard.md" in uploads["with"]["path"]
     assert "out=leaderboard/$SUITE" in runs
+
+
+@pytest.mark.slow
+def test_leaderboard_hydra_app_trains_into_its_out_folder(tmp_path, monkeypatch, cli):
+    """Through the command line (a Hydra app): a 2-step entry trains under out=, not in the working folder,
+    and the last line is the leaderboard's JSON line with the precision."""
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = cli("genflow.leaderboard", "suite=smoke", "only=edm", "num=20",
+                         "suite.entries.0.budget.steps=2", f"out={tmp_path / 'lb'}")
+    assert code == 0, err[-2000:]
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["entries"] == 1 and last["precision"] == "fp32" and math.isfinite(last["fid"]["edm"])
+    assert (tmp_path / "lb" / "runs" / "edm" / "checkpoints" / "final.ckpt").is_file()
+    assert not list(work.iterdir())
