@@ -172,10 +172,6 @@ TRAIN_SCHEMA = {
 def fid_options(fid, sample=None, **given) -> dict:
     """``genflow.metrics.evaluate_fid`` keywords from an `fid` section (FID_SCHEMA); steps, solver and guidance
     default to the `sample` section's. ``given`` (e.g. device) is passed on."""
-    import inspect
-
-    from genflow.metrics import evaluate_fid
-
     options = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(fid)), resolve=True).items()
                if k in FID_SCHEMA}
     sample = sample or {}
@@ -183,12 +179,22 @@ def fid_options(fid, sample=None, **given) -> dict:
         if options.get(key) is None:
             options[key] = sample.get(key, default)
     precision = options.pop("precision", "fp32")
-    if "precision" in inspect.signature(evaluate_fid).parameters:
+    if fid_takes_precision(precision):
         options["precision"] = precision
-    elif precision != "fp32":
-        raise config_error(f"fid.precision={precision}", "this version's FID evaluation samples in fp32 only",
-                           "use fid.precision=fp32")
     return {**options, **given}
+
+
+def fid_takes_precision(precision: str = "fp32", key: str = "fid.precision") -> bool:
+    """Whether genflow.metrics.evaluate_fid takes ``precision``; asking for bf16 where it does not is an error."""
+    import inspect
+
+    from genflow.metrics import evaluate_fid
+
+    takes = "precision" in inspect.signature(evaluate_fid).parameters
+    if not takes and precision != "fp32":
+        raise config_error(f"{key}={precision}", "this version's FID evaluation samples in fp32 only",
+                           f"use {key}=fp32")
+    return takes
 
 
 # ranges of the optimizer arguments every torch optimizer shares (the keys themselves are checked against the
@@ -422,6 +428,8 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
     fid = cfg.get("fid") or {}
     if method is not None and fid.get("num") and fid.get("solver"):
         check_solver(method, fid.solver, "fid.solver")
+    if fid.get("num") and fid.get("precision", "fp32") != "fp32":
+        fid_takes_precision(fid.precision)
     if sample.get("guidance") is not None and cfg.get("data") is not None and not data_conditions(cfg.data):
         raise config_error(f"sample.guidance={sample.guidance} for an unconditional model",
                            "classifier-free guidance mixes conditional and unconditional predictions; the data "

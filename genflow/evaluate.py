@@ -27,12 +27,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
-                            check_schema, check_solver, check_target, config_from_checkpoint, read_checkpoint,
-                            run_app, target_class)
+                            check_schema, check_solver, check_target, config_from_checkpoint, fid_takes_precision,
+                            read_checkpoint, run_app, target_class)
 from genflow.errors import config_error, reported
 
 EVALUATE_SCHEMA = {
-    "ckpt": Str(), "precision": PRECISION, "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)}, "nll": Bool(),
+    "ckpt": Str(), "precision": PRECISION, "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)},
+    "nll": Bool(),
     "sigma0": Float(0, lo_open=True, null=True, example=0.01),
     "nll_num": Int(1, null=True), "nll_batch": Int(1), "nll_importance": Int(1, null=True),
     "nll_divergence": Str(null=True), "nll_solver": Str(null=True), "nll_steps": Int(1, null=True),
@@ -74,6 +75,7 @@ def validate(cfg: DictConfig) -> None:
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
     if fid_num(cfg):
+        fid_takes_precision(cfg.precision, "precision")
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
         check_solver(target_class(stored.model), solver, "fid.solver")
 

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, run_app)
+                            check_schema, fid_takes_precision, run_app)
 from genflow.errors import config_error, reported
 
 APP_DIR = CONFIG_DIR / "leaderboard"
@@ -80,7 +80,8 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
                                f"fix {path}")
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
-    for where, fid in [("fid", suite.get("fid"))] + [(f"entries[{i}].fid", e.get("fid")) for i, e in enumerate(entries)]:
+    sections = [("fid", suite.get("fid"))] + [(f"entries[{i}].fid", e.get("fid")) for i, e in enumerate(entries)]
+    for where, fid in sections:
         if fid:
             check_schema(OmegaConf.create(fid), FID_SCHEMA, prefix=f"suite.{where}.", app="leaderboard", open_keys=())
     suite["path"] = path
@@ -230,6 +231,7 @@ def validate(cfg: DictConfig) -> None:
     check_schema(cfg, LEADERBOARD_SCHEMA, app="leaderboard", open_keys=("hydra", "suite"))
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
+    fid_takes_precision(cfg.precision, "precision")
     check_suite(OmegaConf.to_container(cfg.suite, resolve=True), "suite", str(SUITE_DIR))
 
 

@@ -19,8 +19,8 @@ from genflow.config import (PRECISION, Bool, Float, Int, Spec, Str, check_device
 from genflow.errors import config_error
 
 SAMPLE_SCHEMA = {
-    "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1), "solver": Str(),
-    "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
+    "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
+    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
     "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
 }
 
@@ -115,7 +115,8 @@ def main(cfg: DictConfig | list[str]) -> dict:
     wall = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     result = {"out": str(out), "num": len(seeds), "nfe": module.method.nfe(steps, solver), "steps": steps,
-              "solver": solver, "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2), "device": str(device)}
+              "solver": solver, "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
+              "device": str(device)}
     if samples.ndim == 4 or samples.ndim == 5:
         import torchvision
 
