@@ -64,6 +64,12 @@ def hydra_error(err: Exception, app: str = "train") -> ConfigError:
                "key would otherwise be silently ignored")
     elif "could not be converted" in text or "Value '" in text:
         why = "the value has the wrong type for this key"
+    elif "Ambiguous value" in text:
+        return config_error(what, "a comma separates the values of a multirun sweep", "quote a value that holds "
+                            "commas (e.g. 'seeds=\"1,5,9\"'), or add -m to run one job per value")
+    elif "Error parsing override" in text:
+        return config_error(what, "arguments are key=value (Hydra's override grammar)",
+                            f"write key=value; see `{APPS.get(app, app)} --help` for the keys")
     elif "Could not find '" in text:
         group = text.split("Could not find '", 1)[1].split("'", 1)[0].rpartition("/")[0]
         root = APP_DIRS.get(app, CONFIG_DIR)

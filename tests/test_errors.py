@@ -35,7 +35,7 @@ CASES = [
     (S, "ckpt={weights} guidance=2"), (S, "ckpt={weights} num=3 seeds=0-1"), (S, "ckpt={weights} out={afile}"),
     (S, "ckpt={weights} precision=fp16"), (S, "ckpt={weights} foo=1"), (S, "ckpt={weights} +foo=1"),
     (S, "ckpt={missing}"), (S, "ckpt={empty}"), (S, "ckpt={truncated}"), (S, "ckpt={text}"), (S, "ckpt={adir}"),
-    (S, "num=4"), (S, "-m ckpt={weights} out={out} guidance=1,2"), (S, "-m ckpt={weights} out={out} steps=2,abc"),
+    (S, "num=4"), (S, "ckpt={weights} steps"), (S, "ckpt={weights} seeds=1,5"), (S, "-m ckpt={weights} out={out} guidance=1,2"), (S, "-m ckpt={weights} out={out} steps=2,abc"),
     pytest.param(S, "ckpt={weights} device=cuda", marks=gpu_absent),
     # python -m genflow.evaluate
     (E, "ckpt={weights} fid.num=abc"), (E, "ckpt={weights} fid.num=1"), (E, "ckpt={weights} out={adir}"),
