@@ -1,5 +1,23 @@
-"""User-facing errors. Every mistake a user can make ends in one of these, worded as
-what went wrong, why it matters, and how to fix it, and raised before any expensive work starts."""
+"""User-facing errors and the one error path of every entry point.
+
+Every mistake a user can make ends in one of these, worded as what went wrong, why it matters, and how
+to fix it, and raised before any expensive work starts. ``train.py``, ``sample.py``,
+``python -m genflow.evaluate`` and ``python -m genflow.leaderboard`` all report them the same way:
+
+    error: <what>
+      why: <why>
+      fix: <fix>
+
+and exit with status 2, never with a traceback. ``--debug`` on the command line or ``GENFLOW_DEBUG=1``
+re-raises instead, so the traceback is shown.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
 
 
 class GenflowError(Exception):
@@ -22,13 +40,47 @@ def config_error(what: str, why: str, fix: str) -> ConfigError:
     return ConfigError(f"{what}\n  why: {why}\n  fix: {fix}")
 
 
-def exit_on_error(main, *args):
+def checkpoint_error(what: str, why: str, fix: str) -> CheckpointError:
+    return CheckpointError(f"{what}\n  why: {why}\n  fix: {fix}")
+
+
+def debug_requested() -> bool:
+    """``--debug`` (removed from ``sys.argv`` by ``strip_debug_flag``) or ``GENFLOW_DEBUG=1``."""
+    return os.environ.get("GENFLOW_DEBUG", "") not in ("", "0")
+
+
+def strip_debug_flag() -> None:
+    """Take ``--debug`` out of ``sys.argv`` (Hydra would reject it) and remember it in ``GENFLOW_DEBUG``."""
+    if "--debug" in sys.argv[1:]:
+        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--debug"]
+        os.environ["GENFLOW_DEBUG"] = "1"
+    if debug_requested():
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+
+def report(err: GenflowError) -> None:
+    """Print the error as ``error: what / why / fix`` and exit 2 (SystemExit passes through Hydra)."""
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def exit_on_error(main, *args, **kwargs):
     """Run a command-line entry point: a genflow error ends the process with its message and exit
     status 2, without a traceback (the message already says what, why and how to fix)."""
-    import sys
-
     try:
-        return main(*args)
+        return main(*args, **kwargs)
     except GenflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if debug_requested():
+            raise
+        report(err)
+
+
+def reported(task):
+    """Decorator for a Hydra task function: genflow errors raised inside the job exit 2 with the message
+    instead of Hydra's ``Error executing job ... Traceback`` and exit 1."""
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs):
+        return exit_on_error(task, *args, **kwargs)
+
+    return wrapper

@@ -1,16 +1,19 @@
 """Evaluate a checkpoint: FID with the EDM / PFGM++ protocol and/or held-out likelihood.
+A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
 
     python -m genflow.evaluate ckpt=PATH [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] [fid.solver=heun]
         [fid.mode=legacy_tensorflow] [fid.ref=train|val|STATS.npz|cleanfid:NAME] [fid.inception_path=FILE]
-        [fid.kid=true] [fid.batch=256] [fid.time_limit=SECONDS] [fid.download=false]
-        [nll=true] [sigma0=0.01] [nll_num=N] [nll_batch=256] [nll_solver=dopri5|rk4] [nll_steps=N] [nll_bits=8|none] [device=cuda] [data.root=...]
+        [fid.kid=true] [fid.batch_size=256] [fid.time_limit=SECONDS] [fid.download=false] [precision=fp32|bf16]
+        [nll=true] [sigma0=0.01] [nll_num=N] [nll_batch=256] [nll_solver=dopri5|rk4] [nll_steps=N] [nll_bits=8|none]
+        [device=cuda] [data.root=DIR] [+data.<key>=value] [out=FILE.json]
 
 FID: image i from seed i (seeds 0..N-1; set k uses kN..(k+1)N-1), the minimum over ``fid.seed_sets``
 sets is reported (EDM's "best of three"), against statistics of the full training split (computed
 once and cached) or a given EDM / clean-fid statistics file. Under ``torchrun`` the seeds are sharded
 over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
-on the held-out split. Other ``group.key=value`` arguments override the checkpoint's stored config
-(e.g. ``data.root`` on a machine where the data lives elsewhere). Ends with one JSON line.
+on the held-out split. ``data.*`` arguments override the checkpoint's stored data config (e.g. ``data.root``
+on a machine where the data lives elsewhere). Everything is checked before the model is loaded. Ends with
+one JSON line.
 """
 from __future__ import annotations
 
@@ -18,46 +21,62 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
 
+import hydra
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from genflow.errors import config_error, exit_on_error
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
+                            build_method, check_schema, check_target, config_from_checkpoint,
+                            read_checkpoint, run_app, target_class)
+from genflow.errors import config_error, reported
 
-FID_KEYS = {"num", "seed_start", "seed_sets", "steps", "solver", "guidance", "batch", "extractor", "mode",
-            "inception_path", "download", "ref", "cache_dir", "kid", "time_limit", "progress", "precision"}
-TOP_KEYS = {"ckpt", "fid", "nll", "sigma0", "nll_num", "nll_batch", "nll_importance", "nll_divergence", "nll_solver", "nll_steps", "nll_bits",
-            "device", "progress", "out"}
-USAGE = ("usage: python -m genflow.evaluate ckpt=PATH [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] "
-         "[fid.mode=clean|legacy_tensorflow] [fid.ref=train] [nll=true] [sigma0=S] [device=cuda] [data.root=...]")
+EVALUATE_SCHEMA = {
+    "ckpt": Str(), "precision": PRECISION, "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)},
+    "nll": Bool(),
+    "sigma0": Float(0, lo_open=True, null=True, example=0.01),
+    "nll_num": Int(1, null=True), "nll_batch": Int(1), "nll_importance": Int(1, null=True),
+    "nll_divergence": Str(null=True), "nll_solver": Str(null=True), "nll_steps": Int(1, null=True),
+    "nll_bits": Spec(object, null=True), "device": Str(null=True),
+    "progress": Bool(null=True), "out": Str(null=True),
+}
 
 
-def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
-    """(our arguments, overrides for the checkpoint's config)."""
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise config_error(f"cannot parse {bad}", "arguments are key=value pairs", USAGE)
-    ours, overrides = [], []
-    for a in argv:
-        key = a.split("=", 1)[0]
-        top = key.split(".", 1)[0]
-        (ours if top in TOP_KEYS else overrides).append(a)
-    for a in overrides:
-        if "." not in a.split("=", 1)[0]:
-            raise config_error(f"unknown argument {a!r}", f"evaluate takes {sorted(TOP_KEYS)} and fid.<key>, "
-                               "plus group.key=value overrides of the checkpoint's config", USAGE)
-    args = OmegaConf.to_container(OmegaConf.from_dotlist(ours), resolve=True)
-    if "ckpt" not in args:
-        raise config_error("no checkpoint given", "evaluate scores a trained model", USAGE)
-    fid = args.get("fid")
-    if fid is not None and not isinstance(fid, (dict, bool)):
-        raise config_error(f"fid={fid!r}", "fid is a group of options (fid.num=...) or false", USAGE)
-    if isinstance(fid, dict):
-        unknown = set(fid) - FID_KEYS
-        if unknown:
-            raise config_error(f"unknown fid option(s) {sorted(unknown)}", f"fid takes {sorted(FID_KEYS)}", USAGE)
-    return args, overrides
+def data_overrides(cfg: DictConfig) -> list[str]:
+    """``data.key=value`` overrides of the checkpoint's config (the set, non-null ones)."""
+    data = OmegaConf.to_container(cfg.get("data") or {}, resolve=True)
+    return [f"data.{k}={v}" for k, v in data.items() if v is not None]
+
+
+def validate(cfg: DictConfig) -> None:
+    """evaluate's checks, before the model is loaded: types and ranges, the output file, the device, the
+    checkpoint (readable, a genflow checkpoint), the data overrides and the solver against the model."""
+    if cfg.get("ckpt") is None:
+        raise config_error("no checkpoint given", "evaluate scores a trained model", "pass ckpt=PATH")
+    check_schema(cfg, EVALUATE_SCHEMA, app="evaluate", open_keys=("hydra", "data"))
+    if fid_num(cfg) == 0 and not cfg.nll:
+        raise config_error("nothing to evaluate (fid.num=0 and nll=false)", "both FID and NLL are switched off",
+                           "pass fid.num=N and/or nll=true")
+    if fid_num(cfg) == 1:
+        raise config_error("fid.num=1", "FID needs at least two generated images (a covariance)",
+                           "use fid.num=50000 for paper numbers, or a few hundred for a quick check")
+    bits = cfg.nll_bits
+    if not (bits in ("auto", "none", None) or (isinstance(bits, int) and not isinstance(bits, bool) and bits > 0)):
+        raise config_error(f"nll_bits={bits!r}", "nll_bits is auto, none or a positive bit depth", "use nll_bits=8")
+    if cfg.out is not None:
+        from pathlib import Path
+
+        out = Path(str(cfg.out)).expanduser()
+        if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
+            raise config_error(f"out={cfg.out} is a folder" if out.is_dir() else f"out={cfg.out}: {out.parent} "
+                               "is a file", "out is the file the JSON line is written to",
+                               "pass out=FILE.json (a file name)")
+    check_device(cfg.device)
+    stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
+    check_target(stored.data, "data", provided=("seed",))
+    if fid_num(cfg):
+        solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
+        build_method(stored).check_solver(solver, "fid.solver")
 
 
 def _init_distributed(device_arg):
@@ -80,27 +99,19 @@ def _init_distributed(device_arg):
     return device, rank
 
 
-def run_fid(module, dm, cfg, fid: dict, device, progress: bool) -> dict:
+def run_fid(module, dm, cfg, fid, device, progress: bool) -> dict:
+    from genflow.config import fid_options
     from genflow.metrics import evaluate_fid
 
-    sample_cfg = cfg.get("sample") or {}
-    steps = int(fid.get("steps", sample_cfg.get("steps", 18)))
-    solver = str(fid.get("solver", sample_cfg.get("solver", "heun")))
-    guidance = fid.get("guidance", sample_cfg.get("guidance"))
-    num, sets, batch = int(fid.get("num", 50000)), int(fid.get("seed_sets", 1)), int(fid.get("batch", 256))
-    if progress:  # say the size of the job before it starts; the first batch then times it (genflow.progress)
-        print(f"FID: generating {num} images x {sets} seed set(s) with {steps} {solver} steps "
-              f"(NFE {_nfe(module, steps, solver)}), batch {batch}, on {device}", file=sys.stderr, flush=True)
-    out = evaluate_fid(module, dm, num=int(fid.get("num", 50000)), seed_start=int(fid.get("seed_start", 0)),
-                       seed_sets=int(fid.get("seed_sets", 1)), steps=steps, solver=solver,
-                       guidance=None if guidance is None else float(guidance), batch_size=int(fid.get("batch", 256)),
-                       device=device, time_limit=fid.get("time_limit"), extractor=fid.get("extractor"),
-                       mode=str(fid.get("mode", "clean")), inception_path=fid.get("inception_path"),
-                       download=bool(fid.get("download", False)), ref=str(fid.get("ref", "train")),
-                       cache_dir=fid.get("cache_dir"), kid=bool(fid.get("kid", False)),
-                       progress=bool(fid.get("progress", progress)),
-                       precision=str(fid.get("precision", "fp32")))
-    out.update(steps=steps, solver=solver, nfe=_nfe(module, steps, solver))
+    options = fid_options(fid, cfg.get("sample"), device=device)
+    if options.get("progress") is None:
+        options["progress"] = progress
+    if options["progress"]:  # say the size of the job before it starts; the first batch then times it
+        print(f"FID: generating {options['num']} images x {options['seed_sets']} seed set(s) with "
+              f"{options['steps']} {options['solver']} steps (NFE {_nfe(module, options['steps'], options['solver'])}), "
+              f"batch {options['batch_size']}, {options['precision']}, on {device}", file=sys.stderr, flush=True)
+    out = evaluate_fid(module, dm, **options)
+    out.update(steps=options["steps"], solver=options["solver"], nfe=_nfe(module, options["steps"], options["solver"]))
     return out
 
 
@@ -111,7 +122,7 @@ def _nfe(module, steps: int, solver: str):
         return None
 
 
-def run_nll(module, dm, args: dict, device, progress: bool) -> dict:
+def run_nll(module, dm, args: DictConfig, device, progress: bool) -> dict:
     from genflow.likelihood import evaluate_nll
 
     x = dm.val_tensor()
@@ -129,8 +140,8 @@ def run_nll(module, dm, args: dict, device, progress: bool) -> dict:
         kwargs["divergence"] = str(args["nll_divergence"])
     if args.get("nll_solver"):
         kwargs["solver"] = str(args["nll_solver"])
-    if "nll_bits" in args:
-        kwargs["bits"] = None if args["nll_bits"] in (None, "none", 0) else int(args["nll_bits"])
+    if args.get("nll_bits") not in ("auto", None):
+        kwargs["bits"] = None if args["nll_bits"] == "none" else int(args["nll_bits"])
     elif getattr(dm, "levels", None):
         kwargs["levels"] = int(dm.levels)  # the datamodule knows its quantization (17 grey levels for digits)
     else:
@@ -144,44 +155,50 @@ def run_nll(module, dm, args: dict, device, progress: bool) -> dict:
     return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in result.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    from genflow.config import module_from_checkpoint
+def fid_num(cfg: DictConfig) -> int:
+    """Images per FID seed set: fid.num, or by default 50000 (none when only nll=true is asked for)."""
+    return int(cfg.fid.num) if cfg.fid.num is not None else (0 if cfg.nll else 50000)
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, overrides = parse_args(argv)
-    fid = args.get("fid")
-    want_nll = bool(args.get("nll", False))
-    # FID runs unless switched off (fid=false / fid.num=0) or only nll=true was asked for
-    want_fid = fid is not False and not (want_nll and fid is None)
-    fid = fid if isinstance(fid, dict) else {}
-    if want_fid and int(fid.get("num", 50000)) == 0:
-        want_fid = False
-    if not (want_fid or want_nll):
-        raise config_error("nothing to evaluate", "both FID and NLL are switched off", USAGE)
-    device, rank = _init_distributed(args.get("device"))
-    progress = bool(args.get("progress", True))  # a bar in a terminal, plain lines with ETA otherwise
+
+def main(cfg: DictConfig | list[str]) -> dict:
+    """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
+    from genflow.config import compose, module_from_checkpoint
+
+    if not isinstance(cfg, DictConfig):
+        cfg = compose(list(cfg), "evaluate", validator=False)
+    validate(cfg)
+    cfg.fid.num = fid_num(cfg)
+    want_fid, want_nll = bool(cfg.fid.num), bool(cfg.nll)
+    device, rank = _init_distributed(cfg.device)
+    progress = True if cfg.progress is None else bool(cfg.progress)  # a bar in a terminal, plain lines with ETA otherwise
 
     start = time.perf_counter()
-    module, dm, cfg = module_from_checkpoint(args["ckpt"], overrides=overrides, device=device)
+    module, dm, stored = module_from_checkpoint(cfg.ckpt, overrides=data_overrides(cfg), device=device)
     dm.setup()
-    result = {"ckpt": str(args["ckpt"]), "model": str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1],
-              "data": getattr(dm, "name", "?")}
+    result = {"ckpt": str(cfg.ckpt), "model": str(stored.model.get("_target_", "?")).rsplit(".", 1)[-1],
+              "data": getattr(dm, "name", "?"), "precision": cfg.precision}
     result.update({k: v for k, v in module.method.describe().items() if k != "method"})
     if want_fid:
         # build the extractor first: a missing weight file fails before any sampling
-        result.update(run_fid(module, dm, cfg, fid, device, progress))
+        result.update(run_fid(module, dm, stored, cfg.fid, device, progress))
     if want_nll and rank == 0:
-        result.update(run_nll(module, dm, args, device, progress))
+        result.update(run_nll(module, dm, cfg, device, progress))
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result["wall_s"] = round(time.perf_counter() - start, 2)
     if rank == 0:
         line = json.dumps(result)
-        if args.get("out"):
-            with open(args["out"], "w") as f:
+        if cfg.out:
+            with open(cfg.out, "w") as f:
                 f.write(line + "\n")
         print(line, flush=True)
     return result
 
 
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+@reported
+def app(cfg: DictConfig) -> None:
+    main(cfg)
+
+
 if __name__ == "__main__":
-    exit_on_error(main)
+    run_app(app, "evaluate", validate)

@@ -1,10 +1,12 @@
 """FID leaderboard: train (or load) every entry of a suite, evaluate it, write a table.
+A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.leaderboard --help``):
 
-    python -m genflow.leaderboard suite=smoke [out=DIR] [only=NAME,NAME] [device=cuda] [fid.num=...]
+    python -m genflow.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
+        [precision=fp32|bf16] [suite.fid.<key>=value]
 
-A suite is ``configs/leaderboard/<suite>.yaml``::
+A suite is ``configs/leaderboard/suite/<suite>.yaml``::
 
-    fid: {num: 50000, seed_sets: 3, mode: legacy_tensorflow, ref: train, batch: 256}   # shared FID settings
+    fid: {num: 50000, seed_sets: 3, mode: legacy_tensorflow, ref: train, batch_size: 256}  # FID_SCHEMA keys
     overrides: [trainer=gpu]                # config overrides for every entry
     entries:
       - name: pfgmpp-D2048
@@ -21,7 +23,7 @@ A suite is ``configs/leaderboard/<suite>.yaml``::
         nfe: 35
 
 Every row records method, D or path, dataset, NFE, FID, images, sampling img/s, wall time, the git
-revision and the device; ``leaderboard.md`` and ``leaderboard.json`` go to ``out`` (default
+revision, the device and the sampling precision; ``leaderboard.md`` and ``leaderboard.json`` go to ``out`` (default
 ``leaderboard/<suite>``). Ends with one JSON line. Weights, data and reference statistics come from the
 environment on CI runners (GENFLOW_INCEPTION, GENFLOW_DATA, GENFLOW_METRICS_HOME; see the suite file).
 """
@@ -35,18 +37,22 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import hydra
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from genflow.errors import config_error, exit_on_error
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
+                            check_schema, run_app)
+from genflow.errors import config_error, reported
 
-SUITE_DIR = Path(__file__).resolve().parent.parent / "configs" / "leaderboard"
+APP_DIR = CONFIG_DIR / "leaderboard"
+SUITE_DIR = APP_DIR / "suite"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
               "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid"}
 COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
-           "train_steps",
-           "revision", "device"]
-USAGE = "usage: python -m genflow.leaderboard suite=NAME [out=DIR] [only=A,B] [device=cpu|cuda] [fid.num=N]"
+           "train_steps", "revision", "device"]
+LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "device": Str(null=True),
+                      "num": Int(2, null=True, example=200), "precision": PRECISION}
 
 
 def suites() -> list[str]:
@@ -54,11 +60,16 @@ def suites() -> list[str]:
 
 
 def load_suite(name: str) -> dict:
+    """A suite by name (configs/leaderboard/suite/<name>.yaml) or yaml path, checked."""
     path = Path(name) if name.endswith(".yaml") else SUITE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise config_error(f"leaderboard suite {name!r} not found ({path})", "a suite is a yaml file of entries",
                            f"use suite=one of: {', '.join(suites())}")
-    suite = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return check_suite(OmegaConf.to_container(OmegaConf.load(path), resolve=True), path.stem, str(path))
+
+
+def check_suite(suite: dict, name: str, path: str) -> dict:
+    """Entries name known keys and either a checkpoint or method + dataset; the FID options fit FID_SCHEMA."""
     entries = suite.get("entries") or []
     if not entries:
         raise config_error(f"suite {name!r} has no entries", "the leaderboard evaluates each entry",
@@ -73,8 +84,12 @@ def load_suite(name: str) -> dict:
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
                                f"fix {path}")
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
-    suite["path"] = str(path)
-    suite["name"] = suite.get("name", path.stem)
+    sections = [("fid", suite.get("fid"))] + [(f"entries[{i}].fid", e.get("fid")) for i, e in enumerate(entries)]
+    for where, fid in sections:
+        if fid:
+            check_schema(OmegaConf.create(fid), FID_SCHEMA, prefix=f"suite.{where}.", app="leaderboard", open_keys=())
+    suite["path"] = path
+    suite["name"] = suite.get("name", name)
     return suite
 
 
@@ -163,27 +178,23 @@ def seed_range(entry: dict, fid: dict) -> tuple[int, int]:
     return seeds[0], len(seeds)
 
 
-def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, fid_overrides: dict) -> dict:
-    from genflow.config import module_from_checkpoint
+def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, num: int | None = None,
+                   precision: str = "fp32") -> dict:
+    from genflow.config import fid_options, module_from_checkpoint
     from genflow.metrics import evaluate_fid
 
-    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), **fid_overrides}
+    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), "precision": precision}
     if device.type == "cuda" and _rank_world()[1] > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # each DDP rank samples on its own GPU
     module, dm, cfg = module_from_checkpoint(ckpt, device=device)
     dm.setup()
-    solver = str(entry.get("solver", fid.get("solver", "heun")))
+    solver = str(entry.get("solver", fid.get("solver") or "heun"))
     steps = resolve_steps(module.method, entry, solver)
-    start, num = seed_range(entry, fid)
-    if "num" in fid_overrides:
-        num = int(fid_overrides["num"])
-    out = evaluate_fid(module, dm, num=num, seed_start=start, seed_sets=int(entry.get("seed_sets", fid.get("seed_sets", 1))),
-                       steps=steps, solver=solver, batch_size=int(fid.get("batch", 256)), device=device,
-                       extractor=fid.get("extractor"), mode=str(fid.get("mode", "clean")),
-                       inception_path=fid.get("inception_path"), download=bool(fid.get("download", False)),
-                       ref=str(fid.get("ref", "train")), cache_dir=fid.get("cache_dir"),
-                       time_limit=fid.get("time_limit"), progress=bool(fid.get("progress", False)),
-                       precision=str(fid.get("precision", "fp32")))
+    start, count = seed_range(entry, fid)
+    fid.update(num=count if num is None else int(num), seed_start=start, steps=steps, solver=solver,
+               seed_sets=int(entry.get("seed_sets", fid.get("seed_sets", 1))))
+    fid.setdefault("progress", False)
+    out = evaluate_fid(module, dm, **fid_options(fid, device=device))
     out["nfe"] = module.method.nfe(steps, solver)
     out["steps"] = steps
     out["solver"] = solver
@@ -221,29 +232,32 @@ def markdown(suite: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise config_error(f"cannot parse {bad}", "arguments are key=value pairs", USAGE)
-    args = OmegaConf.to_container(OmegaConf.from_dotlist(argv), resolve=True)
-    unknown = set(args) - {"suite", "out", "only", "device", "fid"}
-    if unknown:
-        raise config_error(f"unknown argument(s) {sorted(unknown)}", "see the usage line", USAGE)
-    if "suite" not in args:
-        raise config_error("no suite given", f"suites: {', '.join(suites())}", USAGE)
-    suite = load_suite(str(args["suite"]))
+def validate(cfg: DictConfig) -> None:
+    """The leaderboard's checks before anything is trained: its own keys, the suite, the output folder."""
+    check_schema(cfg, LEADERBOARD_SCHEMA, app="leaderboard", open_keys=("hydra", "suite"))
+    check_device(cfg.device)
+    check_output_dir(cfg.out, "out")
+    check_suite(OmegaConf.to_container(cfg.suite, resolve=True), "suite", str(SUITE_DIR))
+
+
+def run(cfg: DictConfig | Sequence[str] | None = None) -> dict:
+    """Run a suite; ``cfg`` is the composed app config (or its command-line overrides, composed here)."""
+    if not isinstance(cfg, DictConfig):
+        from genflow.config import compose
+
+        cfg = compose(list(sys.argv[1:] if cfg is None else cfg), "leaderboard", validator=validate)
+    validate(cfg)
+    suite = check_suite(OmegaConf.to_container(cfg.suite, resolve=True), "suite", str(SUITE_DIR))
     entries = suite["entries"]
-    if args.get("only"):
-        wanted = set(str(args["only"]).split(","))
+    if cfg.only is not None:
+        wanted = {str(cfg.only)} if isinstance(cfg.only, (str, int)) else set(map(str, cfg.only))
         entries = [e for e in entries if e["name"] in wanted]
         if not entries:
-            raise config_error(f"only={args['only']} matches no entry", "names are the entries' name fields",
+            raise config_error(f"only={cfg.only} matches no entry", "names are the entries' name fields",
                                f"use some of: {', '.join(e['name'] for e in suite['entries'])}")
-    device = torch.device(args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(args.get("out") or Path("leaderboard") / suite["name"])
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(cfg.out or Path("leaderboard") / suite["name"])
     out.mkdir(parents=True, exist_ok=True)
-    fid_overrides = args.get("fid") or {}
     revision, dev = git_revision(), device_name(device)
 
     rows = []
@@ -263,9 +277,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         else:
             trained = train_entry(entry, suite, out / "runs" / entry["name"])
             ckpt, train_steps = trained["checkpoint"], trained.get("steps")
-        ev = evaluate_entry(entry, suite, ckpt, device, fid_overrides)
-        cfg = ev.pop("config")
-        method = str(cfg.model.get("_target_", "?")).rsplit(".", 1)[-1]
+        ev = evaluate_entry(entry, suite, ckpt, device, cfg.num, cfg.precision)
+        cfg_entry = ev.pop("config")
+        method = str(cfg_entry.model.get("_target_", "?")).rsplit(".", 1)[-1]
         rows.append({
             "name": entry["name"], "method": method, "D/path": _settings(ev.pop("describe")),
             "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
@@ -281,11 +295,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
         (out / "leaderboard.md").write_text(markdown(suite, rows))
     result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),
               "json": str(out / "leaderboard.json"), "fid": {r["name"]: r["FID"] for r in rows},
-              "revision": revision, "device": dev}
+              "revision": revision, "device": dev, "precision": cfg.precision}
     if _rank_world()[0] == 0:
         print(json.dumps(result), flush=True)
     return result
 
 
+@hydra.main(version_base="1.3", config_path=str(APP_DIR), config_name="leaderboard")
+@reported
+def app(cfg: DictConfig) -> None:
+    run(cfg)
+
+
 if __name__ == "__main__":
-    exit_on_error(run)
+    run_app(app, "leaderboard", validate)

@@ -16,38 +16,27 @@ from genflow.config import build, to_container, validate
 def run_dir_of(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
+    if cfg.get("run_dir"):  # explicit (tests, and the leaderboard, which trains inside its own Hydra app)
+        return Path(cfg.run_dir)
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path(cfg.get("run_dir") or "outputs/run")
+    return Path("outputs/run")
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
-    from pytorch_lightning.callbacks import LearningRateMonitor
-    from pytorch_lightning.loggers import TensorBoardLogger
+    """A Trainer with the callbacks of the `callbacks` group and the loggers of the `logger` group (one config
+    file each); relative folders in them (dirpath, save_dir) are inside ``run_dir``."""
+    from genflow.training import AtomicCheckpointIO
 
-    from genflow.training import AtomicCheckpointIO, EDMEma, SampleGrid
-    from genflow.training.resume import HistoryCSVLogger, RunCheckpoint
-
-    callbacks = [
-        EDMEma(halflife_kimg=cfg.ema.halflife_kimg, rampup=cfg.ema.rampup),
-        RunCheckpoint(dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
-                      every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=cfg.checkpoint.keep,
-                      monitor="step", mode="max", save_last=True,  # keep = the newest `keep` checkpoints
-                      every_minutes=cfg.checkpoint.get("every_minutes")),
-        SampleGrid(str(run_dir / "samples"), every_n_steps=cfg.sample.every_n_steps, num=cfg.sample.num,
-                   steps=cfg.sample.steps, solver=cfg.sample.solver, guidance=cfg.sample.guidance,
-                   precision=cfg.sample.get("precision", "fp32")),
-        LearningRateMonitor(logging_interval="step"),
-    ]
-    callbacks += extra_callbacks(cfg, run_dir)
+    callbacks = instantiate_group(cfg.get("callbacks"), run_dir)
+    loggers = instantiate_group(cfg.get("logger"), run_dir)
     callbacks += run_callbacks(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by apply_speed_settings
         trainer_kwargs.pop(key, None)
     trainer_kwargs.update(overrides)
-    loggers = [TensorBoardLogger(str(run_dir), name="tb", version=""), HistoryCSVLogger(str(run_dir), name="csv", version="")]
     # the datamodule's ResumableSampler shards by rank itself, so Lightning must not wrap it
-    return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
+    return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
                       plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, **trainer_kwargs)
 
 
@@ -77,15 +66,21 @@ def apply_speed_settings(cfg: DictConfig, module) -> None:
         module.net.to(memory_format=torch.channels_last)
 
 
-def extra_callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """Callbacks chosen in the `callbacks` config group (e.g. callbacks=fid)."""
-    from hydra.utils import instantiate
+RUN_DIR_KEYS = ("dirpath", "save_dir")
 
-    found = []
-    for name, spec in (cfg.get("callbacks") or {}).items():
-        if spec is not None and "_target_" in spec:
-            found.append(instantiate(spec, _convert_="all"))
-    return found
+
+def instantiate_group(group, run_dir: Path) -> list:
+    """Instantiate every ``_target_`` node of a config group (callbacks, logger), in file order."""
+    from genflow.config import instantiate
+
+    objects = []
+    for spec in (group or {}).values():
+        if spec is None or "_target_" not in spec:
+            continue
+        in_run_dir = {k: str(run_dir / str(spec[k])) for k in RUN_DIR_KEYS
+                      if k in spec and spec[k] is not None and not Path(str(spec[k])).is_absolute()}
+        objects.append(instantiate(spec, **in_run_dir))
+    return objects
 
 
 def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
@@ -271,10 +266,7 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     """FID of the final EMA model where the config asks for it (fid.num > 0)."""
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
+    from genflow.config import fid_options
     from genflow.metrics import evaluate_fid
 
-    options = OmegaConf.to_container(cfg.fid, resolve=True)
-    options.pop("num")
-    return evaluate_fid(module, dm, num=int(cfg.fid.num), steps=int(cfg.sample.steps), solver=cfg.sample.solver,
-                        guidance=cfg.sample.guidance, precision=cfg.sample.get("precision", "fp32"),
-                        device=module.device, **options)
+    return evaluate_fid(module, dm, device=module.device, **fid_options(cfg.fid, cfg.sample))

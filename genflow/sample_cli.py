@@ -1,4 +1,9 @@
-"""The sampling CLI behind sample.py (key=value arguments, see ``USAGE``)."""
+"""The sampling app behind sample.py: a Hydra app with configs/sample.yaml (``python sample.py --help``).
+
+Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
+command line is composed, the checkpoint (readable, a genflow checkpoint), the solver against the model,
+``class=``/``guidance=``/``reference=`` against the model's data, and the output folder.
+"""
 from __future__ import annotations
 
 import json
@@ -7,81 +12,111 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from genflow.errors import config_error, exit_on_error
+from genflow.config import (PRECISION, Bool, Float, Int, Spec, Str, check_device, check_output_dir, check_schema,
+                            build_method, config_from_checkpoint, read_checkpoint, target_class)
+from genflow.errors import config_error
 
-USAGE = ("usage: python sample.py ckpt=PATH [num=64] [seeds=0-63] [steps=18] [solver=heun|euler|dopri5|stochastic|ancestral] "
-         "[out=DIR] [guidance=W] [batch=256] [device=cpu|cuda] [class=K] [reference=IMAGE.png]")
-KEYS = {"ckpt", "num", "seeds", "steps", "solver", "out", "guidance", "batch", "device", "class", "reference",
-        "progress", "precision"}
-
-
-def parse_args(argv: list[str]) -> dict:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise config_error(f"cannot parse {bad}", "arguments are key=value pairs", USAGE)
-    args = OmegaConf.to_container(OmegaConf.from_dotlist(argv))
-    unknown = set(args) - KEYS
-    if unknown:
-        raise config_error(f"unknown argument(s) {sorted(unknown)}", f"sample.py takes {sorted(KEYS)}", USAGE)
-    if "ckpt" not in args:
-        raise config_error("no checkpoint given", "sample.py samples a trained model", USAGE)
-    return args
+SAMPLE_SCHEMA = {
+    "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
+    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
+    "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
+}
 
 
-def main(argv: list[str]) -> dict:
-    from genflow.config import module_from_checkpoint
-    from genflow.sampling import parse_seeds, sample_conditions, save_grid, to_uint8
+def seeds_of(cfg: DictConfig) -> list[int]:
+    from genflow.sampling import parse_seeds
+
+    if cfg.seeds is None:
+        return list(range(64 if cfg.num is None else int(cfg.num)))
+    spec = cfg.seeds
+    spec = OmegaConf.to_container(spec) if not isinstance(spec, (str, int)) else spec
+    try:
+        seeds = parse_seeds(spec)
+    except (ValueError, TypeError) as err:
+        raise config_error(f"seeds={cfg.seeds}", str(err), "write seeds as low-high (0-63), one seed (5), or a "
+                           "list ([1,5,9])") from err
+    if min(seeds) < 0:
+        raise config_error(f"seeds={cfg.seeds} holds a negative seed", "seeds index the noise generators from 0",
+                           "use seeds >= 0, e.g. seeds=0-63")
+    if cfg.num is not None and int(cfg.num) != len(seeds):
+        raise config_error(f"num={cfg.num} but seeds={cfg.seeds} holds {len(seeds)} seeds",
+                           "each image comes from one seed", "drop num= or make it match the seed range")
+    return seeds
+
+
+def validate(cfg: DictConfig) -> None:
+    """sample.py's checks, run on the composed command line before anything is loaded or written."""
+    if cfg.get("ckpt") is None:
+        raise config_error("no checkpoint given", "sample.py samples a trained model",
+                           "pass ckpt=PATH (e.g. outputs/<run>/checkpoints/final.ckpt)")
+    check_schema(cfg, SAMPLE_SCHEMA, app="sample", open_keys=("hydra",))
+    seeds_of(cfg)
+    check_device(cfg.device)
+    check_output_dir(cfg.out, "out")
+    ckpt = read_checkpoint(cfg.ckpt)
+    stored = config_from_checkpoint(ckpt)
+    build_method(stored).check_solver(cfg.solver)  # each method lists the samplers it offers
+    if cfg.guidance is not None and not (stored.data.get("conditional") or hasattr(target_class(stored.data),
+                                                                                     "sample_cond")):
+        raise config_error(f"guidance={cfg.guidance} for an unconditional model", "classifier-free guidance mixes "
+                           "conditional and unconditional predictions; this checkpoint has no condition",
+                           "drop guidance=, or use a conditional model")
+    if cfg["class"] is not None and not stored.data.get("conditional"):
+        raise config_error(f"class={cfg['class']} for a model without class labels",
+                           "the checkpoint was trained with data.conditional=false", "drop class=")
+
+
+def main(cfg: DictConfig | list[str]) -> dict:
+    """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``)."""
+    from genflow.config import compose, module_from_checkpoint
+    from genflow.sampling import sample_conditions, save_grid, to_uint8
     from genflow.training.module import check_finite_weights
 
-    args = parse_args(argv)
-    solver = args.get("solver", "heun")
-    steps = int(args.get("steps", 18))
-    if steps < 1:
-        raise config_error(f"steps={steps}", "at least one step is needed", "use e.g. steps=18")
-    if "seeds" in args:
-        seeds = parse_seeds(args["seeds"])
-        if "num" in args and int(args["num"]) != len(seeds):
-            raise config_error(f"num={args['num']} but seeds={args['seeds']} holds {len(seeds)} seeds",
-                               "each image comes from one seed", "drop num= or make it match the seed range")
-    else:
-        seeds = list(range(int(args.get("num", 64))))
-    device = torch.device(args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(args.get("out", "samples"))
+    if not isinstance(cfg, DictConfig):
+        cfg = compose(list(cfg), "sample", validator=False)
+    validate(cfg)
+    seeds = seeds_of(cfg)
+    solver, steps, guidance = cfg.solver, int(cfg.steps), cfg.guidance
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(cfg.out)
+    from hydra.core.hydra_config import HydraConfig
 
-    module, dm, cfg = module_from_checkpoint(args["ckpt"], device=device)
-    check_finite_weights(module, f"checkpoint {args['ckpt']}")
-    module.method.check_solver(solver)  # each method lists the samplers it offers
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        out = Path(HydraConfig.get().runtime.output_dir)  # <out>/<overrides of this job>
+
+    module, dm, stored = module_from_checkpoint(cfg.ckpt, device=device)
+    check_finite_weights(module, f"checkpoint {cfg.ckpt}")
     shape = tuple(dm.data_shape)
-    if "reference" in args:
+    if cfg.reference is not None:
         if not hasattr(dm, "reference_cond"):
-            raise config_error(f"reference= given for a model trained on {getattr(dm, 'name', 'this data')}",
+            raise config_error(f"reference={cfg.reference} for a model trained on {getattr(dm, 'name', 'this data')}",
                                "only multi-view models are conditioned on a reference image",
-                               "drop reference=, or use a checkpoint trained with data=multiview")
-        cond = dm.reference_cond(args["reference"], seeds, device)
-    elif "class" in args:
-        if not dm.num_classes:
-            raise config_error("class= given for an unconditional model", "the checkpoint has no class input",
-                               "drop class=, or train with data.conditional=true")
-        labels = torch.full((len(seeds),), int(args["class"]), device=device)
+                               "drop reference=, or sample a multi-view (Isotropic3D) checkpoint")
+        cond = dm.reference_cond(cfg.reference, seeds, device)
+    elif cfg["class"] is not None:
+        k = int(cfg["class"])
+        if not dm.num_classes or k >= dm.num_classes:
+            raise config_error(f"class={k} is out of range", f"the model knows classes 0..{dm.num_classes - 1}",
+                               f"use class=0..{dm.num_classes - 1}")
+        labels = torch.full((len(seeds),), k, device=device)
         cond = {"class": torch.nn.functional.one_hot(labels, dm.num_classes).float()}
     else:
         cond = sample_conditions(dm, seeds, device)
-    guidance = args.get("guidance")
     if guidance is not None and not cond:
         raise config_error(f"guidance={guidance} for an unconditional model", "classifier-free guidance mixes "
                            "conditional and unconditional predictions", "drop guidance=, or use a conditional model")
 
     start = time.perf_counter()
     samples = module.generate(seeds, shape, steps=steps, solver=solver, cond=cond,
-                              guidance=None if guidance is None else float(guidance),
-                              batch_size=int(args.get("batch", 256)), progress=bool(args.get("progress", True)),
-                              precision=str(args.get("precision", "fp32")))
+                              guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
+                              progress=bool(cfg.progress), precision=cfg.precision)
     wall = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     result = {"out": str(out), "num": len(seeds), "nfe": module.method.nfe(steps, solver), "steps": steps,
-              "solver": solver, "precision": str(args.get("precision", "fp32")), "img_per_s": round(len(seeds) / max(wall, 1e-9), 2), "device": str(device)}
+              "solver": solver, "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
+              "device": str(device)}
     if samples.ndim == 4 or samples.ndim == 5:
         import torchvision
 
@@ -93,17 +128,11 @@ def main(argv: list[str]) -> dict:
         np.savez(out / "samples.npz", images=images.numpy(), seeds=np.asarray(seeds))
     else:
         np.savez(out / "samples.npz", samples=samples.cpu().numpy(), seeds=np.asarray(seeds))
-    if "reference" in args and Path(str(args["reference"])).suffix.lower() not in (".pt", ".pth", ".npy"):
+    if cfg.reference is not None and Path(str(cfg.reference)).suffix.lower() not in (".pt", ".pth", ".npy"):
         # one row per seed: the reference image, then the generated views
-        result["grid"] = str(dm.save_reference_grid(out / "grid.png", samples, args["reference"]))
+        result["grid"] = str(dm.save_reference_grid(out / "grid.png", samples, cfg.reference))
     else:
         result["grid"] = str(save_grid(samples, out / "grid.png"))
     result["npz"] = str(out / "samples.npz")
     print(json.dumps(result), flush=True)
     return result
-
-
-def cli() -> None:
-    import sys
-
-    exit_on_error(main, sys.argv[1:])

@@ -6,13 +6,14 @@ from genflow.config import compose, options
 from genflow.errors import ConfigError
 
 
-@pytest.mark.parametrize("group", ["model", "data", "net", "trainer", "experiment"])
+@pytest.mark.parametrize("group", ["model", "data", "net", "trainer", "callbacks", "logger", "experiment"])
 def test_every_option_composes(group):
     names = options(group)
     if group != "experiment":
         assert names, f"configs/{group}/ is empty"
     for name in names:
-        cfg = compose([f"{group}={name}"])
+        # environment=False: GPU recipes compose on a CPU machine (train.py itself refuses them there)
+        cfg = compose([f"{group}={name}"], environment=False)
         if group != "experiment":
             assert cfg[group] is not None
         OmegaConf.to_container(cfg, resolve=False)
@@ -63,3 +64,95 @@ def test_imagefolder_without_root_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="not a folder"):
         build_data(compose(["data=imagefolder"]))
+
+
+# --- knobs: never silently ignored ------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,owner", [
+    (["model=edm", "D=64"], "model=pfgmpp"), (["model=flow", "D=64"], "model=pfgmpp"),
+    (["path=ko"], "model=flow"), (["model=edm", "path=vp"], "model=flow"),
+    (["stage=2"], "model=isotropic3d"), (["model=flow", "stage=1"], "model=isotropic3d"),
+])
+def test_a_knob_for_another_model_names_its_model(overrides, owner):
+    with pytest.raises(ConfigError, match="does not apply") as err:
+        compose(overrides)
+    assert owner in str(err.value)
+
+
+def test_knobs_reach_their_model_and_default_there():
+    assert compose([]).model.D == 128 and compose(["D=2048"]).model.D == 2048
+    assert compose(["model=flow"]).model.path == "condot" and compose(["model=flow", "path=ko"]).model.path == "ko"
+    iso = compose(["model=isotropic3d", "stage=2"])
+    assert iso.net.stage == 2 and compose(["model=isotropic3d"]).net.stage == 1
+    assert iso.data._target_.endswith("MultiView") and iso.model._target_ == "genflow.methods.EDM"
+    # the EDM recipe inherits the PFGM++ recipe without its D
+    assert compose(["experiment=edm_cifar10_uncond"], environment=False).D is None
+
+
+# --- the template's shape: every experiment instantiates without training -------------------------------
+@pytest.fixture
+def fake_data(tmp_path, monkeypatch):
+    """Folders the GPU recipes point at: a CIFAR-10 folder (its loader returns four black images: CIFAR-10 is
+    not on CI machines) and a one-image FFHQ folder."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from genflow.data import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "_load", lambda self: (torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)))
+    (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    (tmp_path / "ffhq").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "ffhq" / "0.png")
+    monkeypatch.setenv("GENFLOW_DATA", str(tmp_path / "cifar"))
+    monkeypatch.setenv("GENFLOW_FFHQ64", str(tmp_path / "ffhq"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("experiment", [None] + options("experiment"))
+def test_experiment_instantiates_every_part(experiment, fake_data, tmp_path):
+    """data, model, net (on the meta device: no memory), optimizer, trainer, callbacks and loggers of every
+    experiment= config, as lightning-hydra-template's config tests do; nothing is trained."""
+    import pytorch_lightning as pl
+    import torch
+
+    from genflow.config import build_data, build_method, build_net, instantiate
+    from genflow.methods.base import Method
+    from genflow.run import instantiate_group, make_trainer
+
+    cfg = compose([f"experiment={experiment}"] if experiment else [], environment=False)
+    dm = build_data(cfg)
+    try:
+        with torch.device("meta"):  # the paper-size UNets without allocating their weights
+            net = build_net(cfg, dm)
+    except RuntimeError:  # a net that computes with tensors while it is built (multi-view): a real, small one
+        net = build_net(cfg, dm)
+    assert isinstance(dm, pl.LightningDataModule) and isinstance(net, torch.nn.Module)
+    assert isinstance(build_method(cfg), Method)
+    optim = {k: v for k, v in cfg.optim.items() if k != "warmup_steps"}
+    assert isinstance(instantiate(optim)([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
+    callbacks = instantiate_group(cfg.callbacks, tmp_path / "run")
+    loggers = instantiate_group(cfg.logger, tmp_path / "run")
+    assert {type(c).__name__ for c in callbacks} >= {"EDMEma", "ModelCheckpoint", "SampleGrid", "LearningRateMonitor"}
+    assert {type(lg).__name__ for lg in loggers} == {"TensorBoardLogger", "CSVLogger"}
+    assert all(str(c.dirpath).startswith(str(tmp_path / "run")) for c in callbacks if hasattr(c, "dirpath"))
+    cpu = {} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto",
+                                                "precision": "32-true"}
+    cfg.trainer = {k: v for k, v in cfg.trainer.items() if k not in ("sync_batchnorm", "num_nodes") or not cpu}
+    trainer = make_trainer(cfg, tmp_path / "run", **cpu)
+    assert trainer.max_steps == cfg.trainer.max_steps and len(trainer.loggers) == 2
+
+
+def test_fid_callback_and_logger_choices_compose():
+    cfg = compose(["callbacks=fid", "fid.batch_size=64", "logger=wandb"])
+    assert {"ema", "checkpoint", "sample_grid", "lr_monitor", "fid", "best_fid"} <= set(cfg.callbacks)
+    assert cfg.callbacks.fid.batch_size == 64 and cfg.callbacks.fid.mode == cfg.fid.mode  # one FID schema
+    assert set(cfg.logger) == {"tensorboard", "csv", "wandb"}
+    assert compose(["logger=none"]).logger is None or not compose(["logger=none"]).logger
+
+
+def test_no_forwarding_configs():
+    from genflow.config import CONFIG_DIR
+
+    assert not list((CONFIG_DIR / "net").glob("*_default.yaml"))
+    assert "@package _global_" not in (CONFIG_DIR / "model" / "isotropic3d.yaml").read_text()
+    assert set(compose(["trainer=gpu"], environment=False).trainer) > set(compose([]).trainer) - {"accelerator"}

@@ -83,6 +83,21 @@ class CIFAR10(GenerativeDataModule):
         return batch
 
 
+def _open_image(path: Path, verify: bool = False):
+    from PIL import Image
+
+    try:
+        img = Image.open(path)
+        if verify:
+            img.verify()
+        else:
+            img.load()
+        return img
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise config_error(f"cannot decode image {path}", f"{type(err).__name__}: {err}",
+                           "remove or replace the file (data.root is read recursively)") from err
+
+
 class ImageFolder(GenerativeDataModule):
     """Every image under ``root`` (recursively), centre-cropped to a square and resized to
     ``resolution``; labels from sub-folder names when ``conditional=true``."""
@@ -105,6 +120,12 @@ class ImageFolder(GenerativeDataModule):
         # known before setup, so a conditional net (e.g. a converted ImageNet network) is built with its classes
         self._num_classes = len({p.parent.name for p in self.files})
 
+    def verify(self) -> None:
+        """Every image file is readable (PIL's structural check, no full decode); a bad file is named.
+        Run by train.py before the run starts."""
+        for path in self.files:
+            _open_image(path, verify=True)
+
     def _load(self):
         from PIL import Image
         import torchvision.transforms.functional as TF
@@ -112,7 +133,7 @@ class ImageFolder(GenerativeDataModule):
         mode = {1: "L", 3: "RGB"}[self.channels]
         images = []
         for path in self.files:
-            img = Image.open(path).convert(mode)
+            img = _open_image(path).convert(mode)
             side = min(img.size)
             img = TF.center_crop(img, [side, side]).resize((self.resolution, self.resolution), Image.BICUBIC)
             images.append(TF.pil_to_tensor(img))

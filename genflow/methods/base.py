@@ -218,11 +218,12 @@ class Method(nn.Module, ABC):
         """Per-method sampler options (e.g. EDM's Heun skips the correction on the step to sigma = 0)."""
         return {}
 
-    def check_solver(self, solver: str) -> str:
+    def check_solver(self, solver: str, key: str = "solver") -> str:
+        """``solver`` if this method offers it, else a ConfigError naming the setting ``key``."""
         if solver not in self.solvers():
-            raise config_error(f"unknown solver {solver!r} for {type(self).__name__}",
+            raise config_error(f"{key}={solver!r} is not a sampler of {type(self).__name__}",
                                f"{type(self).__name__} samples with {', '.join(self.solvers())}",
-                               f"use solver={'heun' if 'heun' in self.solvers() else self.solvers()[0]} "
+                               f"use {key}={'heun' if 'heun' in self.solvers() else self.solvers()[0]} "
                                f"(or one of {', '.join(self.solvers())})")
         return solver
 

@@ -16,8 +16,10 @@ the training step only (``compile``): the module's state dict, the EMA copy and 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -28,15 +30,18 @@ from genflow.methods.base import Method
 
 
 class GenerativeModule(pl.LightningModule):
-    def __init__(self, net: nn.Module, method: Method, *, config: dict | None = None, optimizer: str = "adam",
-                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, compile: bool | str = False):
+    def __init__(self, net: nn.Module, method: Method, *, config: dict | None = None,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 warmup_steps: int = 0, compile: bool | str = False):
         super().__init__()
         self.net, self.method = net, method
         # the resolved run configuration, as plain containers so checkpoints load with weights_only=True
         self.save_hyperparameters({"config": config or {}}, logger=False)
-        self.optimizer_name, self.lr, self.betas, self.eps = optimizer, lr, tuple(betas), eps
-        self.weight_decay, self.warmup_steps = weight_decay, warmup_steps
+        # the optimizer as a partial (configs/train.yaml optim: _target_ + _partial_); Adam(lr, ...) by default
+        self.optimizer = optimizer or functools.partial(torch.optim.Adam, lr=lr, betas=tuple(betas), eps=eps,
+                                                        weight_decay=weight_decay)
+        self.warmup_steps = warmup_steps
         # False, True (torch.compile's default backend) or a backend name, e.g. "aot_eager"
         self.compile_net = compile
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
@@ -145,16 +150,12 @@ class GenerativeModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        # fused: one kernel for the whole update on CUDA (same maths as the per-tensor loop)
+        # fused: one kernel for the whole update on CUDA (same maths as the per-tensor loop), where the
+        # optimizer offers it and the config did not choose
         fast = {"fused": True} if params and all(p.is_cuda for p in params) else {"foreach": True}
-        if self.optimizer_name == "adam":
-            opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
-                                   **fast)
-        elif self.optimizer_name == "adamw":
-            opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
-                                    weight_decay=self.weight_decay, **fast)
-        else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r}; use adam or adamw")
+        accepted = inspect.signature(getattr(self.optimizer, "func", self.optimizer)).parameters
+        chosen = getattr(self.optimizer, "keywords", {})
+        opt = self.optimizer(params, **{k: v for k, v in fast.items() if k in accepted and k not in chosen})
         warmup = max(int(self.warmup_steps), 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
