@@ -15,7 +15,7 @@ from genflow.run import train
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @reported
 def main(cfg: DictConfig) -> None:
-    exit_on_error(train, cfg)  # genflow's errors inside the Hydra job: what/why/fix and exit 2, no traceback
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def train_step_flops(module, x: torch.Tensor, precision: str) -> float:
 
 
 def bench_train_step(args) -> dict:
-    from genflow.run import MATMUL_PRECISIONS
+    from genflow.config import MATMUL_PRECISIONS
     from genflow.training.module import sanitize_gradients
 
     device = torch.device(args.device)

@@ -171,6 +171,7 @@ TRAIN_SCHEMA = {
     "sample": {"num": Int(1), "steps": Int(1), "solver": Str(), "guidance": Float(0, null=True),
                "every_n_steps": Int(0), "precision": PRECISION},
     "checkpoint": {"every_n_steps": Int(0), "keep": Int(-1), "every_minutes": Float(0, lo_open=True, null=True)},
+    "progress": {"every_seconds": Float(0)},
     "fid": FID_SCHEMA,
 }
 
@@ -192,7 +193,9 @@ def fid_options(fid, sample=None, **given) -> dict:
 OPTIM_SCHEMA = {"lr": Float(0, lo_open=True, example=2e-3), "weight_decay": Float(0), "eps": Float(0, lo_open=True),
                 "warmup_steps": Int(0)}
 OPEN = ("data", "model", "net", "optim", "trainer", "callbacks", "logger", "hydra", "experiment")
-TRAINER_EXTRA = {"compile", "matmul_precision"}  # genflow's own trainer keys, not Lightning Trainer arguments
+#: trainer.* keys that genflow applies itself (genflow.run.apply_speed_settings), not Lightning Trainer arguments
+GENFLOW_TRAINER_KEYS = ("matmul_precision", "compile", "channels_last")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def check_schema(cfg: DictConfig, schema: dict, *, prefix: str = "", app: str = "train", open_keys=OPEN) -> None:
@@ -323,10 +326,15 @@ def check_trainer(trainer, environment: bool = True) -> None:
 
     params = inspect.signature(pl.Trainer.__init__).parameters
     for key in trainer.keys():
-        if key not in params and key not in TRAINER_EXTRA:
+        if key not in params and key not in GENFLOW_TRAINER_KEYS:
             raise config_error(f"unknown key trainer.{key}", "it is not an argument of Lightning's Trainer and would "
                                "fail after the data and model are built", "check the spelling (see "
                                "https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-flags)")
+    matmul = trainer.get("matmul_precision", "highest")
+    if matmul not in MATMUL_PRECISIONS:
+        raise config_error(f"trainer.matmul_precision={matmul}",
+                           "it is torch.set_float32_matmul_precision: highest (full fp32, TF32 off), high (TF32) "
+                           "or medium (bf16 passes)", "use trainer.matmul_precision=highest, high or medium")
     max_steps = trainer.get("max_steps")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or (max_steps < 1 and max_steps != -1):
         raise config_error(f"trainer.max_steps={max_steps!r}", "training runs a positive whole number of optimizer "

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import build, to_container, validate
+from genflow.config import GENFLOW_TRAINER_KEYS, build, to_container, validate
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -40,22 +40,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
                       plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, **trainer_kwargs)
 
 
-#: trainer.* keys that genflow applies itself (everything else goes to pl.Trainer)
-GENFLOW_TRAINER_KEYS = ("matmul_precision", "compile", "channels_last")
-MATMUL_PRECISIONS = ("highest", "high", "medium")
-
-
 def apply_speed_settings(cfg: DictConfig, module) -> None:
     """trainer.matmul_precision (set once, before any work: ``highest`` = TF32 off, EDM's protocol),
     trainer.compile (compiled training forward) and trainer.channels_last (NHWC activations and weights)."""
     trainer_cfg = cfg.get("trainer") or {}
-    matmul = str(trainer_cfg.get("matmul_precision", "highest"))
-    if matmul not in MATMUL_PRECISIONS:
-        from genflow.errors import config_error
-
-        raise config_error(f"trainer.matmul_precision={matmul}",
-                           "it is torch.set_float32_matmul_precision: highest (full fp32, TF32 off), high (TF32) "
-                           "or medium (bf16 passes)", "use trainer.matmul_precision=highest, high or medium")
+    matmul = str(trainer_cfg.get("matmul_precision", "highest"))  # checked by genflow.config.check_trainer
     torch.set_float32_matmul_precision(matmul)
     torch.backends.cudnn.allow_tf32 = matmul != "highest"
     compile_net = trainer_cfg.get("compile", False)
@@ -245,7 +234,7 @@ def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
 
     from safetensors.torch import save_file
 
-    from genflow.training.runs import output_mode
+    from genflow.training.callbacks import output_mode
 
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     path = run_dir / "ema.safetensors"

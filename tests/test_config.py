@@ -132,8 +132,8 @@ def test_experiment_instantiates_every_part(experiment, fake_data, tmp_path):
     assert isinstance(instantiate(optim)([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
     callbacks = instantiate_group(cfg.callbacks, tmp_path / "run")
     loggers = instantiate_group(cfg.logger, tmp_path / "run")
-    assert {type(c).__name__ for c in callbacks} >= {"EDMEma", "ModelCheckpoint", "SampleGrid", "LearningRateMonitor"}
-    assert {type(lg).__name__ for lg in loggers} == {"TensorBoardLogger", "CSVLogger"}
+    assert {type(c).__name__ for c in callbacks} >= {"EDMEma", "RunCheckpoint", "SampleGrid", "LearningRateMonitor"}
+    assert {type(lg).__name__ for lg in loggers} == {"TensorBoardLogger", "HistoryCSVLogger"}
     assert all(str(c.dirpath).startswith(str(tmp_path / "run")) for c in callbacks if hasattr(c, "dirpath"))
     cpu = {} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto",
                                                 "precision": "32-true"}

@@ -270,10 +270,12 @@ def test_model_configs_instantiate():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    import genflow.config  # noqa: F401  (registers the ${knob:NAME,default} resolver the model files use)
+
     root = Path(__file__).resolve().parents[1] / "configs" / "model"
     edm = instantiate(OmegaConf.load(root / "edm.yaml"))
     assert type(edm) is EDM and edm.hparams() == EDM().hparams()
-    for D, expect in [(128, 128.0), ("inf", math.inf), (None, math.inf)]:
+    for D, expect in [(2048, 2048.0), ("inf", math.inf), (None, 128.0)]:  # D=null: the model's default
         cfg = OmegaConf.merge(OmegaConf.create({"D": D}), OmegaConf.create({"model": OmegaConf.load(root / "pfgmpp.yaml")}))
         m = instantiate(cfg.model)
         assert isinstance(m, PFGMPP) and m.D == expect and m.sigma_max == 80.0 and m.rho == 7.0

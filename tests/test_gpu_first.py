@@ -103,10 +103,10 @@ def test_precision_and_matmul_defaults_follow_the_papers():
     assert cfg.sample.precision == "fp32" and cfg.callbacks.fid.precision == "fp32"
     assert cfg.trainer.matmul_precision == "highest" and cfg.trainer.compile is False
     assert compose(["sample.precision=bf16", "callbacks=fid"]).callbacks.fid.precision == "bf16"
-    gpu = compose(["trainer=gpu"]).trainer
+    gpu = compose(["trainer=gpu"], environment=False).trainer  # composed without a GPU here
     assert gpu.precision == "bf16-mixed" and gpu.compile is True and gpu.channels_last is True
     for name in ("pfgmpp_cifar10_uncond", "pfgmpp_cifar10_cond", "edm_cifar10_uncond", "pfgmpp_ffhq64"):
-        exp = compose([f"experiment={name}"])
+        exp = compose([f"experiment={name}"], environment=False)
         assert exp.trainer.matmul_precision == "highest" and exp.sample.precision == "fp32", name
 
 
@@ -123,9 +123,8 @@ def test_matmul_precision_is_set_once_and_checked():
         cfg.trainer.matmul_precision = "highest"
         apply_speed_settings(cfg, module)
         assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
-        cfg.trainer.matmul_precision = "fast"
-        with pytest.raises(ConfigError, match="matmul_precision"):
-            apply_speed_settings(cfg, module)
+        with pytest.raises(ConfigError, match="matmul_precision"):  # refused when composed, before any work
+            compose(["model=edm", "data=digits", "net=unet_tiny", "trainer.matmul_precision=fast"])
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]

@@ -14,7 +14,8 @@ import torch
 from genflow.config import compose
 from genflow.errors import CheckpointError, ConfigError
 from genflow.run import train
-from genflow.training.runs import output_mode, prepare_run, summarize
+from genflow.training.callbacks import output_mode
+from genflow.training.runs import prepare_run, summarize
 
 TINY = ["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=6",
         "trainer.val_check_interval=3", "checkpoint.every_n_steps=2", "sample.num=4", "sample.steps=2",

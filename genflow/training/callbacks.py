@@ -11,6 +11,13 @@ from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
+
+def output_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives under the current umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 class EDMEma(WeightAveraging):
     """EMA with EDM's half-life and ramp-up.
 
@@ -60,7 +67,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     folder is next used (``genflow.training.runs.remove_stale_temps``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        from genflow.training.runs import output_mode
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ hyperparameters, the sweep summary and the settings lines printed at the start a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,13 +41,6 @@ class Start:
     step: int = 0
     finished: dict | None = None    # the finished run's result when resuming it is a no-op
     notes: list[str] = field(default_factory=list)
-
-
-def output_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives under the current umask (0644 under the usual 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def remove_stale_temps(run_dir: Path) -> list[Path]:
