@@ -107,7 +107,7 @@ def test_declared_dependencies_equal_imported_ones():
         used |= dists
         assert dists, (f"`import {name}` comes from no distribution declared in pyproject.toml "
                        f"{'[project.optional-dependencies]' if guarded else '[project] dependencies'}")
-    code = "".join(p.read_text() for p in _files(*SOURCES, "configs") if p.suffix in (".py", ".yaml"))
+    code = "".join(p.read_text() for p in [*_files(*SOURCES), *sorted((ROOT / "configs").rglob("*.yaml"))])
     for dist, needed_by in RUN_TIME_ONLY.items():
         assert dist in required and needed_by in code, f"{dist} is declared for {needed_by}, which the code no longer uses"
     unused = (required | optional) - used - set(RUN_TIME_ONLY)
