@@ -467,14 +467,15 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
     monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
     monkeypatch.setenv("GENFLOW_TEST_PUBLISHED_PKL", str(edm_format(tmp_path / "published.pkl", ema)))
     monkeypatch.delenv("GENFLOW_TEST_ABSENT_PKL", raising=False)
-    suite = tmp_path / "published.yaml"
+    suite = tmp_path / "configs" / "suite" / "published.yaml"  # a suite of the user's own, outside the repository
+    suite.parent.mkdir(parents=True)
     suite.write_text(
         "name: published\n"
-        "fid: {num: 64, seed_sets: 1, batch: 64, extractor: digits, ref: train}\n"
+        "fid: {num: 64, seed_sets: 1, batch_size: 64, extractor: digits, ref: train}\n"
         "entries:\n"
         "  - {name: tiny-edm, pickle: '${oc.env:GENFLOW_TEST_PUBLISHED_PKL,null}', paper_fid: 1.97, steps: 3}\n"
         "  - {name: absent, pickle: '${oc.env:GENFLOW_TEST_ABSENT_PKL,null}', paper_fid: 1.79, steps: 3}\n")
-    result = run([f"suite={suite}", f"out={tmp_path / 'lb'}"])
+    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=published", f"out={tmp_path / 'lb'}"])
     captured = capsys.readouterr()
     assert "skipping absent" in captured.err
     rows = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"]
