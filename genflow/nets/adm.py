@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genflow.errors import config_error
-from genflow.nets.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from genflow.nets import presets
+from genflow.nets.layers import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, batch_noise_labels,
+                                 class_labels)
 
 #: name -> hyperparameters (EDM train.py --arch=adm for ImageNet-64)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -43,19 +45,8 @@ _INIT = dict(init_mode="kaiming_uniform", init_gain=math.sqrt(1 / 3))
 
 
 def resolve_hparams(preset: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults <- preset <- explicit overrides (None means "not given")."""
-    hp = dict(_DEFAULTS)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise config_error(f"unknown ADMUNet preset {preset!r}", "presets name fixed architectures",
-                               f"use one of {sorted(PRESETS)} or give the hyperparameters explicitly (preset=null)")
-        hp.update(PRESETS[preset])
-    unknown = set(overrides) - set(hp)
-    if unknown:
-        raise config_error(f"unknown ADMUNet hyperparameter(s) {sorted(unknown)}", "ADMUNet does not take them",
-                           f"valid ones: {sorted(hp)}")
-    hp.update({k: v for k, v in overrides.items() if v is not None})
-    return {k: (tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in hp.items()}
+    """ADMUNet's defaults <- preset <- explicit overrides (None means "not given")."""
+    return presets.resolve_hparams("ADMUNet", _DEFAULTS, PRESETS, preset, overrides)
 
 
 class ADMUNet(nn.Module):
@@ -131,11 +122,7 @@ class ADMUNet(nn.Module):
         self.out_conv = Conv2d(cout, c_in, 3, init_mode=_INIT["init_mode"], init_gain=0.0)
 
     def embed(self, noise_label: Tensor, cond: Mapping[str, Tensor] | None, batch: int, like: Tensor) -> Tensor:
-        noise_label = noise_label.to(like.dtype)
-        if noise_label.ndim == 0:
-            noise_label = noise_label.expand(batch)
-        if noise_label.shape != (batch,):
-            raise ValueError(f"noise_label must have shape ({batch},), got {tuple(noise_label.shape)}")
+        noise_label = batch_noise_labels(noise_label, batch, like)
         cond = cond or {}
         emb = self.map_noise(noise_label)
         if self.map_augment is not None:
@@ -144,16 +131,8 @@ class ADMUNet(nn.Module):
             emb = emb + self.map_augment(aug)
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            labels = cond.get("class")
-            if labels is None:
-                labels = like.new_zeros(batch, self.num_classes)
-            elif labels.shape != (batch, self.num_classes):
-                raise ValueError(f"cond['class'] must be one-hot of shape ({batch}, {self.num_classes}), "
-                                 f"got {tuple(labels.shape)}")
-            labels = labels.to(like.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand(batch, 1, device=like.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = class_labels(cond, batch, self.num_classes, like, dropout=self.label_dropout,
+                                  training=self.training)
             emb = emb + self.map_label(labels)
         return F.silu(emb)
 

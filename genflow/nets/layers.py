@@ -352,3 +352,28 @@ class UNetBlock(nn.Module):
         if self.skip_scale != 1.0:
             x = x.mul_(self.skip_scale)
         return x
+
+
+def batch_noise_labels(noise_label: Tensor, batch: int, like: Tensor) -> Tensor:
+    """The noise label as a (B,) tensor in ``like``'s dtype (a scalar is broadcast over the batch)."""
+    noise_label = noise_label.to(like.dtype)
+    if noise_label.ndim == 0:
+        noise_label = noise_label.expand(batch)
+    if noise_label.shape != (batch,):
+        raise ValueError(f"noise_label must have shape ({batch},), got {tuple(noise_label.shape)}")
+    return noise_label
+
+
+def class_labels(cond, batch: int, num_classes: int, like: Tensor, *, dropout: float, training: bool) -> Tensor:
+    """One-hot class labels from ``cond["class"]`` (zeros = unconditional when absent), each row dropped
+    with probability ``dropout`` in training: classifier-free guidance's label dropout."""
+    labels = cond.get("class")
+    if labels is None:
+        labels = like.new_zeros(batch, num_classes)
+    elif labels.shape != (batch, num_classes):
+        raise ValueError(f"cond['class'] must be one-hot of shape ({batch}, {num_classes}), got {tuple(labels.shape)}")
+    labels = labels.to(like.dtype)
+    if training and dropout:
+        keep = torch.rand(batch, 1, device=like.device) >= dropout
+        labels = labels * keep.to(labels.dtype)
+    return labels

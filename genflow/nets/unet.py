@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genflow.errors import config_error
-from genflow.nets.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from genflow.nets import presets
+from genflow.nets.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
+                                 batch_noise_labels, class_labels)
 
 _DDPMPP = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1))
 _NCSNPP = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1))
@@ -57,20 +59,8 @@ _DEFAULTS: dict[str, Any] = dict(
 
 
 def resolve_hparams(preset: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults <- preset <- explicit overrides (None means "not given")."""
-    hp = dict(_DEFAULTS)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise config_error(f"unknown UNet preset {preset!r}", "presets name fixed architectures",
-                               f"use one of {sorted(PRESETS)} or give the hyperparameters explicitly (preset=null)")
-        hp.update(PRESETS[preset])
-    unknown = set(overrides) - set(hp)
-    if unknown:
-        raise config_error(f"unknown UNet hyperparameter(s) {sorted(unknown)}", "UNet does not take them",
-                           f"valid ones: {sorted(hp)}")
-    hp.update({k: v for k, v in overrides.items() if v is not None})
-    # Hydra hands lists over as ListConfig: keep plain tuples so the net pickles and prints cleanly.
-    return {k: (tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in hp.items()}
+    """UNet's defaults <- preset <- explicit overrides (None means "not given")."""
+    return presets.resolve_hparams("UNet", _DEFAULTS, PRESETS, preset, overrides)
 
 
 class UNet(nn.Module):
@@ -192,24 +182,12 @@ class UNet(nn.Module):
     # ------------------------------------------------------------------------------------------
     def embed(self, noise_label: Tensor, cond: Mapping[str, Tensor] | None, batch: int, like: Tensor) -> Tensor:
         """Noise level (+ class, + augmentation label) -> embedding (B, emb_channels)."""
-        noise_label = noise_label.to(like.dtype)
-        if noise_label.ndim == 0:
-            noise_label = noise_label.expand(batch)
-        if noise_label.shape != (batch,):
-            raise ValueError(f"noise_label must have shape ({batch},), got {tuple(noise_label.shape)}")
+        noise_label = batch_noise_labels(noise_label, batch, like)
         emb = self.map_noise(noise_label)
         cond = cond or {}
         if self.map_label is not None:
-            labels = cond.get("class")
-            if labels is None:
-                labels = like.new_zeros(batch, self.num_classes)
-            elif labels.shape != (batch, self.num_classes):
-                raise ValueError(f"cond['class'] must be one-hot of shape ({batch}, {self.num_classes}), "
-                                 f"got {tuple(labels.shape)}")
-            labels = labels.to(like.dtype)
-            if self.training and self.label_dropout:
-                keep = torch.rand(batch, 1, device=like.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = class_labels(cond, batch, self.num_classes, like, dropout=self.label_dropout,
+                                  training=self.training)
             # sqrt(K) makes a one-hot row unit-variance per input, like a standard-normal feature.
             emb = emb + self.map_label(labels * math.sqrt(self.num_classes))
         if self.map_augment is not None:
