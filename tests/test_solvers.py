@@ -146,6 +146,21 @@ def test_registry_holds_every_methods_samplers():
     assert EDM().nfe(18, "stochastic") == 35 and DDPM().nfe(20, "ancestral") == 20 and EDM().nfe(18, "dopri5") is None
 
 
+def test_methods_describe_their_settings():
+    """What result rows and JSON lines report, so that no caller asks which method it runs."""
+    from genflow.leaderboard import _settings
+    from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
+
+    assert EDM().describe() == {"method": "EDM", "D": "inf"}
+    assert PFGMPP(D=128).describe() == {"method": "PFGM++", "D": 128}
+    assert FlowMatching("ko").describe() == {"method": "flow", "path": "ko"}
+    assert SPD(T=100).describe() == {"method": "SPD", "T": 100}
+    assert DDPM(T=100, schedule="cosine").describe() == {"method": "DDPM", "T": 100, "schedule": "cosine"}
+    assert [_settings(m.describe()) for m in (EDM(), PFGMPP(D=128), FlowMatching("ko"))] == ["inf", 128, "ko"]
+    assert PFGMPP(D=8).gaussian_marginal() is None and SPD(T=100).gaussian_marginal() is None
+    assert EDM().gaussian_marginal().time_for(0.1) == 0.1
+
+
 # ------------------------------------------------------------------ image i depends only on seed i
 class _TinyConvNet(torch.nn.Module):
     """A small nonlinear field that mixes pixels (a 3x3 convolution) and reads the noise label."""
