@@ -110,8 +110,8 @@ def main(argv=None) -> dict:
         print("|---|---|---|---|")
         for key, r in results.items():
             mode, ref = key.split("/")
-            print(f"| {mode} | {'yes' if ref == 'ref' else 'no (the paper inference setting)'} | "
-                  f"{r['mse']:.4f} ± {r['mse_se']:.4f} | "
+            label = "yes" if ref == "ref" else "no (the paper's inference setting)"
+            print(f"| {mode} | {label} | {r['mse']:.4f} ± {r['mse_se']:.4f} | "
                   f"{', '.join(f'{v:.1f}' for v in r['psnr_per_view'])} |")
     print(json.dumps(summary), flush=True)
     return summary
