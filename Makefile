@@ -3,14 +3,14 @@ PY      ?= python3
 VENV    ?= .venv
 PYBIN   := $(VENV)/bin/python
 # CPU threads: empty = the CPUs available to the process (affinity and cgroup quota; genflow.threads).
-# THREADS=1 is the safe choice on a machine busy with other jobs. Idle OpenMP threads sleep (PASSIVE)
-# instead of spinning against other work.
+# CPUs that other processes keep busy when a job starts are left to them. Idle OpenMP threads spin
+# briefly, then sleep (GOMP_SPINCOUNT) instead of spinning against other work.
 THREADS ?=
 ifneq ($(strip $(THREADS)),)
 export OMP_NUM_THREADS := $(THREADS)
 export MKL_NUM_THREADS := $(THREADS)
 endif
-export OMP_WAIT_POLICY ?= PASSIVE
+export GOMP_SPINCOUNT ?= 1000
 # each `make train` gets its own folder: a finished run is never overwritten
 RUN_DIR ?= runs/main/$(shell date +%Y-%m-%d_%H-%M-%S)
 

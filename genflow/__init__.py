@@ -1,8 +1,8 @@
 """genflow: continuous-time generative models on PyTorch Lightning."""
 import os
 
-# OpenMP reads its wait policy when torch loads: idle threads sleep instead of spinning, so a busy machine
+# OpenMP reads its spin count when torch loads: idle threads spin briefly, then sleep, so a busy machine
 # costs at most its fair share (genflow.threads). Set before any entry point imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 __version__ = "0.1.0"

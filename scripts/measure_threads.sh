@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # CPU thread defaults, measured: `python -m genflow.bench train-step` (PFGM++ D=128, unet_digits, 8x8, batch 128)
-# with genflow's default threads, with 1 thread and with OpenMP's default (spinning) wait policy, each on
+# with genflow's default threads and wait policy and the alternatives below, each on
 # an idle machine and next to one competing CPU-bound process; then optionally the whole `make train` job.
 # Run it on an otherwise idle machine:
 #
-#   scripts/measure_threads.sh            # the six bench figures (about 3 minutes)
+#   scripts/measure_threads.sh            # the ten bench figures (about 3 minutes)
 #   scripts/measure_threads.sh --make     # + `make train` timed (about 10 minutes), default threads, idle
 #
 # Prints one line per measurement: <setting> <load> <ms/step> <img/s>.
@@ -25,10 +25,12 @@ start_competitor() { "$PY" -c 'while True: pass' & competitor_pid=$!; sleep 1; }
 stop_competitor() { [ -n "$competitor_pid" ] && kill "$competitor_pid" 2>/dev/null; wait "$competitor_pid" 2>/dev/null || true; competitor_pid=""; }
 trap stop_competitor EXIT
 
-# settings: genflow's default (available CPUs, PASSIVE), one thread, and the default thread count with
-# OpenMP's own wait policy (spinning), which is what genflow did before
-declare -a NAMES=("threads=default,PASSIVE" "threads=1,PASSIVE" "threads=default,omp-default-wait")
-declare -a ENVS=("OMP_WAIT_POLICY=PASSIVE" "OMP_NUM_THREADS=1" "OMP_WAIT_POLICY=")
+# settings: genflow's default (CPUs not busy elsewhere, short spin), two threads with the same short spin
+# (what the default picks on an idle machine, kept when load arrives later), one thread, two passive
+# threads, and two threads with OpenMP's own spin count (300000, what genflow did before)
+declare -a NAMES=("default" "threads=2,spin=1000" "threads=1" "threads=2,PASSIVE" "threads=2,spin=300000")
+declare -a ENVS=("GENFLOW_DEFAULT=1" "OMP_NUM_THREADS=2" "OMP_NUM_THREADS=1" "OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=0"
+                 "OMP_NUM_THREADS=2 GOMP_SPINCOUNT=300000")
 echo "# setting load ms/step img/s device"
 for i in "${!NAMES[@]}"; do
     echo "${NAMES[$i]} idle $(bench ${ENVS[$i]})"
