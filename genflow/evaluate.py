@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
                             build_method, check_schema, check_target, config_from_checkpoint,
-                            read_checkpoint, run_app, target_class)
+                            read_checkpoint, run_app)
 from genflow.errors import config_error, reported
 
 EVALUATE_SCHEMA = {

@@ -5,7 +5,6 @@ The device tests use a stand-in for the accelerator: the strategy's root device 
 """
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch

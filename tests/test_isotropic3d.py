@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from genflow.data.multiview import MultiView, inference_cond, load_reference_image, save_views
-from genflow.data.render import camera_to_world, get_camera, random_boxes, render_boxes
+from genflow.data.render import camera_to_world, get_camera, render_boxes
 from genflow.errors import ConfigError
 from genflow.nets.encoders import ImageStatsEncoder, build_encoder
 
