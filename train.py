@@ -15,7 +15,7 @@ from genflow.run import train
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @reported
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    train(cfg, validated=True)  # run_app checked this command line (every job of a sweep) before Hydra ran
 
 
 if __name__ == "__main__":

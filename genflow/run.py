@@ -111,7 +111,10 @@ def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list
             f"{cfg.trainer.get('accelerator', 'cpu')}, {threads}"]
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, *, validated: bool = False) -> dict:
+    """Fit, then grid, exports, final metrics and the JSON line. ``validated``: the caller has already run
+    ``genflow.config.validate`` on this config (train.py does so before Hydra starts the job), so the
+    checkpoints are not read and the images not verified a second time."""
     import signal
     import sys
 
@@ -122,7 +125,8 @@ def train(cfg: DictConfig) -> dict:
     from genflow.training.resume import RunCheckpoint
     from genflow.training.runs import describe, prepare_run, write_result
 
-    validate(cfg)
+    if not validated:
+        validate(cfg)
     run_dir = run_dir_of(cfg)
     start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
