@@ -16,7 +16,7 @@ from genflow.sample_cli import main as sample, validate
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 @reported
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    sample(cfg, validated=True)
 
 
 if __name__ == "__main__":

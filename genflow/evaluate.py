@@ -160,13 +160,14 @@ def fid_num(cfg: DictConfig) -> int:
     return int(cfg.fid.num) if cfg.fid.num is not None else (0 if cfg.nll else 50000)
 
 
-def main(cfg: DictConfig | list[str]) -> dict:
+def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
     from genflow.config import compose, module_from_checkpoint
 
     if not isinstance(cfg, DictConfig):
         cfg = compose(list(cfg), "evaluate", validator=False)
-    validate(cfg)
+    if not validated:  # the command line was checked by run_app before Hydra started the job
+        validate(cfg)
     cfg.fid.num = fid_num(cfg)
     want_fid, want_nll = bool(cfg.fid.num), bool(cfg.nll)
     device, rank = _init_distributed(cfg.device)
@@ -197,7 +198,7 @@ def main(cfg: DictConfig | list[str]) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 @reported
 def app(cfg: DictConfig) -> None:
-    main(cfg)
+    main(cfg, validated=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def validate(cfg: DictConfig) -> None:
                            "the checkpoint was trained with data.conditional=false", "drop class=")
 
 
-def main(cfg: DictConfig | list[str]) -> dict:
+def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``)."""
     from genflow.config import compose, module_from_checkpoint
     from genflow.sampling import sample_conditions, save_grid, to_uint8
@@ -76,7 +76,8 @@ def main(cfg: DictConfig | list[str]) -> dict:
 
     if not isinstance(cfg, DictConfig):
         cfg = compose(list(cfg), "sample", validator=False)
-    validate(cfg)
+    if not validated:  # the command line was checked by run_app before Hydra started the job
+        validate(cfg)
     seeds = seeds_of(cfg)
     solver, steps, guidance = cfg.solver, int(cfg.steps), cfg.guidance
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
