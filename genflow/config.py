@@ -427,12 +427,7 @@ def check_files(cfg: DictConfig, target: str) -> None:
     if cfg.get("init_from"):
         read_checkpoint(cfg.init_from, key="init_from")
     if cfg.get("ckpt_path") not in (None, "last"):
-        ckpt = read_checkpoint(cfg.ckpt_path, key="ckpt_path")
-        if "optimizer_states" not in ckpt or "loops" not in ckpt:
-            raise checkpoint_error(f"ckpt_path={cfg.ckpt_path} holds weights only (no optimizer or loop state)",
-                                   "resuming continues the exact training state; final.ckpt is written for "
-                                   "sampling and evaluation", "resume from <run>/checkpoints/last.ckpt (or a "
-                                   "step_*.ckpt), or start a new run from these weights with init_from=")
+        ckpt = read_resumable(cfg.ckpt_path)
         stored = ckpt["hyper_parameters"]["config"].get("model", {}).get("_target_")
         if stored and target and stored != target:
             raise checkpoint_error(f"ckpt_path={cfg.ckpt_path} was trained with {stored}, not {target}",
@@ -583,6 +578,17 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt") -> dict:
                                "use a checkpoint written by genflow's train.py")
     _CHECKPOINTS.clear()
     _CHECKPOINTS[stamp] = ckpt
+    return ckpt
+
+
+def read_resumable(path: str | Path, *, key: str = "ckpt_path") -> dict:
+    """A full training checkpoint (weights, optimizer and loop state); a weights-only export is refused."""
+    ckpt = read_checkpoint(path, key=key)
+    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+        raise checkpoint_error(f"{key}={path} holds weights only (an export such as final.ckpt), not a training "
+                               "state", "resuming needs the optimizer, the EMA and the data position, which only "
+                               "full checkpoints keep", "resume from <run>/checkpoints/last.ckpt (ckpt_path=last), "
+                               f"or start a new run from these weights with init_from={path}")
     return ckpt
 
 

@@ -61,24 +61,11 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
-def read_resumable(path: Path) -> dict:
-    """A full training checkpoint (weights, optimizer and loop state); a weights-only export is refused."""
-    from genflow.config import read_checkpoint
-
-    ckpt = read_checkpoint(path)
-    if "optimizer_states" not in ckpt or "loops" not in ckpt:
-        raise CheckpointError(
-            f"{path} holds weights only (an export such as final.ckpt), not a training state\n"
-            "  why: resuming needs the optimizer, the EMA and the data position, which only full checkpoints "
-            "keep\n"
-            "  fix: resume from <run>/checkpoints/last.ckpt (ckpt_path=last), or start a new run from these "
-            f"weights with init_from={path}")
-    return ckpt
-
-
 def newest_valid(run_dir: Path) -> tuple[Path, dict, list[str]]:
     """The newest readable full checkpoint in ``run_dir/checkpoints`` (by modification time), and notes on
     the ones skipped."""
+    from genflow.config import read_resumable
+
     folder = run_dir / "checkpoints"
     found = sorted((p for p in folder.glob("*.ckpt") if p.name != "final.ckpt"),
                    key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True) if folder.is_dir() else []
@@ -177,6 +164,8 @@ def match_recorded(cfg: DictConfig, recorded: dict, path: Path) -> list[str]:
 
 def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
     """Decide how the run in ``run_dir`` starts, refusing anything that would overwrite a run."""
+    from genflow.config import read_resumable
+
     start = Start()
     stale = remove_stale_temps(run_dir)
     if stale:
