@@ -581,6 +581,12 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt") -> dict:
     return ckpt
 
 
+def forget_checkpoints() -> None:
+    """Drop the checkpoint ``read_checkpoint`` keeps (a training state can hold gigabytes of optimizer
+    moments; once a run has started from it, Lightning holds its own copy)."""
+    _CHECKPOINTS.clear()
+
+
 def read_resumable(path: str | Path, *, key: str = "ckpt_path") -> dict:
     """A full training checkpoint (weights, optimizer and loop state); a weights-only export is refused."""
     ckpt = read_checkpoint(path, key=key)

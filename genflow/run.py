@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import GENFLOW_TRAINER_KEYS, build, to_container, validate
+from genflow.config import GENFLOW_TRAINER_KEYS, build, forget_checkpoints, to_container, validate
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -129,6 +129,7 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
         validate(cfg)
     run_dir = run_dir_of(cfg)
     start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
+    forget_checkpoints()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     for note in start.notes if rank_zero_only.rank == 0 else ():
