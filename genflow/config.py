@@ -428,16 +428,74 @@ def check_files(cfg: DictConfig, target: str) -> None:
         read_checkpoint(cfg.init_from, key="init_from")
     if cfg.get("ckpt_path") not in (None, "last"):
         ckpt = read_resumable(cfg.ckpt_path)
-        stored = ckpt["hyper_parameters"]["config"].get("model", {}).get("_target_")
-        if stored and target and stored != target:
-            raise checkpoint_error(f"ckpt_path={cfg.ckpt_path} was trained with {stored}, not {target}",
-                                   "a resume continues the same model", "drop the model override, or start a new "
-                                   "run (init_from= to reuse the weights)")
+        overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+        check_resume(cfg, ckpt["hyper_parameters"]["config"], cfg.ckpt_path,
+                     explicit_sections(overrides) if overrides is not None else None)
     check_output_dir(cfg.get("run_dir"), "run_dir")
     if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
         build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts
     if cfg.get("hydra") is not None:
         check_output_dir(OmegaConf.select(cfg, "hydra.run.dir"), "hydra.run.dir")
+
+
+# --- what a resume keeps -----------------------------------------------------------------------------
+# recorded settings a resume must keep, and data keys that may change between machines or sessions
+RECORDED = ("model", "net", "data")
+MACHINE_KEYS = {"num_workers", "root", "download", "cache_dir", "pin_memory", "persistent_workers"}
+# top-level override keys and the recorded section they change
+OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "model", "allow_heavy_tails": "model",
+                     "net": "net", "data": "data", "experiment": "model net data"}
+
+
+def explicit_sections(overrides: Sequence[str]) -> set[str]:
+    """The recorded sections a command line's overrides change (``model=edm``, ``D=64``, ``net.x=...``)."""
+    sections = set()
+    for item in overrides:
+        key = str(item).lstrip("+~").split("=", 1)[0]
+        sections.update(OVERRIDE_SECTIONS.get(key.split(".", 1)[0], "").split())
+    return sections
+
+
+def _comparable(section: str, node) -> dict:
+    value = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    if section == "data":
+        value = {k: v for k, v in value.items() if k not in MACHINE_KEYS}
+    return value
+
+
+def _differences(a: dict, b: dict, prefix: str) -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k, "<absent>") != b.get(k, "<absent>"):
+            out.append(f"{prefix}{k}: recorded {b.get(k, '<absent>')!r}, requested {a.get(k, '<absent>')!r}")
+    return out
+
+
+def check_resume(cfg: DictConfig, recorded: dict, path, explicit: set[str] | None) -> list[str]:
+    """The one rule for resuming (``ckpt_path=FILE`` or ``last``, checked up front and again when the run starts):
+    a model/net/data setting the command line changes (``explicit``; None = unknown, every section counts as
+    changed) must equal the recorded one, else CheckpointError naming the keys. Returns the sections that
+    differ only by default, which the run adopts from the record."""
+    refused, adopted = [], []
+    for section in RECORDED:
+        if section not in recorded:
+            continue
+        diff = _differences(_comparable(section, cfg.get(section)), _comparable(section, recorded[section]),
+                            f"{section}.")
+        if diff and (explicit is None or section in explicit):
+            refused += diff
+        elif diff:
+            adopted.append(section)
+    if refused:
+        raise CheckpointError(
+            f"the resumed run {path} was trained with other settings:\n    " + "\n    ".join(refused[:12]) +
+            "\n  why: continuing a run with another model, net or data would mix two experiments in one folder "
+            "and overwrite its results\n"
+            "  fix: drop these overrides to resume the run as recorded, or start a new run in another folder "
+            "(init_from=CKPT to start from its weights)")
+    return adopted
 
 
 # --- entry points ----------------------------------------------------------------------------------

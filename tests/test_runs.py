@@ -89,6 +89,37 @@ def test_resume_with_another_model_is_refused_naming_the_keys(finished, cli):
         prepare_run(cfg_for(run_dir, "ckpt_path=last", "trainer.max_steps=8", "net=unet_small"), run_dir)
 
 
+def test_a_resume_file_follows_the_same_rule_as_last(finished, tmp_path, cli):
+    """ckpt_path=FILE: a net that is only a default is adopted from the record (as for ckpt_path=last), an
+    explicit other net is refused up front, before anything is written."""
+    from genflow.config import preflight
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished["run_dir"], run_dir)
+    (run_dir / "checkpoints" / "final.ckpt").unlink()
+    ckpt = run_dir / "checkpoints" / "step_000004.ckpt"
+    defaults_only = [o for o in TINY if not o.startswith("net=")] + ["trainer.max_steps=5", f"ckpt_path={ckpt}",
+                                                                     f"hydra.run.dir={run_dir}", "sample.num=2"]
+    with pytest.raises(CheckpointError, match="net.preset: recorded .unet_tiny., requested .unet_small."):
+        preflight("train", argv=defaults_only + ["net=unet_small"])
+    # a run recorded with another model than the default one: the default is replaced, an explicit model refused
+    edm_run = torch.load(ckpt, map_location="cpu", weights_only=True)
+    edm_run["hyper_parameters"]["config"]["model"] = dict(compose(["model=edm"], validator=False).model)
+    edm_ckpt = tmp_path / "edm.ckpt"
+    torch.save(edm_run, edm_ckpt)
+    no_model = [o for o in defaults_only if not o.startswith(("model=", "ckpt_path=", "hydra.run.dir="))]
+    preflight("train", argv=no_model + [f"ckpt_path={edm_ckpt}", f"hydra.run.dir={tmp_path / 'edm'}"])
+    with pytest.raises(CheckpointError, match="model._target_"):
+        preflight("train", argv=no_model + ["model=pfgmpp", f"ckpt_path={edm_ckpt}", f"hydra.run.dir={tmp_path / 'edm'}"])
+    before = _snapshot(run_dir)
+    code, out, err = cli("train.py", *defaults_only, "net=unet_small")
+    assert code == 2 and "recorded" in err and "Traceback" not in err and _snapshot(run_dir) == before
+    code, out, err = cli("train.py", *defaults_only)
+    assert code == 0, err
+    assert "resuming with the run's recorded net" in out + err
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 5
+
+
 def test_last_falls_back_to_the_newest_valid_checkpoint(finished, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(finished["run_dir"], run_dir)

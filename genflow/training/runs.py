@@ -25,12 +25,6 @@ from genflow.errors import CheckpointError, config_error
 # what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
 # they do not count)
 RUN_FILES = ("ema.safetensors", "config.yaml", "result.json", "grid.png")
-# recorded settings a resume must keep, and data keys that may change between machines or sessions
-RECORDED = ("model", "net", "data")
-MACHINE_KEYS = {"num_workers", "root", "download", "cache_dir", "pin_memory", "persistent_workers"}
-# top-level override keys and the recorded section they change
-OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "model", "allow_heavy_tails": "model",
-                     "net": "net", "data": "data", "experiment": "model net data"}
 
 
 @dataclass
@@ -84,17 +78,11 @@ def newest_valid(run_dir: Path) -> tuple[Path, dict, list[str]]:
                           "inspection)")
 
 
-def explicit_sections() -> set[str] | None:
-    """The recorded sections the user changed on the command line; None when unknown (not a Hydra job)."""
+def job_overrides() -> list[str] | None:
+    """The command line's overrides of the running Hydra job; None when unknown (not a Hydra job)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
-    sections = set()
-    for item in HydraConfig.get().overrides.task:
-        key = item.lstrip("+~").split("=", 1)[0]
-        sections.update(OVERRIDE_SECTIONS.get(key.split(".", 1)[0], "").split())
-    return sections
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def forget_choices(sections) -> None:
@@ -110,56 +98,22 @@ def forget_choices(sections) -> None:
                 choices[section] = None
 
 
-def _comparable(section: str, node) -> dict:
-    value = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    if section == "data":
-        value = {k: v for k, v in value.items() if k not in MACHINE_KEYS}
-    return value
-
-
-def _differences(a: dict, b: dict, prefix: str) -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k, "<absent>") != b.get(k, "<absent>"):
-            out.append(f"{prefix}{k}: recorded {b.get(k, '<absent>')!r}, requested {a.get(k, '<absent>')!r}")
-    return out
-
-
 def match_recorded(cfg: DictConfig, recorded: dict, path: Path) -> list[str]:
-    """Make ``cfg`` continue the recorded run: refuse explicit changes to model/net/data, adopt the recorded
-    values where the requested ones are only defaults. Returns notes on what was adopted."""
-    explicit = explicit_sections()
-    refused, adopted = [], []
-    for section in RECORDED:
-        if section not in recorded:
-            continue
-        diff = _differences(_comparable(section, cfg.get(section)), _comparable(section, recorded[section]),
-                            f"{section}.")
-        if not diff:
-            continue
-        if explicit is None or section in explicit:
-            refused += diff
-        else:
-            adopted.append(section)
-    if refused:
-        raise CheckpointError(
-            f"the resumed run {path} was trained with other settings:\n    " + "\n    ".join(refused[:12]) +
-            "\n  why: continuing a run with another model, net or data would mix two experiments in one folder "
-            "and overwrite its results\n"
-            "  fix: drop these overrides to resume the run as recorded, or start a new run in another folder "
-            "(init_from=CKPT to start from its weights)")
-    if adopted:
-        for key in ("D", "path", "stage"):
-            if key in recorded and key in cfg:
-                cfg[key] = recorded[key]
-        for section in adopted:
-            cfg[section] = OmegaConf.create(recorded[section])
-        forget_choices(adopted)
-        return [f"resuming with the run's recorded {', '.join(adopted)}"]
-    return []
+    """Make ``cfg`` continue the recorded run (``config.check_resume``: explicit changes to model/net/data are
+    refused, the recorded values replace defaults). Returns notes on what was adopted."""
+    from genflow.config import check_resume, explicit_sections
+
+    overrides = job_overrides()
+    adopted = check_resume(cfg, recorded, path, explicit_sections(overrides) if overrides is not None else None)
+    if not adopted:
+        return []
+    for key in ("D", "path", "stage"):
+        if key in recorded and key in cfg:
+            cfg[key] = recorded[key]
+    for section in adopted:
+        cfg[section] = OmegaConf.create(recorded[section])
+    forget_choices(adopted)
+    return [f"resuming with the run's recorded {', '.join(adopted)}"]
 
 
 def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
