@@ -6,6 +6,7 @@
                                        [--matmul-precision highest|high|medium] [--no-ema]
     python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
     python -m genflow.bench gpu-suite  [--device cuda] [--net ddpmpp_cifar10] [--shape 3,32,32] [--batch 256]
+                                       [--ablation]
     python -m genflow.bench fid        (feature extraction vs clean-fid; genflow.bench_fid)
     python -m genflow.bench multiview  (3D vs 2D attention; genflow.bench_multiview)
 
@@ -22,8 +23,10 @@ device is not in the table (any CPU).
 
 ``gpu-suite`` measures issue 10's figures on one GPU in a few minutes, one JSON line per figure:
 training step fp32 / bf16 / bf16 with the levers of ``trainer=gpu``; sampling fp32 / bf16 (18 Heun
-steps); the time to generate and score 50 000 images for FID, extrapolated from a measured chunk; and
-the feature extractor's throughput (the Inception file when present, else a stand-in network, said so).
+steps); the time to generate and score 50 000 images for FID, extrapolated from a measured chunk; the
+feature extractor's throughput (the Inception file when present, else a stand-in network, said so); then
+the levers one at a time on top of bf16 (channels-last alone; with ``--ablation`` the compiled step
+without channels-last too), so one call says which levers ``trainer=gpu`` should keep.
 """
 from __future__ import annotations
 
@@ -276,6 +279,13 @@ def bench_gpu_suite(args) -> list[dict]:
     # 4. the feature extractor alone, on more images than one sampling batch
     reps = max(1, args.extractor_num // images.shape[0])
     emit(bench_extractor(args, images.repeat(reps, *[1] * (images.ndim - 1))))
+    # 5. each lever of trainer=gpu alone on top of bf16 (last: the figures above are out if time runs short);
+    # channels-last is cheap, a second compilation is not, so that one only with --ablation
+    emit(bench_train_step(variant(precision="bf16", matmul_precision="high", compile=False, channels_last=True,
+                                  flops_per_img=flops)))
+    if args.ablation:
+        emit(bench_train_step(variant(precision="bf16", matmul_precision="high", compile=True, channels_last=False,
+                                      flops_per_img=flops)))
     return results
 
 
@@ -303,6 +313,8 @@ def main(argv=None):
     parser.add_argument("--sample-batch", type=int, default=256, help="gpu-suite: sampling batch")
     parser.add_argument("--fid-chunk", type=int, default=512, help="gpu-suite: images generated to time FID")
     parser.add_argument("--extractor-num", type=int, default=4096, help="gpu-suite: images for the extractor")
+    parser.add_argument("--ablation", action="store_true",
+                        help="gpu-suite: also time the compiled step without channels-last (one more compilation)")
     parser.add_argument("--inception", default=None, help="inception-2015-12-05.pt (file or folder)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available to the process)")

@@ -245,10 +245,14 @@ def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
     monkeypatch.setattr(bench, "peak_bf16_flops", lambda device: 1e12)  # a stand-in peak so MFU is computed
     results = bench.main(["gpu-suite", "--device", "cpu", "--net", "unet_tiny", "--shape", "1,8,8", "--batch", "4",
                           "--steps", "1", "--warmup", "1", "--sample-batch", "4", "--num", "4", "--sample-steps", "2",
-                          "--fid-chunk", "4", "--extractor-num", "4", "--compile-backend", "eager"])
+                          "--fid-chunk", "4", "--extractor-num", "4", "--compile-backend", "eager", "--ablation"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines == results
-    assert [r["bench"] for r in results] == ["train-step"] * 3 + ["sample"] * 2 + ["fid-50k", "fid-extractor"]
+    assert [r["bench"] for r in results] == ["train-step"] * 3 + ["sample"] * 2 + ["fid-50k", "fid-extractor"] + \
+        ["train-step"] * 2
+    # the ablation: each lever of trainer=gpu alone on top of bf16
+    assert [(r["precision"], r["compile"], r["channels_last"]) for r in results[7:]] == \
+        [("bf16", False, True), ("bf16", "eager", False)]
     train_fp32, train_bf16, best = results[:3]
     assert (train_fp32["precision"], train_bf16["precision"], best["precision"]) == ("fp32", "bf16", "bf16")
     assert best["compile"] == "eager" and best["channels_last"] and best["matmul_precision"] == "high"
