@@ -175,7 +175,7 @@ def test_compiled_and_channels_last_training_step_keep_loss_gradients_and_checkp
     keys = list(module.state_dict())
     loss0, grads0 = _loss_and_grads(module, x)
 
-    module.compile_net = "eager"  # dynamo capture without a C++ toolchain; trainer.compile=true uses inductor
+    module.compile_net = "aot_eager"  # dynamo + AOT autograd (the joint forward/backward graph); inductor: GPU tests
     ema_copy = copy.deepcopy(module)  # what the EMA callback does in setup, before the first step
     loss1, grads1 = _loss_and_grads(module, x)
     assert module._compiled_forward is not None
