@@ -7,6 +7,7 @@
     python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
     python -m genflow.bench gpu-suite  [--device cuda] [--net ddpmpp_cifar10] [--shape 3,32,32] [--batch 256]
                                        [--ablation]
+    python -m genflow.bench table GPU_SUITE.jsonl   (the suite's lines as a markdown table)
     python -m genflow.bench fid        (feature extraction vs clean-fid; genflow.bench_fid)
     python -m genflow.bench multiview  (3D vs 2D attention; genflow.bench_multiview)
 
@@ -289,10 +290,61 @@ def bench_gpu_suite(args) -> list[dict]:
     return results
 
 
+#: issue 10's measurements of NVlabs EDM on one H200 (torch 2.11, DDPM++ CIFAR-10, batch 256): its fp32 step
+#: (TF32 off), its own --fp16 step (set against our bf16 rows) and generate.py's fp32 sampling, 18 Heun steps
+EDM_H200 = {("train-step", "fp32"): "249", ("train-step", "bf16"): "1652 (its fp16)", ("sample", "fp32"): "12.6"}
+
+
+def _settings(row: dict) -> str:
+    if row["bench"] == "train-step":
+        levers = [row["precision"], "compiled" if row["compile"] else "eager",
+                  "channels-last" if row["channels_last"] else "NCHW", f"matmul {row['matmul_precision']}",
+                  row["optimizer"], f"batch {row['batch']}"]
+        return ", ".join(levers)
+    if row["bench"] == "sample":
+        return f"{row['precision']}, {row['solver']} {row['steps']} steps (NFE {row['nfe']}), batch {row['batch']}"
+    if row["bench"] == "fid-50k":
+        return (f"{row['precision']}, generate + extract, 50 000 images in {row['extrapolated_50k_s']:.0f} s "
+                f"(from {row['measured_images']}; bottleneck: {row['bottleneck']})")
+    return f"{row['mode']} mode, {row['network']}, {row['cpu_threads']} CPU threads for the resizer"
+
+
+def _edm_setting(row: dict) -> bool:
+    """Whether EDM's figures apply: the issue's network and batch on an H200."""
+    return row.get("net") == "ddpmpp_cifar10" and row.get("batch") == 256 and "H200" in row.get("device", "")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The suite's JSON lines as the README's Benchmarks table (with EDM's figures from issue 10 beside ours)."""
+    lines = ["| figure | settings | img/s | ms/step | MFU | peak MB | EDM, one H200 (issue 10) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        img_per_s = row.get("img_per_s") or (round(50000 / row["extrapolated_50k_s"], 1)
+                                             if row["bench"] == "fid-50k" else None)
+        mfu = f"{100 * row['mfu']:.1f} %" if row.get("mfu") is not None else ""
+        cells = [row["bench"], _settings(row), img_per_s, row.get("ms_per_step", ""), mfu, row.get("peak_mem_MB") or "",
+                 EDM_H200.get((row["bench"], row.get("precision")), "") if _edm_setting(row) else ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if rows:
+        lines.append(f"\n{rows[0]['device']}, torch {rows[0]['torch']}")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(args) -> str:
+    path = args.rest[0] if args.rest else None
+    if path is None:
+        raise SystemExit("usage: python -m genflow.bench table GPU_SUITE.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.startswith("{")]
+    table = markdown_table(rows)
+    print(table, end="")
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m genflow.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train-step", "sample", "gpu-suite", "fid", "multiview"])
+    parser.add_argument("what", choices=["train-step", "sample", "gpu-suite", "fid", "multiview", "table"])
     parser.add_argument("--model", default=None, help="default pfgmpp (edm in gpu-suite)")
     parser.add_argument("--net", default=None)
     parser.add_argument("--data", default="digits")
@@ -320,6 +372,9 @@ def main(argv=None):
                         help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available to the process)")
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. D=2048")
     args, rest = parser.parse_known_args(argv)
+    if args.what == "table":
+        args.rest = rest
+        return print_table(args)
     suite = args.what == "gpu-suite"
     if suite and args.net is None:
         args.net, args.shape = "ddpmpp_cifar10", args.shape or "3,32,32"

@@ -261,6 +261,12 @@ def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
         assert r["mfu"] == pytest.approx(r["flops_per_img"] * r["img_per_s"] / 1e12, rel=1e-2, abs=1e-4)
     assert [r["precision"] for r in results[3:5]] == ["fp32", "bf16"] and results[3]["nfe"] == 3
     assert results[5]["extrapolated_50k_s"] > 0 and all(r["torch"] and r["device"] for r in results)
+    # the README's table: one row per line, our figures in it, EDM's only for its setting (DDPM++, 256, H200)
+    table = bench.markdown_table(results).splitlines()
+    assert len([line for line in table if line.startswith("| ")]) == 1 + len(results)
+    assert f"| {results[0]['img_per_s']} | {results[0]['ms_per_step']} |" in table[2] and table[2].endswith("|  |")
+    edm_row = bench.markdown_table([{**results[0], "net": "ddpmpp_cifar10", "batch": 256, "device": "NVIDIA H200"}])
+    assert edm_row.splitlines()[2].endswith("| 249 |")
 
 
 def test_mfu_is_null_on_cpu():
