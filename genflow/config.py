@@ -348,6 +348,41 @@ def check_trainer(trainer, environment: bool = True) -> None:
         raise config_error(f"trainer.accelerator={accelerator} but no CUDA GPU is visible",
                            "torch.cuda.is_available() is False on this machine",
                            "use trainer=cpu, or run on a machine with a GPU (check CUDA_VISIBLE_DEVICES)")
+    check_compile(trainer.get("compile", False), accelerator, environment)
+
+
+def check_compile(value, accelerator: str, environment: bool = True) -> None:
+    """``trainer.compile``: false, true (inductor) or a torch.compile backend name. Where this machine is to run
+    it, inductor needs Triton (GPU) or a C++ compiler (CPU): without them the first training step would fail,
+    after the data and the model were built."""
+    if value is False or value is None:
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if value is not True and value not in backends:
+        raise config_error(f"trainer.compile={value!r}",
+                           "it is true (inductor), false or a torch.compile backend: "
+                           f"{', '.join(torch._dynamo.list_backends())} (eager, aot_eager for debugging)",
+                           "use trainer.compile=true, or trainer.compile=false for the eager network")
+    if not environment or value not in (True, "inductor"):
+        return
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise config_error("trainer.compile=true but Triton is not installed",
+                               "inductor writes the compiled step's GPU kernels in Triton",
+                               "install the triton package that matches torch, or set trainer.compile=false")
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # inductor's own search: $CXX, g++, clang++
+        raise config_error("trainer.compile=true but no C++ compiler was found",
+                           "on the CPU, inductor compiles the step with a C++ compiler (g++ or clang++, or $CXX)",
+                           "install g++, point CXX at a compiler, or set trainer.compile=false") from err
 
 
 def check_device(device) -> None:

@@ -17,7 +17,7 @@ CASES = [
     (T, "optim.lrr=1e-4"), (T, "optim=3"), (T, "data.foo=1"), (T, "+data.foo=1"), (T, "data.batch_size=abc"),
     (T, "+trainer.foo=1"), (T, "model=nope"), (T, "data=nope"), (T, "ema.halflife_kimg=-1"),
     (T, "checkpoint.keep=-5"), (T, "fid.num=abc"), (T, "fid.mode=foo"), (T, "fid.batch=3"), (T, "D=1"),
-    (T, "stage=3 data=multiview"), (T, "foo=1"), (T, "-m D=64,abc"),
+    (T, "stage=3 data=multiview"), (T, "foo=1"), (T, "-m D=64,abc"), (T, "trainer.compile=bogus"),
     # train.py: knobs that do not apply to the chosen model
     (T, "model=edm D=64"), (T, "path=ko"), (T, "stage=2"), (T, "model=flow D=64"),
     # train.py: what the run needs later, checked before it starts

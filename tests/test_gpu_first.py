@@ -196,6 +196,21 @@ def test_compiled_and_channels_last_training_step_keep_loss_gradients_and_checkp
         torch.testing.assert_close(grads2[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_compile_without_its_toolchain_is_refused_before_any_work(monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    compose(["trainer.compile=true"])  # this machine has a C++ compiler: accepted
+    compose(["trainer.compile=aot_eager"])  # a backend by name
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ConfigError, match="no C\\+\\+ compiler.*\n  why: .*\n  fix: .*trainer.compile=false"):
+        compose(["trainer.compile=true"])
+    compose(["trainer.compile=true"], environment=False)  # composing a GPU recipe elsewhere checks no toolchain
+
+
 # --- issue 14 item 3: divergence ---------------------------------------------------------------
 @pytest.mark.parametrize("steps,every", [(6, 2), (3, 1000)], ids=["checkpoint-writes", "short-run"])
 def test_divergence_stops_before_any_checkpoint(tmp_path, steps, every):
