@@ -305,3 +305,25 @@ def test_fp32_sampling_turns_tf32_off_and_restores_the_settings():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_fused_adam_only_where_lightning_can_clip_and_scale(monkeypatch):
+    """A fused Adam unscales inside its step: Lightning then refuses gradient clipping, and a loss scaler would
+    see the gradients only after the sanitisation. The CUDA rule is exercised here with CPU tensors (torch has a
+    fused CPU Adam)."""
+    import pytorch_lightning as pl
+
+    import genflow.training.module as module_file
+    from genflow.training.module import multi_tensor_options
+
+    monkeypatch.setattr(module_file, "FUSED_DEVICES", ("cuda", "cpu"))
+    module, dm = build(compose(["model=edm", "data=digits", "net=unet_tiny", "data.batch_size=8"]))
+    for clip, fused in ((None, True), (1.0, False)):
+        trainer = pl.Trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=clip, accelerator="cpu",
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, dm)
+        assert trainer.global_step == 2 and bool(trainer.optimizers[0].defaults.get("fused")) is fused
+    scaled = type("Trainer", (), {"gradient_clip_val": None,
+                                  "precision_plugin": type("AMP", (), {"scaler": torch.amp.GradScaler("cpu")})()})()
+    assert multi_tensor_options(list(module.parameters()), scaled) == {"foreach": True}
