@@ -478,7 +478,7 @@ def check_files(cfg: DictConfig, target: str) -> None:
 RECORDED = ("model", "net", "data")
 MACHINE_KEYS = {"num_workers", "root", "download", "cache_dir", "pin_memory", "persistent_workers"}
 # top-level override keys and the recorded section they change
-OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "model", "allow_heavy_tails": "model",
+OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "net", "allow_heavy_tails": "model",
                      "net": "net", "data": "data", "experiment": "model net data"}
 
 
@@ -509,7 +509,8 @@ def _differences(a: dict, b: dict, prefix: str) -> list[str]:
 
 
 def check_resume(cfg: DictConfig, recorded: dict, path, explicit: set[str] | None) -> list[str]:
-    """The one rule for resuming (``ckpt_path=FILE`` or ``last``, checked up front and again when the run starts):
+    """The one rule for resuming, ``ckpt_path=FILE`` (checked up front and again when the run starts) and ``last``
+    (checked when the run starts, before anything is built):
     a model/net/data setting the command line changes (``explicit``; None = unknown, every section counts as
     changed) must equal the recorded one, else CheckpointError naming the keys. Returns the sections that
     differ only by default, which the run adopts from the record."""

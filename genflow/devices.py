@@ -1,4 +1,4 @@
-"""How a device is named in benchmark and result rows (shared by the bench entry points)."""
+"""How a device is named in result rows: benchmarks, the leaderboard and evaluate's JSON line."""
 from __future__ import annotations
 
 import platform
@@ -9,4 +9,5 @@ import torch
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads != 1 else ''}"

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
                             build_method, check_schema, check_target, config_from_checkpoint,
                             read_checkpoint, run_app)
+from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
 EVALUATE_SCHEMA = {
@@ -184,7 +185,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         result.update(run_fid(module, dm, stored, cfg.fid, device, progress))
     if want_nll and rank == 0:
         result.update(run_nll(module, dm, cfg, device, progress))
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result["device"] = device_name(device)
     result["wall_s"] = round(time.perf_counter() - start, 2)
     if rank == 0:
         line = json.dumps(result)

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
                             check_schema, run_app)
+from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
 APP_DIR = CONFIG_DIR / "leaderboard"
@@ -110,14 +111,6 @@ def git_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return os.environ.get("GITHUB_SHA", "unknown")[:12]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:

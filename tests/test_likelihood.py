@@ -494,3 +494,13 @@ def test_likelihood_gradient_equals_finite_difference(name):
     with torch.no_grad():
         fd = (float(logp(0.3 + h)) - float(logp(0.3 - h))) / (2 * h)
     assert abs(grad - fd) < 1e-3 * abs(fd), (grad, fd)
+
+
+@pytest.mark.parametrize("name", ["edm", "pfgmpp_D8", "ddpm", "spd", "flow"])
+def test_prior_log_prob_is_float64_per_sample_from_float32_input(name):
+    """The protocol's contract: (B,) float64 whatever x's dtype (a float32 sum over many pixels loses digits)."""
+    method = _gradient_methods()[name]
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
+    logp = method.prior_log_prob(x)
+    assert logp.shape == (3,) and logp.dtype == F64
+    torch.testing.assert_close(logp, method.prior_log_prob(x.to(F64)), rtol=1e-7, atol=0)

@@ -120,6 +120,17 @@ def test_a_resume_file_follows_the_same_rule_as_last(finished, tmp_path, cli):
     assert json.loads((run_dir / "result.json").read_text())["steps"] == 5
 
 
+def test_every_knob_counts_for_the_section_that_reads_it():
+    """stage= is read by the multi-view net: resuming a stage-1 run with stage=2 is refused, not adopted."""
+    from genflow.config import check_resume, explicit_sections, to_container
+
+    base = ["model=isotropic3d", "data=multiview"]
+    recorded = to_container(compose(base + ["stage=1"], validator=False))
+    assert explicit_sections(["stage=2"]) == {"net"} and explicit_sections(["D=64"]) == {"model"}
+    with pytest.raises(CheckpointError, match="net.stage: recorded 1, requested 2"):
+        check_resume(compose(base + ["stage=2"], validator=False), recorded, "run.ckpt", explicit_sections(["stage=2"]))
+
+
 def test_last_falls_back_to_the_newest_valid_checkpoint(finished, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(finished["run_dir"], run_dir)

@@ -147,9 +147,11 @@ class FlowMatching(_ResizingBuffers, Method):
         return self.from_normalized(randn(shape, generator=generator, device=device))
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
-        z = self.to_normalized(x).flatten(1)
+        """log N(x; shift, scale^2 I), (B,) float64 and differentiable in x."""
+        scale = self.scale.to(torch.float64)
+        z = ((x.to(torch.float64) - self.shift.to(torch.float64)) / scale).flatten(1)
         d = z.shape[1]
-        return -0.5 * z.pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi) - d * torch.log(self.scale)
+        return -0.5 * z.pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi) - d * torch.log(scale)
 
     def time_grid(self, steps: int, device=None) -> Tensor:
         if steps < 1:
