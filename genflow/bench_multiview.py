@@ -99,7 +99,8 @@ def bench_multiview(args) -> dict:
 
     opts = _parse(getattr(args, "rest", None))
     steps, warmup = getattr(args, "steps", 10), getattr(args, "warmup", 2)
-    device, threads = getattr(args, "device", "cpu"), getattr(args, "threads", 2)
+    # the count genflow.bench chose (--threads, OMP_NUM_THREADS or the CPUs free), passed on to each point's process
+    device, threads = getattr(args, "device", "cpu"), getattr(args, "threads", None) or torch.get_num_threads()
     points = []
     for v in [int(s) for s in opts.views.split(",")]:
         for mode in opts.modes.split(","):

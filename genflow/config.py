@@ -282,6 +282,10 @@ def check_target(node, where: str, *, provided: Sequence[str] = ()) -> None:
             raise config_error(f"unknown key {where}.{key}", f"{cls.__name__} takes no argument {key!r}; it would "
                                "fail or be silently ignored", f"use one of: {', '.join(sorted(params))}")
         value = OmegaConf.select(node, str(key), throw_on_resolution_failure=False)
+        choices = _literal_choices(params[key])
+        if choices and value is not None and value not in choices:
+            raise config_error(f"{where}.{key}={value!r}", f"{cls.__name__}'s {key} is one of "
+                               f"{', '.join(map(str, choices))}", f"use e.g. {where}.{key}={choices[0]}")
         kind = _simple_annotation(params[key])
         if kind is not None and value is not None and not isinstance(value, (DictConfig, ListConfig)):
             number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -290,6 +294,20 @@ def check_target(node, where: str, *, provided: Sequence[str] = ()) -> None:
                 raise config_error(f"{where}.{key}={value!r}", f"{cls.__name__}'s {key} must be {names[kind]}",
                                    f"pass e.g. {where}.{key}={params[key].default!r}"
                                    if params[key].default is not params[key].empty else f"fix {where}.{key}")
+
+
+def _literal_choices(param) -> tuple:
+    """The values of a ``Literal[...]`` annotation (as written, under ``from __future__ import annotations``)."""
+    import ast
+    import typing
+
+    ann = param.annotation
+    if isinstance(ann, str):
+        ann = ann.replace(" ", "")
+        if ann.startswith("Literal[") and ann.endswith("]"):
+            return tuple(ast.literal_eval("(" + ann[len("Literal["):-1] + ",)"))
+        return ()
+    return typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else ()
 
 
 def _simple_annotation(param):

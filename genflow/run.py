@@ -30,6 +30,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
 
     callbacks = instantiate_group(cfg.get("callbacks"), run_dir)
     loggers = instantiate_group(cfg.get("logger"), run_dir)
+    if not loggers:  # logger=none: the learning rate has nowhere to go (Lightning's monitor would refuse to start)
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     callbacks += run_callbacks(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by apply_speed_settings

@@ -252,3 +252,10 @@ def test_help_starts_with_genflow_and_its_groups(cli):
     code, out, err = cli("train.py", "--help")
     assert code == 0 and out.startswith("genflow: train continuous-time generative models")
     assert "model: ddpm, edm, flow, isotropic3d, lfm, pfgmpp, spd" in out and "Powered by Hydra" not in out
+
+
+def test_a_run_without_loggers(tmp_path):
+    """logger=none: no csv/ or tb/ folder, and the learning-rate monitor (which needs a logger) stays out."""
+    result = train(cfg_for(tmp_path / "quiet", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert result["steps"] == 2 and Path(result["checkpoint"]).is_file()
+    assert not (tmp_path / "quiet" / "csv").exists() and not (tmp_path / "quiet" / "tb").exists()

@@ -9,6 +9,7 @@ data seed) or ``fresh`` (a new draw on every batch, on the batch's device).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Literal
 
 import torch
 import pytorch_lightning as pl
@@ -92,7 +93,7 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, conditional: bool = False,
                  instance_noise: float = 0.0, val_fraction: float = 0.1, seed: int = 0, augment_p: float = 0.0,
-                 instance_noise_mode: str = "fixed", on_device: bool = False):
+                 instance_noise_mode: Literal["fixed", "fresh"] = "fixed", on_device: bool = False):
         super().__init__()
         if batch_size < 1:
             raise config_error(f"data.batch_size={batch_size} is not positive", "a batch needs at least one item",

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from genflow.data.base import GenerativeDataModule
 from genflow.data.render import camera_to_world, get_camera, normalize_camera, random_boxes, render_boxes
 from genflow.errors import config_error
-from genflow.nets.encoders import build_encoder
+from genflow.nets.encoders import build_encoder, check_encoder
 
 __all__ = ["MultiView", "inference_cond", "load_reference_image", "save_views", "encode_images"]
 
@@ -116,6 +116,11 @@ class MultiView(GenerativeDataModule):
         self.inference = dict(inference or {})
         self._all: dict[str, Tensor] | None = None
         self._encoder = None
+
+    def verify(self) -> None:
+        """The image encoder's needs (name, local weights file, package), checked without building it; run by
+        train.py before the run starts."""
+        check_encoder(**self.encoder_cfg)
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -113,18 +113,10 @@ class OpenCLIPImageEncoder(nn.Module):
 
     def __init__(self, weights: str | None, arch: str = "ViT-H-14", dim: int = 1024, image_size: int = 224):
         super().__init__()
-        path = Path(weights) if weights else None
-        if path is None or not path.is_file():
-            raise config_error(
-                f"OpenCLIP weights file {str(path) if path else '(data.encoder.weights not set)'} not found",
-                f"the {arch} image encoder is loaded from a local file and nothing is downloaded at run time",
-                f"download the open_clip {arch} checkpoint (e.g. laion2b_s32b_b79k, open_clip_pytorch_model.bin or "
-                ".safetensors) once and pass data.encoder.weights=/path/to/it, or use data.encoder.name=stats")
-        try:
-            import open_clip
-        except ImportError as e:
-            raise config_error("the open_clip package is not installed", f"data.encoder.name=openclip needs it to build {arch}",
-                               "pip install open_clip_torch (weights stay local), or use data.encoder.name=stats") from e
+        check_encoder("openclip", weights=weights, arch=arch)
+        import open_clip
+
+        path = Path(weights)
         model = open_clip.create_model(arch, pretrained=None)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -151,18 +143,41 @@ class OpenCLIPImageEncoder(nn.Module):
 ENCODERS = {"stats": ImageStatsEncoder, "small": SmallConvEncoder, "openclip": OpenCLIPImageEncoder}
 
 
-def build_encoder(name: str = "stats", **kwargs) -> nn.Module:
-    """Encoder by name; ``kwargs`` go to its constructor (``dim`` is checked against the encoder's width)."""
+def check_encoder(name: str = "stats", weights: str | None = None, arch: str = "ViT-H-14", **_) -> None:
+    """What an encoder needs, checked without building it (train.py runs this before the run starts): a known
+    name, and for openclip a local weights file and the open_clip package."""
     if name not in ENCODERS:
         raise config_error(f"data.encoder.name={name!r} is unknown", "only these image encoders exist",
                            f"choose one of {', '.join(ENCODERS)}")
-    dim = kwargs.pop("dim", None)
+    if name == "stats" and weights is not None:
+        raise config_error(f"data.encoder.weights={weights} for the stats encoder",
+                           "it computes fixed image statistics and has no weights",
+                           "drop data.encoder.weights, or use data.encoder.name=small or openclip")
+    if name == "openclip":
+        path = Path(weights) if weights else None
+        if path is None or not path.is_file():
+            raise config_error(
+                f"OpenCLIP weights file {str(path) if path else '(data.encoder.weights not set)'} not found",
+                f"the {arch} image encoder is loaded from a local file and nothing is downloaded at run time",
+                f"download the open_clip {arch} checkpoint (e.g. laion2b_s32b_b79k, open_clip_pytorch_model.bin or "
+                ".safetensors) once and pass data.encoder.weights=/path/to/it, or use data.encoder.name=stats")
+        try:
+            import open_clip  # noqa: F401
+        except ImportError as e:
+            raise config_error("the open_clip package is not installed", f"data.encoder.name=openclip needs it to build {arch}",
+                               "pip install open_clip_torch (weights stay local), or use data.encoder.name=stats") from e
+
+
+def build_encoder(name: str = "stats", **kwargs) -> nn.Module:
+    """Encoder by name; ``kwargs`` go to its constructor (``dim`` is checked against the encoder's width)."""
+    check_encoder(name, **kwargs)
+    dim, weights = kwargs.pop("dim", None), kwargs.pop("weights", None)
     if name == "stats":
         enc = ImageStatsEncoder(**kwargs)
     elif name == "small":
-        enc = SmallConvEncoder(dim=dim or 32, **kwargs)
+        enc = SmallConvEncoder(dim=dim or 32, weights=weights, **kwargs)
     else:
-        enc = OpenCLIPImageEncoder(dim=dim or 1024, **kwargs)
+        enc = OpenCLIPImageEncoder(weights, dim=dim or 1024, **kwargs)
     if dim is not None and dim != enc.dim:
         raise config_error(f"data.encoder.dim={dim} but the {name} encoder gives {enc.dim}-d embeddings",
                            "the net's cross-attention width must match the embedding", f"set data.encoder.dim={enc.dim}")
