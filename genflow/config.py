@@ -479,11 +479,16 @@ def check_files(cfg: DictConfig, target: str) -> None:
                                f"check the path, or use {key}=null" + (" / ckpt_path=last" if key == "ckpt_path" else ""))
     if cfg.get("init_from"):
         read_checkpoint(cfg.init_from, key="init_from")
-    if cfg.get("ckpt_path") not in (None, "last"):
-        ckpt = read_resumable(cfg.ckpt_path)
+    if cfg.get("ckpt_path") is not None:
+        run_dir = cfg.get("run_dir") or OmegaConf.select(cfg, "hydra.run.dir", default=None)
+        if str(cfg.ckpt_path) == "last":
+            path, ckpt = (newest_valid(Path(str(run_dir)))[:2]) if run_dir else (None, None)
+        else:
+            path, ckpt = cfg.ckpt_path, read_resumable(cfg.ckpt_path)
         overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
-        check_resume(cfg, ckpt["hyper_parameters"]["config"], cfg.ckpt_path,
-                     explicit_sections(overrides) if overrides is not None else None)
+        if ckpt is not None:
+            check_resume(cfg, ckpt["hyper_parameters"]["config"], path,
+                         explicit_sections(overrides) if overrides is not None else None)
     check_output_dir(cfg.get("run_dir"), "run_dir")
     if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
         build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts
@@ -527,8 +532,8 @@ def _differences(a: dict, b: dict, prefix: str) -> list[str]:
 
 
 def check_resume(cfg: DictConfig, recorded: dict, path, explicit: set[str] | None) -> list[str]:
-    """The one rule for resuming, ``ckpt_path=FILE`` (checked up front and again when the run starts) and ``last``
-    (checked when the run starts, before anything is built):
+    """The one rule for resuming (``ckpt_path=FILE`` or ``last``, checked before the job starts and again when
+    the run starts):
     a model/net/data setting the command line changes (``explicit``; None = unknown, every section counts as
     changed) must equal the recorded one, else CheckpointError naming the keys. Returns the sections that
     differ only by default, which the run adopts from the record."""
@@ -708,6 +713,27 @@ def read_resumable(path: str | Path, *, key: str = "ckpt_path") -> dict:
                                "full checkpoints keep", "resume from <run>/checkpoints/last.ckpt (ckpt_path=last), "
                                f"or start a new run from these weights with init_from={path}")
     return ckpt
+
+
+def newest_valid(run_dir: Path) -> tuple[Path, dict, list[str]]:
+    """The newest readable full checkpoint in ``run_dir/checkpoints`` (by modification time), and notes on
+    the ones skipped."""
+    folder = run_dir / "checkpoints"
+    found = sorted((p for p in folder.glob("*.ckpt") if p.name != "final.ckpt"),
+                   key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True) if folder.is_dir() else []
+    if not found:
+        raise config_error(f"ckpt_path=last but {run_dir} holds no checkpoint to resume",
+                           "resuming continues a run that was started in this folder; there is none",
+                           "start a new run without ckpt_path, or point hydra.run.dir at the run to resume")
+    skipped = []
+    for path in found:
+        try:
+            return path, read_resumable(path), skipped
+        except CheckpointError as err:
+            skipped.append(f"skipped {path.name}: {str(err).splitlines()[0]}")
+    raise CheckpointError(f"no readable checkpoint in {folder}\n  why: " + "; ".join(skipped) +
+                          "\n  fix: start a new run in another folder (this one keeps the broken files for "
+                          "inspection)")
 
 
 def config_from_checkpoint(ckpt: dict, overrides: Sequence[str] = ()) -> DictConfig:

@@ -125,7 +125,7 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     from genflow.progress import say
     from genflow.threads import configure_threads
     from genflow.training.resume import RunCheckpoint
-    from genflow.training.runs import describe, prepare_run, write_result
+    from genflow.training.runs import continue_command, describe, prepare_run, write_result
 
     if not validated:
         validate(cfg)
@@ -159,8 +159,8 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     stop = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
     if stop.stopped_by is not None:
         name = signal.Signals(stop.stopped_by).name
-        say(f"stopped by {name} at step {trainer.global_step}: the state is in {stop.last_path}; continue with "
-            f"ckpt_path=last hydra.run.dir={run_dir}", log)
+        say(f"stopped by {name} at step {trainer.global_step}: the state is in {stop.last_path}; continue with: "
+            f"{continue_command(cfg, run_dir)}", log)
         sys.exit(128 + int(stop.stopped_by))
     # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
     result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step)

@@ -198,7 +198,20 @@ def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
 
     tb = EventAccumulator(str(run_dir / "tb")).Reload()
     assert sorted(e.step for e in tb.Scalars("train/loss")) == list(range(8))  # both sessions, each step once
-    assert "stopped by SIGTERM at step 3" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    # a library call has no command line: the printed command keeps the step budget at least
+    assert "stopped by SIGTERM at step 3" in log and \
+        f"continue with: python train.py trainer.max_steps=8 ckpt_path=last hydra.run.dir={run_dir}" in log
+
+
+def test_the_continue_command_repeats_the_runs_own_overrides():
+    from genflow.training.runs import continue_command
+
+    cfg = cfg_for("unused")
+    command = continue_command(cfg, Path("/runs/a b"), ["model=edm", "trainer.max_steps=2000", "ckpt_path=x.ckpt",
+                                                        "hydra.run.dir=/old", "optim.lr=1e-4"])
+    assert command == ("python train.py model=edm trainer.max_steps=2000 optim.lr=1e-4 ckpt_path=last "
+                       "'hydra.run.dir=/runs/a b'")
 
 
 def test_sweep_summary_table(tmp_path):
@@ -241,7 +254,11 @@ def test_threads_follow_the_available_cpus(monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
-    assert threads.choose_threads() == (len(os.sched_getaffinity(0)), "CPUs available to this process")
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0)  # an idle machine, whatever else runs now
+    cpus = len(os.sched_getaffinity(0))
+    assert threads.choose_threads() == (cpus, "CPUs available to this process")
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: cpus)  # every CPU busy elsewhere: still one thread
+    assert threads.choose_threads() == (1, f"{cpus} CPUs available to this process, {cpus} busy with other work")
     monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 0.5)  # a quota below one CPU still gets one thread
     assert threads.available_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.errors import CheckpointError, config_error
+from genflow.errors import config_error
 
 # what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
 # they do not count)
@@ -55,34 +55,24 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
-def newest_valid(run_dir: Path) -> tuple[Path, dict, list[str]]:
-    """The newest readable full checkpoint in ``run_dir/checkpoints`` (by modification time), and notes on
-    the ones skipped."""
-    from genflow.config import read_resumable
-
-    folder = run_dir / "checkpoints"
-    found = sorted((p for p in folder.glob("*.ckpt") if p.name != "final.ckpt"),
-                   key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True) if folder.is_dir() else []
-    if not found:
-        raise config_error(f"ckpt_path=last but {run_dir} holds no checkpoint to resume",
-                           "resuming continues a run that was started in this folder; there is none",
-                           "start a new run without ckpt_path, or point hydra.run.dir at the run to resume")
-    skipped = []
-    for path in found:
-        try:
-            return path, read_resumable(path), skipped
-        except CheckpointError as err:
-            skipped.append(f"skipped {path.name}: {str(err).splitlines()[0]}")
-    raise CheckpointError(f"no readable checkpoint in {folder}\n  why: " + "; ".join(skipped) +
-                          "\n  fix: start a new run in another folder (this one keeps the broken files for "
-                          "inspection)")
-
-
 def job_overrides() -> list[str] | None:
     """The command line's overrides of the running Hydra job; None when unknown (not a Hydra job)."""
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def continue_command(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> str:
+    """The command that continues a stopped run as it was started: its own overrides (trainer.max_steps, the
+    optimizer, ...), then ``ckpt_path=last`` and its folder. Outside a Hydra job the overrides are unknown, so
+    the one setting a resume would otherwise lose, ``trainer.max_steps``, is written out."""
+    import shlex
+
+    overrides = job_overrides() if overrides is None else overrides
+    own = ("ckpt_path", "hydra.run.dir", "run_dir")
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in own] if overrides is not None \
+        else [f"trainer.max_steps={cfg.trainer.max_steps}"]
+    return " ".join(["python train.py", *map(shlex.quote, kept), "ckpt_path=last", shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
 def forget_choices(sections) -> None:
@@ -118,7 +108,7 @@ def match_recorded(cfg: DictConfig, recorded: dict, path: Path) -> list[str]:
 
 def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
     """Decide how the run in ``run_dir`` starts, refusing anything that would overwrite a run."""
-    from genflow.config import read_resumable
+    from genflow.config import newest_valid, read_resumable
 
     start = Start()
     stale = remove_stale_temps(run_dir)
