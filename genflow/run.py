@@ -117,6 +117,16 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     """Fit, then grid, exports, final metrics and the JSON line. ``validated``: the caller has already run
     ``genflow.config.validate`` on this config (train.py does so before Hydra starts the job), so the
     checkpoints are not read and the images not verified a second time."""
+    from genflow.training.runs import RunFolderLock
+
+    if not validated:
+        validate(cfg)
+    run_dir = run_dir_of(cfg)
+    with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
+        return _train_in(cfg, run_dir, lock.notes)
+
+
+def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     import signal
     import sys
 
@@ -127,14 +137,11 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     from genflow.training.resume import RunCheckpoint
     from genflow.training.runs import continue_command, describe, prepare_run, write_result
 
-    if not validated:
-        validate(cfg)
-    run_dir = run_dir_of(cfg)
     start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
     forget_checkpoints()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
-    for note in start.notes if rank_zero_only.rank == 0 else ():
+    for note in notes + start.notes if rank_zero_only.rank == 0 else ():
         say(note, log)
     if start.finished is not None:
         print(json.dumps(start.finished), flush=True)

@@ -276,3 +276,45 @@ def test_a_run_without_loggers(tmp_path):
     result = train(cfg_for(tmp_path / "quiet", "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2"))
     assert result["steps"] == 2 and Path(result["checkpoint"]).is_file()
     assert not (tmp_path / "quiet" / "csv").exists() and not (tmp_path / "quiet" / "tb").exists()
+
+
+def test_one_training_process_per_run_folder(tmp_path):
+    """A live owner's lock (or one on another host) refuses a second run; a dead owner's lock is taken over;
+    the lock is gone when the run ends."""
+    import socket
+    import subprocess
+
+    from genflow.training.runs import LOCK_NAME, _process_start
+
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir()
+    lock = run_dir / LOCK_NAME
+    short = ["trainer.max_steps=2", "trainer.val_check_interval=2", "sample.num=2"]
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        for host in (socket.gethostname(), "another-host"):
+            lock.write_text(json.dumps({"pid": owner.pid, "host": host, "start": _process_start(owner.pid),
+                                        "since": "2026-11-30 00:00:00"}))
+            with pytest.raises(ConfigError, match=f"is in use: process {owner.pid} on {host}(.|\n)*fix: .*remove"):
+                train(cfg_for(run_dir, *short))
+            assert lock.is_file() and not (run_dir / "checkpoints").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    # the owner is gone (as after kill -9): its lock is taken over, and released at the end
+    lock.write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(), "start": None, "since": "?"}))
+    result = train(cfg_for(run_dir, *short))
+    assert result["steps"] == 2 and not lock.exists()
+    assert f"took over the lock of process {owner.pid}" in (run_dir / "train.log").read_text()
+
+
+def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
+    from genflow.training.runs import LOCK_NAME, RunFolderLock
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child started by Lightning (torchrun sets RANK likewise)
+    with RunFolderLock(tmp_path):
+        assert not (tmp_path / LOCK_NAME).exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with RunFolderLock(tmp_path / "new"):
+        assert (tmp_path / "new" / LOCK_NAME).is_file()
+    assert not (tmp_path / "new").exists()  # nothing was written: the folder it made is removed again

@@ -9,12 +9,17 @@
 * turns the resume of a finished run into a no-op,
 * removes hidden temporary files that an interrupted atomic write left behind.
 
+``RunFolderLock`` keeps a second process from training into a folder while one does.
+
 ``describe`` is the one place that says which settings distinguish runs: the JSON line, TensorBoard's
 hyperparameters, the sweep summary and the settings lines printed at the start all read it.
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +40,88 @@ class Start:
     step: int = 0
     finished: dict | None = None    # the finished run's result when resuming it is a no-op
     notes: list[str] = field(default_factory=list)
+
+
+LOCK_NAME = ".genflow.lock"
+
+
+def primary_process() -> bool:
+    """Whether this process is rank 0 of its job (Lightning's DDP children, torchrun and SLURM set these)."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (so a reused pid is not taken for the lock's owner)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class RunFolderLock:
+    """One training process per run folder. ``.genflow.lock`` names its owner (pid, host, start); a lock whose
+    owner no longer runs on this host (kill -9, a crash) is taken over, while a live owner, or one on another
+    host (a shared file system, where liveness cannot be checked), makes the run refuse to start. Only the
+    job's rank-0 process takes it; it is removed when training ends, however it ends."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = run_dir, run_dir / LOCK_NAME
+        self.held, self.made_folder, self.notes = False, False, []
+
+    def __enter__(self) -> "RunFolderLock":
+        if not primary_process():
+            return self
+        self.made_folder = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_or_refuse()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+
+    def _take_over_or_refuse(self) -> None:
+        try:
+            owner = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError):  # half-written by an owner that died at once, or being written right now
+            owner = {"pid": None, "host": socket.gethostname(), "since": "?"}
+            if time.time() - self.path.stat().st_mtime < 10:
+                owner["pid"] = -1
+        pid, host = owner.get("pid"), owner.get("host")
+        alive = host != socket.gethostname() or pid == -1 or (pid is not None and _alive(pid, owner.get("start")))
+        if alive:
+            raise config_error(
+                f"{self.run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
+                "two processes training into one folder would overwrite each other's checkpoints and logs",
+                f"wait for that run to end or stop it; if it no longer runs (e.g. its machine is off), remove "
+                f"{self.path}")
+        self.path.unlink(missing_ok=True)
+        self.notes.append(f"took over the lock of process {pid}, which no longer runs")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+            if self.made_folder and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # a run refused before it wrote anything leaves no empty folder
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return start is None or _process_start(pid) in (None, start)
 
 
 def remove_stale_temps(run_dir: Path) -> list[Path]:
