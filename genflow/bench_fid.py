@@ -73,7 +73,8 @@ def bench_fid(args) -> dict:
     p.add_argument("--res", type=int, default=32)
     extra = p.parse_args(getattr(args, "rest", []) or [])
     device = torch.device(args.device)
-    num, batch = int(args.num), int(args.batch)
+    num = int(args.num)
+    batch = min(int(args.batch), num)  # clean-fid's loop draws whole batches: none larger than the image count
     try:
         path, network = resolve_inception_path(extra.inception), "inception-2015-12-05"
     except ConfigError:

@@ -71,7 +71,7 @@ def validate(cfg: DictConfig) -> None:
 def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``)."""
     from genflow.config import compose, module_from_checkpoint
-    from genflow.sampling import sample_conditions, save_grid, to_uint8
+    from genflow.sampling import generate, sample_conditions, save_grid, to_uint8
     from genflow.training.module import check_finite_weights
 
     if not isinstance(cfg, DictConfig):
@@ -109,13 +109,23 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         raise config_error(f"guidance={guidance} for an unconditional model", "classifier-free guidance mixes "
                            "conditional and unconditional predictions", "drop guidance=, or use a conditional model")
 
+    nfe, evaluated = module.method.nfe(steps, solver), [0]
+
+    def counted_net(x, *args, **kwargs):  # an adaptive solver's NFE is measured: images through the network
+        # (a batch steps until its slowest image is done, so this is what the images cost, not what each needed)
+        evaluated[0] += x.shape[0]
+        return module.net(x, *args, **kwargs)
+
     start = time.perf_counter()
-    samples = module.generate(seeds, shape, steps=steps, solver=solver, cond=cond,
-                              guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
-                              progress=bool(cfg.progress), precision=cfg.precision)
+    samples = generate(module.method, module.net if nfe is not None else counted_net, seeds, shape, steps=steps,
+                       solver=solver, cond=cond, guidance=None if guidance is None else float(guidance),
+                       batch_size=int(cfg.batch), device=module.device, progress=bool(cfg.progress),
+                       precision=cfg.precision)
     wall = time.perf_counter() - start
+    if nfe is None:  # per image; classifier-free guidance runs both branches in one batch
+        nfe = round(evaluated[0] / len(seeds) / (2 if guidance not in (None, 1.0) else 1), 1)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"out": str(out), "num": len(seeds), "nfe": module.method.nfe(steps, solver), "steps": steps,
+    result = {"out": str(out), "num": len(seeds), "nfe": nfe, "steps": steps,
               "solver": solver, "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
               "device": str(device)}
     if samples.ndim == 4 or samples.ndim == 5:

@@ -102,6 +102,28 @@ def test_sample_cli_guidance_and_json_line(tiny_ckpt, tmp_path, cli, monkeypatch
     assert line["num"] == 2 and line["nfe"] == 3 and Path(line["out"]).is_dir()
 
 
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_sample_cli_measures_an_adaptive_solvers_nfe(tiny_ckpt, tmp_path, guidance):
+    """dopri5's NFE is not known in advance: sample.py reports the network evaluations per image it ran (a batch
+    steps until its slowest image is done), the solver's own count of batch evaluations (guidance's two
+    branches counting once)."""
+    from genflow.config import module_from_checkpoint
+    from genflow.sample_cli import main
+    from genflow.sampling import sample_conditions
+
+    extra = [] if guidance is None else [f"guidance={guidance}"]
+    result = main([f"ckpt={tiny_ckpt}", "seeds=0-3", "solver=dopri5", f"out={tmp_path / 'd'}", "progress=false",
+                   *extra])
+    module, dm, _ = module_from_checkpoint(tiny_ckpt)
+    seeds = range(4)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    noise = module.method.prior_sample((4, *dm.data_shape), generator=gens)
+    with torch.no_grad():
+        solution = module.method.solve(module.net, noise, steps=18, solver="dopri5", generator=gens,
+                                       cond=sample_conditions(dm, seeds, "cpu"), guidance=guidance)
+    assert result["nfe"] == solution.nfe > float(solution.nfe_per_sample.float().mean()) > 6
+
+
 def test_sample_cli_errors(tiny_ckpt, tmp_path):
     from genflow.sample_cli import main
 
