@@ -216,9 +216,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown(suite: dict, rows: list[dict]) -> str:
+def suite_file(name: str) -> str:
+    """Where a suite was read from: genflow's own folder, else a user's folder on hydra.searchpath."""
+    own = SUITE_DIR / f"{name}.yaml"
+    return str(own) if own.is_file() else f"suite/{name}.yaml on hydra.searchpath"
+
+
+def markdown(suite: dict, rows: list[dict], num: int | None = None, precision: str | None = None) -> str:
+    """The table, headed by the suite's file and the FID settings the rows were computed with (``num`` and
+    ``precision`` as given on the command line)."""
+    fid = {**(suite.get("fid") or {}), **({"num": num} if num is not None else {}),
+           **({"precision": precision} if precision is not None else {})}
     lines = [f"# FID leaderboard: {suite['name']}", "",
-             f"Suite `{suite['path']}`; FID settings: `{json.dumps(suite.get('fid') or {})}`.", "",
+             f"Suite `{suite_file(suite['name'])}`; FID settings: `{json.dumps(fid)}`.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
@@ -285,7 +295,7 @@ def run(cfg: DictConfig | Sequence[str] | None = None) -> dict:
         if _rank_world()[0] == 0:  # under DDP training every rank runs this loop; one writes
             (out / "leaderboard.json").write_text(json.dumps({"suite": suite["name"], "rows": rows}, indent=1) + "\n")
     if _rank_world()[0] == 0:
-        (out / "leaderboard.md").write_text(markdown(suite, rows))
+        (out / "leaderboard.md").write_text(markdown(suite, rows, cfg.num, cfg.precision))
     result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),
               "json": str(out / "leaderboard.json"), "fid": {r["name"]: r["FID"] for r in rows},
               "revision": revision, "device": dev, "precision": cfg.precision}

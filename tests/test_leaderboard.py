@@ -40,6 +40,18 @@ def test_smoke_suite_writes_a_well_formed_table(tmp_path, monkeypatch, capsys):
     body = [line for line in md[header + 2:] if line.startswith("|")]
     assert len(body) == len(suite["entries"])
     assert all(line.count("|") == len(COLUMNS) + 1 for line in body)
+    # the header names the suite's file and the FID settings the rows used (num and precision as given)
+    assert "configs/leaderboard/suite/smoke.yaml`" in md[2] and '"precision": "fp32"' in md[2]
+    assert json.loads(md[2].split("FID settings: `")[1].rstrip("`.")) == {**suite["fid"], "precision": "fp32"}
+
+
+def test_the_table_header_states_the_settings_given():
+    from genflow.leaderboard import markdown
+
+    suite = load_suite("smoke")
+    header = markdown(suite, [], num=100, precision="bf16").splitlines()[2]
+    assert json.loads(header.split("FID settings: `")[1].rstrip("`.")) == {**suite["fid"], "num": 100,
+                                                                           "precision": "bf16"}
 
 
 @pytest.mark.parametrize("name", suites())
