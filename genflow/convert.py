@@ -644,6 +644,9 @@ def published_checkpoint(entry: dict, cache_dir: str | os.PathLike | None = None
 def main(argv: Sequence[str]) -> dict:
     import json
 
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.split("\n\n")[0] + "\n\n" + USAGE, flush=True)
+        return {}
     positional = [a for a in argv if "=" not in a]
     options = [a for a in argv if "=" in a]
     if len(positional) != 2:

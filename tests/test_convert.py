@@ -489,3 +489,8 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
     entry = {"pickle": os.environ["GENFLOW_TEST_PUBLISHED_PKL"]}
     assert published_checkpoint(entry) == str(cached) and cached.stat().st_mtime_ns == stamp  # converted once
     assert published_checkpoint({"pickle": None}) is None
+
+
+def test_convert_help(cli):
+    code, out, err = cli("genflow.convert", "--help")
+    assert code == 0 and out.startswith("Import NVlabs EDM / PFGM++ network pickles") and "usage:" in out
