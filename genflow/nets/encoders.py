@@ -114,10 +114,8 @@ class OpenCLIPImageEncoder(nn.Module):
     def __init__(self, weights: str | None, arch: str = "ViT-H-14", dim: int = 1024, image_size: int = 224):
         super().__init__()
         check_encoder("openclip", weights=weights, arch=arch)
-        import open_clip
-
         path = Path(weights)
-        model = open_clip.create_model(arch, pretrained=None)
+        model = _open_clip(arch).create_model(arch, pretrained=None)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -161,11 +159,16 @@ def check_encoder(name: str = "stats", weights: str | None = None, arch: str = "
                 f"the {arch} image encoder is loaded from a local file and nothing is downloaded at run time",
                 f"download the open_clip {arch} checkpoint (e.g. laion2b_s32b_b79k, open_clip_pytorch_model.bin or "
                 ".safetensors) once and pass data.encoder.weights=/path/to/it, or use data.encoder.name=stats")
-        try:
-            import open_clip  # noqa: F401
-        except ImportError as e:
-            raise config_error("the open_clip package is not installed", f"data.encoder.name=openclip needs it to build {arch}",
-                               "pip install open_clip_torch (weights stay local), or use data.encoder.name=stats") from e
+        _open_clip(arch)
+
+
+def _open_clip(arch: str):
+    try:
+        import open_clip
+    except ImportError as e:
+        raise config_error("the open_clip package is not installed", f"data.encoder.name=openclip needs it to build {arch}",
+                           "pip install open_clip_torch (weights stay local), or use data.encoder.name=stats") from e
+    return open_clip
 
 
 def build_encoder(name: str = "stats", **kwargs) -> nn.Module:
