@@ -29,8 +29,15 @@ def _knob(name: str, default, *, _root_):
     return default if value is None else value
 
 
+def _groups() -> str:
+    """``${train_groups:}`` in train.py's --help: its own groups and their options (not the other apps')."""
+    return "\n".join(f"{group}: {', '.join(options(group))}" for group in sorted(GROUPS))
+
+
 if not OmegaConf.has_resolver("knob"):
     OmegaConf.register_new_resolver("knob", _knob)
+if not OmegaConf.has_resolver("train_groups"):
+    OmegaConf.register_new_resolver("train_groups", _groups)
 
 
 def options(group: str) -> list[str]:

@@ -269,6 +269,7 @@ def test_help_starts_with_genflow_and_its_groups(cli):
     code, out, err = cli("train.py", "--help")
     assert code == 0 and out.startswith("genflow: train continuous-time generative models")
     assert "model: ddpm, edm, flow, isotropic3d, lfm, pfgmpp, spd" in out and "Powered by Hydra" not in out
+    assert "leaderboard" not in out  # only train.py's own groups, not the other apps' config folders
 
 
 def test_a_run_without_loggers(tmp_path):
