@@ -472,12 +472,11 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         raise config_error(f"sample.guidance={sample.guidance} for an unconditional model",
                            "classifier-free guidance mixes conditional and unconditional predictions; the data "
                            "gives this model no condition", "drop sample.guidance, or train with data.conditional=true")
-    target = str((cfg.get("model") or {}).get("_target_", ""))
     if environment:
-        check_files(cfg, target)
+        check_files(cfg)
 
 
-def check_files(cfg: DictConfig, target: str) -> None:
+def check_files(cfg: DictConfig) -> None:
     """The checkpoints a training run reads (readable, of the right kind and model) and its run folder."""
     for key in ("ckpt_path", "init_from"):
         value = cfg.get(key)
@@ -487,12 +486,15 @@ def check_files(cfg: DictConfig, target: str) -> None:
     if cfg.get("init_from"):
         read_checkpoint(cfg.init_from, key="init_from")
     if cfg.get("ckpt_path") is not None:
-        run_dir = cfg.get("run_dir") or OmegaConf.select(cfg, "hydra.run.dir", default=None)
+        overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+        # ckpt_path=last up front only where the folder is named: a sweep's jobs resume their own folders
+        named = any(str(o).startswith("hydra.run.dir=") for o in OmegaConf.select(cfg, "hydra.overrides.hydra",
+                                                                                    default=None) or [])
+        run_dir = cfg.get("run_dir") or (OmegaConf.select(cfg, "hydra.run.dir") if named else None)
         if str(cfg.ckpt_path) == "last":
             path, ckpt = (newest_valid(Path(str(run_dir)))[:2]) if run_dir else (None, None)
         else:
             path, ckpt = cfg.ckpt_path, read_resumable(cfg.ckpt_path)
-        overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
         if ckpt is not None:
             check_resume(cfg, ckpt["hyper_parameters"]["config"], path,
                          explicit_sections(overrides) if overrides is not None else None)

@@ -19,6 +19,7 @@ CASES = [
     (T, "checkpoint.keep=-5"), (T, "fid.num=abc"), (T, "fid.mode=foo"), (T, "fid.batch=3"), (T, "D=1"),
     (T, "stage=3 data=multiview"), (T, "foo=1"), (T, "-m D=64,abc"), (T, "trainer.compile=bogus"),
     (T, "data.instance_noise_mode=bogus"), (T, "model=isotropic3d data.encoder.name=openclip"),
+    (T, "ckpt_path=last hydra.run.dir={out}"),
     # train.py: knobs that do not apply to the chosen model
     (T, "model=edm D=64"), (T, "path=ko"), (T, "stage=2"), (T, "model=flow D=64"),
     # train.py: what the run needs later, checked before it starts
