@@ -319,3 +319,17 @@ def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
     with RunFolderLock(tmp_path / "new"):
         assert (tmp_path / "new" / LOCK_NAME).is_file()
     assert not (tmp_path / "new").exists()  # nothing was written: the folder it made is removed again
+
+
+def test_a_half_written_lock(tmp_path):
+    """An empty lock file: a run starting right now (refused), or, once old, one that died at once (taken over)."""
+    from genflow.training.runs import LOCK_NAME, RunFolderLock
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("")
+    with pytest.raises(ConfigError, match="another process is starting a run there"):
+        RunFolderLock(tmp_path).__enter__()
+    os.utime(lock, (lock.stat().st_atime - 60, lock.stat().st_mtime - 60))
+    with RunFolderLock(tmp_path) as held:
+        assert json.loads(lock.read_text())["pid"] == os.getpid() and held.notes
+    assert not lock.exists()

@@ -88,15 +88,18 @@ class RunFolderLock:
 
     def _take_over_or_refuse(self) -> None:
         try:
+            written = self.path.stat().st_mtime
             owner = json.loads(self.path.read_text())
         except FileNotFoundError:
             return  # released meanwhile: try again
-        except (OSError, ValueError):  # half-written by an owner that died at once, or being written right now
-            owner = {"pid": None, "host": socket.gethostname(), "since": "?"}
-            if time.time() - self.path.stat().st_mtime < 10:
-                owner["pid"] = -1
+        except (OSError, ValueError):  # being written right now, or half-written by an owner that died at once
+            if time.time() - written < 10:
+                raise config_error(f"{self.run_dir} is in use: another process is starting a run there",
+                                   "two processes training into one folder would overwrite each other's "
+                                   "checkpoints and logs", "wait for that run, or choose another folder") from None
+            owner = {"pid": None, "host": socket.gethostname()}
         pid, host = owner.get("pid"), owner.get("host")
-        alive = host != socket.gethostname() or pid == -1 or (pid is not None and _alive(pid, owner.get("start")))
+        alive = host != socket.gethostname() or (pid is not None and _alive(pid, owner.get("start")))
         if alive:
             raise config_error(
                 f"{self.run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
