@@ -241,8 +241,8 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path, cli):
     assert code == 0, err[-2000:]
     lines = out.strip().splitlines()
     steps = [l for l in lines if l.startswith("step ")]
-    assert steps[0].startswith("step 1/6 | ") and steps[-1].startswith("step 6/6 | ")
-    assert all(" it/s, " in l and "ETA " in l and "loss/dim " in l for l in steps)
+    assert steps[0].startswith("step 1/6 | first step ") and steps[-1].startswith("step 6/6 | ")
+    assert all(" it/s, " in l and "ETA " in l and "loss/dim " in l for l in steps[1:])
     assert lines[0] == f"run {run_dir}" and "CPU thread" in lines[2] and json.loads(lines[-1])["steps"] == 6
     assert "Epoch" not in out + err and "GPU available" not in out + err and "Tip" not in out + err
     log = (run_dir / "train.log").read_text()
@@ -333,3 +333,24 @@ def test_a_half_written_lock(tmp_path):
     with RunFolderLock(tmp_path) as held:
         assert json.loads(lock.read_text())["pid"] == os.getpid() and held.notes
     assert not lock.exists()
+
+
+def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
+    """A compiled run's first step takes minutes: the rate and ETA count from its end (100 s, then 1 s/step)."""
+    from types import SimpleNamespace
+
+    import genflow.training.progress as progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    bar = progress.TrainProgress(every_seconds=0, plain=True)
+    trainer = SimpleNamespace(global_step=0, max_steps=101, is_global_zero=True, world_size=1, callback_metrics={},
+                              datamodule=SimpleNamespace(batch_size=8, data_shape=(1, 8, 8)))
+    bar._start = bar._last = 0.0
+    bar._start_step, bar._first_end = 0, None
+    for step, t in ((1, 100.0), (11, 110.0)):
+        trainer.global_step, clock[0] = step, t
+        bar._plain_line(trainer)
+    first, later = capsys.readouterr().out.strip().splitlines()
+    assert first == "step 1/101 | first step 1m 40s (start-up, compilation)"
+    assert later.startswith("step 11/101 | 1.00 it/s, 8 img/s | ETA 1m 30s")

@@ -1,6 +1,7 @@
 """Training progress: Lightning's Rich bar counting optimizer steps (``train 250/3000``, elapsed, ETA, it/s,
 the loss per data dimension) in a terminal; one plain line every ``every_seconds`` otherwise, to stdout and
-the run's train.log (``step 250/3000 | 4.1 it/s, 525 img/s | ETA 11m 05s | loss/dim 0.0412``)."""
+the run's train.log (``step 250/3000 | 4.1 it/s, 525 img/s | ETA 11m 05s | loss/dim 0.0412``). The rate and
+ETA count from the end of the first step, which carries compilation and warm-up (``trainer.compile``)."""
 from __future__ import annotations
 
 import math
@@ -50,6 +51,7 @@ class TrainProgress(RichProgressBar):
         super().on_train_start(trainer, pl_module)
         self._start = self._last = time.perf_counter()
         self._start_step = trainer.global_step
+        self._first_end = None  # (step, time) when the first step ended: compilation and warm-up are behind
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.plain:
@@ -77,13 +79,17 @@ class TrainProgress(RichProgressBar):
         if not (first or now - self._last >= self.every_seconds or step == total) or not trainer.is_global_zero:
             return
         self._last = now
-        rate = (step - self._start_step) / max(now - self._start, 1e-9)
-        batch = getattr(trainer.datamodule, "batch_size", None)
-        parts = [f"step {step}/{total}" if total and total > 0 else f"step {step}", f"{rate:.2f} it/s"]
-        if batch:
-            parts[-1] += f", {rate * batch * trainer.world_size:.0f} img/s"
-        if total and total > 0 and rate > 0:
-            parts.append(f"ETA {duration((total - step) / rate)}")
+        parts = [f"step {step}/{total}" if total and total > 0 else f"step {step}"]
+        if first:
+            # the first step carries compilation, cuDNN autotuning and data start-up: no rate or ETA from it
+            self._first_end = (step, now)
+            parts.append(f"first step {duration(now - self._start)} (start-up, compilation)")
+        else:
+            rate = (step - self._first_end[0]) / max(now - self._first_end[1], 1e-9)
+            batch = getattr(trainer.datamodule, "batch_size", None)
+            parts.append(f"{rate:.2f} it/s" + (f", {rate * batch * trainer.world_size:.0f} img/s" if batch else ""))
+            if total and total > 0 and rate > 0:
+                parts.append(f"ETA {duration((total - step) / rate)}")
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:  # one host sync per line, not per step
             parts.append(f"loss/dim {float(loss) / data_dims(trainer):.5f}")
