@@ -87,6 +87,7 @@ class RunFolderLock:
             return self
 
     def _take_over_or_refuse(self) -> None:
+        written = time.time()
         try:
             written = self.path.stat().st_mtime
             owner = json.loads(self.path.read_text())
