@@ -115,24 +115,16 @@ def train_step_flops(module, x: torch.Tensor, precision: str) -> float:
 
 
 def bench_train_step(args) -> dict:
-    from genflow.config import MATMUL_PRECISIONS
-    from genflow.training.module import sanitize_gradients
+    from genflow.training.module import sanitize_gradients, speed_settings
 
     device = torch.device(args.device)
-    if args.matmul_precision not in MATMUL_PRECISIONS:
-        raise SystemExit(f"--matmul-precision must be one of {MATMUL_PRECISIONS}")
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    torch.backends.cudnn.allow_tf32 = args.matmul_precision != "highest"
     torch.backends.cudnn.benchmark = device.type == "cuda"
     module, shape, x = build_for_bench(args)
     module.train()
     # the FLOPs do not depend on the precision or the levers: gpu-suite counts them once for its three steps
     flops = getattr(args, "flops_per_img", None) or train_step_flops(module, x, args.precision)
-    if args.channels_last and hasattr(module.net, "channels_last"):
-        module.net.channels_last = True
-        module.net.to(memory_format=torch.channels_last)
-    if args.compile:
-        module.compile_net = args.compile_backend
+    speed_settings(module, matmul_precision=args.matmul_precision, channels_last=args.channels_last,
+                   compile=args.compile_backend if args.compile else False)
     opt = module.configure_optimizers()["optimizer"]
     params = [p for p in module.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params] if args.ema else None
@@ -179,10 +171,11 @@ def bench_train_step(args) -> dict:
 def bench_sample(args) -> dict:
     from genflow.sampling import generate
 
+    from genflow.training.module import speed_settings
+
     device = torch.device(args.device)
-    torch.set_float32_matmul_precision(args.matmul_precision)
-    torch.backends.cudnn.allow_tf32 = args.matmul_precision != "highest"
     module, shape, _ = build_for_bench(args)
+    speed_settings(module, matmul_precision=args.matmul_precision)
     module.eval()
     seeds = list(range(args.num))
     kwargs = dict(steps=args.sample_steps, solver=args.solver, batch_size=args.batch, device=device,
@@ -342,6 +335,8 @@ def print_table(args) -> str:
 
 
 def main(argv=None):
+    from genflow.config import MATMUL_PRECISIONS
+
     parser = argparse.ArgumentParser(prog="python -m genflow.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["train-step", "sample", "gpu-suite", "fid", "multiview", "table"])
@@ -357,7 +352,8 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--device", default=None, help="default cuda when visible, else cpu (gpu-suite: cuda)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--matmul-precision", default="highest", help="highest (TF32 off) | high | medium")
+    parser.add_argument("--matmul-precision", default="highest", choices=MATMUL_PRECISIONS,
+                        help="highest (TF32 off) | high | medium")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: eager)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")

@@ -200,7 +200,7 @@ def fid_options(fid, sample=None, **given) -> dict:
 OPTIM_SCHEMA = {"lr": Float(0, lo_open=True, example=2e-3), "weight_decay": Float(0), "eps": Float(0, lo_open=True),
                 "warmup_steps": Int(0)}
 OPEN = ("data", "model", "net", "optim", "trainer", "callbacks", "logger", "hydra", "experiment")
-#: trainer.* keys that genflow applies itself (genflow.run.apply_speed_settings), not Lightning Trainer arguments
+#: trainer.* keys that genflow applies itself (genflow.training.module.speed_settings), not Lightning Trainer arguments
 GENFLOW_TRAINER_KEYS = ("matmul_precision", "compile", "channels_last")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 

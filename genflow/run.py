@@ -34,27 +34,12 @@ def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     callbacks += run_callbacks(cfg, run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by apply_speed_settings
+    for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by training.module.speed_settings
         trainer_kwargs.pop(key, None)
     trainer_kwargs.update(overrides)
     # the datamodule's ResumableSampler shards by rank itself, so Lightning must not wrap it
     return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
                       plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, **trainer_kwargs)
-
-
-def apply_speed_settings(cfg: DictConfig, module) -> None:
-    """trainer.matmul_precision (set once, before any work: ``highest`` = TF32 off, EDM's protocol),
-    trainer.compile (compiled training forward) and trainer.channels_last (NHWC activations and weights)."""
-    trainer_cfg = cfg.get("trainer") or {}
-    matmul = str(trainer_cfg.get("matmul_precision", "highest"))  # checked by genflow.config.check_trainer
-    torch.set_float32_matmul_precision(matmul)
-    torch.backends.cudnn.allow_tf32 = matmul != "highest"
-    compile_net = trainer_cfg.get("compile", False)
-    if compile_net:
-        module.compile_net = compile_net
-    if trainer_cfg.get("channels_last", False) and hasattr(module.net, "channels_last"):
-        module.net.channels_last = True
-        module.net.to(memory_format=torch.channels_last)
 
 
 RUN_DIR_KEYS = ("dirpath", "save_dir")
@@ -134,6 +119,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
 
     from genflow.progress import say
     from genflow.threads import configure_threads
+    from genflow.training.module import speed_settings
     from genflow.training.resume import RunCheckpoint
     from genflow.training.runs import continue_command, describe, prepare_run, write_result
 
@@ -150,7 +136,8 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     threads = configure_threads()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, dm = build(cfg)
-    apply_speed_settings(cfg, module)
+    # checked when composed (genflow.config.check_trainer / check_compile)
+    speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, enable_model_summary=False)
     if trainer.is_global_zero:
         for line in settings_lines(cfg, module, run_dir, threads):

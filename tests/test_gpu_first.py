@@ -110,17 +110,15 @@ def test_precision_and_matmul_defaults_follow_the_papers():
 
 
 def test_matmul_precision_is_set_once_and_checked():
-    from genflow.run import apply_speed_settings
+    from genflow.training.module import speed_settings
 
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     cfg = compose(["model=edm", "data=digits", "net=unet_tiny"])
     module, _ = build(cfg)
     try:
-        cfg.trainer.matmul_precision = "high"
-        apply_speed_settings(cfg, module)
+        speed_settings(module, matmul_precision="high")
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
-        cfg.trainer.matmul_precision = "highest"
-        apply_speed_settings(cfg, module)
+        speed_settings(module, matmul_precision="highest")
         assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
         with pytest.raises(ConfigError, match="matmul_precision"):  # refused when composed, before any work
             compose(["model=edm", "data=digits", "net=unet_tiny", "trainer.matmul_precision=fast"])

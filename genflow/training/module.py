@@ -34,7 +34,7 @@ class GenerativeModule(pl.LightningModule):
     def __init__(self, net: nn.Module, method: Method, *, config: dict | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, compile: bool | str = False):
+                 warmup_steps: int = 0):
         super().__init__()
         self.net, self.method = net, method
         # the resolved run configuration, as plain containers so checkpoints load with weights_only=True
@@ -43,8 +43,8 @@ class GenerativeModule(pl.LightningModule):
         self.optimizer = optimizer or functools.partial(torch.optim.Adam, lr=lr, betas=tuple(betas), eps=eps,
                                                         weight_decay=weight_decay)
         self.warmup_steps = warmup_steps
-        # False, True (torch.compile's default backend) or a backend name, e.g. "aot_eager"
-        self.compile_net = compile
+        # False, True (torch.compile's default backend) or a backend name, e.g. "aot_eager" (speed_settings)
+        self.compile_net: bool | str = False
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
         self._compiled_forward = None
 
@@ -182,6 +182,19 @@ class GenerativeModule(pl.LightningModule):
         from genflow.sampling import generate
 
         return generate(self.method, self.net, seeds, shape, device=self.device, **kwargs)
+
+
+def speed_settings(module: GenerativeModule, *, matmul_precision: str = "highest", compile: bool | str = False,
+                   channels_last: bool = False) -> None:
+    """The GPU levers that keep the maths (train.py's ``trainer.matmul_precision|compile|channels_last`` and
+    ``genflow.bench train-step``): fp32 matmul precision (``highest`` = TF32 off, EDM's protocol), the compiled
+    training forward, NHWC activations and weights for networks that offer them."""
+    torch.set_float32_matmul_precision(matmul_precision)
+    torch.backends.cudnn.allow_tf32 = matmul_precision != "highest"
+    module.compile_net = compile
+    if channels_last and hasattr(module.net, "channels_last"):
+        module.net.channels_last = True
+        module.net.to(memory_format=torch.channels_last)
 
 
 #: devices whose optimizer step runs fused (one kernel for the whole update, the same maths as the loop)
