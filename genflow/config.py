@@ -40,9 +40,9 @@ if not OmegaConf.has_resolver("train_groups"):
     OmegaConf.register_new_resolver("train_groups", _groups)
 
 
-def options(group: str) -> list[str]:
-    """The names a config group accepts (the yaml files in configs/<group>/)."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+def options(group: str, app: str = "train") -> list[str]:
+    """The names a config group of an app accepts (the yaml files in its folder, e.g. configs/<group>/)."""
+    return sorted(p.stem for p in (APP_DIRS.get(app, CONFIG_DIR) / group).glob("*.yaml"))
 
 
 def check_choices(overrides: Sequence[str]) -> None:
@@ -81,9 +81,8 @@ def hydra_error(err: Exception, app: str = "train") -> ConfigError:
         group = text.split("Could not find '", 1)[1].split("'", 1)[0].rpartition("/")[0]
         root = APP_DIRS.get(app, CONFIG_DIR)
         if group and (root / group).is_dir():
-            names = sorted(p.stem for p in (root / group).glob("*.yaml"))
             return config_error(what, f"there is no such file in {root / group}", f"use {group}=one of: "
-                                f"{', '.join(names)}")
+                                f"{', '.join(options(group, app))}")
         why = "a config file named in the defaults or on the command line does not exist"
     else:
         why = "Hydra could not compose the configuration from these overrides"

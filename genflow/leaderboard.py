@@ -42,7 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, run_app)
+                            check_schema, options, run_app)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
@@ -57,7 +57,7 @@ LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "d
 
 
 def suites() -> list[str]:
-    return sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
+    return options("suite", "leaderboard")
 
 
 def load_suite(name: str) -> dict:
