@@ -106,19 +106,23 @@ def integrate(velocity: Velocity, x: Tensor, grid: Tensor, *, solver: str = "heu
     steps = grid.numel() - 1
     nfe = 0
     for i in range(steps):
-        t_cur, t_next = grid[i], grid[i + 1]
-        h = t_next - t_cur
-        d_cur = f(state, t_cur)
-        x_next = state + h * d_cur
-        nfe += 1
-        if solver == "heun" and (final_correction or i < steps - 1):
-            d_next = f(x_next, t_next)
-            x_next = state + h * (0.5 * d_cur + 0.5 * d_next)
-            nfe += 1
-        state = x_next
+        state, evaluations = heun_step(f, state, grid[i], grid[i + 1],
+                                       correct=solver == "heun" and (final_correction or i < steps - 1))
+        nfe += evaluations
         if callback is not None:
-            callback({"i": i, "t": t_next, "x": state})
+            callback({"i": i, "t": grid[i + 1], "x": state})
     return Solution(state.to(dtype), nfe)
+
+
+def heun_step(f, x: Tensor, t_cur: Tensor, t_next: Tensor, *, correct: bool = True) -> tuple[Tensor, int]:
+    """One Euler step of dx/dt = f(x, t) from t_cur to t_next, with Heun's trapezoidal correction when
+    ``correct``; returns the new state and the evaluations of f it took."""
+    h = t_next - t_cur
+    d_cur = f(x, t_cur)
+    x_next = x + h * d_cur
+    if not correct:
+        return x_next, 1
+    return x + h * (0.5 * d_cur + 0.5 * f(x_next, t_next)), 2
 
 
 def ode_nfe(solver: str, steps: int, *, final_correction: bool = True, **_) -> int | None:

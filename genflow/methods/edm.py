@@ -64,7 +64,7 @@ def _churn(S_churn, S_tmin, S_tmax, S_noise) -> dict:
     return {k: float(v) for k, v in values.items()}
 
 
-@solvers.register("stochastic", nfe=lambda steps, **_: 2 * steps - 1)
+@solvers.register("stochastic", nfe=lambda steps, **_: solvers.ode_nfe("heun", steps, final_correction=False))
 def stochastic_sampler(method: "EDM", net: Callable, noise: Tensor, *, steps: int, cond: Cond = None,
                        generator: Generators = None, callback=None, S_churn: float = 0.0, S_tmin: float = 0.0,
                        S_tmax: float = math.inf, S_noise: float = 1.0) -> solvers.Solution:
@@ -74,6 +74,8 @@ def stochastic_sampler(method: "EDM", net: Callable, noise: Tensor, *, steps: in
     only on its seed; S_churn = 0 is Algorithm 1. State and update arithmetic in float64."""
     grid = method.time_grid(steps, device=noise.device)
     gamma_max = min(S_churn / steps, math.sqrt(2) - 1) if steps > 0 else 0.0
+    # which steps churn, decided on the host once (not a device read per step)
+    gammas = [gamma_max if S_tmin <= sigma <= S_tmax else 0.0 for sigma in grid.tolist()]
     dtype, x, nfe = noise.dtype, noise.to(torch.float64), 0
 
     def d(state: Tensor, sigma: Tensor) -> Tensor:
@@ -81,18 +83,13 @@ def stochastic_sampler(method: "EDM", net: Callable, noise: Tensor, *, steps: in
 
     for i in range(steps):
         t_cur, t_next = grid[i], grid[i + 1]
-        gamma = gamma_max if S_tmin <= float(t_cur) <= S_tmax else 0.0
-        t_hat = t_cur + gamma * t_cur
-        # drawn on every step, as in Algorithm 2, so each step's noise is the same whatever the churn range
-        eps = randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(torch.float64) * S_noise
-        x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * eps
-        d_cur = d(x, t_hat)
-        x_next = x + (t_next - t_hat) * d_cur
-        nfe += 1
-        if i < steps - 1:  # the last step ends at sigma = 0: no correction there
-            x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d(x_next, t_next))
-            nfe += 1
-        x = x_next
+        t_hat = t_cur + gammas[i] * t_cur
+        if gamma_max > 0:  # drawn on every step, as in Algorithm 2, whatever the churn range; S_churn = 0 draws none
+            eps = randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(torch.float64) * S_noise
+            x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * eps
+        # the last step ends at sigma = 0: no correction there
+        x, evaluations = solvers.heun_step(d, x, t_hat, t_next, correct=i < steps - 1)
+        nfe += evaluations
         if callback is not None:
             callback({"i": i, "t": t_next, "x": x})
     return solvers.Solution(x.to(dtype), nfe)
