@@ -346,9 +346,8 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     bar = progress.TrainProgress(every_seconds=0, plain=True)
     trainer = SimpleNamespace(global_step=0, max_steps=101, is_global_zero=True, world_size=1, callback_metrics={},
                               datamodule=SimpleNamespace(batch_size=8, data_shape=(1, 8, 8)))
-    bar._start = bar._last = 0.0
-    bar._start_step, bar._first_end = 0, None
-    for step, t in ((1, 100.0), (11, 110.0)):
+    # (0, 50 s): a batch that ended without an optimizer step (gradient accumulation) prints nothing
+    for step, t in ((0, 50.0), (1, 100.0), (1, 100.5), (11, 110.0)):
         trainer.global_step, clock[0] = step, t
         bar._plain_line(trainer)
     first, later = capsys.readouterr().out.strip().splitlines()

@@ -26,7 +26,8 @@ class TrainProgress(RichProgressBar):
         self.every_seconds, self.log_path = float(every_seconds), log_path
         self.plain = (not sys.stdout.isatty()) if plain is None else plain
         self._start = self._last = 0.0
-        self._start_step = 0
+        self._first_end: tuple[int, float] | None = None  # (step, time) the first step ended: warm-up behind
+        self._printed_step = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.plain:
@@ -50,8 +51,7 @@ class TrainProgress(RichProgressBar):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._start = self._last = time.perf_counter()
-        self._start_step = trainer.global_step
-        self._first_end = None  # (step, time) when the first step ended: compilation and warm-up are behind
+        self._first_end, self._printed_step = None, trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.plain:
@@ -75,10 +75,13 @@ class TrainProgress(RichProgressBar):
     def _plain_line(self, trainer) -> None:
         now = time.perf_counter()
         step, total = trainer.global_step, trainer.max_steps
-        first = step == self._start_step + 1
-        if not (first or now - self._last >= self.every_seconds or step == total) or not trainer.is_global_zero:
+        # one line per optimizer step at most (with gradient accumulation a batch may end without one)
+        if step == self._printed_step or not trainer.is_global_zero:
             return
-        self._last = now
+        first = self._first_end is None
+        if not (first or now - self._last >= self.every_seconds or step == total):
+            return
+        self._last, self._printed_step = now, step
         parts = [f"step {step}/{total}" if total and total > 0 else f"step {step}"]
         if first:
             # the first step carries compilation, cuDNN autotuning and data start-up: no rate or ETA from it
