@@ -41,14 +41,40 @@ def content_hash(*parts: Tensor | str | bytes, length: int = 24) -> str:
     return h.hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 (hex) of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def output_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives under this process's umask (0644 under the usual 022)."""
+    try:  # read, not set: flipping the umask to read it would race with other threads creating files
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("Umask:"))
+        mask = int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` to a unique temporary file beside ``path``, then rename it over ``path``."""
+    """``write(tmp)`` to a unique temporary file beside ``path``, flush it to disk, give it the mode of any
+    other output (``mkstemp`` makes it private) and rename it over ``path``: a kill or a crash never leaves a
+    half-written file under that name. Every file genflow writes for later use (checkpoints, exports,
+    cache entries) goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, output_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

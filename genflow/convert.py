@@ -32,13 +32,11 @@ the leaderboard's published-checkpoint rows.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import math
 import os
 import pickle
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +44,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from genflow.cache import atomic_write, content_hash, file_sha256
 from genflow.errors import CheckpointError, config_error, exit_on_error
 from genflow.methods.pfgmpp import _parse_D
 
@@ -566,28 +565,14 @@ def _lightning_version() -> str:
         return "unknown"
 
 
-def save_atomic(obj: dict, out: str | os.PathLike) -> Path:
-    """torch.save to a temporary file next to ``out``, then rename: never a half-written checkpoint."""
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
 def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: Sequence[str] = (),
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, sha256: str | None = None) -> Path:
     """Convert the EDM/PFGM++ network pickle ``src`` into the genflow checkpoint ``out``.
 
     ``D``: PFGM++'s augmented dimensions where the pickle does not record them (``inf``: EDM).
     ``overrides``: config overrides for the stored configuration (e.g. ``data.root=/data/cifar10``).
-    An existing ``out`` is replaced only with ``overwrite=True``.
+    An existing ``out`` is replaced only with ``overwrite=True``. ``sha256``: the pickle's digest when the
+    caller has it already (it is recorded in the checkpoint).
     """
     if Path(out).expanduser().exists() and not overwrite:
         raise config_error(f"{out} already exists", "convert does not replace files unasked",
@@ -599,16 +584,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: S
         raise config_error(f"OUT {out} is the source pickle", "the conversion would overwrite its input",
                            "write the checkpoint to another path, e.g. edm-cifar10.ckpt")
     ckpt = convert_records(read_pickle(src), D=D, overrides=overrides, source=str(src))
-    ckpt["converted_from"]["sha256"] = file_sha256(src)
-    return save_atomic(ckpt, out)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    ckpt["converted_from"]["sha256"] = sha256 or file_sha256(src)
+    return atomic_write(Path(out).expanduser(), lambda tmp: torch.save(ckpt, tmp))
 
 
 def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -621,12 +598,12 @@ def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.
         raise config_error(f"published checkpoint {src} does not exist",
                            "published-checkpoint entries convert a local EDM/PFGM++ pickle (nothing is downloaded)",
                            "point the entry's environment variable at the .pkl file")
-    digest = hashlib.sha256(f"{file_sha256(src)}|D={D}|v{CONVERTER_VERSION}".encode()).hexdigest()[:16]
+    sha256 = file_sha256(src)  # read once: published pickles reach a gigabyte
     folder = Path(cache_dir).expanduser() if cache_dir else metrics_home() / "converted"
-    out = folder / f"{src.stem}-{digest}.ckpt"
+    out = folder / f"{src.stem}-{content_hash(sha256, f'D={D}', f'v{CONVERTER_VERSION}', length=16)}.ckpt"
     if not out.is_file():
         # several processes (DDP ranks) may convert at once: each writes atomically the same content
-        convert(src, out, D=D, overwrite=True)
+        convert(src, out, D=D, overwrite=True, sha256=sha256)
     return out
 
 

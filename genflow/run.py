@@ -228,26 +228,13 @@ def log_final(trainer, final: dict) -> None:
 
 
 def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
-    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow. Written to a
-    temporary file and renamed, with the mode of any other output."""
-    import os
-    import tempfile
-
+    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow (written atomically)."""
     from safetensors.torch import save_file
 
-    from genflow.training.callbacks import output_mode
+    from genflow.cache import atomic_write
 
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    path = run_dir / "ema.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=run_dir)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.chmod(tmp, output_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = atomic_write(run_dir / "ema.safetensors", lambda tmp: save_file(state, str(tmp)))
     OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
     return {"ema_safetensors": str(path)}
 

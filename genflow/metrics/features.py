@@ -18,7 +18,6 @@ hash used as part of cache keys for reference statistics).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import warnings
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genflow.cache import content_hash, file_sha256
 from genflow.errors import config_error
 from genflow.sampling import to_uint8
 
@@ -41,14 +41,6 @@ METRICS_HOME_ENV = "GENFLOW_METRICS_HOME"
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DIGITS_WEIGHTS = ASSETS / "digits_classifier.safetensors"
 INCEPTION_MODES = ("clean", "legacy_tensorflow")
-
-
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def metrics_home() -> Path:
@@ -117,7 +109,7 @@ class InceptionFeatures(nn.Module):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = f"{self.name}-{_file_sha256(self.file)[:16]}"
+            self._fingerprint = f"{self.name}-{file_sha256(self.file)[:16]}"
         return self._fingerprint
 
     def _clean_resize(self, images_u8: Tensor) -> Tensor:
@@ -212,7 +204,7 @@ class DigitsFeatures(nn.Module):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = f"digits-{_file_sha256(self.file)[:16]}"
+            self._fingerprint = f"digits-{file_sha256(self.file)[:16]}"
         return self._fingerprint
 
     @torch.no_grad()
@@ -233,11 +225,10 @@ class ModuleFeatures(nn.Module):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            h = hashlib.sha256(type(self.module).__qualname__.encode())
-            for k, v in sorted(self.module.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._fingerprint = f"{self.name}-{h.hexdigest()[:16]}"
+            state = sorted(self.module.state_dict().items())
+            digest = content_hash(type(self.module).__qualname__, *(part for k, v in state for part in (k, v)),
+                                  length=16)
+            self._fingerprint = f"{self.name}-{digest}"
         return self._fingerprint
 
     @torch.no_grad()

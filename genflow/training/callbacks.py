@@ -1,8 +1,6 @@
 """Callbacks: EDM's EMA on Lightning's weight averaging, sample grids, atomic checkpoints."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -10,13 +8,8 @@ import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from genflow.cache import atomic_write
 
-
-def output_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives under the current umask (0644 under the usual 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 class EDMEma(WeightAveraging):
     """EMA with EDM's half-life and ramp-up.
@@ -61,26 +54,12 @@ class EDMEma(WeightAveraging):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder and renames it into place, so a
-    run killed while saving never leaves a truncated checkpoint behind. The file gets the mode of any other
-    output (``mkstemp`` would leave it private); a temporary file orphaned by a kill is removed when the run
-    folder is next used (``genflow.training.runs.remove_stale_temps``)."""
+    """Writes each checkpoint through ``genflow.cache.atomic_write`` (a temporary file, flushed, renamed into
+    place), so a run killed while saving never leaves a truncated checkpoint behind; a temporary file orphaned
+    by a kill is removed when the run folder is next used (``genflow.training.runs.remove_stale_temps``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, output_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class SampleGrid(pl.Callback):
