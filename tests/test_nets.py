@@ -135,6 +135,14 @@ def test_bad_resolution_is_a_config_error():
         UNet(data_shape=(1, 8, 8), preset="nope")
     with pytest.raises(ConfigError, match="unknown UNet hyperparameter"):
         UNet(data_shape=(1, 8, 8), preset="unet_tiny", chanel_mult=(1,))
+    # ADM's UNet shares the check (it once built 1 attention block where the config asked for them at 3x3)
+    from genflow.nets.adm import ADMUNet
+
+    small = dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, channel_mult_emb=2, channels_per_head=8)
+    with pytest.raises(ConfigError, match=r"attn_resolutions \[3\] include \[3\], which this UNet never reaches"):
+        ADMUNet(data_shape=(1, 8, 8), attn_resolutions=(3,), **small)
+    with pytest.raises(ConfigError, match=r"2\^1 = 2"):
+        ADMUNet(data_shape=(1, 7, 7), attn_resolutions=(), **small)
 
 
 def naive_attention(q, k, v, mask=None):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from genflow.errors import config_error
 from genflow.nets import presets
 from genflow.nets.layers import (Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, batch_noise_labels,
-                                 class_labels)
+                                 check_levels, class_labels)
 
 #: name -> hyperparameters (EDM train.py --arch=adm for ImageNet-64)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -63,17 +63,13 @@ class ADMUNet(nn.Module):
         self.data_shape = (c_in, height, width)
         self.num_classes = int(num_classes)
         mc, mult = int(hp["model_channels"]), [int(m) for m in hp["channel_mult"]]
-        factor = 2 ** (len(mult) - 1)
-        if height % factor or width % factor:
-            raise config_error(f"image size {height}x{width} cannot be halved {len(mult) - 1} times",
-                               "each level after the first halves the resolution",
-                               f"use an image size divisible by {factor}, or fewer channel_mult levels")
+        attn_res = {int(r) for r in hp["attn_resolutions"]}
+        check_levels(height, width, len(mult), attn_res)
         if not 0.0 <= float(hp["label_dropout"]) < 1.0:
             raise config_error(f"label_dropout={hp['label_dropout']}", "it is a probability of dropping the class",
                                "use a value in [0, 1)")
         self.label_dropout = float(hp["label_dropout"])
         self.augment_dim = int(hp["augment_dim"])
-        attn_res = {int(r) for r in hp["attn_resolutions"]}
         emb_ch = mc * int(hp["channel_mult_emb"])
         block_kw = dict(emb_channels=emb_ch, channels_per_head=int(hp["channels_per_head"]),
                         dropout=float(hp["dropout"]), skip_scale=1.0, eps=1e-5, resample_proj=False,

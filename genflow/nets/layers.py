@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genflow.errors import config_error
+
 __all__ = [
     "init_weight_",
     "Linear",
@@ -377,3 +379,24 @@ def class_labels(cond, batch: int, num_classes: int, like: Tensor, *, dropout: f
         keep = torch.rand(batch, 1, device=like.device) >= dropout
         labels = labels * keep.to(labels.dtype)
     return labels
+
+
+def check_levels(height: int, width: int, levels: int, attn_res: set[int]) -> None:
+    """A UNet of ``levels`` resolutions (each halving the last) fits H x W, and reaches every attention resolution."""
+    factor = 2 ** (levels - 1)
+    if height % factor or width % factor or height < factor or width < factor:
+        ok = [factor * k for k in (1, 2, 4, 8, 16)]
+        fewer = max(l for l in range(1, levels + 1) if height % 2 ** (l - 1) == 0 and width % 2 ** (l - 1) == 0)
+        raise config_error(
+            f"image size {height}x{width} cannot be halved {levels - 1} times (channel_mult has {levels} levels)",
+            f"each UNet level halves the resolution, so H and W must be multiples of 2^{levels - 1} = {factor}",
+            f"use an image size in {ok}..., or a channel_mult with at most {fewer} entries for {height}x{width}",
+        )
+    resolutions = [height >> l for l in range(levels)]
+    missing = sorted(attn_res - set(resolutions))
+    if missing:
+        raise config_error(
+            f"attn_resolutions {sorted(attn_res)} include {missing}, which this UNet never reaches",
+            f"for {height}x{width} inputs and {levels} levels the resolutions are {resolutions}",
+            f"set net.attn_resolutions to a subset of {resolutions} (e.g. [{resolutions[-1]}])",
+        )

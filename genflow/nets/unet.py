@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from genflow.errors import config_error
 from genflow.nets import presets
 from genflow.nets.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-                                 batch_noise_labels, class_labels)
+                                 batch_noise_labels, check_levels, class_labels)
 
 _DDPMPP = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1))
 _NCSNPP = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1))
@@ -85,7 +85,7 @@ class UNet(nn.Module):
         mult = [int(m) for m in hp["channel_mult"]]
         levels = len(mult)
         attn_res = {int(r) for r in hp["attn_resolutions"]}
-        _check_resolution(height, width, levels, attn_res)
+        check_levels(height, width, levels, attn_res)
         if hp["embedding_type"] not in ("positional", "fourier"):
             raise config_error(f"embedding_type={hp['embedding_type']!r}", "two noise embeddings exist",
                                "use 'positional' (DDPM++) or 'fourier' (NCSN++)")
@@ -234,23 +234,3 @@ class UNet(nn.Module):
                 y = module(x)
                 out = y if out is None else y + out
         return out.contiguous()
-
-
-def _check_resolution(height: int, width: int, levels: int, attn_res: set[int]) -> None:
-    factor = 2 ** (levels - 1)
-    if height % factor or width % factor or height < factor or width < factor:
-        ok = [factor * k for k in (1, 2, 4, 8, 16)]
-        fewer = max(l for l in range(1, levels + 1) if height % 2 ** (l - 1) == 0 and width % 2 ** (l - 1) == 0)
-        raise config_error(
-            f"image size {height}x{width} cannot be halved {levels - 1} times (channel_mult has {levels} levels)",
-            f"each UNet level halves the resolution, so H and W must be multiples of 2^{levels - 1} = {factor}",
-            f"use an image size in {ok}..., or a channel_mult with at most {fewer} entries for {height}x{width}",
-        )
-    resolutions = [height >> l for l in range(levels)]
-    missing = sorted(attn_res - set(resolutions))
-    if missing:
-        raise config_error(
-            f"attn_resolutions {sorted(attn_res)} include {missing}, which this UNet never reaches",
-            f"for {height}x{width} inputs and {levels} levels the resolutions are {resolutions}",
-            f"set net.attn_resolutions to a subset of {resolutions} (e.g. [{resolutions[-1]}])",
-        )
