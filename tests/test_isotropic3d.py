@@ -268,3 +268,17 @@ def test_reference_lowers_heldout_error_at_high_noise():
     diff = (e_none - e_ref).mean(1)                          # per held-out object, paired
     se = diff.std() / math.sqrt(diff.numel())
     assert diff.mean() > 2 * se, (e_ref.mean().item(), e_none.mean().item(), se.item())
+
+
+def test_multiview_data_moves_to_a_device_whole():
+    """data.on_device moves the training split once: every tensor of a multi-view set goes (it once had no
+    ``to`` at all), and the batches are the same."""
+    from genflow.data.multiview import MultiView
+
+    dm = MultiView(num_objects=8, views=2, resolution=8, val_fraction=0.0)
+    data = dm.fit_dataset()
+    moved = data.to("meta")
+    assert moved.x.is_meta and all(v.is_meta for v in moved.cond.values()) and not data.x.is_meta
+    x, cond = data.__getitems__([3, 0])
+    x2, cond2 = data.to("cpu").__getitems__([3, 0])
+    assert torch.equal(x, x2) and all(torch.equal(cond[k], cond2[k]) for k in cond)

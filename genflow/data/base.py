@@ -8,6 +8,7 @@ data seed) or ``fresh`` (a new draw on every batch, on the batch's device).
 """
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import Literal
 
@@ -20,11 +21,11 @@ from genflow.data.augment import AugmentPipe
 from genflow.errors import config_error
 
 
-class TensorPairs(Dataset):
-    """(x_i, {"class": onehot_i}) pairs over preloaded tensors."""
+class Preloaded(Dataset):
+    """A dataset over preloaded tensors ``x`` (and others, alone or in dicts), read a whole batch at a time
+    (``__getitems__``). ``to(device)`` moves every one of them (``data.on_device``)."""
 
-    def __init__(self, x: Tensor, labels: Tensor | None, num_classes: int):
-        self.x, self.labels, self.num_classes = x, labels, num_classes
+    x: Tensor
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -33,15 +34,30 @@ class TensorPairs(Dataset):
         x, cond = self.__getitems__([i])
         return x[0], {k: v[0] for k, v in cond.items()}
 
-    def to(self, device) -> "TensorPairs":
-        labels = None if self.labels is None else self.labels.to(device)
-        return TensorPairs(self.x.to(device), labels, self.num_classes)
+    def to(self, device) -> "Preloaded":
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(moved, name, value.to(device))
+            elif isinstance(value, dict):
+                setattr(moved, name, {k: v.to(device) if isinstance(v, Tensor) else v for k, v in value.items()})
+        return moved
+
+    def batch_index(self, indices: list[int]) -> Tensor:
+        """The indices as a tensor on the data's device (a pinned, asynchronous copy: no wait for the GPU)."""
+        idx = torch.as_tensor(indices)
+        return idx.pin_memory().to(self.x.device, non_blocking=True) if self.x.is_cuda else idx
+
+
+class TensorPairs(Preloaded):
+    """(x_i, {"class": onehot_i}) pairs over preloaded tensors."""
+
+    def __init__(self, x: Tensor, labels: Tensor | None, num_classes: int):
+        self.x, self.labels, self.num_classes = x, labels, num_classes
 
     def __getitems__(self, indices: list[int]):
         """A whole batch in one indexing op (the DataLoader calls this instead of one item at a time)."""
-        idx = torch.as_tensor(indices)
-        if self.x.is_cuda:  # a pinned, asynchronous copy of the indices: no wait for the GPU
-            idx = idx.pin_memory().to(self.x.device, non_blocking=True)
+        idx = self.batch_index(indices)
         if self.labels is None or self.num_classes == 0:
             return self.x[idx], {}
         return self.x[idx], {"class": torch.nn.functional.one_hot(self.labels[idx], self.num_classes).float()}

@@ -42,9 +42,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from genflow.data.base import GenerativeDataModule
+from genflow.data.base import GenerativeDataModule, Preloaded
 from genflow.data.render import camera_to_world, get_camera, normalize_camera, random_boxes, render_boxes
 from genflow.errors import config_error
 from genflow.nets.encoders import build_encoder, check_encoder
@@ -54,22 +53,16 @@ __all__ = ["MultiView", "inference_cond", "load_reference_image", "save_views", 
 REFERENCE_POSES = ("random", "front")
 
 
-class MultiViewPairs(Dataset):
+class MultiViewPairs(Preloaded):
     """(views_i, {"camera", "image_emb", "reference", "reference_camera"}) over preloaded tensors."""
 
     def __init__(self, data: Mapping[str, Tensor], index: Tensor):
         self.x = data["x"][index]
         self.cond = {k: data[k][index] for k in ("camera", "image_emb", "reference", "reference_camera")}
 
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i: int):
-        return self.x[i], {k: v[i] for k, v in self.cond.items()}
-
     def __getitems__(self, indices: list[int]):
-        """A whole batch in one indexing op per tensor (see TensorPairs)."""
-        idx = torch.as_tensor(indices)
+        """A whole batch in one indexing op per tensor."""
+        idx = self.batch_index(indices)
         return self.x[idx], {k: v[idx] for k, v in self.cond.items()}
 
 
