@@ -301,8 +301,8 @@ def _attention_qkv(weight: Tensor) -> Tensor:
     return weight.reshape(channels, 3, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape[0], -1)
 
 
-def _block_tensors(block: Record, prefix: str, out: dict) -> None:
-    """One EDM UNetBlock (or Conv2d / GroupNorm / Linear) -> genflow names under ``prefix``."""
+def _tensors(block: Record, prefix: str, out: dict) -> None:
+    """One EDM module (UNetBlock, Conv2d, GroupNorm, Linear, ...) -> genflow names under ``prefix``."""
     for name, child in block.children.items():
         if name == "qkv":
             t = child.tensors
@@ -313,17 +313,8 @@ def _block_tensors(block: Record, prefix: str, out: dict) -> None:
             out[f"{prefix}attn.proj.weight"] = t["weight"].reshape(t["weight"].shape[0], -1)
             out[f"{prefix}attn.proj.bias"] = t["bias"]
         else:
-            _leaf_tensors(child, f"{prefix}{name}.", out)
+            _tensors(child, f"{prefix}{name}.", out)
     for name, t in block.tensors.items():
-        if name != "resample_filter":
-            out[f"{prefix}{name}"] = t
-
-
-def _leaf_tensors(layer: Record, prefix: str, out: dict) -> None:
-    if layer.children:
-        _block_tensors(layer, prefix, out)
-        return
-    for name, t in layer.tensors.items():
         # the FIR resampling filter is a constant of the architecture; genflow rebuilds it
         if name != "resample_filter":
             out[f"{prefix}{name}"] = t
@@ -334,7 +325,7 @@ def _song_state(unet: Record, net) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name in ("map_noise", "map_label", "map_augment", "map_layer0", "map_layer1"):
         if name in unet.children:
-            _leaf_tensors(unet.children[name], f"{name}.", out)
+            _tensors(unet.children[name], f"{name}.", out)
     enc_kind = {"conv": "conv", "down": "block", "aux_down": "aux_down", "aux_skip": "aux_skip",
                 "aux_residual": "aux_res"}
     enc = list(unet.child("enc").children.items())
@@ -345,7 +336,7 @@ def _song_state(unet: Record, net) -> dict[str, Tensor]:
         expected = "block" if suffix.startswith("block") else enc_kind.get(suffix)
         if expected != kind:
             raise _layout_error(f"encoder entry {key}", expected, kind)
-        _leaf_tensors(module, f"enc.{i}.", out)
+        _tensors(module, f"enc.{i}.", out)
     dec = list(unet.child("dec").children.items())
     i = 0
     for key, module in dec:
@@ -365,7 +356,7 @@ def _song_state(unet: Record, net) -> dict[str, Tensor]:
             expected, target = suffix, ""
         if expected != kind:
             raise _layout_error(f"decoder entry {key}", expected, kind)
-        _leaf_tensors(module, target, out)
+        _tensors(module, target, out)
         if suffix != "aux_norm":
             i += 1
     return out
@@ -376,13 +367,13 @@ def _adm_state(unet: Record, net) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name in ("map_noise", "map_augment", "map_layer0", "map_layer1", "map_label", "out_norm", "out_conv"):
         if name in unet.children:
-            _leaf_tensors(unet.children[name], f"{name}.", out)
+            _tensors(unet.children[name], f"{name}.", out)
     for part in ("enc", "dec"):
         entries = list(unet.child(part).children.values())
         if len(entries) != len(getattr(net, part)):
             raise _layout_error(part, len(entries), len(getattr(net, part)))
         for i, module in enumerate(entries):
-            _leaf_tensors(module, f"{part}.{i}.", out)
+            _tensors(module, f"{part}.{i}.", out)
     return out
 
 

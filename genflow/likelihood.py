@@ -74,10 +74,6 @@ def add_instance_noise(x: Tensor, sigma: float, generator: torch.Generator | Non
 
 
 # ------------------------------------------------------------------------------- Gaussian kernels
-#: the sigma0 <-> t0 map of a Gaussian path; each method states its own (``Method.gaussian_marginal``)
-GaussianKernel = GaussianMarginal
-
-
 def gaussian_kernel(method) -> GaussianMarginal:
     """The method's Gaussian perturbation path (the sigma0 <-> t0 map), or a clear error where it has none."""
     kernel = method.gaussian_marginal()
@@ -371,6 +367,6 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
     return out
 
 
-__all__ = ["log_likelihood", "likelihood_solve", "evaluate_nll", "gaussian_kernel", "GaussianKernel",
+__all__ = ["log_likelihood", "likelihood_solve", "evaluate_nll", "gaussian_kernel",
            "divergence_exact", "divergence_hutchinson", "instance_noise_schedule", "add_instance_noise",
            "metric_name", "selection_metric", "LikelihoodResult", "truncation_entropy_bpd"]

@@ -66,7 +66,7 @@ def test_dopri5_accuracy_and_measured_nfe():
     sol = solvers.integrate(lambda x, t: calls.append(t.tolist()) or linear(x, t), x0, grid, solver="dopri5",
                             atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(sol.x, x0 * math.exp(2 * A), rtol=1e-8, atol=1e-9)
-    assert sol.nfe == len(calls) > 6 and int(sol.nfe_per_sample.max()) == sol.nfe
+    assert sol.nfe == len(calls) > 6
 
 
 def test_dopri5_steps_each_sample_on_its_own():

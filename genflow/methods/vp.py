@@ -170,8 +170,8 @@ class VPDiffusion(Method):
         real, so the products are Hermitian: the half-spectrum rfft2/irfft2 pair gives the exact real
         result at half the cost of fft2/ifft2."""
         x0 = pairs[0][0]
-        coefs = [self._bcast(c, x0).to(x0.dtype) for _, c in pairs]
         if not self.per_frequency:
+            coefs = [self._bcast(c, x0).to(x0.dtype) for _, c in pairs]
             out = coefs[0] * pairs[0][0]
             for (x, _), c in zip(pairs[1:], coefs[1:]):
                 out = out + c * x
