@@ -107,20 +107,14 @@ def run_fid(module, dm, cfg, fid, device, progress: bool) -> dict:
     options = fid_options(fid, cfg.get("sample"), device=device)
     if options.get("progress") is None:
         options["progress"] = progress
+    nfe = module.method.nfe(options["steps"], options["solver"])  # None: adaptive, measured below
     if options["progress"]:  # say the size of the job before it starts; the first batch then times it
         print(f"FID: generating {options['num']} images x {options['seed_sets']} seed set(s) with "
-              f"{options['steps']} {options['solver']} steps (NFE {_nfe(module, options['steps'], options['solver'])}), "
+              f"{options['steps']} {options['solver']} steps (NFE {nfe or 'adaptive'}), "
               f"batch {options['batch_size']}, {options['precision']}, on {device}", file=sys.stderr, flush=True)
     out = evaluate_fid(module, dm, **options)
-    out.update(steps=options["steps"], solver=options["solver"], nfe=_nfe(module, options["steps"], options["solver"]))
+    out.update(steps=options["steps"], solver=options["solver"], nfe=nfe if nfe is not None else out["fid_nfe"])
     return out
-
-
-def _nfe(module, steps: int, solver: str):
-    try:
-        return int(module.method.nfe(steps, solver))
-    except (AttributeError, TypeError, ValueError):
-        return None
 
 
 def run_nll(module, dm, args: DictConfig, device, progress: bool) -> dict:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (PRECISION, Bool, Float, Int, Spec, Str, check_device, check_output_dir, check_schema,
-                            build_method, config_from_checkpoint, read_checkpoint, target_class)
+                            build_method, config_from_checkpoint, data_conditions, read_checkpoint)
 from genflow.errors import config_error
 
 SAMPLE_SCHEMA = {
@@ -58,8 +58,7 @@ def validate(cfg: DictConfig) -> None:
     ckpt = read_checkpoint(cfg.ckpt)
     stored = config_from_checkpoint(ckpt)
     build_method(stored).check_solver(cfg.solver)  # each method lists the samplers it offers
-    if cfg.guidance is not None and not (stored.data.get("conditional") or hasattr(target_class(stored.data),
-                                                                                     "sample_cond")):
+    if cfg.guidance is not None and not data_conditions(stored.data):
         raise config_error(f"guidance={cfg.guidance} for an unconditional model", "classifier-free guidance mixes "
                            "conditional and unconditional predictions; this checkpoint has no condition",
                            "drop guidance=, or use a conditional model")
@@ -71,7 +70,7 @@ def validate(cfg: DictConfig) -> None:
 def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``)."""
     from genflow.config import compose, module_from_checkpoint
-    from genflow.sampling import generate, sample_conditions, save_grid, to_uint8
+    from genflow.sampling import generate, nfe_per_image, sample_conditions, save_grid, to_uint8
     from genflow.training.module import check_finite_weights
 
     if not isinstance(cfg, DictConfig):
@@ -105,25 +104,14 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         cond = {"class": torch.nn.functional.one_hot(labels, dm.num_classes).float()}
     else:
         cond = sample_conditions(dm, seeds, device)
-    if guidance is not None and not cond:
-        raise config_error(f"guidance={guidance} for an unconditional model", "classifier-free guidance mixes "
-                           "conditional and unconditional predictions", "drop guidance=, or use a conditional model")
 
-    nfe, evaluated = module.method.nfe(steps, solver), [0]
-
-    def counted_net(x, *args, **kwargs):  # an adaptive solver's NFE is measured: images through the network
-        # (a batch steps until its slowest image is done, so this is what the images cost, not what each needed)
-        evaluated[0] += x.shape[0]
-        return module.net(x, *args, **kwargs)
-
-    start = time.perf_counter()
-    samples = generate(module.method, module.net if nfe is not None else counted_net, seeds, shape, steps=steps,
-                       solver=solver, cond=cond, guidance=None if guidance is None else float(guidance),
-                       batch_size=int(cfg.batch), device=module.device, progress=bool(cfg.progress),
-                       precision=cfg.precision)
+    start, counts = time.perf_counter(), {}
+    samples = generate(module.method, module.net, seeds, shape, steps=steps, solver=solver, cond=cond,
+                       guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
+                       device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts)
     wall = time.perf_counter() - start
-    if nfe is None:  # per image; classifier-free guidance runs both branches in one batch
-        nfe = round(evaluated[0] / len(seeds) / (2 if guidance not in (None, 1.0) else 1), 1)
+    nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured
+    nfe = nfe if nfe is not None else nfe_per_image(counts)
     out.mkdir(parents=True, exist_ok=True)
     result = {"out": str(out), "num": len(seeds), "nfe": nfe, "steps": steps,
               "solver": solver, "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),

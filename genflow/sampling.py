@@ -72,7 +72,7 @@ def _select(cond: dict | None, lo: int, hi: int) -> dict | None:
 def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
              solver: str = "heun", cond: dict | None = None, guidance: float | None = None,
              batch_size: int = 256, device=None, progress: bool = False, precision: str = "fp32",
-             solver_options: dict | None = None) -> Tensor:
+             solver_options: dict | None = None, counts: dict | None = None) -> Tensor:
     """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``.
 
     ``precision`` is the network's arithmetic: ``fp32`` (EDM's protocol, the default wherever numbers are
@@ -80,6 +80,8 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
     or ``bf16`` (autocast; an explicit, faster choice). The sampler state stays float64.
     ``solver`` is any sampler ``method.solvers()`` offers; ``solver_options`` override the method's own
     (e.g. EDM's churn: {"S_churn": 40, ...}). Each image's generator also drives its sampler noise.
+    ``counts``, if given, accumulates ``images`` and ``evaluations`` (network evaluations the solves ran,
+    ``Solution.nfe`` per image: a batch of an adaptive solver steps until its slowest image is done).
     """
     method.check_solver(solver)
     device = torch.device(device or "cpu")
@@ -96,10 +98,18 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
         gens = [torch.Generator(device).manual_seed(int(s)) for s in batch]
         noise = method.prior_sample((len(batch), *shape), generator=gens, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), full_fp32(not use_autocast):
-            x = method.sample(net, noise, steps=steps, solver=solver, cond=_select(cond, lo, lo + len(batch)),
-                              guidance=guidance, generator=gens, **(solver_options or {}))
-        out.append(x.float())
+            solution = method.solve(net, noise, steps=steps, solver=solver, cond=_select(cond, lo, lo + len(batch)),
+                                    guidance=guidance, generator=gens, **(solver_options or {}))
+        out.append(solution.x.float())
+        if counts is not None:
+            counts["images"] = counts.get("images", 0) + len(batch)
+            counts["evaluations"] = counts.get("evaluations", 0) + solution.nfe * len(batch)
     return torch.cat(out)
+
+
+def nfe_per_image(counts: dict) -> float | None:
+    """Network evaluations per image from ``generate``'s ``counts`` (None before any image)."""
+    return round(counts["evaluations"] / counts["images"], 2) if counts.get("images") else None
 
 
 @contextmanager

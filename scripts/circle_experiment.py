@@ -87,7 +87,7 @@ def run(n: int = 200, D: int = 2, noises=(0.0, 0.02, 0.05, 0.1, 0.2), steps: int
         net, method = fit(x, s, steps=steps, nodes=nodes, lr=lr, seed=seed, mode=mode)
         with torch.no_grad():
             z = method.prior_sample((n_test, D), generator=torch.Generator().manual_seed(40_000 + seed))
-            gen = method.sample(net, z)
+            gen = method.sample(net, z, steps=1)
             sig = method.sigma
             # the estimate P^ = g#P_Z perturbed by N(0, sigma0^2) against the truth perturbed alike
             ll_pert = method.log_marginal(net, test_pert, sigma0).mean()

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from genflow import solvers
 from genflow.errors import config_error
 from genflow.methods.base import Cond, Generators, Method, randn
 
@@ -135,19 +136,20 @@ class LatentFactorModel(Method):
         raise config_error("the latent factor model has no probability-flow ODE",
                            "it generates by decoding a latent, x = g(z) + sigma eps, and its likelihood is the "
                            "latent integral of LatentFactorModel.log_marginal, not an ODE change of variables",
-                           "sample with method.sample(net, method.prior_sample(...)) and evaluate with "
+                           "sample with method.sample(net, method.prior_sample(...), steps=1) and evaluate with "
                            "method.log_marginal(net, x, sigma) instead of genflow.likelihood")
 
-    def sample(self, net: Callable, noise: Tensor, *, steps: int = 1, solver: str = "heun", cond: Cond = None,
-               guidance: float | None = None, generator: Generators = None, callback=None) -> Tensor:
-        """g(z) for padded latents ``noise`` from ``prior_sample``; plus sigma eps if ``sample_noise``."""
+    def solve(self, net: Callable, noise: Tensor, *, steps: int = 1, solver: str = "heun", cond: Cond = None,
+              guidance: float | None = None, generator: Generators = None, callback=None) -> solvers.Solution:
+        """g(z) for padded latents ``noise`` from ``prior_sample`` (one network evaluation); plus sigma eps if
+        ``sample_noise``. ``Method.sample`` returns its x."""
         flat = noise.flatten(1)
         x = self.decode(net, flat[:, : self.latent_dim], flat.shape[1]).reshape(noise.shape)
         if self.sample_noise:
             x = x + self.sigma.detach().to(x.dtype) * randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         if callback is not None:
             callback({"i": 0, "t": torch.tensor(1.0, dtype=torch.float64), "x": x})
-        return x
+        return solvers.Solution(x, 1)
 
     def nfe(self, steps: int, solver: str = "heun") -> int:
         return 1

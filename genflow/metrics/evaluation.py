@@ -115,11 +115,13 @@ class FIDEvaluator:
     @torch.no_grad()
     def sample_stats(self, method, net, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
                      solver: str = "heun", guidance: float | None = None, batch_size: int | None = None,
-                     device=None, time_limit: float | None = None, precision: str = "fp32") -> FeatureStats:
+                     device=None, time_limit: float | None = None, precision: str = "fp32",
+                     counts: dict | None = None) -> FeatureStats:
         """Generate images for this rank's share of ``seeds`` and accumulate their feature statistics
         (all-reduced over ranks); ``precision`` is the network's arithmetic (fp32, the papers' protocol,
         or bf16). With ``time_limit`` (seconds) generation stops early on every rank
-        once it is exceeded; the statistics then cover the images made so far."""
+        once it is exceeded; the statistics then cover the images made so far. ``counts`` accumulates this
+        rank's images and network evaluations (``genflow.sampling.generate``)."""
         from genflow.sampling import generate, sample_conditions
 
         device = torch.device(device or self.device or "cpu")
@@ -141,7 +143,8 @@ class FIDEvaluator:
             if part:
                 cond = sample_conditions(self.datamodule, part, device) if self.datamodule is not None else None
                 images = generate(method, net, part, shape, steps=steps, solver=solver, cond=cond,
-                                  guidance=guidance, batch_size=batch, device=device, precision=precision)
+                                  guidance=guidance, batch_size=batch, device=device, precision=precision,
+                                  counts=counts)
                 stats.update(self.extractor(images))
             if time_limit is not None:
                 over = torch.tensor([float(time.perf_counter() - start > time_limit)], device=device)
@@ -174,7 +177,7 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     kid, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
     EDM's protocol and the default wherever a number is compared with a paper; it is part of the result.
     """
-    from genflow.sampling import check_precision
+    from genflow.sampling import check_precision, nfe_per_image
 
     check_precision(precision)
     if num < 2:
@@ -200,13 +203,13 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     shape = tuple(shape)
     was_training = net.training
     net.eval()
-    values, kids, counts = [], [], []
+    values, kids, counts, generated = [], [], [], {}
     start = time.perf_counter()
     for s in range(seed_sets):
         seeds = range(seed_start + s * num, seed_start + (s + 1) * num)
         stats = evaluator.sample_stats(method, net, seeds, shape, steps=steps, solver=solver, guidance=guidance,
                                        batch_size=batch_size, device=device, time_limit=time_limit,
-                                       precision=precision)
+                                       precision=precision, counts=generated)
         scored = evaluator.score(stats)
         values.append(scored["fid"])
         counts.append(stats.n)
@@ -222,6 +225,8 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
         f"{prefix}_precision": precision,
         f"{prefix}_ref": evaluator.ref if evaluator.ref in ("train", "val") else evaluator.reference.source,
         f"{prefix}_img_per_s": round(sum(counts) / max(wall, 1e-9), 2),
+        # measured (this process's share): an adaptive solver's NFE is known only after the solves
+        f"{prefix}_nfe": nfe_per_image(generated),
         f"{prefix}_wall_s": round(wall, 2),
     }
     if seed_sets > 1:
