@@ -21,13 +21,14 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
-                            build_method, check_schema, check_target, config_from_checkpoint,
+                            build_method, check_output_dir, check_schema, check_target, config_from_checkpoint,
                             read_checkpoint, run_app)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
@@ -65,13 +66,11 @@ def validate(cfg: DictConfig) -> None:
     if not (bits in ("auto", "none", None) or (isinstance(bits, int) and not isinstance(bits, bool) and bits > 0)):
         raise config_error(f"nll_bits={bits!r}", "nll_bits is auto, none or a positive bit depth", "use nll_bits=8")
     if cfg.out is not None:
-        from pathlib import Path
-
         out = Path(str(cfg.out)).expanduser()
-        if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
-            raise config_error(f"out={cfg.out} is a folder" if out.is_dir() else f"out={cfg.out}: {out.parent} "
-                               "is a file", "out is the file the JSON line is written to",
+        if out.is_dir():
+            raise config_error(f"out={cfg.out} is a folder", "out is the file the JSON line is written to",
                                "pass out=FILE.json (a file name)")
+        check_output_dir(out.parent, "out's folder")  # new folders are made; a file on the way is refused
     check_device(cfg.device)
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
@@ -183,10 +182,11 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     result["wall_s"] = round(time.perf_counter() - start, 2)
     if rank == 0:
         line = json.dumps(result)
+        print(line, flush=True)  # first: the result of a long evaluation is never only in a file that failed
         if cfg.out:
-            with open(cfg.out, "w") as f:
-                f.write(line + "\n")
-        print(line, flush=True)
+            from genflow.cache import atomic_write
+
+            atomic_write(Path(str(cfg.out)).expanduser(), lambda tmp: tmp.write_text(line + "\n"))
     return result
 
 

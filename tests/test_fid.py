@@ -198,9 +198,11 @@ def test_evaluate_cli_prints_one_json_line(checkpoint, capsys, monkeypatch):
     ckpt, root = checkpoint
     monkeypatch.setenv("GENFLOW_METRICS_HOME", str(root / "metrics"))
     capsys.readouterr()
-    out = main([f"ckpt={ckpt}", "fid.num=40", "fid.steps=3", "fid.seed_sets=2", "fid.batch_size=20", "device=cpu"])
+    saved = root / "new" / "folder" / "fid.json"  # folders that do not exist yet are made
+    out = main([f"ckpt={ckpt}", "fid.num=40", "fid.steps=3", "fid.seed_sets=2", "fid.batch_size=20", "device=cpu",
+                f"out={saved}"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(line) == out
+    assert json.loads(line) == out == json.loads(saved.read_text())
     assert out["fid_images"] == 40 and len(out["fid_sets"]) == 2 and out["fid"] == min(out["fid_sets"])
     assert out["nfe"] == 5 and out["model"] == "PFGMPP" and out["fid_extractor"] == "digits"
     # the same seeds through the library call give the same number
