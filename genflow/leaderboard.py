@@ -228,29 +228,36 @@ def markdown(suite: dict, rows: list[dict], num: int | None = None, precision: s
     fid = {**(suite.get("fid") or {}), **({"num": num} if num is not None else {}),
            **({"precision": precision} if precision is not None else {})}
     lines = [f"# FID leaderboard: {suite['name']}", "",
-             f"Suite `{suite_file(suite['name'])}`; FID settings: `{json.dumps(fid)}`.", "",
+             f"Suite `{suite['path']}`; FID settings: `{json.dumps(fid)}`.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def validate(cfg: DictConfig) -> None:
-    """The leaderboard's checks before anything is trained: its own keys, the suite, the output folder."""
+def validate(cfg: DictConfig) -> dict:
+    """The leaderboard's checks before anything is trained: its own keys, the output folder, the suite
+    (returned, checked)."""
     check_schema(cfg, LEADERBOARD_SCHEMA, app="leaderboard", open_keys=("hydra", "suite"))
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
-    check_suite(OmegaConf.to_container(cfg.suite, resolve=True), "suite", str(SUITE_DIR))
+    return composed_suite(cfg)
 
 
-def run(cfg: DictConfig | Sequence[str] | None = None) -> dict:
-    """Run a suite; ``cfg`` is the composed app config (or its command-line overrides, composed here)."""
+def composed_suite(cfg: DictConfig) -> dict:
+    """The suite the app config composed (suite=NAME), checked, with its entries' default names."""
+    name = str(cfg.suite.get("name") or "suite")
+    return check_suite(OmegaConf.to_container(cfg.suite, resolve=True), name, suite_file(name))
+
+
+def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = False) -> dict:
+    """Run a suite; ``cfg`` is the composed app config (or its command-line overrides, composed here).
+    ``validated``: ``validate`` already ran on it (the Hydra app, after ``run_app``'s check)."""
     if not isinstance(cfg, DictConfig):
         from genflow.config import compose
 
-        cfg = compose(list(sys.argv[1:] if cfg is None else cfg), "leaderboard", validator=validate)
-    validate(cfg)
-    suite = check_suite(OmegaConf.to_container(cfg.suite, resolve=True), "suite", str(SUITE_DIR))
+        cfg, validated = compose(list(sys.argv[1:] if cfg is None else cfg), "leaderboard", validator=False), False
+    suite = composed_suite(cfg) if validated else validate(cfg)
     entries = suite["entries"]
     if cfg.only is not None:
         wanted = {str(cfg.only)} if isinstance(cfg.only, (str, int)) else set(map(str, cfg.only))
@@ -307,7 +314,7 @@ def run(cfg: DictConfig | Sequence[str] | None = None) -> dict:
 @hydra.main(version_base="1.3", config_path=str(APP_DIR), config_name="leaderboard")
 @reported
 def app(cfg: DictConfig) -> None:
-    run(cfg)
+    run(cfg, validated=True)  # run_app validated the command line before Hydra started
 
 
 if __name__ == "__main__":
