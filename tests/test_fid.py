@@ -179,7 +179,8 @@ def test_ddp_two_processes_equal_one(digits, trained, monkeypatch):
 
 
 def test_feature_stats_all_reduce_is_noop_without_distributed():
-    s = FeatureStats().update(torch.randn(10, 3))
+    s = FeatureStats()
+    s.update(torch.randn(10, 3))
     assert s.all_reduce() is s and s.n == 10
 
 

@@ -84,9 +84,6 @@ def test_running_stats_equal_batch_stats_and_merge():
     assert stats.n == 1000
     torch.testing.assert_close(stats.mean, f.double().mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats.cov, torch.cov(f.double().T), rtol=1e-10, atol=1e-10)
-    a, b = FeatureStats().update(f[:400]), FeatureStats().update(f[400:])
-    merged = a.merge(b)
-    torch.testing.assert_close(merged.cov, stats.cov, rtol=1e-10, atol=1e-10)
     mu, sigma = stats.stats()
     assert isinstance(mu, np.ndarray) and mu.dtype == np.float64 and sigma.shape == (12, 12)
 
@@ -105,7 +102,8 @@ def test_feature_stats_reduce_over_ranks_as_one_process():
     assert isinstance(stats, Metric)
     mean, cov = stats.compute()
     assert torch.equal(mean, stats.mean) and torch.equal(cov, stats.cov)
-    both = FeatureStats().update(torch.cat([f, f]))
+    both = FeatureStats()
+    both.update(torch.cat([f, f]))
     mu_ref, sigma_ref = np.zeros(5), np.eye(5)
     with stats.sync_context(dist_sync_fn=lambda t, group=None: [t, t], distributed_available=lambda: True):
         assert stats.n == 120
@@ -246,7 +244,8 @@ def test_module_extractor_and_reference_cache(tmp_path):
     assert len(list(tmp_path.glob("toy_train_*.npz"))) == 2
     # FID against the cached reference equals FID from raw features
     other = _images(50, seed=1)
-    stats = FeatureStats().update(ext(other))
+    stats = FeatureStats()
+    stats.update(ext(other))
     assert stats.frechet_distance(ref.mu, ref.sigma) == pytest.approx(
         fid_from_features(ext(other), direct), rel=1e-9)
 

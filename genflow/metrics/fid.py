@@ -21,7 +21,6 @@ subset's MMD^2 is torchmetrics' ``poly_mmd``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -112,18 +111,7 @@ class FeatureStats(Metric):
         self.add_state("outer_sum", torch.zeros(dim, dim, dtype=torch.float64, device=self.device),
                        dist_reduce_fx="sum")
 
-    def _wrap_update(self, update):
-        # torchmetrics' wrapper returns None; keep ``FeatureStats().update(f)`` chainable
-        counted = super()._wrap_update(update)
-
-        @functools.wraps(update)
-        def update_and_return_self(*args, **kwargs) -> "FeatureStats":
-            counted(*args, **kwargs)
-            return self
-
-        return update_and_return_self
-
-    def update(self, features: Tensor) -> "FeatureStats":
+    def update(self, features: Tensor) -> None:
         """Add a batch of features, shape (B, d). Stays on the stats' device (no host sync)."""
         if not isinstance(features, Tensor):
             features = torch.as_tensor(np.asarray(features))
@@ -142,7 +130,6 @@ class FeatureStats(Metric):
             take = f[: self.keep_features - self._num_kept].float()
             self.kept.append(take)
             self._num_kept += take.shape[0]
-        return self
 
     def reset(self) -> None:
         super().reset()
@@ -151,27 +138,6 @@ class FeatureStats(Metric):
     def compute(self) -> tuple[Tensor, Tensor]:
         """(mean, covariance) over every rank's features (torchmetrics syncs the sums for this call)."""
         return self.mean, self.cov
-
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
-        """Add another set's statistics into this one (as if all its features were passed to update)."""
-        if other.n == 0:
-            return self
-        if self.dim is None:
-            if self._follow_features:
-                self.to(other.device)
-            self._alloc(other.dim)
-        if other.dim != self.dim:
-            raise ValueError(f"FeatureStats.merge: {self.dim}-d vs {other.dim}-d")
-        self.count += other.count.to(self.device)
-        self.feature_sum += other.feature_sum.to(self.device)
-        self.outer_sum += other.outer_sum.to(self.device)
-        for k in other.kept:
-            if self._num_kept >= self.keep_features:
-                break
-            k = k[: self.keep_features - self._num_kept].to(self.device)
-            self.kept.append(k)
-            self._num_kept += k.shape[0]
-        return self
 
     def all_reduce(self, group=None) -> "FeatureStats":
         """Replace the statistics by their sum over all ranks of torch.distributed (no-op when not
@@ -235,7 +201,9 @@ class FeatureStats(Metric):
 
 def fid_from_features(feats1, feats2) -> float:
     """FID between two feature sets (N, d) and (M, d)."""
-    a, b = FeatureStats().update(_as_f64(feats1)), FeatureStats().update(_as_f64(feats2))
+    a, b = FeatureStats(), FeatureStats()
+    a.update(_as_f64(feats1))
+    b.update(_as_f64(feats2))
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)
 
 
