@@ -1,5 +1,7 @@
-"""One on-disk cache for values computed from data (SPD spectra, lambda-hat of kinetic-optimal paths,
-FID reference statistics): content-hash keys and atomic, rank-safe writes.
+"""Content-hash keys and atomic, rank-safe writes for everything genflow stores: the cache of values computed
+from data (SPD spectra, lambda-hat of kinetic-optimal paths; ``cache_dir()``, ``$GENFLOW_CACHE``), FID
+reference statistics and converted checkpoints (under ``$GENFLOW_METRICS_HOME``, beside the metric weights),
+checkpoints and exports of runs.
 
 ``content_hash`` keys a value by the bytes, dtype and shape of the tensors it was computed from plus
 any settings; ``cached(path, compute, load=..., save=...)`` returns the stored value or computes and
