@@ -494,3 +494,34 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
 def test_convert_help(cli):
     code, out, err = cli("genflow.convert", "--help")
     assert code == 0 and out.startswith("Import NVlabs EDM / PFGM++ network pickles") and "usage:" in out
+
+
+def test_attention_conversion_matches_edms_attention_forward():
+    """The qkv re-layout checked against EDM's attention written out from its published forward (not against
+    the inverse the other tests' pickles are built with): a 1x1 conv to 3C channels read as (B*heads, C/heads,
+    3, L), softmax(q^T k / sqrt(C/heads)) over keys, values mixed, a 1x1 projection."""
+    from genflow.convert import _attention_qkv
+    from genflow.nets.layers import Attention
+
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W, heads = 2, 8, 3, 4, 2
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    qkv_w, qkv_b = torch.randn(3 * C, C, generator=g, dtype=torch.float64), torch.randn(3 * C, generator=g,
+                                                                                      dtype=torch.float64)
+    proj_w, proj_b = torch.randn(C, C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    # EDM's UNetBlock attention, weights in EDM's layout
+    qkv = torch.einsum("oc,bchw->bohw", qkv_w, x) + qkv_b[:, None, None]
+    q, k, v = qkv.reshape(B * heads, C // heads, 3, -1).unbind(2)
+    weights = torch.softmax(torch.einsum("ncq,nck->nqk", q, k / math.sqrt(C // heads)), dim=2)
+    mixed = torch.einsum("nqk,nck->ncq", weights, v).reshape(B, C, H, W)
+    edm = torch.einsum("oc,bchw->bohw", proj_w, mixed) + proj_b[:, None, None]
+    # genflow's attention with the converted weights, on the same H*W tokens
+    attn = Attention(C, heads).double()
+    with torch.no_grad():
+        attn.qkv.weight.copy_(_attention_qkv(qkv_w))
+        attn.qkv.bias.copy_(_attention_qkv(qkv_b.reshape(-1, 1)).reshape(-1))
+        attn.proj.weight.copy_(proj_w)
+        attn.proj.bias.copy_(proj_b)
+    tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    ours = attn(tokens).reshape(B, H, W, C).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ours, edm, rtol=1e-12, atol=1e-12)
