@@ -77,6 +77,10 @@ def validate(cfg: DictConfig) -> None:
     if fid_num(cfg):
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
         build_method(stored).check_solver(solver, "fid.solver")
+    if cfg.nll and cfg.get("nll_solver"):
+        from genflow.likelihood import check_likelihood_solver
+
+        check_likelihood_solver(str(cfg.nll_solver))
 
 
 def _init_distributed(device_arg):

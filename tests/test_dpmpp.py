@@ -329,3 +329,26 @@ def test_equals_k_diffusion_sample_dpmpp_2m(steps):
     theirs32 = kd.sample_dpmpp_2m(model, x0.float(), sigmas, disable=True)
     torch.testing.assert_close(m.solve(net, x0.float(), steps=steps, solver="dpmpp_2m").x, theirs32,
                                rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- everywhere a solver is named
+def test_likelihood_refuses_it_with_the_reason():
+    from genflow.errors import ConfigError
+    from genflow.likelihood import log_likelihood
+
+    with pytest.raises(ConfigError, match="not an ODE integrator of the joint state"):
+        log_likelihood(EDM(), lambda *a: a[0], torch.zeros(1, 2), solver="dpmpp_2m")
+
+
+def test_sample_and_evaluate_command_lines(cli, trained_ckpt, tmp_path):
+    """sample.py draws with solver=dpmpp_2m (NFE = steps, guidance on the class-conditional model);
+    evaluate refuses it as the likelihood's solver before loading the model (exit 2)."""
+    import json
+
+    code, out, err = cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-1", "steps=3", "solver=dpmpp_2m",
+                         "guidance=2", f"out={tmp_path / 's'}", "progress=false")
+    assert code == 0, err
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["solver"] == "dpmpp_2m" and line["nfe"] == 3 and (tmp_path / "s" / "grid.png").is_file()
+    code, out, err = cli("genflow.evaluate", f"ckpt={trained_ckpt}", "fid.num=0", "nll=true", "nll_solver=dpmpp_2m")
+    assert code == 2 and "not an ODE integrator" in err

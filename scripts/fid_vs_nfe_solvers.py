@@ -1,0 +1,185 @@
+"""FID vs NFE on digits for every method and the few-step solvers: Euler, Heun and DPM-Solver++(2M) at
+NFE 5, 10, 20, 35 on the same checkpoints and the same seeds.
+
+    python scripts/fid_vs_nfe_solvers.py --out outputs/fid_nfe [--train-steps 800] [--num 500]
+        [--models edm pfgmpp128 flow_condot flow_ko ddpm spd] [--nfe 5 10 20 35]
+        [--solvers euler heun dpmpp_2m] [--schedules logsnr karras] [--schedule-nfe 10] [--reuse]
+
+Each model is trained by genflow's own training run (configs/train.yaml with the overrides in MODELS:
+``python train.py <overrides> data=digits trainer.max_steps=N seed=0 hydra.run.dir=OUT/<model>``), then
+scored with the digits FID (the shipped digits classifier's features, reference = the training set) on
+seeds 0..num-1. A solver's steps are the most whose NFE (``method.nfe``) does not exceed the target
+(Heun with EDM's Algorithm 1 has odd NFE 2 steps - 1, elsewhere even 2 steps): each row reports its own
+NFE. ``--schedules`` adds dpmpp_2m rows on the other time grids (``genflow.solvers.exponential_grid``) at
+``--schedule-nfe``. Prints a markdown table and one JSON line; writes OUT/fid_vs_nfe.{json,png} and each
+model's rows to OUT/<model>/fid_rows.json (read back by --reuse when the settings match).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from genflow.config import compose, module_from_checkpoint
+from genflow.metrics import evaluate_fid
+from genflow.run import train
+
+MODELS = {"edm": ["model=edm"], "pfgmpp128": ["model=pfgmpp", "D=128"],
+          "flow_condot": ["model=flow", "path=condot"], "flow_ko": ["model=flow", "path=ko"],
+          "ddpm": ["model=ddpm"], "spd": ["model=spd"]}
+MARKERS = {"euler": "s", "heun": "o", "dpmpp_2m": "D"}
+
+
+def train_model(name: str, args, out: Path) -> Path:
+    run_dir = out / name
+    ckpt = run_dir / "checkpoints" / "final.ckpt"
+    if args.reuse and ckpt.is_file():
+        return ckpt
+    cfg = compose([*MODELS[name], "data=digits", f"trainer.max_steps={args.train_steps}", f"seed={args.seed}",
+                   "trainer.enable_progress_bar=false", *args.set])
+    OmegaConf.update(cfg, "run_dir", str(run_dir), force_add=True)
+    return Path(train(cfg)["checkpoint"])
+
+
+def steps_for(method, solver: str, nfe: int) -> int | None:
+    """The most steps whose NFE is at most ``nfe`` (None if even one step costs more)."""
+    best = None
+    for steps in range(1, nfe + 1):
+        if method.nfe(steps, solver) <= nfe:
+            best = steps
+    return best
+
+
+def score(module, dm, *, solver: str, steps: int, args, schedule: str | None = None) -> dict:
+    start = time.perf_counter()
+    options = {"schedule": schedule} if schedule else None
+    fid = evaluate_fid(module, dm, num=args.num, steps=steps, solver=solver, batch_size=args.batch_size,
+                       seed_start=args.seed_start, solver_options=options)
+    return {"solver": solver + (f"/{schedule}" if schedule else ""), "steps": steps,
+            "nfe": module.method.nfe(steps, solver), "fid": fid["fid"], "images": fid["fid_images"],
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="outputs/fid_nfe")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--num", type=int, default=500, help="generated images per FID (seeds seed_start..)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 35])
+    p.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m"])
+    p.add_argument("--schedules", nargs="*", default=["logsnr", "karras"],
+                   help="extra dpmpp_2m time grids (besides the method's own)")
+    p.add_argument("--schedule-nfe", type=int, nargs="*", default=[10])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="reuse OUT/<model>/checkpoints/final.ckpt if present")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for name in args.models:
+        rows += model_rows(name, args, out)
+
+    print(table(rows))
+    checks = goal(rows)
+    result = {"rows": rows, "goal": checks, "plot": str(plot(rows, out / "fid_vs_nfe.png")),
+              "train_steps": args.train_steps, "num": args.num, "device": args.device}
+    (out / "fid_vs_nfe.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+def model_rows(name: str, args, out: Path) -> list[dict]:
+    """One model's rows; with --reuse, those saved by an earlier run with the same settings are read back."""
+    saved = out / name / "fid_rows.json"
+    settings = {"num": args.num, "seed_start": args.seed_start, "nfe": args.nfe, "solvers": args.solvers,
+                "schedules": args.schedules, "schedule_nfe": args.schedule_nfe}
+    if args.reuse and saved.is_file():
+        stored = json.loads(saved.read_text())
+        if stored.get("settings") == settings:
+            return stored["rows"]
+    rows = []
+    module, dm, _ = module_from_checkpoint(train_model(name, args, out), device=args.device)
+    for nfe in args.nfe:
+            for solver in args.solvers:
+                steps = steps_for(module.method, solver, nfe)
+                if steps is not None:
+                    rows.append({"model": name, "target_nfe": nfe, **score(module, dm, solver=solver, steps=steps,
+                                                                           args=args)})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if nfe in args.schedule_nfe:
+                for schedule in args.schedules:
+                    rows.append({"model": name, "target_nfe": nfe, **score(module, dm, solver="dpmpp_2m", steps=nfe,
+                                                                           args=args, schedule=schedule)})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+    tmp.replace(saved)
+    return rows
+
+
+def goal(rows: list[dict]) -> dict:
+    """Per model: dpmpp_2m's FID at NFE 10 (its best grid) against Heun's best FID at NFE >= 20."""
+    out = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        fast = [r for r in rows if r["model"] == name and r["solver"].startswith("dpmpp_2m") and r["nfe"] == 10]
+        heun = [r for r in rows if r["model"] == name and r["solver"] == "heun" and r["nfe"] >= 19]
+        if fast and heun:
+            default = next((r for r in fast if r["solver"] == "dpmpp_2m"), fast[0])
+            best = min(fast, key=lambda r: r["fid"])
+            ref = min(heun, key=lambda r: r["fid"])
+            out[name] = {"dpmpp_2m_nfe10": default["fid"], "best_grid_nfe10": [best["solver"], best["fid"]],
+                         "heun_best_nfe_ge_20": [ref["nfe"], ref["fid"]],
+                         "met_default_grid": default["fid"] <= ref["fid"], "met_best_grid": best["fid"] <= ref["fid"]}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per model and solver, one column per target NFE (FID, with the NFE if different)."""
+    nfes = sorted(dict.fromkeys(r["target_nfe"] for r in rows))
+    lines = ["| model | solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---|" * len(nfes)]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for solver in dict.fromkeys(r["solver"] for r in rows if r["model"] == name):
+            cells = []
+            for n in nfes:
+                r = next((r for r in rows if r["model"] == name and r["solver"] == solver and r["target_nfe"] == n), None)
+                cells.append("" if r is None else f"{r['fid']:.2f}" + ("" if r["nfe"] == n else f" ({r['nfe']})"))
+            lines.append(f"| {name} | {solver} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    from genflow.viz import agg_figure
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig = agg_figure(figsize=(3.2 * min(len(names), 3), 2.8 * ((len(names) + 2) // 3)))
+    axes = fig.subplots((len(names) + 2) // 3, min(len(names), 3), squeeze=False).flatten()
+    for ax, name in zip(axes, names):
+        for i, solver in enumerate(MARKERS):
+            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == name and r["solver"] == solver)
+            if pts:
+                ax.plot(*zip(*pts), marker=MARKERS[solver], color=f"C{i}", label=solver)
+        ax.set(xscale="log", yscale="log", title=name, xlabel="NFE")
+        ax.set_xticks([5, 10, 20, 35], labels=["5", "10", "20", "35"])
+    axes[0].set_ylabel("digits FID")
+    axes[0].legend(fontsize=7)
+    for ax in axes[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+if __name__ == "__main__":
+    main()
