@@ -352,3 +352,13 @@ def test_sample_and_evaluate_command_lines(cli, trained_ckpt, tmp_path):
     assert line["solver"] == "dpmpp_2m" and line["nfe"] == 3 and (tmp_path / "s" / "grid.png").is_file()
     code, out, err = cli("genflow.evaluate", f"ckpt={trained_ckpt}", "fid.num=0", "nll=true", "nll_solver=dpmpp_2m")
     assert code == 2 and "not an ODE integrator" in err
+
+
+@pytest.mark.parametrize("model", [["model=edm"], ["model=pfgmpp", "D=128"], ["model=flow", "path=ko"], ["model=ddpm"],
+                                   ["model=spd"]])
+def test_training_grid_and_fid_callback_accept_it(model):
+    """train.py's sample grid and FID callback take sample.solver=dpmpp_2m for every method."""
+    from genflow.config import compose
+
+    cfg = compose([*model, "sample.solver=dpmpp_2m", "sample.steps=10", "callbacks=fid"], environment=False)
+    assert cfg.callbacks.fid.solver == "dpmpp_2m" and cfg.callbacks.fid.steps == 10
