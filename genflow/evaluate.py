@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
-                            build_method, check_output_dir, check_schema, check_target, config_from_checkpoint,
+                            build_data, build_method, check_output_dir, check_schema, check_target, config_from_checkpoint,
                             read_checkpoint, run_app, sampler_options)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
@@ -77,6 +77,8 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg.device)
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
+    if (fid_num(cfg) and str(cfg.fid.ref) in ("train", "val")) or cfg.nll:
+        build_data(stored)  # this job reads the data set: its root is checked now (the record suffices otherwise)
     if fid_num(cfg):
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
         build_method(stored).check_solver(solver, "fid.solver", sampler_options(cfg.fid))
