@@ -14,25 +14,6 @@ from torch import nn
 from genflow.errors import CheckpointError, ConfigError
 
 
-def write_checkpoint(path, overrides, data_shape, num_classes=0):
-    """A genflow checkpoint written as train.py writes final.ckpt (Lightning's writer, GenerativeModule's
-    hyper-parameters), of an untrained network built from a data record alone: no data is read."""
-    import pytorch_lightning as pl
-
-    from genflow.config import build, compose, target_class
-    from genflow.data.record import RecordedData, data_record
-
-    cfg = compose(overrides)
-    cls = target_class(cfg.data)
-    record = data_record(cls, data_shape, num_classes, num_classes > 0)
-    module, _ = build(cfg, prepare=False, datamodule=RecordedData(record, cls, lambda: pytest.fail("data built")))
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path, weights_only=True)
-    return path
-
-
 CIFAR = ["data=cifar10", "model=edm", "net=unet_tiny", "+net.attn_resolutions=[16]"]
 
 
@@ -86,12 +67,12 @@ def standin_inception(tmp_path):
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
-def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, no_data, standin_inception,
+def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, checkpoint_writer, no_data, standin_inception,
                                                                    num_classes):
     from genflow.evaluate import main as evaluate
     from genflow.sample_cli import main as sample
 
-    ckpt = write_checkpoint(tmp_path / "edm-cifar10.ckpt", [*CIFAR, f"data.conditional={num_classes > 0}"],
+    ckpt = checkpoint_writer(tmp_path / "edm-cifar10.ckpt", [*CIFAR, f"data.conditional={num_classes > 0}"],
                             (3, 32, 32), num_classes)
     stored = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     assert stored["data_record"] == {"name": "cifar10", "data_shape": [3, 32, 32], "num_classes": num_classes,
@@ -111,11 +92,11 @@ def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, no_
     assert list(no_data.iterdir()) == []  # nothing looked for or downloaded the data
 
 
-def test_a_job_that_needs_the_images_says_so(tmp_path, no_data, standin_inception, capsys):
+def test_a_job_that_needs_the_images_says_so(tmp_path, checkpoint_writer, no_data, standin_inception, capsys):
     """fid.ref=train reads the training set: with none there, the data's own error before the model is loaded."""
     from genflow.evaluate import main as evaluate
 
-    ckpt = write_checkpoint(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
+    ckpt = checkpoint_writer(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
     for job in (["fid.num=4", "fid.steps=2", "fid.ref=train"], ["fid.num=0", "nll=true"]):
         with pytest.raises(ConfigError, match="CIFAR-10 not found under"):
             evaluate([f"ckpt={ckpt}", f"fid.inception_path={standin_inception}", *job])
@@ -147,10 +128,10 @@ def test_training_writes_the_record_and_old_checkpoints_still_load(trained_ckpt,
 
 @pytest.mark.parametrize("change", [{"data_shape": [3, -2, 32]}, {"num_classes": "ten"}, {"levels": 1},
                                     {"name": None}])
-def test_a_malformed_record_is_refused(tmp_path, change):
+def test_a_malformed_record_is_refused(tmp_path, checkpoint_writer, change):
     from genflow.config import module_from_checkpoint
 
-    path = write_checkpoint(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
+    path = checkpoint_writer(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
     ckpt = torch.load(path, weights_only=True)
     ckpt["hyper_parameters"]["data_record"].update(change)
     torch.save(ckpt, path)
@@ -158,10 +139,10 @@ def test_a_malformed_record_is_refused(tmp_path, change):
         module_from_checkpoint(path)
 
 
-def test_sample_json_line_records_the_sampler(tmp_path, no_data, capsys):
+def test_sample_json_line_records_the_sampler(tmp_path, checkpoint_writer, no_data, capsys):
     from genflow.sample_cli import main as sample
 
-    ckpt = write_checkpoint(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
+    ckpt = checkpoint_writer(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
     sample([f"ckpt={ckpt}", "seeds=0", "steps=2", "solver=stochastic", "S_churn=40", "S_tmin=0.05", "S_tmax=50",
             "S_noise=1.003", f"out={tmp_path / 's'}", "progress=false"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
