@@ -154,3 +154,23 @@ def test_sampler_settings_a_solver_does_not_use_are_errors(checkpoint_writer, tm
     assert EDM(S_churn=40).check_solver("stochastic") == "stochastic"
     with pytest.raises(ConfigError, match="not a sampler of PFGMPP"):  # the churn is Gaussian: D = inf only
         PFGMPP(D=128).check_solver("stochastic", options={"S_churn": 40})
+
+
+def test_leaderboard_rows_take_and_record_the_sampler(checkpoint_writer, tmp_path):
+    import json
+
+    from genflow.leaderboard import run
+
+    ckpt = checkpoint_writer(tmp_path / "c.ckpt", DIGITS, (1, 8, 8), seed=3)
+    suite = tmp_path / "configs" / "suite" / "mine.yaml"
+    suite.parent.mkdir(parents=True)
+    entry = f"{{name: churn, ckpt: '{ckpt}', steps: 4, solver: stochastic, S_churn: 40, S_tmin: 0.05, S_tmax: 50, S_noise: 1.003}}"
+    suite.write_text("name: mine\nfid: {num: 16, batch_size: 16, extractor: digits, ref: train}\n"
+                     f"entries:\n  - {entry}\n")
+    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb'}"])
+    row = json.loads(open(result["json"]).read())["rows"][0]
+    assert {k: row[k] for k in ("solver", "S_churn", "S_tmin", "S_tmax", "S_noise", "NFE")} == {
+        "solver": "stochastic", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003, "NFE": 7}
+    suite.write_text(suite.read_text().replace("solver: stochastic, ", ""))
+    with pytest.raises(ConfigError, match="S_churn, S_noise, S_tmax, S_tmin given for fid.solver=heun"):
+        run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb2'}"])
