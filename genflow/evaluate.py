@@ -30,8 +30,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
-                            build_data, build_method, check_output_dir, check_schema, check_target, config_from_checkpoint,
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, build_data, build_method,
+                            check_device, check_output_dir, check_schema, check_target, config_from_checkpoint,
                             read_checkpoint, run_app, sampler_options)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported

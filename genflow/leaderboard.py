@@ -187,8 +187,8 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     from genflow.config import fid_options, module_from_checkpoint
     from genflow.metrics import evaluate_fid
 
-    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), **{k: entry[k] for k in SAMPLER_SCHEMA if k in entry},
-           "precision": precision}
+    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}),
+           **{k: entry[k] for k in SAMPLER_SCHEMA if k in entry}, "precision": precision}
     if device.type == "cuda" and _rank_world()[1] > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # each DDP rank samples on its own GPU
     module, dm, cfg = module_from_checkpoint(ckpt, device=device)

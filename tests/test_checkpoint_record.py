@@ -67,8 +67,8 @@ def standin_inception(tmp_path):
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
-def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, checkpoint_writer, no_data, standin_inception,
-                                                                   num_classes):
+def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, checkpoint_writer, no_data,
+                                                                   standin_inception, num_classes):
     from genflow.evaluate import main as evaluate
     from genflow.sample_cli import main as sample
 
@@ -139,7 +139,8 @@ def test_a_malformed_record_is_refused(tmp_path, checkpoint_writer, change):
         module_from_checkpoint(path)
 
 
-def test_sample_json_line_records_the_sampler(tmp_path, checkpoint_writer, no_data, capsys):
+def test_json_lines_record_the_sampler(tmp_path, checkpoint_writer, no_data, standin_inception, capsys):
+    from genflow.evaluate import main as evaluate
     from genflow.sample_cli import main as sample
 
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
@@ -148,3 +149,10 @@ def test_sample_json_line_records_the_sampler(tmp_path, checkpoint_writer, no_da
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {k: line[k] for k in ("solver", "S_churn", "S_tmin", "S_tmax", "S_noise")} == {
         "solver": "stochastic", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    line = evaluate([f"ckpt={ckpt}", "fid.num=2", "fid.steps=2", "fid.solver=stochastic", "fid.S_churn=40",
+                     "fid.S_noise=1.003", f"fid.ref={ref}", f"fid.inception_path={standin_inception}",
+                     "fid.mode=legacy_tensorflow", "progress=false"])
+    assert (line["solver"], line["S_churn"], line["S_noise"], line["nfe"]) == ("stochastic", 40.0, 1.003, 3)
+    assert "S_tmin" not in line  # not given: the model's own (0), not reported as a choice

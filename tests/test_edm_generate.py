@@ -164,7 +164,8 @@ def test_leaderboard_rows_take_and_record_the_sampler(checkpoint_writer, tmp_pat
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", DIGITS, (1, 8, 8), seed=3)
     suite = tmp_path / "configs" / "suite" / "mine.yaml"
     suite.parent.mkdir(parents=True)
-    entry = f"{{name: churn, ckpt: '{ckpt}', steps: 4, solver: stochastic, S_churn: 40, S_tmin: 0.05, S_tmax: 50, S_noise: 1.003}}"
+    entry = (f"{{name: churn, ckpt: '{ckpt}', steps: 4, solver: stochastic, S_churn: 40, S_tmin: 0.05, "
+             "S_tmax: 50, S_noise: 1.003}")
     suite.write_text("name: mine\nfid: {num: 16, batch_size: 16, extractor: digits, ref: train}\n"
                      f"entries:\n  - {entry}\n")
     result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb'}"])

@@ -9,7 +9,6 @@ rounding boundary).
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import sys
