@@ -108,6 +108,7 @@ def test_sample_py_gives_generate_py_images(case, checkpoint_writer, tmp_path):
     got = generate(module.method, module.net, seeds, (1, 8, 8), steps=steps, solver=solver, batch_size=3,
                    solver_options=churn or None, num_classes=classes, class_label=class_idx)
     err = float((got.double() - want).abs().max())
+    print(f"{case}: max |genflow - transcription| = {err:.3g}")
     assert err <= 2e-5, err  # float32 denoiser, float64 state on both sides: rounding only
     images = torch.from_numpy(np.load(result["npz"])["images"])
     assert torch.equal(images, uint8(got))  # sample.py writes what generate() makes

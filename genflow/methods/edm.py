@@ -230,10 +230,12 @@ class EDM(Method):
         """Also: a churn (the model's own S_churn or ``options``) only for the stochastic sampler, and valid."""
         super().check_solver(solver, key, options)
         if self.churn["S_churn"] > 0 and solver != "stochastic":
+            offered = "stochastic" in self.solvers()
             raise config_error(f"model.S_churn={self.churn['S_churn']:g} with {key}={solver}",
                                f"the churn belongs to the stochastic sampler (Algorithm 2); {solver} would silently "
-                               "ignore it", f"use {key}=stochastic, or model.S_churn=0 (sample.py takes the churn "
-                               "on its command line: solver=stochastic S_churn=40 ...)")
+                               "ignore it", (f"use {key}=stochastic, or " if offered else "set ") +
+                               "model.S_churn=0 (sample.py takes the churn on its command line: solver=stochastic "
+                               "S_churn=40 ...)")
         if options and solver == "stochastic":
             _churn(**{**self.churn, **{k: v for k, v in options.items() if k in CHURN}})
         return solver
