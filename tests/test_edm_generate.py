@@ -88,13 +88,18 @@ def test_sample_py_gives_generate_py_images(case, checkpoint_writer, tmp_path):
     classes, class_idx, solver, churn, grid = CASES[case]
     steps = grid.get("steps", 18)
     model = [f"model.{k}={v}" for k, v in grid.items() if k != "steps"]
-    ckpt = checkpoint_writer(tmp_path / "edm.ckpt", [*DIGITS, f"data.conditional={classes > 0}", *model], (1, 8, 8),
-                             classes, seed=1)
+    on_command_line = case == "heun-grid"  # sample.py's sigma_min= sigma_max= rho=; else the model's own
+    ckpt = checkpoint_writer(tmp_path / "edm.ckpt", [*DIGITS, f"data.conditional={classes > 0}",
+                                                     *([] if on_command_line else model)], (1, 8, 8), classes, seed=1)
     seeds = list(range(8))
     args = [f"ckpt={ckpt}", "seeds=0-7", f"steps={steps}", f"solver={solver}", f"out={tmp_path / 's'}",
             "progress=false", "batch=3", *(f"{k}={v}" for k, v in churn.items())]
+    args += [f"{k}={v}" for k, v in grid.items() if k != "steps"] if on_command_line else []
     result = sample(args + ([f"class={class_idx}"] if class_idx is not None else []))
-    module, _, _ = module_from_checkpoint(ckpt)
+    module, _, _ = module_from_checkpoint(ckpt, model if on_command_line else ())
+    if on_command_line:
+        assert {k: result[k] for k in ("rho", "sigma_min", "sigma_max")} == {k: grid[k] for k in ("rho", "sigma_min",
+                                                                                                  "sigma_max")}
     with torch.no_grad():
         latents, labels, want = generate_py(module.net, seeds, (1, 8, 8), label_dim=classes, class_idx=class_idx,
                                             steps=steps, S_min=churn.get("S_tmin", 0.0),
@@ -147,6 +152,11 @@ def test_sampler_settings_a_solver_does_not_use_are_errors(checkpoint_writer, tm
         evaluate([f"ckpt={ckpt}", "fid.solver=dopri5", "fid.S_tmin=0.05", "fid.S_noise=1.003", "fid.ref=x.npz"])
     with pytest.raises(ConfigError, match="S_tmin=60.0 exceeds S_tmax=50.0"):
         sample([f"ckpt={ckpt}", "solver=stochastic", "S_churn=40", "S_tmin=60", "S_tmax=50", f"out={tmp_path / 's'}"])
+    with pytest.raises(ConfigError, match="sigma_min=90.0 is not below sigma_max=80"):
+        sample([f"ckpt={ckpt}", "sigma_min=90", f"out={tmp_path / 's'}"])
+    flow = checkpoint_writer(tmp_path / "f.ckpt", ["data=digits", "model=flow", "net=unet_tiny"], (1, 8, 8))
+    with pytest.raises(ConfigError, match="unknown key model.rho"):
+        sample([f"ckpt={flow}", "rho=5", f"out={tmp_path / 's'}"])
     code, _, stderr = cli("sample.py", f"ckpt={ckpt}", "solver=euler", "S_noise=1.003", f"out={tmp_path / 's'}")
     assert code == 2 and "error: S_noise given for solver=euler" in stderr and "Traceback" not in stderr
     # a model's own churn (a training config's model.S_churn) is no longer silently dropped by another solver

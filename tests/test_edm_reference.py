@@ -98,7 +98,7 @@ def edm_images(generate, net, seeds, class_idx=None, **sampler):
 
 
 CHURN = {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
-CASES = {  # name: (label_dim, class, sampler settings of sample.py, model overrides of the conversion)
+CASES = {  # name: (label_dim, class, sampler settings of sample.py, its time grid settings)
     "heun": (0, None, {"steps": 18}, {}),
     "heun-grid": (0, None, {"steps": 7}, {"rho": 5.0, "sigma_min": 0.01, "sigma_max": 40.0}),
     "stochastic": (0, None, {"steps": 12, "solver": "stochastic", **CHURN}, {}),
@@ -115,13 +115,13 @@ def test_sample_py_reproduces_edm_generate(case, edm, tmp_path):
 
     generate, networks = edm
     label_dim, class_idx, options, grid = CASES[case]
-    net, ckpt, how = converted(networks, tmp_path, label_dim, [f"model.{k}={v}" for k, v in grid.items()])
+    net, ckpt, how = converted(networks, tmp_path, label_dim)
     seeds = list(range(8))
     names = {"S_tmin": "S_min", "S_tmax": "S_max", "steps": "num_steps"}
     sampler = {names.get(k, k): v for k, v in {**options, **grid}.items() if k != "solver"}
     want_float, want = edm_images(generate, net, seeds, class_idx, **sampler)
     args = [f"ckpt={ckpt}", "seeds=0-7", f"out={tmp_path / 'out'}", "progress=false", "batch=3",
-            *(f"{k}={v}" for k, v in options.items())]
+            *(f"{k}={v}" for k, v in {**options, **grid}.items())]  # the grid as generate.py's --rho ...
     result = sample(args + ([f"class={class_idx}"] if class_idx is not None else []))
     got = torch.from_numpy(np.load(result["npz"])["images"])
     diff = (got.int() - want.int()).abs()
