@@ -9,6 +9,7 @@ rounding boundary).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import sys
@@ -31,8 +32,8 @@ def edm():
     try:
         with warnings.catch_warnings():  # distutils (dnnlib) and other deprecations of EDM's 2022 code
             warnings.simplefilter("ignore")
-            import generate
-            from training import networks
+            # EDM's own modules, found on EDM_DIR (not a dependency of genflow)
+            generate, networks = (importlib.import_module(m) for m in ("generate", "training.networks"))
         yield generate, networks
     finally:
         sys.path.remove(str(Path(EDM_DIR).expanduser()))
