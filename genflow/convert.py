@@ -187,6 +187,14 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype.dtype)[0].item()
 
 
+def _latin1_bytes(text, encoding="utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError("the pickle asks for _codecs.encode on something other than text in latin1, which "
+                              "genflow refuses to load\n  why: pickle protocol 2 writes bytes only as "
+                              "encode(str, 'latin1')\n  fix: convert an EDM or PFGM++ network snapshot")
+    return text.encode("latin1")
+
+
 def _numpy_refused(what: str) -> CheckpointError:
     return CheckpointError(
         f"the pickle asks for {what}, which genflow refuses to load\n"
@@ -205,6 +213,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Size"): torch.Size,  # plain values, in case a module's state holds them
     ("torch", "device"): torch.device,
     ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("builtins", "set"): set,  # pickle protocol 2 (torch.save's) writes a set as a call of set(list)
+    ("__builtin__", "set"): set,
+    ("_codecs", "encode"): _latin1_bytes,  # and bytes (a numpy scalar's) as a call of _codecs.encode(str, 'latin1')
     ("numpy", "dtype"): _NumpyDtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # the module's name under numpy 1.x
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # and under numpy 2.x
@@ -600,9 +611,9 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
         found = backbone.class_name if backbone is not None else "none"
         raise CheckpointError(f"the pickle's {precond.class_name} wraps a {found} backbone, which genflow has no "
                               f"network for\n  fix: convert a network with one of {sorted(BACKBONES)}")
+    method_ov, method_facts = _method(precond, data, D)  # an unsupported preconditioning says so first
     net_from, state_from = BACKBONES[backbone.class_name]
     net_cfg, facts = net_from(backbone)
-    method_ov, method_facts = _method(precond, data, D)
     pre = precond.kwargs
     for key, fact in (("img_resolution", "resolution"), ("img_channels", "channels"), ("label_dim", "label_dim")):
         if key in pre and int(pre[key]) != facts[fact]:
