@@ -2,21 +2,29 @@
 
     python -m genflow.convert SRC.pkl OUT.ckpt [D=2048] [data=cifar10] [data.root=...]
 
-EDM (Karras et al. 2022) and PFGM++ (Xu et al. 2023) publish ``network-snapshot-*.pkl`` files: a dict
-whose ``ema`` entry is the trained network. Their classes are "persistent": each object is pickled as a
-call of ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` where ``meta`` holds the class's
-module source, its name and the instance state (for an ``nn.Module``: ``_parameters``, ``_buffers``,
-``_modules`` and the recorded constructor arguments ``_init_kwargs``). Tensors are pickled as
-``torch._utils._rebuild_tensor_v2`` over storages serialised by ``torch.storage._load_from_bytes``.
+EDM (Karras et al. 2022) publishes ``edm-*.pkl`` files and its training loop writes
+``network-snapshot-*.pkl``: ``pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))``
+whose ``ema`` entry is the trained network. PFGM++ (Xu et al. 2023) saves
+``torch.save(dict(optimizer_state=..., step=..., ema=..., net=...))`` as ``training-state-*.pt``. Their
+classes are "persistent": each object is pickled as a call of
+``torch_utils.persistence._reconstruct_persistent_obj(meta)`` where ``meta`` holds the class's module
+source, its name and the instance state (for an ``nn.Module``: ``_parameters``, ``_buffers``, ``_modules``
+and the recorded constructor arguments ``_init_kwargs``). Tensors are pickled as
+``torch._utils._rebuild_tensor_v2`` over storages (serialised by ``torch.storage._load_from_bytes`` in a
+pickle, stored as files next to the pickle in a ``torch.save`` archive).
 
 Loading such a file with ``pickle`` executes the stored module source. Here ``SafeUnpickler`` resolves only
 a fixed list of globals, each of which only builds data:
 
 - the persistence entry point -> ``Record`` (class name + state; the module source is never read);
 - torch's container modules (``ModuleDict`` ...) -> ``Record`` too (their state is data);
-- storages -> ``torch.load(..., weights_only=True)`` of the stored bytes; tensors and parameters ->
-  ``torch._utils._rebuild_tensor`` over such a storage; ``OrderedDict``, ``dnnlib.util.EasyDict`` (a dict),
-  torch dtypes, ``torch.Size`` and ``torch.device``.
+- storages -> ``torch.load(..., weights_only=True)`` of the stored bytes, or an archive's storage bytes;
+  tensors and parameters -> ``torch._utils._rebuild_tensor`` over such a storage;
+- numpy scalars (``numpy._core.multiarray.scalar`` under numpy 2.x, ``numpy.core.multiarray.scalar`` under
+  1.x; EDM keeps e.g. ``skip_scale = np.sqrt(0.5)``) -> the Python number read from their bytes with
+  ``np.frombuffer``, for bool/integer/float/complex dtypes only (``numpy.dtype`` is checked before numpy
+  sees it: object, string, structured and datetime dtypes are refused);
+- ``OrderedDict``, ``set``, ``dnnlib.util.EasyDict`` (a dict), torch dtypes, ``torch.Size``, ``torch.device``.
 
 Anything else (``os.system``, ``builtins.exec``, ...) is refused with a ``CheckpointError`` before it can be
 called. The records are then mapped onto genflow's networks (``SongUNet`` -> ``UNet``, ``DhariwalUNet`` ->

@@ -5,7 +5,8 @@ Run by tests/test_convert.py in a subprocess (so EDM's top-level packages ``dnnl
 
     python tests/edm_reference_writer.py --repo EDM_DIR --kind edm --out FOLDER
 
-For each case of ``CASES`` (or ``PFGMPP_CASES`` with ``--kind pfgmpp``) it builds the network with the
+For each case of ``CASES`` (or ``PFGMPP_CASES`` with ``--kind pfgmpp``; ``--cases full`` for
+``FULL_CASES``, the published networks' architectures at full size) it builds the network with the
 checkout's own ``training.networks`` classes and random weights, writes the snapshot the way the checkout's
 training loop does, and saves the network's denoiser output on fixed inputs next to it
 (``CASE.io.pt``: x, sigma, class_labels, augment_labels, denoised), computed by the checkout's own forward.
@@ -48,6 +49,20 @@ CASES = {
     # FFHQ/AFHQv2's recipe (--cres=1,2,2,2 --dropout=0.05 --augment=0.15), shrunk, on 16x16 RGB images
     "ddpmpp-rgb16-edm": ("EDMPrecond", dict(DDPMPP, channel_mult=[1, 2, 2], attn_resolutions=[8], dropout=0.05),
                          16, 3, 0, 9),
+}
+
+#: the published networks' architectures at full size (EDM's train.py options of each edm-*.pkl), random
+#: weights: not part of the test suite (seconds to minutes each on a CPU); run with --kind edm --cases full
+FULL_CASES = {
+    "cifar10-uncond-vp": ("EDMPrecond", dict(DDPMPP, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
+                                             attn_resolutions=[16]), 32, 3, 0, 9),
+    "cifar10-cond-ve": ("EDMPrecond", dict(NCSNPP, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
+                                           attn_resolutions=[16]), 32, 3, 10, 9),
+    "ffhq64-uncond-vp": ("EDMPrecond", dict(DDPMPP, model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=4,
+                                            attn_resolutions=[16], dropout=0.05), 64, 3, 0, 9),
+    "imagenet64-cond-adm": ("EDMPrecond", dict(ADM, model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
+                                               attn_resolutions=[32, 16, 8], dropout=0.1, use_fp16=True),
+                            64, 3, 1000, 0),
 }
 
 #: PFGM++'s train.py: --pfgmpp and --aug_dim reach EDMPrecond as pfgmpp= and D=
@@ -102,7 +117,7 @@ def write_case(name, spec, out: Path, kind: str, seed: int) -> None:
     from training import augment, loss, networks
 
     precond, net_kwargs, res, ch, label_dim, augment_dim, *extra = spec
-    kwargs = dict(net_kwargs, use_fp16=False, dropout=net_kwargs.get("dropout", 0.13))
+    kwargs = dict(dict(use_fp16=False, dropout=0.13), **net_kwargs)
     if augment_dim:
         kwargs["augment_dim"] = augment_dim
     interface = dict(img_resolution=res, img_channels=ch, label_dim=label_dim, **(extra[0] if extra else {}))
@@ -160,8 +175,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(args.repo).resolve()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cases = CASES if args.kind == "edm" else PFGMPP_CASES
-    wanted = [c for c in args.cases.split(",") if c] or list(cases)
+    cases = {**CASES, **FULL_CASES} if args.kind == "edm" else PFGMPP_CASES
+    wanted = list(FULL_CASES) if args.cases == "full" else [c for c in args.cases.split(",") if c] or list(CASES)
     for i, name in enumerate(wanted):
         write_case(name, cases[name], out, args.kind, seed=100 + 10 * i)
     import numpy
