@@ -66,8 +66,8 @@ NUMPY_SCALAR = {"2.x": "numpy._core.multiarray", "1.x": "numpy.core.multiarray"}
 class EDMPickler(pickle.Pickler):
     """pickle.Pickler writing numpy scalars as ``scalar(dtype, bytes)`` under the chosen module name."""
 
-    def __init__(self, file, scalar):
-        super().__init__(file)
+    def __init__(self, file, scalar, protocol=None):
+        super().__init__(file, protocol)
         self.scalar = scalar
 
     def reducer_override(self, obj):
@@ -76,13 +76,18 @@ class EDMPickler(pickle.Pickler):
         return NotImplemented
 
 
-def write_pickle(path, ema, numpy_names: str = "2.x", **extra):
-    """EDM's snapshot: dict(ema, loss_fn, augment_pipe, dataset_kwargs) (a default for each missing entry)."""
-    extra.setdefault("loss_fn", edm_loss())
-    extra.setdefault("augment_pipe", None)
-    extra.setdefault("dataset_kwargs", dict(class_name="training.dataset.ImageFolderDataset", path="x.zip",
-                                            use_labels=False, xflip=False, cache=True, resolution=8,
-                                            max_size=1797))
+def write_pickle(path, ema, numpy_names: str = "2.x", torch_save: bool = False, **extra):
+    """EDM's snapshot: dict(ema, loss_fn, augment_pipe, dataset_kwargs) (a default for each missing entry).
+    ``torch_save``: PFGM++'s training state instead, torch.save(dict(optimizer_state, step, ema, net))."""
+    if torch_save:
+        extra = dict(optimizer_state={"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]},
+                     step=1000, net=ema, **extra)
+    else:
+        extra.setdefault("loss_fn", edm_loss())
+        extra.setdefault("augment_pipe", None)
+        extra.setdefault("dataset_kwargs", dict(class_name="training.dataset.ImageFolderDataset", path="x.zip",
+                                                use_labels=False, xflip=False, cache=True, resolution=8,
+                                                max_size=1797))
     names = {"torch_utils": types.ModuleType("torch_utils"),
              "torch_utils.persistence": types.ModuleType("torch_utils.persistence"),
              "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": types.ModuleType("dnnlib.util"),
@@ -94,8 +99,13 @@ def write_pickle(path, ema, numpy_names: str = "2.x", **extra):
     saved = {k: sys.modules.get(k) for k in names}
     sys.modules.update(names)  # only while pickling: pickle checks each name resolves to the object
     try:
-        with open(path, "wb") as f:
-            EDMPickler(f, scalar).dump(dict(ema=ema, **extra))
+        if torch_save:  # torch's archive: its own pickler (protocol 2) with storages as separate files
+            init = lambda self, f, protocol=2: EDMPickler.__init__(self, f, scalar, protocol)  # noqa: E731
+            module = types.SimpleNamespace(__name__="pickle", Pickler=type("Pickler", (EDMPickler,), {"__init__": init}))
+            torch.save(dict(ema=ema, **extra), path, pickle_module=module)
+        else:
+            with open(path, "wb") as f:
+                EDMPickler(f, scalar).dump(dict(ema=ema, **extra))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -390,6 +400,29 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     assert ckpt["hyper_parameters"]["config"]["model"]["D"] == 128 and ckpt["converted_from"]["D_source"] == "argument"
     rel, module, _ = denoise_both(net, out, lambda b: None)
     assert module.method.D == 128 and rel <= 1e-5  # same denoiser, PFGM++ kernel for the prior
+
+
+def test_pfgmpp_training_state_archive(tmp_path):
+    """PFGM++'s training-state-*.pt: a torch.save archive whose networks record pfgmpp and D."""
+    import zipfile
+
+    from genflow.convert import convert, read_pickle
+
+    net, ema = song_pair("ncsnpp-cond")
+    ema._init_kwargs.update(pfgmpp=True, D=2048)
+    src = write_pickle(tmp_path / "training-state-000100.pt", ema, torch_save=True)
+    assert zipfile.is_zipfile(src)
+    assert read_pickle(src)["step"] == 1000
+    out = convert(src, tmp_path / "state.ckpt")
+    cond_fn = lambda b: {"class": torch.nn.functional.one_hot(torch.arange(b) % 10, 10).float()}
+    rel, module, _ = denoise_both(net, out, cond_fn)
+    assert type(module.method).__name__ == "PFGMPP" and module.method.D == 2048 and rel <= 1e-5, rel
+    # a payload inside the archive is refused like one in a pickle
+    ema.model.payload = _OpensFile(tmp_path / "pwned")
+    evil = write_pickle(tmp_path / "evil.pt", ema, torch_save=True)
+    with pytest.raises(CheckpointError, match=r"asks for (builtins|io)\.open"):
+        read_pickle(evil)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
@@ -804,6 +837,9 @@ def test_edm_snapshot_converts_and_matches_edms_forward(edm_snapshots, tmp_path,
         assert code == 2 and REFUSED[precond] in err and "fix:" in err and not out.exists(), err
         return
     assert code == 0, err
+    # EDM's loader would exec the stored source as a module _imported_module_<uuid> and import torch_utils
+    assert not any(k.startswith("_imported_module_") or k in ("torch_utils", "training", "dnnlib")
+                   for k in sys.modules)
     io = torch.load(edm_snapshots / f"{case}.io.pt", weights_only=True)
     module = _reference_denoiser(out)
     assert type(module.method).__name__ == {"EDMPrecond": "EDM", "VPPrecond": "DDPM"}[precond]
