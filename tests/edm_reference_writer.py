@@ -121,6 +121,7 @@ def write_case(name, spec, out: Path, kind: str, seed: int) -> None:
     if augment_dim:
         kwargs["augment_dim"] = augment_dim
     interface = dict(img_resolution=res, img_channels=ch, label_dim=label_dim, **(extra[0] if extra else {}))
+    torch.manual_seed(seed)  # EDM's initialisation draws from the global generator
     net = getattr(networks, precond)(**kwargs, **interface)
     randomize(net, seed)
     net.eval()
@@ -175,8 +176,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(args.repo).resolve()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cases = {**CASES, **FULL_CASES} if args.kind == "edm" else PFGMPP_CASES
-    wanted = list(FULL_CASES) if args.cases == "full" else [c for c in args.cases.split(",") if c] or list(CASES)
+    default = CASES if args.kind == "edm" else PFGMPP_CASES
+    cases = {**default, **FULL_CASES} if args.kind == "edm" else default
+    wanted = list(FULL_CASES) if args.cases == "full" else [c for c in args.cases.split(",") if c] or list(default)
     for i, name in enumerate(wanted):
         write_case(name, cases[name], out, args.kind, seed=100 + 10 * i)
     import numpy
