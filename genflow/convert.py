@@ -234,7 +234,7 @@ class SafeUnpickler(pickle.Unpickler):
     """Resolves only the globals in ``_ALLOWED`` (all data builders), torch dtypes and torch.nn module
     classes (as ``Record``s); any other global is refused before anything can call it.
 
-    ``storages``: for a ``torch.save`` archive, ``key -> bytes`` of its tensor storages (the archive's
+    ``storages``: for a ``torch.save`` archive, its tensor storages' bytes by key (``.get(key)``; the archive's
     pickle refers to them by persistent id); None for a plain pickle, where a persistent id is refused."""
 
     def __init__(self, file, storages=None):
@@ -306,9 +306,20 @@ def _load(path: Path):
             raise CheckpointError(f"{path} was saved on a big-endian machine, which genflow does not read\n"
                                   "  fix: re-save it with torch.save on a little-endian machine")
         prefix = f"{root}/data/"
-        storages = {n[len(prefix):]: archive.read(n) for n in names if n.startswith(prefix)}
+        # each storage is read when the pickle first refers to it (a training state also holds the optimizer's)
+        storages = _ArchiveStorages(archive, {n[len(prefix):]: n for n in names if n.startswith(prefix)})
         with archive.open(pickles[0]) as f:
             return SafeUnpickler(io.BytesIO(f.read()), storages).load()
+
+
+class _ArchiveStorages:
+    """key -> bytes of a torch.save archive's storage files, read on request."""
+
+    def __init__(self, archive: zipfile.ZipFile, files: dict[str, str]):
+        self.archive, self.files = archive, files
+
+    def get(self, key: str) -> bytes | None:
+        return self.archive.read(self.files[key]) if key in self.files else None
 
 
 def read_pickle(path: str | os.PathLike) -> dict:
