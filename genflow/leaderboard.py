@@ -21,8 +21,16 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
         pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
         paper_fid: 1.97                     # converted once (genflow.convert); skipped when not given
         nfe: 35
+      - name: edm-imagenet64-stochastic     # EDM's Algorithm 2, as generate.py --S_churn=40 ...
+        pickle: ${oc.env:GENFLOW_PKL_EDM_IMAGENET64,null}
+        solver: stochastic
+        steps: 256
+        S_churn: 40                         # S_churn, S_tmin, S_tmax, S_noise: the solver's settings
+        S_tmin: 0.05
+        S_tmax: 50
+        S_noise: 1.003
 
-Every row records method, D or path, dataset, NFE, FID, images, sampling img/s, wall time, the git
+Every row records method, D or path, dataset, solver and its settings, NFE, FID, images, sampling img/s, wall time, the git
 revision, the device and the sampling precision; ``leaderboard.md`` and ``leaderboard.json`` go to ``out`` (default
 ``leaderboard/<suite>``). Ends with one JSON line. Weights, data and reference statistics come from the
 environment on CI runners (GENFLOW_INCEPTION, GENFLOW_DATA, GENFLOW_METRICS_HOME; see the suite file).
@@ -41,15 +49,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, options, run_app)
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
+                            check_output_dir, check_schema, options, run_app, sampler_options)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
-              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid"}
+              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", *SAMPLER_SCHEMA}
 COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
            "train_steps", "revision", "device"]
 LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "device": Str(null=True),
@@ -85,6 +93,9 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
                                f"fix {path}")
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
+    for i, e in enumerate(entries):  # an entry's sampler settings (solver: stochastic, S_churn: 40, ...)
+        check_schema(OmegaConf.create({k: e[k] for k in SAMPLER_SCHEMA if k in e}), SAMPLER_SCHEMA,
+                     prefix=f"suite.entries[{i}].", app="leaderboard", open_keys=())
     sections = [("fid", suite.get("fid"))] + [(f"entries[{i}].fid", e.get("fid")) for i, e in enumerate(entries)]
     for where, fid in sections:
         if fid:
@@ -176,7 +187,8 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     from genflow.config import fid_options, module_from_checkpoint
     from genflow.metrics import evaluate_fid
 
-    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), "precision": precision}
+    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}),
+           **{k: entry[k] for k in SAMPLER_SCHEMA if k in entry}, "precision": precision}
     if device.type == "cuda" and _rank_world()[1] > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # each DDP rank samples on its own GPU
     module, dm, cfg = module_from_checkpoint(ckpt, device=device)
@@ -191,6 +203,7 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     out["nfe"] = module.method.nfe(steps, solver)
     out["steps"] = steps
     out["solver"] = solver
+    out["sampler"] = sampler_options(fid)
     out["config"] = cfg
     out["describe"] = module.method.describe()
     out["dataset"] = getattr(dm, "name", type(dm).__name__.lower())
@@ -293,7 +306,8 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         rows.append({
             "name": entry["name"], "method": method, "D/path": _settings(ev.pop("describe")),
             "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
-            "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
+            "steps": ev["steps"], "solver": ev["solver"], **ev["sampler"], "FID": ev["fid"],
+            "FID_sets": ev.get("fid_sets"),
             "precision": ev["fid_precision"],
             "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],
             "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,

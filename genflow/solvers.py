@@ -59,20 +59,23 @@ class Solution:
 @dataclass(frozen=True)
 class Sampler:
     """A registered sampler: ``run`` draws samples, ``nfe(steps, **options)`` predicts its network
-    evaluations (None when adaptive: measured in ``Solution.nfe``)."""
+    evaluations (None when adaptive: measured in ``Solution.nfe``); ``options``: the settings a user may
+    pass it (e.g. EDM's churn), any other is refused (``Method.check_solver``)."""
 
     name: str
     run: Callable[..., Solution]
     nfe: Callable[..., int | None]
+    options: tuple[str, ...] = ()
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register(name: str, nfe: Callable[..., int | None]):
-    """Decorator: add ``run(method, net, noise, *, steps, cond, generator, callback, **options)`` as ``name``."""
+def register(name: str, nfe: Callable[..., int | None], options: tuple[str, ...] = ()):
+    """Decorator: add ``run(method, net, noise, *, steps, cond, generator, callback, **options)`` as ``name``
+    (``options``: the keyword settings a user may give it)."""
     def wrap(run):
-        SAMPLERS[name] = Sampler(name, run, nfe)
+        SAMPLERS[name] = Sampler(name, run, nfe, tuple(options))
         return run
     return wrap
 
@@ -296,7 +299,7 @@ def exponential_grid(method, steps: int, schedule: str = "default", rho: float =
     return torch.cat([own[:first], inner, own[last + 1:]])
 
 
-@register("dpmpp_2m", nfe=lambda steps, **_: steps)
+@register("dpmpp_2m", nfe=lambda steps, **_: steps, options=("schedule", "rho", "grid"))
 def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
              schedule: str = "default", rho: float = 7.0, grid: Tensor | None = None) -> Solution:
     """DPM-Solver++(2M) along ``exponential_grid(method, steps, schedule, rho)`` (or the times ``grid``): one
@@ -333,7 +336,7 @@ def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=Non
     return Solution(x.to(dtype), grid.numel() - 1)
 
 
-@register("dpmpp_3m", nfe=lambda steps, **_: steps)
+@register("dpmpp_3m", nfe=lambda steps, **_: steps, options=("schedule", "rho", "grid"))
 def dpmpp_3m(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
              schedule: str = "default", rho: float = 7.0, grid: Tensor | None = None) -> Solution:
     """DPM-Solver++(3M): ``dpmpp_2m``'s integral with x_data extrapolated quadratically in lambda from the

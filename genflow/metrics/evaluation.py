@@ -121,7 +121,9 @@ class FIDEvaluator:
         (all-reduced over ranks); ``precision`` is the network's arithmetic (fp32, the papers' protocol,
         or bf16). With ``time_limit`` (seconds) generation stops early on every rank
         once it is exceeded; the statistics then cover the images made so far. ``counts`` accumulates this
-        rank's images and network evaluations (``genflow.sampling.generate``)."""
+        rank's images and network evaluations and ``solver_options`` are the sampler's settings
+        (``genflow.sampling.generate``). A class-conditional model's labels are drawn from each seed's
+        generator, as EDM's generate.py draws them."""
         from genflow.sampling import generate, sample_conditions
 
         device = torch.device(device or self.device or "cpu")
@@ -141,10 +143,12 @@ class FIDEvaluator:
         for b in chunks:
             part = mine[b * batch:(b + 1) * batch]
             if part:
-                cond = sample_conditions(self.datamodule, part, device) if self.datamodule is not None else None
+                dm = self.datamodule
+                cond = sample_conditions(dm, part, device) if dm is not None else None
                 images = generate(method, net, part, shape, steps=steps, solver=solver, cond=cond,
                                   guidance=guidance, batch_size=batch, device=device, precision=precision,
-                                  counts=counts, solver_options=solver_options)
+                                  counts=counts, solver_options=solver_options,
+                                  num_classes=getattr(dm, "num_classes", 0) or 0)
                 stats.update(self.extractor(images))
             if time_limit is not None:
                 over = torch.tensor([float(time.perf_counter() - start > time_limit)], device=device)
@@ -174,8 +178,10 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     ``method`` + ``net``) against the reference; returns a flat dict for the final JSON line.
 
     ``evaluator_kwargs`` go to ``FIDEvaluator`` (extractor, mode, inception_path, download, ref, cache_dir,
-    kid, progress); ``solver_options`` go to the sampler (e.g. dpmpp_2m's ``schedule``). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
+    kid, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
     EDM's protocol and the default wherever a number is compared with a paper; it is part of the result.
+    ``solver_options``: the sampler's settings (e.g. EDM's churn, dpmpp_2m's ``schedule``), checked against the
+    solver before any work.
     """
     from genflow.sampling import check_precision, nfe_per_image
 
@@ -188,6 +194,7 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
                            "use fid.seed_sets=1, or 3 for EDM's minimum over three sets")
     method = method if method is not None else module.method
     net = net if net is not None else module.net
+    method.check_solver(solver, "fid.solver", solver_options)
     if device is None:
         device = module.device if module is not None else next(net.parameters()).device
     device = torch.device(device)
