@@ -372,6 +372,16 @@ def test_sample_and_evaluate_command_lines(cli, trained_ckpt, tmp_path):
     assert line["solver"] == "dpmpp_2m" and line["nfe"] == 3 and (tmp_path / "s" / "grid.png").is_file()
     code, out, err = cli("genflow.evaluate", f"ckpt={trained_ckpt}", "fid.num=0", "nll=true", "nll_solver=dpmpp_2m")
     assert code == 2 and "not an ODE integrator" in err
+    # the time grid is a setting of the exponential integrators only
+    code, out, err = cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-1", "steps=3", "solver=dpmpp_3m",
+                         "schedule=karras", f"out={tmp_path / 'k'}", "progress=false")
+    assert code == 0, err
+    code, out, err = cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-1", "steps=3", "solver=heun",
+                         "schedule=karras", f"out={tmp_path / 'h'}", "progress=false")
+    assert code == 2 and "schedule" in err and "dpmpp" in err
+    code, out, err = cli("sample.py", f"ckpt={trained_ckpt}", "solver=dpmpp_2m", "schedule=cosine",
+                         f"out={tmp_path / 'c'}", "progress=false")
+    assert code == 2 and "logsnr" in err
 
 
 @pytest.mark.parametrize("model", [["model=edm"], ["model=pfgmpp", "D=128"], ["model=flow", "path=ko"], ["model=ddpm"],
