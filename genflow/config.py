@@ -161,7 +161,7 @@ Str, Bool = (lambda **kw: Spec(str, **kw)), (lambda **kw: Spec(bool, **kw))
 PRECISION = Str(choices=("fp32", "bf16"))
 
 # a user's settings of a sampler (Method.check_solver refuses those its solver does not take): EDM's churn,
-# the time grid of the exponential integrators (dpmpp_2m, dpmpp_3m)
+# the time grid of the exponential integrator (dpmpp_2m)
 SAMPLER_SCHEMA = {"S_churn": Float(0, null=True, example=40), "S_tmin": Float(0, null=True, example=0.05),
                   "S_tmax": Float(0, null=True, example=50), "S_noise": Float(0, null=True, example=1.003),
                   "schedule": Str(null=True, choices=SCHEDULES, example="logsnr")}

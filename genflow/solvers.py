@@ -43,7 +43,7 @@ from torch import Tensor
 Velocity = Callable[[Tensor, Tensor], Tensor]
 ODE_SOLVERS = ("euler", "heun", "dopri5")
 #: samplers of a method's data prediction along its Gaussian path (``Method.alpha_sigma``)
-EXPONENTIAL_SOLVERS = ("dpmpp_2m", "dpmpp_3m")
+EXPONENTIAL_SOLVERS = ("dpmpp_2m",)
 
 
 @dataclass(frozen=True)
@@ -335,61 +335,3 @@ def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=Non
             callback({"i": i, "t": grid[i + 1], "x": x, "denoised": denoised})
     return Solution(x.to(dtype), grid.numel() - 1)
 
-
-@register("dpmpp_3m", nfe=lambda steps, **_: steps, options=("schedule", "rho", "grid"))
-def dpmpp_3m(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
-             schedule: str = "default", rho: float = 7.0, grid: Tensor | None = None) -> Solution:
-    """DPM-Solver++(3M): ``dpmpp_2m``'s integral with x_data extrapolated quadratically in lambda from the
-    last three predictions (Lu et al., multistep order 3):
-
-    x_next = (sigma_next/sigma_cur) x + alpha_next [(1 - e^-h) D + phi_2 d_1 - 2 phi_3 d_2],
-    phi_2 = 1 - (1 - e^-h)/h, phi_3 = phi_2/h - 1/2, where d_1 ~ h x' and d_2 ~ h^2 x''/2 are the divided
-    differences of the last three predictions (r_0 = h_1/h, r_1 = h_2/h for the previous steps h_1, h_2):
-    d_1 = e_0 + (e_0 - e_1) r_0/(r_0 + r_1), d_2 = (e_0 - e_1)/(r_0 + r_1), e_0 = (D - D_1)/r_0,
-    e_1 = (D_1 - D_2)/r_1. The Taylor expansion gives d_2 the weight 2 phi_3: with phi_3 alone (as in the
-    reference DPM-Solver code and k-diffusion's ``sample_dpmpp_3m_sde`` at eta = 0) the step is only second
-    order, which tests/test_dpmpp.py measures on closed forms. The second step uses d_1 = (D - D_1)/r_0
-    alone; the first step, a step with an infinite h and the steps after one are lower order as in
-    ``dpmpp_2m``."""
-    if grid is None:
-        grid = exponential_grid(method, steps, schedule, rho, device=noise.device)
-    grid = grid.to(noise.device, torch.float64)
-    dtype, x = noise.dtype, noise.to(torch.float64)
-    alpha, sigma = zip(*(method.alpha_sigma(t) for t in grid))
-    lam = [_log_snr(a, s) for a, s in zip(alpha, sigma)]
-    history: list[tuple[Tensor, Tensor]] = []  # (prediction, the step h that followed it), newest first
-    for i in range(grid.numel() - 1):
-        denoised = method.data_prediction(net, x.to(dtype), grid[i], cond).to(torch.float64)
-        h = lam[i + 1] - lam[i]
-        h = torch.where(torch.isnan(h), torch.full_like(h, math.inf), h)
-        ratio = sigma[i + 1] / sigma[i]
-        c = alpha[i + 1]
-        weight = -c * torch.expm1(-h)
-        pairs = [(x, ratio), (denoised, weight)]
-        if history:
-            (d1_, h1), finite = history[0], torch.isfinite(h)
-            use1 = finite & torch.isfinite(h1)
-            hs = torch.where(finite, h, torch.ones_like(h))
-            r0 = torch.where(use1, h1 / hs, torch.ones_like(h))
-            phi2 = torch.where(finite, 1 + torch.expm1(-hs) / hs, torch.zeros_like(h))
-            # the weight of d_2 ~ h^2 x''/2: int_0^h e^(u-h) u^2/2 du / (h^2/2) = 1 - 2 phi_2/h
-            two_phi3 = 2 * phi2 / hs - 1
-            if len(history) > 1:
-                d2_, h2 = history[1]
-                use2 = use1 & torch.isfinite(h2)
-                r1 = torch.where(use2, h2 / hs, torch.ones_like(h))
-                q, s = r0 / (r0 + r1), 1 / (r0 + r1)
-                # third order where every step is finite, else the second-order coefficients
-                a0 = torch.where(use2, phi2 * (1 + q) / r0 - two_phi3 * s / r0, phi2 / r0)
-                a1 = torch.where(use2, -phi2 * ((1 + q) / r0 + q / r1) + two_phi3 * s * (1 / r0 + 1 / r1), -phi2 / r0)
-                a2 = torch.where(use2, phi2 * q / r1 - two_phi3 * s / r1, torch.zeros_like(h))
-                a0, a1, a2 = (torch.where(use1, a, torch.zeros_like(a)) for a in (a0, a1, a2))
-                pairs = [(x, ratio), (denoised, weight + c * a0), (d1_, c * a1), (d2_, c * a2)]
-            else:
-                a0 = torch.where(use1, phi2 / r0, torch.zeros_like(h))
-                pairs = [(x, ratio), (denoised, weight + c * a0), (d1_, -c * a0)]
-        x = method.combine(*pairs)
-        history = [(denoised, h), *history[:1]]
-        if callback is not None:
-            callback({"i": i, "t": grid[i + 1], "x": x, "denoised": denoised})
-    return Solution(x.to(dtype), grid.numel() - 1)

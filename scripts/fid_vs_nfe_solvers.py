@@ -1,9 +1,9 @@
-"""FID vs NFE on digits for every method and the few-step solvers: Euler, Heun and DPM-Solver++(2M) (and
-with --solvers, DPM-Solver++(3M)) at NFE 5, 10, 20, 35 on the same checkpoints and the same seeds.
+"""FID vs NFE on digits for every method and the few-step solvers: Euler, Heun and DPM-Solver++(2M) at
+NFE 5, 10, 20, 35 on the same checkpoints and the same seeds.
 
     python scripts/fid_vs_nfe_solvers.py --out outputs/fid_nfe [--train-steps 800] [--num 500]
         [--models edm pfgmpp128 flow_condot flow_ko ddpm spd] [--nfe 5 10 20 35]
-        [--solvers euler heun dpmpp_2m [dpmpp_3m]] [--cached-only] [--schedules logsnr karras] [--schedule-nfe 10] [--reuse]
+        [--solvers euler heun dpmpp_2m] [--cached-only] [--schedules logsnr karras] [--schedule-nfe 10] [--reuse]
 
 Each model is trained by genflow's own training run (configs/train.yaml with the overrides in MODELS:
 ``python train.py <overrides> data=digits trainer.max_steps=N seed=0 hydra.run.dir=OUT/<model>``), then
@@ -32,7 +32,7 @@ from genflow.run import train
 MODELS = {"edm": ["model=edm"], "pfgmpp128": ["model=pfgmpp", "D=128"],
           "flow_condot": ["model=flow", "path=condot"], "flow_ko": ["model=flow", "path=ko"],
           "ddpm": ["model=ddpm"], "spd": ["model=spd"]}
-MARKERS = {"euler": "s", "heun": "o", "dpmpp_2m": "D", "dpmpp_3m": "^"}
+MARKERS = {"euler": "s", "heun": "o", "dpmpp_2m": "D"}
 
 
 def train_model(name: str, args, out: Path) -> Path:
@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     for name in args.models:
         if args.cached_only:
             saved = out / name / "fid_rows.json"
-            rows += json.loads(saved.read_text())["rows"] if saved.is_file() else []
+            stored = json.loads(saved.read_text())["rows"] if saved.is_file() else []
+            rows += [r for r in stored if r["solver"].split("/")[0] in args.solvers]
         else:
             rows += model_rows(name, args, out)
 
