@@ -252,8 +252,8 @@ def _log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
     return alpha.log() - sigma.log()
 
 
-#: time grids of the exponential integrators: the method's own, uniform in log-SNR, or EDM's rho-spacing
-SCHEDULES = ("default", "logsnr", "karras")
+#: time grids of the exponential integrator: the model's own, uniform in log-SNR, or EDM's rho-spacing
+SCHEDULES = ("model", "logsnr", "karras")
 
 
 def mean_log_snr(method, t: Tensor) -> Tensor:
@@ -262,17 +262,17 @@ def mean_log_snr(method, t: Tensor) -> Tensor:
     return _log_snr(*method.alpha_sigma(t)).reshape(t.numel(), -1).mean(1)
 
 
-def exponential_grid(method, steps: int, schedule: str = "default", rho: float = 7.0, device=None) -> Tensor:
+def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7.0, device=None) -> Tensor:
     """``steps + 1`` times for an exponential integrator.
 
-    ``default``: ``method.time_grid(steps)``. ``logsnr``: uniform in the (mean) log-SNR lambda, and
+    ``model``: ``method.time_grid(steps)``. ``logsnr``: uniform in the (mean) log-SNR lambda, and
     ``karras``: Karras et al.'s rho-spacing of e^-lambda (= sigma/alpha; EDM's sigma), both between the
     first and last times of the method's own grid where lambda is finite; an end where lambda is infinite
     (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     own = method.time_grid(steps, device=device)
-    if schedule == "default":
+    if schedule == "model":
         return own
     lam = mean_log_snr(method, own)
     finite = torch.isfinite(lam).nonzero().flatten()
@@ -301,7 +301,7 @@ def exponential_grid(method, steps: int, schedule: str = "default", rho: float =
 
 @register("dpmpp_2m", nfe=lambda steps, **_: steps, options=("schedule", "rho", "grid"))
 def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
-             schedule: str = "default", rho: float = 7.0, grid: Tensor | None = None) -> Solution:
+             schedule: str = "model", rho: float = 7.0, grid: Tensor | None = None) -> Solution:
     """DPM-Solver++(2M) along ``exponential_grid(method, steps, schedule, rho)`` (or the times ``grid``): one
     data prediction per step.
 

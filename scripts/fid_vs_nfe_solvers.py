@@ -3,15 +3,16 @@ NFE 5, 10, 20, 35 on the same checkpoints and the same seeds.
 
     python scripts/fid_vs_nfe_solvers.py --out outputs/fid_nfe [--train-steps 800] [--num 500]
         [--models edm pfgmpp128 flow_condot flow_ko ddpm spd] [--nfe 5 10 20 35]
-        [--solvers euler heun dpmpp_2m] [--cached-only] [--schedules logsnr karras] [--schedule-nfe 10] [--reuse]
+        [--solvers euler heun dpmpp_2m] [--cached-only] [--schedules model logsnr] [--extra-schedules karras] [--schedule-nfe 10] [--reuse]
 
 Each model is trained by genflow's own training run (configs/train.yaml with the overrides in MODELS:
 ``python train.py <overrides> data=digits trainer.max_steps=N seed=0 hydra.run.dir=OUT/<model>``), then
 scored with the digits FID (the shipped digits classifier's features, reference = the training set) on
 seeds 0..num-1. A solver's steps are the most whose NFE (``method.nfe``) does not exceed the target
 (Heun with EDM's Algorithm 1 has odd NFE 2 steps - 1, elsewhere even 2 steps): each row reports its own
-NFE. ``--schedules`` adds dpmpp_2m rows on the other time grids (``genflow.solvers.exponential_grid``) at
-``--schedule-nfe``. Prints a markdown table and one JSON line; writes OUT/fid_vs_nfe.{json,png} and each
+NFE. dpmpp_2m runs on each grid of ``--schedules`` (``genflow.solvers.exponential_grid``; ``model`` is the
+model's own) and on ``--extra-schedules`` at ``--schedule-nfe``; the figure plots the grid the method takes
+by default (``Method.solver_options``). Prints a markdown table and one JSON line; writes OUT/fid_vs_nfe.{json,png} and each
 model's rows to OUT/<model>/fid_rows.json (read back by --reuse when the settings match).
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ def steps_for(method, solver: str, nfe: int) -> int | None:
 
 def score(module, dm, *, solver: str, steps: int, args, schedule: str | None = None) -> dict:
     start = time.perf_counter()
-    options = {"schedule": schedule} if schedule else None
+    options = {"schedule": schedule} if schedule else None  # explicit: the row says which grid it ran
     fid = evaluate_fid(module, dm, num=args.num, steps=steps, solver=solver, batch_size=args.batch_size,
                        seed_start=args.seed_start, solver_options=options)
     return {"solver": solver + (f"/{schedule}" if schedule else ""), "steps": steps,
@@ -76,8 +77,9 @@ def main(argv=None) -> dict:
     p.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m"])
     p.add_argument("--cached-only", action="store_true",
                    help="tabulate the rows saved in OUT/<model>/fid_rows.json (any settings), compute nothing")
-    p.add_argument("--schedules", nargs="*", default=["logsnr", "karras"],
-                   help="extra dpmpp_2m time grids (besides the method's own)")
+    p.add_argument("--schedules", nargs="*", default=["model", "logsnr"],
+                   help="dpmpp_2m's time grids at every NFE (model: the model's own grid)")
+    p.add_argument("--extra-schedules", nargs="*", default=["karras"], help="more grids, at --schedule-nfe only")
     p.add_argument("--schedule-nfe", type=int, nargs="*", default=[10])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-start", type=int, default=0)
@@ -93,13 +95,19 @@ def main(argv=None) -> dict:
         if args.cached_only:
             saved = out / name / "fid_rows.json"
             stored = json.loads(saved.read_text())["rows"] if saved.is_file() else []
+            for r in stored:
+                r["solver"] = "dpmpp_2m/model" if r["solver"] == "dpmpp_2m" else r["solver"]
             rows += [r for r in stored if r["solver"].split("/")[0] in args.solvers]
         else:
             rows += model_rows(name, args, out)
 
+    # the grid dpmpp_2m takes when none is given (Method.solver_options): the figure plots that one
+    defaults = {name: module_from_checkpoint(out / name / "checkpoints" / "final.ckpt")[0].method
+                .solver_options("dpmpp_2m").get("schedule", "model") for name in args.models}
     print(table(rows))
     checks = goal(rows)
-    result = {"rows": rows, "goal": checks, "plot": str(plot(rows, out / "fid_vs_nfe.png")),
+    result = {"rows": rows, "goal": checks, "default_schedule": defaults,
+              "plot": str(plot(rows, out / "fid_vs_nfe.png", defaults)),
               "train_steps": args.train_steps, "num": args.num, "device": args.device}
     (out / "fid_vs_nfe.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
@@ -115,13 +123,17 @@ def model_rows(name: str, args, out: Path) -> list[dict]:
         stored = json.loads(saved.read_text())
         for r in stored["rows"]:
             r.setdefault("seed_start", stored.get("settings", {}).get("seed_start", 0))
+            if r["solver"] == "dpmpp_2m":  # rows written before the grid was part of the label: the model's grid
+                r["solver"] = "dpmpp_2m/model"
             done[(r["solver"], r["steps"], r["target_nfe"], r["images"], r["seed_start"])] = r
     wanted = []
     module = None
     for nfe in args.nfe:
-        jobs = [(solver, None) for solver in args.solvers]
-        if nfe in args.schedule_nfe:
+        jobs = [(solver, None) for solver in args.solvers if solver != "dpmpp_2m"]
+        if "dpmpp_2m" in args.solvers:
             jobs += [("dpmpp_2m", schedule) for schedule in args.schedules]
+            if nfe in args.schedule_nfe:
+                jobs += [("dpmpp_2m", schedule) for schedule in args.extra_schedules]
         for solver, schedule in jobs:
             if module is None:
                 module, dm, _ = module_from_checkpoint(train_model(name, args, out), device=args.device)
@@ -172,7 +184,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> Path:
+def plot(rows: list[dict], path: Path, defaults: dict) -> Path:
     from genflow.viz import agg_figure
 
     names = list(dict.fromkeys(r["model"] for r in rows))
@@ -180,9 +192,10 @@ def plot(rows: list[dict], path: Path) -> Path:
     axes = fig.subplots((len(names) + 2) // 3, min(len(names), 3), squeeze=False).flatten()
     for ax, name in zip(axes, names):
         for i, solver in enumerate(MARKERS):
-            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == name and r["solver"] == solver)
+            label = f"dpmpp_2m/{defaults[name]}" if solver == "dpmpp_2m" else solver
+            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == name and r["solver"] == label)
             if pts:
-                ax.plot(*zip(*pts), marker=MARKERS[solver], color=f"C{i}", label=solver)
+                ax.plot(*zip(*pts), marker=MARKERS[solver], color=f"C{i}", label="dpmpp_2m" if i == 2 else solver)
         ax.set(xscale="log", yscale="log", title=name, xlabel="NFE")
         ax.set_xticks([5, 10, 20, 35], labels=["5", "10", "20", "35"])
     axes[0].set_ylabel("digits FID")

@@ -174,8 +174,8 @@ def test_flow_matching_whole_path_converges():
     order 1.5 to 2 (measured 1.56-1.69 on Cond-OT for 32..1024 steps); it falls, and is small."""
     m = FlowMatching("condot")
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
-    errors = [float((m.solve(FlowNet(m), x0, steps=n, solver="dpmpp_2m").x - gaussian_flow(m, x0, m.time_grid(n)))
-                    .abs().max()) for n in STEPS]
+    errors = [float((m.solve(FlowNet(m), x0, steps=n, solver="dpmpp_2m", schedule="model").x
+                     - gaussian_flow(m, x0, m.time_grid(n))).abs().max()) for n in STEPS]
     assert all(1.2 < p < 2.3 for p in orders(errors)) and errors[-1] < 2e-3
 
 
@@ -187,7 +187,7 @@ def test_flow_matching_normalised_data_space():
     plain = FlowMatching("cosine")
     net = FlowNet(plain)
     z0 = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
-    z1 = plain.solve(net, z0, steps=12, solver="dpmpp_2m").x
+    z1 = plain.solve(net, z0, steps=12, solver="dpmpp_2m").x  # on the log-SNR grid, flow matching's default
     x1 = m.solve(net, m.from_normalized(z0), steps=12, solver="dpmpp_2m").x
     torch.testing.assert_close(x1, m.from_normalized(z1), rtol=1e-12, atol=1e-12)
 
@@ -377,3 +377,18 @@ def test_training_grid_and_fid_callback_accept_it(model):
 
     cfg = compose([*model, "sample.solver=dpmpp_2m", "sample.steps=10", "callbacks=fid"], environment=False)
     assert cfg.callbacks.fid.solver == "dpmpp_2m" and cfg.callbacks.fid.steps == 10
+
+
+def test_time_grids():
+    """model: the method's own grid (EDM's rho-grid, and so k-diffusion's); logsnr: equal steps of the mean
+    lambda between the grid's finite ends, an infinite end kept; flow matching and the VP methods default to it."""
+    edm, flow, ddpm = EDM(), FlowMatching("condot"), DDPM()
+    torch.testing.assert_close(solvers.exponential_grid(edm, 6, "karras"), edm.time_grid(6), rtol=1e-9, atol=0)
+    for m, ends in ((edm, (0, 6)), (flow, (1, 6)), (ddpm, (0, 7))):
+        g = solvers.exponential_grid(m, 7 if m is flow else (6 if m is edm else 7), "logsnr")
+        lam = solvers.mean_log_snr(m, g[ends[0]:ends[1]])
+        torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(lam.numel() - 1), rtol=1e-7, atol=1e-9)
+    g = solvers.exponential_grid(flow, 7, "logsnr")
+    assert float(g[0]) == 0.0 and float(g[-1]) == 1.0 and float(g[1]) == float(flow.time_grid(7)[1])
+    assert flow.solver_options("dpmpp_2m") == ddpm.solver_options("dpmpp_2m") == {"schedule": "logsnr"}
+    assert "schedule" not in edm.solver_options("dpmpp_2m")

@@ -183,6 +183,11 @@ class FlowMatching(_ResizingBuffers, Method):
         det = sch.sigma_t * sch.d_alpha_t - sch.alpha_t * sch.d_sigma_t
         return self.from_normalized((sch.sigma_t / det).to(x.dtype) * v - (sch.d_sigma_t / det).to(x.dtype) * z)
 
+    def solver_options(self, solver: str) -> dict:
+        """dpmpp_2m steps uniformly in log-SNR: the uniform t grid wastes its first and last steps where lambda
+        runs to -inf/+inf (digits, Cond-OT, NFE 10: FID 3.65 against 4.00)."""
+        return {"schedule": "logsnr"} if solver == "dpmpp_2m" else {}
+
     def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
         """shift + sum_i c_i (x_i - shift): the path is affine around the data mean ``shift``."""
         shift = self.shift.to(pairs[0][0].dtype)

@@ -328,6 +328,11 @@ class VPDiffusion(Method):
         """sum_i F^-1(c_i F x_i): per-frequency coefficients act in the Fourier basis."""
         return self._combine(*pairs)
 
+    def solver_options(self, solver: str) -> dict:
+        """dpmpp_2m steps uniformly in (mean) log-SNR rather than on the ODE grid (digits, NFE 10: DDPM FID
+        5.18 against 6.70 on the uniform s grid, SPD 3.16 against 3.49 on its rho-grid)."""
+        return {"schedule": "logsnr"} if solver == "dpmpp_2m" else {}
+
     def solvers(self) -> tuple[str, ...]:
         return ("ancestral", *super().solvers())
 
