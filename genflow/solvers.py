@@ -247,6 +247,18 @@ for _name in ODE_SOLVERS:
 
 
 # ---------------------------------------------------------------- exponential integrators (DPM-Solver++)
+#: a path coefficient this small relative to the other is an end of the path in float64 rounding
+#: (a kinetic-optimal path's sigma(1) = cos(pi/2) = 6e-17): lambda is infinite there, not ~37
+_END = 1e-12
+
+
+def _path(method, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``method.alpha_sigma(t)`` with rounding-level coefficients set to 0 (the path's exact ends)."""
+    alpha, sigma = method.alpha_sigma(t)
+    return (torch.where(alpha <= _END * sigma, torch.zeros_like(alpha), alpha),
+            torch.where(sigma <= _END * alpha, torch.zeros_like(sigma), sigma))
+
+
 def _log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
     """lambda = ln(alpha/sigma): -inf where alpha = 0 (pure noise), +inf where sigma = 0 (clean data)."""
     return alpha.log() - sigma.log()
@@ -259,7 +271,7 @@ SCHEDULES = ("model", "logsnr", "karras")
 def mean_log_snr(method, t: Tensor) -> Tensor:
     """lambda(t) = ln(alpha_t / sigma_t) at the times ``t`` (1-D), averaged over the coefficients of a
     per-frequency path (monotone in t, as every frequency's lambda is)."""
-    return _log_snr(*method.alpha_sigma(t)).reshape(t.numel(), -1).mean(1)
+    return _log_snr(*_path(method, t)).reshape(t.numel(), -1).mean(1)
 
 
 def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7.0, device=None) -> Tensor:
@@ -314,7 +326,7 @@ def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=Non
         grid = exponential_grid(method, steps, schedule, rho, device=noise.device)
     grid = grid.to(noise.device, torch.float64)
     dtype, x = noise.dtype, noise.to(torch.float64)
-    alpha, sigma = zip(*(method.alpha_sigma(t) for t in grid))
+    alpha, sigma = zip(*(_path(method, t) for t in grid))
     lam = [_log_snr(a, s) for a, s in zip(alpha, sigma)]
     previous, h_previous = None, None
     for i in range(grid.numel() - 1):

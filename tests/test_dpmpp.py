@@ -392,3 +392,19 @@ def test_time_grids():
     assert float(g[0]) == 0.0 and float(g[-1]) == 1.0 and float(g[1]) == float(flow.time_grid(7)[1])
     assert flow.solver_options("dpmpp_2m") == ddpm.solver_options("dpmpp_2m") == {"schedule": "logsnr"}
     assert "schedule" not in edm.solver_options("dpmpp_2m")
+
+
+def test_rounding_level_sigma_is_the_data_end():
+    """A path whose sigma(1) is cos(pi/2) = 6e-17 in float64 ends at sigma = 0: the last step is the plain
+    prediction (first order), not a 2M step with h ~ 37 that extrapolates by h/(2 h_prev)."""
+    class Rounded(FlowMatching):
+        def alpha_sigma(self, t):
+            alpha, sigma = super().alpha_sigma(t)
+            return alpha, torch.where(sigma == 0, torch.full_like(sigma, 6.1e-17), sigma)
+
+    exact, rounded = FlowMatching("cosine"), Rounded("cosine")
+    x0 = exact.prior_sample((4, 4), generator=gens(4)).to(F64)
+    for schedule in ("model", "logsnr"):
+        a = exact.solve(FlowNet(exact), x0, steps=8, solver="dpmpp_2m", schedule=schedule).x
+        b = rounded.solve(FlowNet(exact), x0, steps=8, solver="dpmpp_2m", schedule=schedule).x
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
