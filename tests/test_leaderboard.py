@@ -88,6 +88,10 @@ def test_history_grows_by_appending_and_the_gate_fails_a_worse_run(smoke, tmp_pa
     assert second["fid"] == first["fid"] and second["regressions"] == []  # same checkpoints, same seeds
     after = history.read_bytes()
     assert after.startswith(before) and len(read_history(history)) == 6  # appended, never rewritten
+    # a changed entry cannot continue the run trained for the old one: refused before any work, saying how
+    with pytest.raises(ConfigError, match="out=ANOTHER_DIR") as refused:
+        run(["suite=smoke", "suite.entries.1.D=64", f"out={out}", f"history={history}"])
+    assert "pfgmpp-D128" in str(refused.value) and history.read_bytes() == after
     with pytest.raises(RegressionFound) as err:
         run(["suite=smoke", "only=pfgmpp-D128", "suite.entries.1.budget.steps=2", f"out={tmp_path / 'worse'}",
              f"history={history}"])

@@ -86,8 +86,10 @@ def _plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
         x0, x1 = x0 - 1, x1 + 1
     left, right, top, bottom = 56, 12, 24, 40
 
+    inset = 14  # markers and tick labels clear of the y axis labels
+
     def sx(x):
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
+        return left + inset + (x - x0) / (x1 - x0) * (width - left - right - 2 * inset)
 
     def sy(y):
         return top + (y1 - y) / (y1 - y0) * (height - top - bottom)
