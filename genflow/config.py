@@ -507,7 +507,7 @@ def check_files(cfg: DictConfig) -> None:
 # --- what a resume keeps -----------------------------------------------------------------------------
 # recorded settings a resume must keep, and data keys that may change between machines or sessions
 RECORDED = ("model", "net", "data")
-MACHINE_KEYS = {"num_workers", "root", "download", "cache_dir", "pin_memory", "persistent_workers"}
+MACHINE_KEYS = {"num_workers", "root", "path", "download", "cache_dir", "pin_memory", "persistent_workers"}
 # top-level override keys and the recorded section they change
 OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "net", "allow_heavy_tails": "model",
                      "net": "net", "data": "data", "experiment": "model net data"}
