@@ -167,6 +167,7 @@ FID_SCHEMA = {
     "extractor": Str(null=True), "mode": Str(choices=("clean", "legacy_tensorflow")),
     "inception_path": Str(null=True), "download": Bool(), "ref": Str(), "cache_dir": Str(null=True),
     "kid": Bool(), "time_limit": Float(0, null=True), "progress": Bool(null=True), "precision": PRECISION,
+    "pr": Bool(), "pr_num": Int(4), "dinov2_path": Str(null=True),
 }
 
 TRAIN_SCHEMA = {

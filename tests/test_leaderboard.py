@@ -53,6 +53,8 @@ def test_smoke_suite_writes_a_well_formed_table(smoke):
         assert math.isfinite(row["fid"]) and row["fid"] > 0
         assert row["img_per_s"] > 0 and row["wall_s"] > 0 and row["commit"] and row["device"]
         assert Path(row["checkpoint"]).is_absolute() and (out / row["grid"]).is_file()
+        # the suite asks for KID and improved precision/recall next to FID
+        assert math.isfinite(row["kid"]) and 0 <= row["pr_precision"] <= 1 and 0 <= row["pr_recall"] <= 1
     assert [r["nfe"] for r in table["rows"]] == [7, 15, 15]
     assert all(r["fid"] < 100 for r in table["rows"][1:])
     # the sweep's two rows evaluate one trained model (one run folder)
@@ -309,10 +311,14 @@ def test_the_page_works_in_a_real_browser(smoke):
 
         headers = [th.text.rstrip(" ↕↑↓") for th in browser.find_elements(By.CSS_SELECTOR, "table.board th")]
         name, fid, nfe = headers.index("entry"), headers.index("FID ± std"), headers.index("NFE")
+        assert {"KID", "P (k-NN)", "R (k-NN)", "solver", "precision", "commit"} <= set(headers)
+        assert "Δ paper" not in headers  # no entry of the smoke suite has a paper figure
+        recall = headers.index("R (k-NN)")
         shown = table()
         assert [r[name] for r in shown] == [r["name"] for r in rows]
         assert [float(r[fid].split(" ")[0]) for r in shown] == [round(r["fid"], 3) for r in rows]
         assert [int(r[nfe]) for r in shown] == [r["nfe"] for r in rows]
+        assert [float(r[recall]) for r in shown] == [round(r["pr_recall"], 3) for r in rows]
         # sorting by FID reorders the rows, ascending then descending
         th = browser.find_elements(By.CSS_SELECTOR, "table.board th")[fid]
         th.click()
