@@ -416,7 +416,7 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         (out / "leaderboard.md").write_text(markdown(suite, rows, cfg.num, cfg.precision))
         page_rows = [{**r, "record": rec} for r, rec in zip(rows, records)]
         write_page(out, suite, page_rows, read_history(history_path),
-                   {"suite file": suite["path"], "date": date, "commit": revision, "device": dev,
+                   {"suite file": _shown(suite["path"]), "date": date, "commit": revision, "device": dev,
                     "history": history_path.name})
     result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),
               "json": str(out / "leaderboard.json"), "page": str(out / "index.html"), "history": str(history_path),
@@ -432,6 +432,14 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
             "\n  fix: find the change that made the entry worse; if the new figure is right (a changed protocol), "
             "rerun with gate=false once to record it as the new reference")
     return result
+
+
+def _shown(path: str) -> str:
+    """A suite file as a reader of the page knows it: relative to genflow's configs when it is one of them."""
+    try:
+        return str(Path(path).relative_to(CONFIG_DIR.parent))
+    except ValueError:
+        return path
 
 
 def history_record(suite: str, row: dict) -> dict:

@@ -25,8 +25,8 @@ COLUMNS = [("name", "entry", None), ("model", "model", None), ("settings", "sett
 OPTIONAL = {"paper_fid", "delta_paper", "kid", "fd_dinov2", "pr_precision", "pr_recall"}
 
 STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
-table{border-collapse:collapse;margin:1em 0}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 th{cursor:pointer;background:#f4f4f4;user-select:none}th[aria-sort]::after{content:" \\2195";color:#999}
 th[aria-sort=ascending]::after{content:" \\2191";color:#222}th[aria-sort=descending]::after{content:" \\2193";color:#222}
 td.text,th.text{text-align:left}.grids{display:flex;flex-wrap:wrap;gap:1.5em}
@@ -84,7 +84,7 @@ def _plot(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str,
     y0, y1 = y0 - pad, y1 + pad
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
-    left, right, top, bottom = 56, 12, 24, 40
+    left, right, top, bottom = 56, 34, 24, 40
 
     inset = 14  # markers and tick labels clear of the y axis labels
 
