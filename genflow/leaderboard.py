@@ -23,8 +23,16 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
         pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
         paper_fid: 1.97                     # converted once (genflow.convert); skipped when not given
         nfe: 35
+      - name: edm-imagenet64-stochastic     # EDM's Algorithm 2, as generate.py --S_churn=40 ...
+        pickle: ${oc.env:GENFLOW_PKL_EDM_IMAGENET64,null}
+        solver: stochastic
+        steps: 256
+        S_churn: 40                         # S_churn, S_tmin, S_tmax, S_noise: the solver's settings
+        S_tmin: 0.05
+        S_tmax: 50
+        S_noise: 1.003
 
-Every row records model, D or path, dataset, NFE, FID (per seed set, mean, std), images, sampling img/s,
+Every row records model, D or path, dataset, solver and its settings, NFE, FID (per seed set, mean, std), images, sampling img/s,
 wall time, the commit, the device and the sampling precision; ``leaderboard.md``, ``leaderboard.json``, the
 web page ``index.html`` and the sample grids go to ``out`` (default ``leaderboard/<suite>``), and one record
 per entry is appended to the history (``history=``, default ``leaderboard/history.jsonl``; docs/RECORDS.md).
@@ -49,8 +57,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, options, run_app)
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
+                            check_output_dir, check_schema, options, run_app, sampler_options)
 from genflow.devices import device_name
 from genflow.errors import RegressionFound, config_error, reported
 from genflow.results.gate import DEFAULT_K, DEFAULT_TOLERANCE, compare
@@ -61,7 +69,7 @@ from genflow.results.records import absolute, config_names
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
-              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "sweep"}
+              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "sweep", *SAMPLER_SCHEMA}
 SUITE_KEYS = {"name", "fid", "overrides", "entries", "gate"}
 GATE_KEYS = {"k", "tolerance"}
 # the markdown table: (row key, header)
@@ -119,6 +127,9 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
     suite["entries"] = [swept for e in entries for swept in expand_sweep(e, name, path)]
     entries = suite["entries"]
+    for i, e in enumerate(entries):  # an entry's sampler settings (solver: stochastic, S_churn: 40, ...)
+        check_schema(OmegaConf.create({k: e[k] for k in SAMPLER_SCHEMA if k in e}), SAMPLER_SCHEMA,
+                     prefix=f"suite.entries[{i}].", app="leaderboard", open_keys=())
     sections = [("fid", suite.get("fid"))] + [(f"entries[{i}].fid", e.get("fid")) for i, e in enumerate(entries)]
     for where, fid in sections:
         if fid:
@@ -249,7 +260,8 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     from genflow.metrics import evaluate_fid
     from genflow.sampling import generate, sample_conditions, save_grid
 
-    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), "precision": precision}
+    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}),
+           **{k: entry[k] for k in SAMPLER_SCHEMA if k in entry}, "precision": precision}
     if device.type == "cuda" and _rank_world()[1] > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # each DDP rank samples on its own GPU
     module, dm, cfg = module_from_checkpoint(ckpt, device=device)
@@ -264,6 +276,7 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     out["nfe"] = module.method.nfe(steps, solver)
     out["steps"] = steps
     out["solver"] = solver
+    out["sampler"] = sampler_options(fid)
     out["config"] = cfg
     out["describe"] = module.method.describe()
     out["dataset"] = getattr(dm, "name", type(dm).__name__.lower())
@@ -389,7 +402,7 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         row = {
             "name": entry["name"], "sweep": entry.get("sweep"), "model": names.get("model", "?"),
             "settings": _settings(ev.pop("describe")), "dataset": ev["dataset"], "nfe": ev["nfe"],
-            "steps": ev["steps"], "solver": ev["solver"], "precision": ev["fid_precision"],
+            "steps": ev["steps"], "solver": ev["solver"], **ev["sampler"], "precision": ev["fid_precision"],
             "fid": ev["fid"], "fid_sets": sets, "fid_mean": round(mean, 6),
             "fid_std": None if std is None else round(std, 6), "paper_fid": paper,
             "delta_paper": None if paper is None else round(ev["fid"] - paper, 6),
@@ -446,7 +459,7 @@ def history_record(suite: str, row: dict) -> dict:
     """The row as a history record (genflow.results.history's schema)."""
     keep = ("model", "settings", "dataset", "precision", "solver", "nfe", "steps", "images", "seed_sets", "fid_sets",
             "fid", "fid_mean", "fid_std", "paper_fid", "extractor", "ref", "wall_s", "train_steps", "checkpoint",
-            "commit", "date", "device", *METRIC_KEYS)
+            "commit", "date", "device", *SAMPLER_SCHEMA, *METRIC_KEYS)
     return {"schema": SCHEMA, "suite": suite, "entry": row["name"], **{k: row.get(k) for k in keep}}
 
 

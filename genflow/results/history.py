@@ -24,7 +24,8 @@ REQUIRED = {"schema": int, "suite": str, "entry": str, "commit": str, "date": st
             "precision": str, "solver": str, "nfe": (int, float), "images": int, "seed_sets": int,
             "fid_sets": list, "fid": (int, float), "fid_mean": (int, float), "wall_s": (int, float)}
 # what must agree for two records to measure the same thing (the model may differ: that is what is compared)
-SETTINGS = ("suite", "entry", "precision", "solver", "nfe", "images", "seed_sets", "extractor", "ref")
+SETTINGS = ("suite", "entry", "precision", "solver", "S_churn", "S_tmin", "S_tmax", "S_noise", "nfe", "images",
+            "seed_sets", "extractor", "ref")
 
 
 def seed_set_summary(fid_sets: Sequence[float]) -> tuple[float, float | None]:
