@@ -285,7 +285,8 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
         seeds = list(range(GRID_IMAGES))
         with torch.no_grad():
             images = generate(module.method, module.net, seeds, dm.data_shape, steps=steps, solver=solver,
-                              cond=sample_conditions(dm, seeds, device), device=device, precision=precision)
+                              cond=sample_conditions(dm, seeds, device), device=device, precision=precision,
+                              solver_options=out["sampler"] or None, guidance=fid.get("guidance"))
         out["grid"] = save_grid(images, grid)
     return out
 
