@@ -104,7 +104,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", *, return
 
     overrides = list(overrides)
     check_choices(overrides)
-    registry.trust_search_path(overrides)  # the user's own config folders name the user's own classes
+    registry.trust_command_line(overrides)  # what the user's command line names is the user's choice
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:

@@ -146,7 +146,8 @@ def entry_config(entry: dict, suite: dict, run_dir: Path, **compose_options) -> 
                                    "a suite is data; where configs are read from (hydra.searchpath) and how Hydra "
                                    "runs are the command line's to choose", "drop the override; pass hydra.* "
                                    "options on the leaderboard's command line")
-    cfg = compose(entry_overrides(entry, suite, run_dir), **compose_options)
+    with registry.composing_a_file():  # the suite's overrides extend nothing the registry allows
+        cfg = compose(entry_overrides(entry, suite, run_dir), **compose_options)
     registry.check_stored(cfg, f"suite {suite['path']} entry {entry['name']!r}")
     return cfg
 

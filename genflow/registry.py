@@ -9,9 +9,10 @@ config may name only
 * genflow's registry: the targets of genflow's own config files (``configs/**.yaml``, by the section they fill:
   model, net, data, optim, callbacks, logger) and the classes genflow ships for each section (its methods,
   networks and data modules, torch's optimizers), listed here in code, never read from a user's file;
-* the user's extensions: the targets named in the config files of the search path the user's own command line
-  gives (``hydra.searchpath=[file://DIR]`` or ``[pkg://PACKAGE]``: a method of one's own, in ``DIR/model/``),
-  and targets a program registers with ``register``.
+* the user's extensions: what the user's own command line names, i.e. the targets it types
+  (``+callbacks.mine._target_=pkg.Mine``) and those of the config files on the search path it gives
+  (``hydra.searchpath=[file://DIR]`` or ``[pkg://PACKAGE]``: a method of one's own in ``DIR/model/``), and the
+  targets a program that embeds genflow registers with ``register``.
 
 ``check_stored`` checks every ``_target_`` of such a config (nested in dicts and lists, ``_args_``, values that
 are themselves target dicts) before anything in it is imported or built, and refuses an interpolation
@@ -20,6 +21,7 @@ after the check. A refusal is ``error: what / why / fix`` naming the key, exit 2
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -111,19 +113,19 @@ def register(*targets: str) -> None:
     _user_targets.update(targets)
 
 
-def search_path_folders(overrides: Iterable[str]) -> list[Path]:
-    """The folders a command line's ``hydra.searchpath=[...]`` adds (``file://DIR``, ``pkg://PACKAGE``, a path)."""
+def _parsed(overrides: Iterable[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    items = [o for o in overrides if str(o).lstrip("+~").split("=", 1)[0] == "hydra.searchpath"]
-    if not items:
-        return []
     try:
-        parsed = OverridesParser.create().parse_overrides(items)
+        return OverridesParser.create().parse_overrides([str(o) for o in overrides])
     except Exception:
-        return []  # Hydra reports the malformed override when it composes
+        return []  # Hydra reports a malformed override when it composes
+
+
+def search_path_folders(overrides: Iterable[str]) -> list[Path]:
+    """The folders a command line's ``hydra.searchpath=[...]`` adds (``file://DIR``, ``pkg://PACKAGE``, a path)."""
     folders = []
-    for override in parsed:
+    for override in _parsed(o for o in overrides if str(o).lstrip("+~").split("=", 1)[0] == "hydra.searchpath"):
         value = override.value()
         for entry in value if isinstance(value, list) else [value]:
             entry = str(entry)
@@ -141,9 +143,37 @@ def search_path_folders(overrides: Iterable[str]) -> list[Path]:
     return folders
 
 
-def trust_search_path(overrides: Iterable[str]) -> None:
-    """The targets of the config files on the search path a command line names are the user's own: a config
-    read from a file may name them too."""
+def typed_targets(overrides: Iterable[str]) -> set[str]:
+    """The targets a command line names itself (``+callbacks.x._target_=pkg.X``, ``+model.y={_target_: pkg.Y}``)."""
+    found = set()
+    for override in _parsed(o for o in overrides if "_target_" in str(o)):
+        key, value = override.get_key_element().lstrip("+~"), override.value()
+        if (key == "_target_" or key.endswith("._target_")) and isinstance(value, str):
+            found.add(value)
+        found.update(target for _, _, target in _targets_in(value, "", "") if isinstance(value, (dict, list)))
+    return found
+
+
+_trusting = [True]
+
+
+@contextlib.contextmanager
+def composing_a_file():
+    """Within: a composition's overrides come from a file (a suite's entries), not from the user's command
+    line, so they extend nothing."""
+    _trusting.append(False)
+    try:
+        yield
+    finally:
+        _trusting.pop()
+
+
+def trust_command_line(overrides: Sequence[str]) -> None:
+    """What the user's command line names is the user's own choice: the targets it types, and those of the
+    config files on the search path it gives. A config read from a file may name them too."""
+    if not _trusting[-1]:
+        return
+    _user_targets.update(typed_targets(overrides))
     for folder in search_path_folders(overrides):
         if folder.is_dir():
             _user_targets.update(target for _, target in _file_targets(folder, USER_GROUPS))

@@ -190,3 +190,18 @@ def test_the_users_own_method_is_allowed_through_their_search_path(trained_run, 
                          "steps=2", f"out={tmp_path / 'b'}")
     assert code == 0, err
     assert (tmp_path / "b" / "samples.npz").is_file()
+
+
+def test_what_the_command_line_types_is_trusted_and_a_suite_extends_nothing(monkeypatch):
+    from genflow.config import compose
+
+    monkeypatch.setattr(registry, "_user_targets", set())
+    typed = ["+callbacks.mine._target_=my_pkg.Mine", "+model.extra={_target_: my_pkg.Extra, n: [1, {_target_: my_pkg.In}]}"]
+    assert registry.typed_targets(typed) == {"my_pkg.Mine", "my_pkg.Extra", "my_pkg.In"}
+    with registry.composing_a_file():
+        compose(typed, validator=False)
+    with pytest.raises(ConfigError, match="callbacks.mine names"):
+        registry.check_stored({"callbacks": {"mine": {"_target_": "my_pkg.Mine"}}}, "ckpt=x")
+    compose(typed, validator=False)
+    registry.check_stored({"callbacks": {"mine": {"_target_": "my_pkg.Mine"}}, "model": {"_target_": "my_pkg.Extra"}},
+                          "ckpt=x")
