@@ -273,8 +273,37 @@ def validate(cfg: DictConfig) -> dict:
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
     suite = composed_suite(cfg)
+    check_suite_in_place(cfg, suite)
     check_entry_code(suite)
     return suite
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_suite_in_place(cfg: DictConfig, suite: dict) -> None:
+    """A suite file fills the `suite` section only. With a ``# @package _global_`` header or a defaults list it
+    could set ``hydra.callbacks`` or the logging handlers, which Hydra builds before the leaderboard starts: the
+    app config (with Hydra's part, as the command line is checked) must equal the one composed with genflow's
+    own smoke suite in its place."""
+    from genflow.config import compose
+
+    if cfg.get("hydra") is None:
+        return  # composed without Hydra's part: Hydra does not run this config
+    given = [*cfg.hydra.overrides.hydra, *cfg.hydra.overrides.task]
+    plain = [o for o in given if not o.lstrip("+~").startswith("suite")] + ["suite=smoke"]
+    bare = compose(plain, "leaderboard", return_hydra_config=True, validator=False)
+    ignored = ("suite.", "hydra.overrides.", "hydra.runtime.", "hydra.job.override_dirname.")
+    mine, theirs = (_flat(OmegaConf.to_container(c, resolve=False)) for c in (cfg, bare))
+    for key in sorted(set(mine) | set(theirs)):
+        if not key.startswith(ignored) and mine.get(key, "<absent>") != theirs.get(key, "<absent>"):
+            raise config_error(f"suite {suite['path']} sets {key.rstrip('.')}, outside its own section",
+                               "a suite is data for the leaderboard's suite section; Hydra builds what "
+                               "hydra.callbacks and the logging configs name", "remove the `# @package` line "
+                               "and any defaults list from the suite file; pass hydra.* options on the command line")
 
 
 def composed_suite(cfg: DictConfig) -> dict:

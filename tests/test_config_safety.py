@@ -149,6 +149,16 @@ def test_leaderboard_refuses_suite_overrides_that_name_other_code(victim, tmp_pa
         assert not (tmp_path / "board").exists()
 
 
+def test_a_suite_cannot_reach_outside_its_section(victim, tmp_path, cli):
+    """Hydra builds hydra.callbacks before the app starts: a suite with a ``@package _global_`` header that sets
+    one is refused when the command line is checked, before Hydra runs."""
+    suite = ("# @package _global_\nhydra:\n  callbacks:\n    evil:\n      _target_: builtins.open\n"
+             f"      _args_: ['{victim}', w]\nsuite:\n  entries:\n    - {{name: x, ckpt: {tmp_path / 'none.ckpt'}}}\n")
+    refused(leaderboard(cli, tmp_path, suite), "hydra.callbacks.evil")
+    assert victim.read_bytes() == VICTIM_BYTES
+    assert not (tmp_path / "board").exists()
+
+
 def test_a_normal_checkpoint_still_samples(trained_run, tmp_path, cli):
     code, out, err = cli("sample.py", f"ckpt={trained_run['checkpoint']}", "num=2", "steps=2", f"out={tmp_path}")
     assert code == 0, err
