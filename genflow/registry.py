@@ -208,6 +208,10 @@ def check_stored(config, source: str) -> None:
 
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, dict):  # OmegaConf.create would parse a string as yaml, after this check
+        raise config_error(f"{source}: the stored config is a {type(config).__name__}, not a mapping of settings",
+                           "genflow stores the training config as plain dicts and lists",
+                           "use a checkpoint written by genflow's train.py or genflow.convert")
     for path, node in _walk(config, ""):
         if isinstance(node, str) and "${" in node:
             raise config_error(f"{source}: {path or 'the config'} holds an interpolation ({node[:80]!r})",

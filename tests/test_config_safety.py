@@ -165,6 +165,16 @@ def test_a_normal_checkpoint_still_samples(trained_run, tmp_path, cli):
     assert (tmp_path / "samples.npz").is_file()
 
 
+def test_a_stored_config_written_as_yaml_text_is_refused(trained_run, victim, tmp_path, cli):
+    """OmegaConf.create parses a string as yaml: a config stored as text could hide its targets from a check
+    of the stored values."""
+    ckpt = torch.load(trained_run["checkpoint"], map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["config"] = f"model: {{_target_: builtins.open, _args_: ['{victim}', w]}}"
+    torch.save(ckpt, tmp_path / "text.ckpt")
+    refused(cli("sample.py", f"ckpt={tmp_path / 'text.ckpt'}", f"out={tmp_path / 'out'}"), "not a mapping")
+    assert victim.read_bytes() == VICTIM_BYTES
+
+
 def test_the_registry_holds_genflow_code_only():
     table = registry.registry()
     every = set().union(*table.values())
