@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Sequence
 from genflow.errors import config_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-#: the sections of a training config whose targets genflow builds, and the config folders that fill them
+#: the sections of a training config whose targets genflow builds (each filled by the config folder of its name)
 SECTIONS = ("model", "net", "data", "optim", "callbacks", "logger")
 #: config-group folders of a user's search path whose targets the user vouches for (not suites: a suite is data)
 USER_GROUPS = ("model", "net", "data", "callbacks", "logger", "experiment")
@@ -65,20 +65,20 @@ def _yaml_files(folder: Path, groups: Sequence[str] | None) -> Iterator[tuple[st
 
 
 def _file_targets(folder: Path, groups: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
-    import yaml
+    from omegaconf import OmegaConf
 
     for section, path in _yaml_files(folder, groups):
-        try:
-            tree = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+        try:  # read as written: interpolations stay text, nothing is resolved
+            tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception:
             continue  # Hydra reports a broken file when it composes it
         for sec, _, target in _targets_in(tree, section):
             yield sec, target
 
 
-def _spellings(cls) -> set[str]:
-    """The names a config may use for one of genflow's classes: where it is defined, and where it is exported."""
-    return {f"{cls.__module__}.{cls.__qualname__}"}
+def _spellings(cls, exported_as: str) -> set[str]:
+    """The names a config may use for a class: where it is defined, and where it is exported."""
+    return {f"{cls.__module__}.{cls.__qualname__}", exported_as}
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,11 +100,11 @@ def registry() -> dict[str, frozenset[str]]:
         for name in package.__all__:
             obj = getattr(package, name)
             if isinstance(obj, type) and issubclass(obj, base) and obj is not base:
-                found[section] |= _spellings(obj) | {f"{package.__name__}.{name}"}
+                found[section] |= _spellings(obj, f"{package.__name__}.{name}")
     for name in dir(torch.optim):  # torch's own optimizers (any of them may replace Adam in optim)
         obj = getattr(torch.optim, name)
         if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
-            found["optim"] |= _spellings(obj) | {f"torch.optim.{name}"}
+            found["optim"] |= _spellings(obj, f"torch.optim.{name}")
     return {section: frozenset(targets) for section, targets in found.items()}
 
 
