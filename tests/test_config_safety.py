@@ -225,3 +225,11 @@ def test_what_the_command_line_types_is_trusted_and_a_suite_extends_nothing(monk
     compose(typed, validator=False)
     registry.check_stored({"callbacks": {"mine": {"_target_": "my_pkg.Mine"}}, "model": {"_target_": "my_pkg.Extra"}},
                           "ckpt=x")
+
+
+def test_search_path_folders_of_a_command_line(tmp_path):
+    import genflow
+
+    folders = registry.search_path_folders([f"hydra.searchpath=[file://{tmp_path},pkg://genflow]", "model=edm"])
+    assert folders == [tmp_path, Path(genflow.__file__).parent]
+    assert registry.search_path_folders(["model=edm"]) == []
