@@ -49,6 +49,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from genflow import registry
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
                             check_output_dir, check_schema, options, run_app, sampler_options)
 from genflow.devices import device_name
@@ -144,15 +145,45 @@ def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
     return ov
 
 
-def train_entry(entry: dict, suite: dict, run_dir: Path) -> dict:
+def entry_config(entry: dict, suite: dict, run_dir: Path, **compose_options) -> DictConfig:
+    """The training config of an entry, composed from the suite's overrides and checked like any config read
+    from a file: it may name only genflow's registry (or the user's own search path), never other code."""
     from genflow.config import compose
+
+    for where, overrides in (("overrides", suite.get("overrides")), (f"{entry['name']}.overrides", entry.get("overrides"))):
+        for item in overrides or []:
+            if str(item).lstrip("+~").startswith("hydra."):
+                raise config_error(f"suite {suite['path']}: {where} holds {item!r}",
+                                   "a suite is data; where configs are read from (hydra.searchpath) and how Hydra "
+                                   "runs are the command line's to choose", "drop the override; pass hydra.* "
+                                   "options on the leaderboard's command line")
+    with registry.composing_a_file():  # the suite's overrides extend nothing the registry allows
+        cfg = compose(entry_overrides(entry, suite, run_dir), **compose_options)
+    registry.check_stored(cfg, f"suite {suite['path']} entry {entry['name']!r}")
+    return cfg
+
+
+def check_entry_code(suite: dict) -> None:
+    """Before anything is trained: every entry's config and checkpoint names only code genflow may build."""
+    from genflow.config import read_checkpoint
+
+    for entry in suite["entries"]:
+        if "pickle" in entry:
+            continue  # converted by genflow.convert, which writes its own config
+        if entry.get("ckpt"):
+            if Path(str(entry["ckpt"])).expanduser().is_file():
+                read_checkpoint(entry["ckpt"], key=f"suite entry {entry['name']!r} ckpt")
+            continue
+        entry_config(entry, suite, Path("leaderboard") / "runs" / entry["name"], validator=False)
+
+
+def train_entry(entry: dict, suite: dict, run_dir: Path) -> dict:
     from genflow.run import train
 
     if not entry.get("budget"):
         raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
                            "add budget: {steps: N} or budget: {minutes: M}, or ckpt: PATH to skip training")
-    cfg = compose(entry_overrides(entry, suite, run_dir))
-    return train(cfg)
+    return train(entry_config(entry, suite, run_dir))
 
 
 def resolve_steps(method, entry: dict, solver: str) -> int:
@@ -254,7 +285,38 @@ def validate(cfg: DictConfig) -> dict:
     check_schema(cfg, LEADERBOARD_SCHEMA, app="leaderboard", open_keys=("hydra", "suite"))
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
-    return composed_suite(cfg)
+    suite = composed_suite(cfg)
+    check_suite_in_place(cfg, suite)
+    check_entry_code(suite)
+    return suite
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_suite_in_place(cfg: DictConfig, suite: dict) -> None:
+    """A suite file fills the `suite` section only. With a ``# @package _global_`` header or a defaults list it
+    could set ``hydra.callbacks`` or the logging handlers, which Hydra builds before the leaderboard starts: the
+    app config (with Hydra's part, as the command line is checked) must equal the one composed with genflow's
+    own smoke suite in its place."""
+    from genflow.config import compose
+
+    if cfg.get("hydra") is None:
+        return  # composed without Hydra's part: Hydra does not run this config
+    given = [*cfg.hydra.overrides.hydra, *cfg.hydra.overrides.task]
+    plain = [o for o in given if not o.lstrip("+~").startswith("suite")] + ["suite=smoke"]
+    bare = compose(plain, "leaderboard", return_hydra_config=True, validator=False)
+    ignored = ("suite.", "hydra.overrides.", "hydra.runtime.", "hydra.job.override_dirname.")
+    mine, theirs = (_flat(OmegaConf.to_container(c, resolve=False)) for c in (cfg, bare))
+    for key in sorted(set(mine) | set(theirs)):
+        if not key.startswith(ignored) and mine.get(key, "<absent>") != theirs.get(key, "<absent>"):
+            raise config_error(f"suite {suite['path']} sets {key.rstrip('.')}, outside its own section",
+                               "a suite is data for the leaderboard's suite section; Hydra builds what "
+                               "hydra.callbacks and the logging configs name", "remove the `# @package` line "
+                               "and any defaults list from the suite file; pass hydra.* options on the command line")
 
 
 def composed_suite(cfg: DictConfig) -> dict:
