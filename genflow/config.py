@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from genflow import registry
 from genflow.errors import CheckpointError, ConfigError, GenflowError, checkpoint_error, config_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -103,6 +104,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", *, return
 
     overrides = list(overrides)
     check_choices(overrides)
+    registry.trust_command_line(overrides)  # what the user's command line names is the user's choice
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -716,6 +718,7 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt") -> dict:
         raise checkpoint_error(f"{key}={path} is not a genflow checkpoint",
                                "it has no state_dict and no stored training config",
                                "use a checkpoint written by genflow's train.py")
+    registry.check_stored(ckpt["hyper_parameters"]["config"], f"{key}={path}")  # before anything reads it
     _CHECKPOINTS.clear()
     _CHECKPOINTS[stamp] = ckpt
     return ckpt

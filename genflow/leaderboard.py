@@ -57,6 +57,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from genflow import registry
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
                             check_output_dir, check_schema, options, run_app, sampler_options)
 from genflow.devices import device_name
@@ -191,19 +192,50 @@ def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
     return ov
 
 
-def entry_config(entry: dict, suite: dict, run_dir: Path):
-    """The training config of an entry. A run already in ``run_dir`` (an earlier run of this suite into the
-    same ``out``) is continued, or reused when it finished, provided it was trained with the entry's model,
-    net and data; otherwise the suite refuses before any work, saying how to go on."""
-    from genflow.config import check_resume, compose, newest_valid
+def entry_config(entry: dict, suite: dict, run_dir: Path, **compose_options) -> DictConfig:
+    """The training config of an entry, composed from the suite's overrides and checked like any config read
+    from a file: it may name only genflow's registry (or the user's own search path), never other code."""
+    from genflow.config import compose
+
+    for where, overrides in (("overrides", suite.get("overrides")), (f"{entry['name']}.overrides", entry.get("overrides"))):
+        for item in overrides or []:
+            if str(item).lstrip("+~").startswith("hydra."):
+                raise config_error(f"suite {suite['path']}: {where} holds {item!r}",
+                                   "a suite is data; where configs are read from (hydra.searchpath) and how Hydra "
+                                   "runs are the command line's to choose", "drop the override; pass hydra.* "
+                                   "options on the leaderboard's command line")
+    with registry.composing_a_file():  # the suite's overrides extend nothing the registry allows
+        cfg = compose(entry_overrides(entry, suite, run_dir), **compose_options)
+    registry.check_stored(cfg, f"suite {suite['path']} entry {entry['name']!r}")
+    return cfg
+
+
+def check_entry_code(suite: dict) -> None:
+    """Before anything is trained: every entry's config and checkpoint names only code genflow may build."""
+    from genflow.config import read_checkpoint
+
+    for entry in suite["entries"]:
+        if "pickle" in entry:
+            continue  # converted by genflow.convert, which writes its own config
+        if entry.get("ckpt"):
+            if Path(str(entry["ckpt"])).expanduser().is_file():
+                read_checkpoint(entry["ckpt"], key=f"suite entry {entry['name']!r} ckpt")
+            continue
+        entry_config(entry, suite, Path("leaderboard") / "runs" / entry["name"], validator=False)
+
+
+def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
+    """The training config of an entry (``entry_config``). A run already in ``run_dir`` (an earlier run of this
+    suite into the same ``out``) is continued, or reused when it finished, provided it was trained with the
+    entry's model, net and data; otherwise the suite refuses before any work, saying how to go on."""
+    from genflow.config import check_resume, newest_valid
     from genflow.errors import CheckpointError
     from genflow.training.runs import holds_run
 
     if not entry.get("budget"):
         raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
                            "add budget: {steps: N} or budget: {minutes: M}, or ckpt: PATH to skip training")
-    overrides = entry_overrides(entry, suite, run_dir)
-    cfg = compose(overrides)
+    cfg = entry_config(entry, suite, run_dir)
     if not holds_run(run_dir):
         return cfg
     try:
@@ -216,10 +248,11 @@ def entry_config(entry: dict, suite: dict, run_dir: Path):
             "the entry's model, net or data changed since that run (or its checkpoints are unreadable); "
             "continuing it would mix two experiments",
             f"run the suite into a new folder (out=ANOTHER_DIR), or move {run_dir} away to retrain the entry") from None
-    return compose(overrides + ["ckpt_path=last"])
+    cfg.ckpt_path = "last"  # prepare_run resumes it, or reports it finished (nothing trained again)
+    return cfg
 
 
-def train_entry(cfg) -> dict:
+def train_entry(cfg: DictConfig) -> dict:
     from genflow.run import train
 
     return train(cfg)
@@ -335,7 +368,38 @@ def validate(cfg: DictConfig) -> dict:
     check_schema(cfg, LEADERBOARD_SCHEMA, app="leaderboard", open_keys=("hydra", "suite"))
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
-    return composed_suite(cfg)
+    suite = composed_suite(cfg)
+    check_suite_in_place(cfg, suite)
+    check_entry_code(suite)
+    return suite
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_suite_in_place(cfg: DictConfig, suite: dict) -> None:
+    """A suite file fills the `suite` section only. With a ``# @package _global_`` header or a defaults list it
+    could set ``hydra.callbacks`` or the logging handlers, which Hydra builds before the leaderboard starts: the
+    app config (with Hydra's part, as the command line is checked) must equal the one composed with genflow's
+    own smoke suite in its place."""
+    from genflow.config import compose
+
+    if cfg.get("hydra") is None:
+        return  # composed without Hydra's part: Hydra does not run this config
+    given = [*cfg.hydra.overrides.hydra, *cfg.hydra.overrides.task]
+    plain = [o for o in given if not o.lstrip("+~").startswith("suite")] + ["suite=smoke"]
+    bare = compose(plain, "leaderboard", return_hydra_config=True, validator=False)
+    ignored = ("suite.", "hydra.overrides.", "hydra.runtime.", "hydra.job.override_dirname.")
+    mine, theirs = (_flat(OmegaConf.to_container(c, resolve=False)) for c in (cfg, bare))
+    for key in sorted(set(mine) | set(theirs)):
+        if not key.startswith(ignored) and mine.get(key, "<absent>") != theirs.get(key, "<absent>"):
+            raise config_error(f"suite {suite['path']} sets {key.rstrip('.')}, outside its own section",
+                               "a suite is data for the leaderboard's suite section; Hydra builds what "
+                               "hydra.callbacks and the logging configs name", "remove the `# @package` line "
+                               "and any defaults list from the suite file; pass hydra.* options on the command line")
 
 
 def composed_suite(cfg: DictConfig) -> dict:
@@ -369,7 +433,7 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         if "pickle" not in entry and not entry.get("ckpt"):
             run_dir = out / "runs" / entry.get("sweep", entry["name"])
             if run_dir not in trained:
-                trained[run_dir] = entry_config(entry, suite, run_dir)
+                trained[run_dir] = continued_config(entry, suite, run_dir)
     out.mkdir(parents=True, exist_ok=True)
     revision, dev = git_revision(), device_name(device)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
