@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from genflow.config import run_app
 from genflow.errors import reported
-from genflow.sample_cli import main as sample, validate
+from genflow.apps.sample import main as sample, validate
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

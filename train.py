@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from genflow.config import run_app
 from genflow.errors import reported
-from genflow.run import train
+from genflow.apps.train import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

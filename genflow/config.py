@@ -19,8 +19,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "net", "data", "trainer", "callbacks", "logger", "experiment")
 APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard"}  # an app's config folder, where not configs/
 APP_FILES = {"leaderboard": "configs/leaderboard/leaderboard.yaml"}
-APPS = {"train": "train.py", "sample": "sample.py", "evaluate": "python -m genflow.evaluate",
-        "leaderboard": "python -m genflow.leaderboard"}
+APPS = {"train": "train.py", "sample": "sample.py", "evaluate": "python -m genflow.apps.evaluate",
+        "leaderboard": "python -m genflow.apps.leaderboard"}
 
 
 def _knob(name: str, default, *, _root_):

@@ -117,7 +117,7 @@ def test_experiment_instantiates_every_part(experiment, fake_data, tmp_path):
 
     from genflow.config import build_data, build_method, build_net, instantiate
     from genflow.methods.base import Method
-    from genflow.run import instantiate_group, make_trainer
+    from genflow.apps.train import instantiate_group, make_trainer
 
     cfg = compose([f"experiment={experiment}"] if experiment else [], environment=False)
     dm = build_data(cfg)

@@ -1,4 +1,4 @@
-"""genflow.convert: EDM / PFGM++ network pickles -> genflow checkpoints, safely and exactly.
+"""genflow.apps.convert: EDM / PFGM++ network pickles -> genflow checkpoints, safely and exactly.
 
 The tests write their own EDM-format pickles: a small test-side model of EDM's module naming (SongUNet /
 DhariwalUNet keys, UNetBlock children, 1x1-convolution attention with per-channel interleaved q/k/v rows,
@@ -214,7 +214,7 @@ def test_song_unet_converts_exactly(edm_format, tmp_path, case):
     net, ema = song_pair(case)
     src = edm_format(tmp_path / "net.pkl", ema, loss_fn=Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2)),
                      augment_pipe=None, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset"))
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     out = convert(src, tmp_path / "net.ckpt")
     ckpt = torch.load(out, map_location="cpu", weights_only=True)  # what sample.py / evaluate / init_from do
@@ -231,7 +231,7 @@ def test_song_unet_converts_exactly(edm_format, tmp_path, case):
 
 def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     from genflow.config import read_checkpoint
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     # PFGM++'s loss object carries D (default 128) in EDM runs too: not enough to decide, D= is required
@@ -268,7 +268,7 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
 def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     net, ema = song_pair("ncsnpp-cond")
     src = edm_format(tmp_path / "net.pkl", ema)
-    code, out, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
+    code, out, err = cli("genflow.apps.convert", str(src), str(tmp_path / "net.ckpt"))
     assert code == 0, err
     assert '"net": null' not in out and (tmp_path / "net.ckpt").is_file()
     # sample.py reads it (weights_only=True), and train.py init_from= starts from its weights
@@ -283,12 +283,12 @@ def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     state = module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["state_dict"].items())
     stamp = (tmp_path / "net.ckpt").stat().st_mtime_ns
-    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))  # never replaced unasked
+    code, _, err = cli("genflow.apps.convert", str(src), str(tmp_path / "net.ckpt"))  # never replaced unasked
     assert code == 2 and "already exists" in err and (tmp_path / "net.ckpt").stat().st_mtime_ns == stamp
-    code, _, err = cli("genflow.convert", str(tmp_path / "missing.pkl"), str(tmp_path / "x.ckpt"))
+    code, _, err = cli("genflow.apps.convert", str(tmp_path / "missing.pkl"), str(tmp_path / "x.ckpt"))
     assert code == 2 and err.startswith("error:") and "fix:" in err
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
-    code, _, err = cli("genflow.convert", str(tmp_path / "junk.pkl"), str(tmp_path / "x.ckpt"))
+    code, _, err = cli("genflow.apps.convert", str(tmp_path / "junk.pkl"), str(tmp_path / "x.ckpt"))
     assert code == 2 and "cannot read" in err and "Traceback" not in err
 
 
@@ -317,17 +317,17 @@ def test_malicious_pickle_is_refused_and_runs_nothing(edm_format, tmp_path, cli,
     net, ema = song_pair("ddpmpp-uncond-augment")
     ema.model.payload_attr = payload(target)
     src = edm_format(tmp_path / "evil.pkl", ema)
-    from genflow.convert import read_pickle
+    from genflow.apps.convert import read_pickle
 
     with pytest.raises(CheckpointError, match="refuses to load"):
         read_pickle(src)
-    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "evil.ckpt"))
+    code, _, err = cli("genflow.apps.convert", str(src), str(tmp_path / "evil.ckpt"))
     assert code == 2 and "refuses" in err and "fix:" in err
     assert not target.exists() and not (tmp_path / "evil.ckpt").exists()
 
 
 def test_unsupported_preconditioning_is_refused(edm_format, tmp_path):
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     ve = Persistent("VEPrecond", ema._init_kwargs, children={"model": ema.model})
@@ -352,7 +352,7 @@ def adm_keys(res0: int, levels: int, num_blocks: int):
 
 
 def test_adm_converts_exactly(edm_format, tmp_path):
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     kw = dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.1, augment_dim=9)
     torch.manual_seed(0)
@@ -394,7 +394,7 @@ def test_vp_preconditioning_maps_to_ddpm(edm_format, tmp_path):
     """VPPrecond: D(x; s) = x - s F(x / sqrt(1 + s^2), (M - 1) t(s)), t(s) the inverse of
     s(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1); the converted DDPM must see the same net inputs."""
     from genflow.config import module_from_checkpoint
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     vp = edm_precond(ema.model, "SongUNet", {}, 8, 1, 0, name="VPPrecond")
@@ -438,7 +438,7 @@ def edm_algorithm1(net, latents, cond, steps=18, sigma_min=0.002, sigma_max=80.0
 
 def test_sampling_a_converted_net_reproduces_edm_generate(edm_format, tmp_path):
     from genflow.config import module_from_checkpoint
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
     from genflow.sampling import generate, to_uint8
 
     net, ema = song_pair("ddpmpp-uncond-augment", seed=3)
@@ -460,8 +460,8 @@ def test_sampling_a_converted_net_reproduces_edm_generate(edm_format, tmp_path):
 def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch, capsys):
     import json
 
-    from genflow.convert import published_checkpoint
-    from genflow.leaderboard import run
+    from genflow.apps.convert import published_checkpoint
+    from genflow.apps.leaderboard import run
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
@@ -492,7 +492,7 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
 
 
 def test_convert_help(cli):
-    code, out, err = cli("genflow.convert", "--help")
+    code, out, err = cli("genflow.apps.convert", "--help")
     assert code == 0 and out.startswith("Import NVlabs EDM / PFGM++ network pickles") and "usage:" in out
 
 
@@ -500,7 +500,7 @@ def test_attention_conversion_matches_edms_attention_forward():
     """The qkv re-layout checked against EDM's attention written out from its published forward (not against
     the inverse the other tests' pickles are built with): a 1x1 conv to 3C channels read as (B*heads, C/heads,
     3, L), softmax(q^T k / sqrt(C/heads)) over keys, values mixed, a 1x1 projection."""
-    from genflow.convert import _attention_qkv
+    from genflow.apps.convert import _attention_qkv
     from genflow.nets.layers import Attention
 
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 
 from genflow.config import build, compose, read_checkpoint
 from genflow.errors import CheckpointError, ConfigError, TrainingDiverged
-from genflow.run import train
+from genflow.apps.train import train
 from genflow.training.module import check_finite_weights, sanitize_gradients
 
 TINY = ["model=edm", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=4",
@@ -28,7 +28,7 @@ def _run(tmp_path, *extra, name="run"):
 def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypatch):
     """Also: the progress bar never reads a device tensor per step, and trainer.compile/channels_last/
     matmul_precision are genflow's keys, not Lightning's."""
-    import genflow.run as run_mod
+    import genflow.apps.train as run_mod
     import genflow.sampling as sampling
     from genflow.training import GenerativeModule
 
@@ -86,7 +86,7 @@ def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypa
 
 def test_final_fid_gets_precision_and_device(monkeypatch):
     import genflow.metrics as metrics
-    from genflow.run import final_metrics
+    from genflow.apps.train import final_metrics
 
     cfg = compose(["model=edm", "data=digits", "net=unet_tiny", "fid.num=10", "sample.precision=bf16"])
     module, dm = build(cfg)
@@ -243,7 +243,7 @@ def test_sample_refuses_non_finite_weights(tmp_path, cli):
 
 # --- 4. benchmarks ---------------------------------------------------------------------------------
 def test_gpu_suite_refuses_without_a_gpu(monkeypatch, capsys):
-    from genflow import bench
+    from genflow.apps import bench
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as stop:
@@ -253,7 +253,7 @@ def test_gpu_suite_refuses_without_a_gpu(monkeypatch, capsys):
 
 
 def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
-    from genflow import bench
+    from genflow.apps import bench
 
     monkeypatch.setattr(bench, "peak_bf16_flops", lambda device: 1e12)  # a stand-in peak so MFU is computed
     results = bench.main(["gpu-suite", "--device", "cpu", "--net", "unet_tiny", "--shape", "1,8,8", "--batch", "4",
@@ -283,7 +283,7 @@ def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
 
 
 def test_mfu_is_null_on_cpu():
-    from genflow.bench import peak_bf16_flops
+    from genflow.apps.bench import peak_bf16_flops
 
     assert peak_bf16_flops(torch.device("cpu")) is None
 

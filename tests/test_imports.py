@@ -63,7 +63,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert "genflow.methods.paths" in graph and "genflow.bench" in graph
+    assert "genflow.methods.paths" in graph and "genflow.apps.bench" in graph
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 

@@ -13,8 +13,8 @@ import torch
 
 from genflow.config import compose
 from genflow.errors import CheckpointError, ConfigError
-from genflow.run import train
-from genflow.training.runs import prepare_run, summarize
+from genflow.apps.train import train
+from genflow.apps.run_folder import prepare_run, summarize
 
 TINY = ["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=6",
         "trainer.val_check_interval=3", "checkpoint.every_n_steps=2", "sample.num=4", "sample.steps=2",
@@ -206,7 +206,7 @@ def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
 
 
 def test_the_continue_command_repeats_the_runs_own_overrides():
-    from genflow.training.runs import continue_command
+    from genflow.apps.run_folder import continue_command
 
     cfg = cfg_for("unused")
     command = continue_command(cfg, Path("/runs/a b"), ["model=edm", "trainer.max_steps=2000", "ckpt_path=x.ckpt",
@@ -286,7 +286,7 @@ def test_one_training_process_per_run_folder(tmp_path):
     import socket
     import subprocess
 
-    from genflow.training.runs import LOCK_NAME, _process_start
+    from genflow.apps.run_folder import LOCK_NAME, _process_start
 
     run_dir = tmp_path / "locked"
     run_dir.mkdir()
@@ -311,7 +311,7 @@ def test_one_training_process_per_run_folder(tmp_path):
 
 
 def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
-    from genflow.training.runs import LOCK_NAME, RunFolderLock
+    from genflow.apps.run_folder import LOCK_NAME, RunFolderLock
 
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child started by Lightning (torchrun sets RANK likewise)
     with RunFolderLock(tmp_path):
@@ -324,7 +324,7 @@ def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
 
 def test_a_half_written_lock(tmp_path):
     """An empty lock file: a run starting right now (refused), or, once old, one that died at once (taken over)."""
-    from genflow.training.runs import LOCK_NAME, RunFolderLock
+    from genflow.apps.run_folder import LOCK_NAME, RunFolderLock
 
     lock = tmp_path / LOCK_NAME
     lock.write_text("")
@@ -340,7 +340,7 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     """A compiled run's first step takes minutes: the rate and ETA count from its end (100 s, then 1 s/step)."""
     from types import SimpleNamespace
 
-    import genflow.training.progress as progress
+    import genflow.training.progress_bar as progress
 
     clock = [0.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])

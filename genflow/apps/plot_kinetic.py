@@ -1,6 +1,6 @@
 """Plot lambda-hat(s) of a dataset and its kinetic-optimal (alpha_t, sigma_t) against Cond-OT.
 
-    python -m genflow.viz.kinetic --data digits|checkerboard --out DIR
+    python -m genflow.apps.plot_kinetic --data digits|checkerboard --out DIR
 
 Writes DIR/lambda_<data>.png and DIR/ko_path_<data>.png and prints one JSON line (paths, Phi_1, kinetic
 energies of KO / Cond-OT / cosine / VP on the data's normalisation, estimator time).

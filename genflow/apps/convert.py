@@ -1,6 +1,6 @@
 """Import NVlabs EDM / PFGM++ network pickles as genflow checkpoints, without running code from them.
 
-    python -m genflow.convert SRC.pkl OUT.ckpt [D=2048] [data=cifar10] [data.root=...]
+    python -m genflow.apps.convert SRC.pkl OUT.ckpt [D=2048] [data=cifar10] [data.root=...]
 
 EDM (Karras et al. 2022) and PFGM++ (Xu et al. 2023) publish ``network-snapshot-*.pkl`` files: a dict
 whose ``ema`` entry is the trained network. Their classes are "persistent": each object is pickled as a
@@ -23,7 +23,7 @@ called. The records are then mapped onto genflow's networks (``SongUNet`` -> ``U
 ``ADMUNet``) and methods (``EDMPrecond`` -> EDM, or PFGM++ when D is known; ``VPPrecond`` -> DDPM with
 the linear schedule), with the attention weights reshaped (1x1 convolutions -> linear layers, EDM's
 per-channel interleaved q/k/v rows -> genflow's stacked [q; k; v]) and the constant resampling filters
-dropped. The result is a checkpoint ``sample.py``, ``genflow.evaluate`` and ``train.py init_from=`` read
+dropped. The result is a checkpoint ``sample.py``, ``genflow.apps.evaluate`` and ``train.py init_from=`` read
 with ``torch.load(weights_only=True)``.
 
 ``converted_checkpoint(src)`` converts once per file content (cached by SHA-256, written atomically), for
@@ -50,7 +50,7 @@ from genflow.methods.pfgmpp import _parse_D
 
 #: bump when the conversion changes, so cached conversions are redone
 CONVERTER_VERSION = 1
-USAGE = ("usage: python -m genflow.convert SRC.pkl OUT.ckpt [D=N] [overwrite=true] [data=NAME] [key=value ...]\n"
+USAGE = ("usage: python -m genflow.apps.convert SRC.pkl OUT.ckpt [D=N] [overwrite=true] [data=NAME] [key=value ...]\n"
          "  D: PFGM++'s augmented dimensions when the pickle does not record them (D=inf: EDM)")
 
 

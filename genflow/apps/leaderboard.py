@@ -1,7 +1,7 @@
 """FID leaderboard: train (or load) every entry of a suite, evaluate it, write a table.
-A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.leaderboard --help``):
+A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.apps.leaderboard --help``):
 
-    python -m genflow.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
+    python -m genflow.apps.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
         [precision=fp32|bf16] [suite.fid.<key>=value]
 
 A suite is ``configs/leaderboard/suite/<suite>.yaml``::
@@ -19,7 +19,7 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
         overrides: [experiment=pfgmpp_cifar10_uncond]
       - name: edm-published
         pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
-        paper_fid: 1.97                     # converted once (genflow.convert); skipped when not given
+        paper_fid: 1.97                     # converted once (genflow.apps.convert); skipped when not given
         nfe: 35
 
 Every row records method, D or path, dataset, NFE, FID, images, sampling img/s, wall time, the git
@@ -135,7 +135,7 @@ def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
 
 def train_entry(entry: dict, suite: dict, run_dir: Path) -> dict:
     from genflow.config import compose
-    from genflow.run import train
+    from genflow.apps.train import train
 
     if not entry.get("budget"):
         raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
@@ -274,8 +274,8 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
     for entry in entries:
         start = time.perf_counter()
         train_steps = None
-        if "pickle" in entry:  # a published EDM/PFGM++ network, converted once (genflow.convert)
-            from genflow.convert import published_checkpoint
+        if "pickle" in entry:  # a published EDM/PFGM++ network, converted once (genflow.apps.convert)
+            from genflow.apps.convert import published_checkpoint
 
             ckpt = published_checkpoint(entry)
             if ckpt is None:

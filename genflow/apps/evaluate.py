@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: FID with the EDM / PFGM++ protocol and/or held-out likelihood.
-A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
+A Hydra app with configs/evaluate.yaml (``python -m genflow.apps.evaluate --help``):
 
-    python -m genflow.evaluate ckpt=PATH [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] [fid.solver=heun]
+    python -m genflow.apps.evaluate ckpt=PATH [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] [fid.solver=heun]
         [fid.mode=legacy_tensorflow] [fid.ref=train|val|STATS.npz|cleanfid:NAME] [fid.inception_path=FILE]
         [fid.kid=true] [fid.batch_size=256] [fid.time_limit=SECONDS] [fid.download=false] [precision=fp32|bf16]
         [nll=true] [sigma0=0.01] [nll_num=N] [nll_batch=256] [nll_solver=dopri5|rk4] [nll_steps=N] [nll_bits=8|none]
@@ -155,7 +155,7 @@ def fid_num(cfg: DictConfig) -> int:
 
 
 def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
-    """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
+    """Evaluate as ``python -m genflow.apps.evaluate`` does; ``cfg`` is the composed config or its overrides."""
     from genflow.config import compose, module_from_checkpoint
 
     if not isinstance(cfg, DictConfig):

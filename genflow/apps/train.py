@@ -61,7 +61,7 @@ def instantiate_group(group, run_dir: Path) -> list:
 
 def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """The progress display every run gets (a Rich bar, or plain lines when stdout is not a terminal)."""
-    from genflow.training.progress import TrainProgress
+    from genflow.training.progress_bar import TrainProgress
 
     if not cfg.trainer.get("enable_progress_bar", True):
         return []
@@ -86,7 +86,7 @@ def quiet_console() -> None:
 
 
 def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list[str]:
-    from genflow.training.runs import describe
+    from genflow.apps.run_folder import describe
 
     d = describe(cfg, module.method)
     model = " ".join([d["model"]] + [f"{k}={d[k]}" for k in ("D", "path", "stage", "T", "schedule") if k in d])
@@ -102,7 +102,7 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     """Fit, then grid, exports, final metrics and the JSON line. ``validated``: the caller has already run
     ``genflow.config.validate`` on this config (train.py does so before Hydra starts the job), so the
     checkpoints are not read and the images not verified a second time."""
-    from genflow.training.runs import RunFolderLock
+    from genflow.apps.run_folder import RunFolderLock
 
     if not validated:
         validate(cfg)
@@ -121,7 +121,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     from genflow.threads import configure_threads
     from genflow.training.module import speed_settings
     from genflow.training.resume import RunCheckpoint
-    from genflow.training.runs import continue_command, describe, prepare_run, write_result
+    from genflow.apps.run_folder import continue_command, describe, prepare_run, write_result
 
     start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
     forget_checkpoints()
@@ -168,7 +168,7 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
     """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
     so the reported rate counts only the steps trained here, over this process's wall time."""
     from genflow.training import SampleGrid
-    from genflow.training.runs import describe
+    from genflow.apps.run_folder import describe
 
     ckpt_cb = trainer.checkpoint_callback
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
@@ -194,7 +194,7 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
         **describe(cfg, module.method),
         "steps": steps,
         "steps_this_session": steps - steps_before,
-        # the training loop after its warm-up steps, timed as genflow.bench train-step times a step
+        # the training loop after its warm-up steps, timed as genflow.apps.bench train-step times a step
         "train_img_per_s": round(timed[0] * batch / timed[1], 1) if timed
         else round((steps - steps_before) * batch / max(wall, 1e-9), 1),
         "wall_s": round(wall, 1),

@@ -1,15 +1,15 @@
 """Throughput benchmarks, printed as one JSON line each (never timed tests).
 
-    python -m genflow.bench train-step [--model pfgmpp] [--net unet_digits] [--data digits] [--batch 128]
+    python -m genflow.apps.bench train-step [--model pfgmpp] [--net unet_digits] [--data digits] [--batch 128]
                                        [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads N]
                                        [--shape 3,32,32] [--compile] [--channels-last]
                                        [--matmul-precision highest|high|medium] [--no-ema]
-    python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
-    python -m genflow.bench gpu-suite  [--device cuda] [--net ddpmpp_cifar10] [--shape 3,32,32] [--batch 256]
+    python -m genflow.apps.bench sample     [same options] [--sample-steps 18] [--num 256]
+    python -m genflow.apps.bench gpu-suite  [--device cuda] [--net ddpmpp_cifar10] [--shape 3,32,32] [--batch 256]
                                        [--ablation]
-    python -m genflow.bench table GPU_SUITE.jsonl   (the suite's lines as a markdown table)
-    python -m genflow.bench fid        (feature extraction vs clean-fid; genflow.bench_fid)
-    python -m genflow.bench multiview  (3D vs 2D attention; genflow.bench_multiview)
+    python -m genflow.apps.bench table GPU_SUITE.jsonl   (the suite's lines as a markdown table)
+    python -m genflow.apps.bench fid        (feature extraction vs clean-fid; genflow.apps.bench_fid)
+    python -m genflow.apps.bench multiview  (3D vs 2D attention; genflow.apps.bench_multiview)
 
 ``--shape C,H,W`` benchmarks on random data of that shape (no dataset needed), e.g.
 ``--net ddpmpp_cifar10 --shape 3,32,32`` for the CIFAR-10 network.
@@ -199,7 +199,7 @@ def bench_sample(args) -> dict:
 
 def bench_extractor(args, images: torch.Tensor) -> dict:
     """Throughput of the FID feature extractor (clean mode, resizer on CPU threads) on generated images."""
-    from genflow.bench_fid import _standin_folder
+    from genflow.apps.bench_fid import _standin_folder
     from genflow.errors import ConfigError
     from genflow.metrics.features import InceptionFeatures, resolve_inception_path
 
@@ -230,7 +230,7 @@ def bench_gpu_suite(args) -> list[dict]:
         print("error: the GPU suite needs a CUDA device and none is visible\n"
               "  why: it measures training, sampling and FID throughput on the GPU\n"
               "  fix: run it on a machine with a GPU (scripts/gpu_check.sh), or "
-              "`python -m genflow.bench gpu-suite --device cpu` for a small smoke run", file=sys.stderr)
+              "`python -m genflow.apps.bench gpu-suite --device cpu` for a small smoke run", file=sys.stderr)
         raise SystemExit(2)
     results = []
 
@@ -326,7 +326,7 @@ def markdown_table(rows: list[dict]) -> str:
 def print_table(args) -> str:
     path = args.rest[0] if args.rest else None
     if path is None:
-        raise SystemExit("usage: python -m genflow.bench table GPU_SUITE.jsonl")
+        raise SystemExit("usage: python -m genflow.apps.bench table GPU_SUITE.jsonl")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.startswith("{")]
     table = markdown_table(rows)
@@ -337,7 +337,7 @@ def print_table(args) -> str:
 def main(argv=None):
     from genflow.config import MATMUL_PRECISIONS
 
-    parser = argparse.ArgumentParser(prog="python -m genflow.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m genflow.apps.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["train-step", "sample", "gpu-suite", "fid", "multiview", "table"])
     parser.add_argument("--model", default=None, help="default pfgmpp (edm in gpu-suite)")
@@ -381,9 +381,9 @@ def main(argv=None):
 
     print(f"bench: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.what == "fid":
-        from genflow.bench_fid import bench_fid as fn
+        from genflow.apps.bench_fid import bench_fid as fn
     elif args.what == "multiview":
-        from genflow.bench_multiview import bench_multiview as fn
+        from genflow.apps.bench_multiview import bench_multiview as fn
     else:
         fn = {"train-step": bench_train_step, "sample": bench_sample, "gpu-suite": bench_gpu_suite}[args.what]
     args.rest = rest

@@ -1,6 +1,6 @@
 """Plot SPD's per-frequency schedules for a dataset's estimated spectrum.
 
-    python -m genflow.viz.spd --data digits --out DIR [--source empirical|radial|constants] [--T 1000]
+    python -m genflow.apps.plot_spd --data digits --out DIR [--source empirical|radial|constants] [--T 1000]
                               [--set data.resolution=16 ...]
 
 Writes DIR/spd_schedules.png (radial spectrum with its power-law fit; signal gain sqrt(abar_k(s));
@@ -100,7 +100,7 @@ def plot(spd: SPD, summary: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m genflow.viz.spd", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m genflow.apps.plot_spd", description=__doc__.split("\n")[0])
     p.add_argument("--data", default="digits", help="a configs/data option (digits, cifar10, imagefolder)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--source", default="empirical", choices=("empirical", "radial", "constants"))
