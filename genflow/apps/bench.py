@@ -393,5 +393,10 @@ def main(argv=None):
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``genflow-bench`` console script and ``python -m genflow.apps.bench``."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

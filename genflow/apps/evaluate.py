@@ -196,5 +196,10 @@ def app(cfg: DictConfig) -> None:
     main(cfg, validated=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``genflow-evaluate`` console script and ``python -m genflow.apps.evaluate``."""
     run_app(app, "evaluate", validate)
+
+
+if __name__ == "__main__":
+    cli()

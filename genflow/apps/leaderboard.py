@@ -317,5 +317,10 @@ def app(cfg: DictConfig) -> None:
     run(cfg, validated=True)  # run_app validated the command line before Hydra started
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``genflow-leaderboard`` console script and ``python -m genflow.apps.leaderboard``."""
     run_app(app, "leaderboard", validate)
+
+
+if __name__ == "__main__":
+    cli()

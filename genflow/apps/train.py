@@ -1,4 +1,12 @@
-"""The training run behind train.py: build, fit, then write the grid, the exports and the JSON line."""
+"""Train a generative model (a Hydra app with configs/train.yaml; ``genflow-train --help``):
+
+    python -m genflow.apps.train model=pfgmpp D=128 data=digits [trainer.max_steps=N] [hydra.run.dir=DIR]
+    python train.py ...            # the same app, from the repository root
+
+Composes configs/train.yaml, builds (module, datamodule) through genflow.config.build, fits with Lightning,
+writes the EMA checkpoint, a sample grid and (where configured) FID, and ends with one JSON line. A bad input
+ends in `error: what / why / fix` and exit 2 before anything is built (--debug: the traceback).
+"""
 from __future__ import annotations
 
 import json
@@ -6,11 +14,13 @@ import math
 import time
 from pathlib import Path
 
+import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import GENFLOW_TRAINER_KEYS, build, forget_checkpoints, to_container, validate
+from genflow.config import CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, forget_checkpoints, run_app, to_container, validate
+from genflow.errors import reported
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -247,3 +257,18 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     from genflow.metrics import evaluate_fid
 
     return evaluate_fid(module, dm, device=module.device, **fid_options(cfg.fid, cfg.sample))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@reported
+def app(cfg: DictConfig) -> None:
+    train(cfg, validated=True)  # run_app checked this command line (every job of a sweep) before Hydra ran
+
+
+def cli() -> None:
+    """The ``genflow-train`` console script and ``python -m genflow.apps.train``."""
+    run_app(app, "train")
+
+
+if __name__ == "__main__":
+    cli()
