@@ -33,7 +33,7 @@ def test_smoke_suite_writes_a_well_formed_table(tmp_path, monkeypatch, capsys):
         # a briefly trained model: finite, positive, and far from noise-level digits-FID (~110)
         assert math.isfinite(row["FID"]) and 0 < row["FID"] < 100
         assert row["img/s"] > 0 and row["wall_s"] > 0 and row["revision"] and row["device"]
-    assert [r["D/path"] for r in table["rows"]] == ["inf", 128]
+    assert [r["settings"] for r in table["rows"]] == ["inf", 128]
     md = (tmp_path / "lb" / "leaderboard.md").read_text().splitlines()
     header = next(i for i, line in enumerate(md) if line.startswith("| name"))
     assert md[header] == "| " + " | ".join(COLUMNS) + " |"

@@ -123,13 +123,16 @@ def test_a_resume_file_follows_the_same_rule_as_last(finished, tmp_path, cli):
 
 def test_every_knob_counts_for_the_section_that_reads_it():
     """stage= is read by the multi-view net: resuming a stage-1 run with stage=2 is refused, not adopted."""
-    from genflow.config import check_resume, explicit_sections, to_container
+    from genflow.config import check_resume, declared_knobs, explicit_sections, to_container
 
     base = ["model=isotropic3d", "data=multiview"]
     recorded = to_container(compose(base + ["stage=1"], validator=False))
-    assert explicit_sections(["stage=2"]) == {"net"} and explicit_sections(["D=64"]) == {"model"}
+    knobs = declared_knobs(compose(base, validator=False))
+    assert explicit_sections(["stage=2"], knobs) == {"net"}
+    assert explicit_sections(["D=64"], declared_knobs(compose([], validator=False))) == {"model"}
     with pytest.raises(CheckpointError, match="net.stage: recorded 1, requested 2"):
-        check_resume(compose(base + ["stage=2"], validator=False), recorded, "run.ckpt", explicit_sections(["stage=2"]))
+        check_resume(compose(base + ["stage=2"], validator=False), recorded, "run.ckpt",
+                     explicit_sections(["stage=2"], knobs))
 
 
 def test_last_falls_back_to_the_newest_valid_checkpoint(finished, tmp_path):
@@ -354,3 +357,15 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     first, later = capsys.readouterr().out.strip().splitlines()
     assert first == "step 1/101 | first step 1m 40s (start-up, compilation)"
     assert later.startswith("step 11/101 | 1.00 it/s, 8 img/s | ETA 1m 30s")
+
+
+def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):
+    """The grid, the learning-rate monitor and the loggers are optional; the EMA and the checkpoints are the run's."""
+    run = tmp_path / "run"
+    code, out, err = cli("train.py", "~callbacks.sample_grid", "~callbacks.lr_monitor", "logger=none", "data=digits",
+                         "net=unet_tiny", "data.batch_size=8", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                         "optim.warmup_steps=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["grid"] is None and not (run / "grid.png").exists() and not (run / "samples").exists()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "ema.safetensors").is_file()

@@ -42,15 +42,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, options, run_app)
+                            check_schema, compose_config, declared_knobs, options, run_app)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
-ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
+# an entry's own keys; any other key is a knob of its method (D: 2048 for pfgmpp), checked against the declaration
+ENTRY_KEYS = {"name", "method", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
               "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid"}
-COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
+PICKLE_KEYS = {"D"}  # genflow.apps.convert's: PFGM++'s D where a published pickle does not record it
+COLUMNS = ["name", "method", "settings", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
            "train_steps", "revision", "device"]
 LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "device": Str(null=True),
                       "num": Int(2, null=True, example=200), "precision": PRECISION}
@@ -76,10 +78,13 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
         raise config_error(f"suite {name!r} has no entries", "the leaderboard evaluates each entry",
                            f"add an entries: list to {path}")
     for i, e in enumerate(entries):
-        unknown = set(e) - ENTRY_KEYS
-        if unknown:
-            raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown)}",
-                               f"entries take {sorted(ENTRY_KEYS)}", f"fix {path}")
+        unknown = set(e) - ENTRY_KEYS - (PICKLE_KEYS if "pickle" in e else set())
+        knobs = set(declared_knobs(compose_config([f"model={e['method']}", f"data={e['dataset']}"]))) \
+            if unknown and "method" in e and "dataset" in e else set()
+        if unknown - knobs:
+            raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown - knobs)}",
+                               f"entries take {sorted(ENTRY_KEYS)} and the knobs of their method "
+                               f"({', '.join(sorted(knobs)) or 'none'})", f"fix {path}")
         if "ckpt" not in e and "pickle" not in e and ("method" not in e or "dataset" not in e):
             raise config_error(f"suite {name!r} entry {i} names neither ckpt nor method+dataset",
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
@@ -115,10 +120,7 @@ def git_revision() -> str:
 
 def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
     ov = [f"model={entry['method']}", f"data={entry['dataset']}"]
-    if entry.get("D") is not None:
-        ov.append(f"D={entry['D']}")
-    if entry.get("path") is not None:
-        ov.append(f"path={entry['path']}")
+    ov += [f"{key}={value}" for key, value in entry.items() if key not in ENTRY_KEYS and value is not None]
     ov += list(suite.get("overrides") or []) + list(entry.get("overrides") or [])
     budget = entry.get("budget") or {}
     if "steps" in budget:
@@ -291,7 +293,7 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         cfg_entry = ev.pop("config")
         method = str(cfg_entry.model.get("_target_", "?")).rsplit(".", 1)[-1]
         rows.append({
-            "name": entry["name"], "method": method, "D/path": _settings(ev.pop("describe")),
+            "name": entry["name"], "method": method, "settings": _settings(ev.pop("describe")),
             "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
             "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
             "precision": ev["fid_precision"],

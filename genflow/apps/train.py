@@ -19,7 +19,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, forget_checkpoints, run_app, to_container, validate
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, instantiate, run_app, target_class, to_container,
+                            validate)
 from genflow.errors import reported
 
 
@@ -33,16 +36,20 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path("outputs/run")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
-    """A Trainer with the callbacks of the `callbacks` group and the loggers of the `logger` group (one config
-    file each); relative folders in them (dirpath, save_dir) are inside ``run_dir``."""
+def make_trainer(cfg: DictConfig, run_dir: Path, *, start_step: int = 0, **overrides) -> pl.Trainer:
+    """A Trainer with the parts every run has (the EMA, the checkpoints, the progress display: ``run_callbacks``),
+    the optional callbacks of the `callbacks` group and the loggers of the `logger` group (one config file each,
+    each removable: ``~callbacks.sample_grid``, ``logger=none``); relative folders in them (dirpath, save_dir) are
+    inside ``run_dir``. ``start_step``: the step a resumed run continues from (TensorBoard drops what a killed
+    session logged after it)."""
     from genflow.training import AtomicCheckpointIO
 
+    loggers = instantiate_group(cfg.get("logger"), run_dir, start_step=start_step)
     callbacks = instantiate_group(cfg.get("callbacks"), run_dir)
-    loggers = instantiate_group(cfg.get("logger"), run_dir)
     if not loggers:  # logger=none: the learning rate has nowhere to go (Lightning's monitor would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    callbacks += run_callbacks(cfg, run_dir)
+    own = run_callbacks(cfg, run_dir)  # EMA and checkpoints first, as before; the progress display last
+    callbacks = own[:2] + callbacks + own[2:]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by training.module.speed_settings
         trainer_kwargs.pop(key, None)
@@ -55,28 +62,40 @@ def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
 RUN_DIR_KEYS = ("dirpath", "save_dir")
 
 
-def instantiate_group(group, run_dir: Path) -> list:
-    """Instantiate every ``_target_`` node of a config group (callbacks, logger), in file order."""
-    from genflow.config import instantiate
-
+def instantiate_group(group, run_dir: Path, *, start_step: int = 0) -> list:
+    """Instantiate every ``_target_`` node of a config group (callbacks, logger), in file order. A TensorBoard
+    logger of a resumed run gets ``purge_step=start_step`` (a SummaryWriter argument)."""
     objects = []
     for spec in (group or {}).values():
         if spec is None or "_target_" not in spec:
             continue
-        in_run_dir = {k: str(run_dir / str(spec[k])) for k in RUN_DIR_KEYS
-                      if k in spec and spec[k] is not None and not Path(str(spec[k])).is_absolute()}
-        objects.append(instantiate(spec, **in_run_dir))
+        extra = {k: str(run_dir / str(spec[k])) for k in RUN_DIR_KEYS
+                 if k in spec and spec[k] is not None and not Path(str(spec[k])).is_absolute()}
+        cls = target_class(spec)
+        if start_step and isinstance(cls, type) and issubclass(cls, TensorBoardLogger) and "purge_step" not in spec:
+            extra["purge_step"] = start_step
+        objects.append(instantiate(spec, **extra))
     return objects
 
 
 def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """The progress display every run gets (a Rich bar, or plain lines when stdout is not a terminal)."""
+    """The parts of every run, built from its top-level sections rather than the optional `callbacks` group:
+    EDM's EMA of the weights (``ema``), the checkpoints (``checkpoint``: periodic, last.ckpt on a wall-clock
+    cadence and on Ctrl-C / SIGTERM) and the progress display (a Rich bar, or plain lines when stdout is not a
+    terminal)."""
+    from genflow.training import EDMEma
     from genflow.training.progress_bar import TrainProgress
+    from genflow.training.resume import RunCheckpoint
 
-    if not cfg.trainer.get("enable_progress_bar", True):
-        return []
-    return [TrainProgress(every_seconds=(cfg.get("progress") or {}).get("every_seconds", 30),
-                          log_path=run_dir / "train.log")]
+    ckpt = cfg.checkpoint
+    parts = [EDMEma(halflife_kimg=cfg.ema.halflife_kimg, rampup=cfg.ema.rampup),
+             RunCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step_{step:06d}", auto_insert_metric_name=False,
+                           every_n_train_steps=ckpt.every_n_steps, save_top_k=ckpt.keep, save_last=True, monitor="step",
+                           mode="max", every_minutes=ckpt.every_minutes)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        parts.append(TrainProgress(every_seconds=(cfg.get("progress") or {}).get("every_seconds", 30),
+                                   log_path=run_dir / "train.log"))
+    return parts
 
 
 def quiet_console() -> None:
@@ -96,10 +115,10 @@ def quiet_console() -> None:
 
 
 def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list[str]:
-    from genflow.apps.run_folder import describe
+    from genflow.apps.run_folder import describe, method_settings
 
     d = describe(cfg, module.method)
-    model = " ".join([d["model"]] + [f"{k}={d[k]}" for k in ("D", "path", "stage", "T", "schedule") if k in d])
+    model = " ".join([d["model"]] + [f"{k}={v}" for k, v in method_settings(d).items()])
     params = sum(p.numel() for p in module.net.parameters()) / 1e6
     res = f" {d['resolution']}px" if "resolution" in d else ""
     return [f"run {run_dir}",
@@ -114,14 +133,13 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     checkpoints are not read and the images not verified a second time."""
     from genflow.apps.run_folder import RunFolderLock
 
-    if not validated:
-        validate(cfg)
+    read = {} if validated else validate(cfg)
     run_dir = run_dir_of(cfg)
     with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
-        return _train_in(cfg, run_dir, lock.notes)
+        return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"))
 
 
-def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
+def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> dict:
     import signal
     import sys
 
@@ -133,8 +151,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     from genflow.training.resume import RunCheckpoint
     from genflow.apps.run_folder import continue_command, describe, prepare_run, write_result
 
-    start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
-    forget_checkpoints()
+    start = prepare_run(cfg, run_dir, resume)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     for note in notes + start.notes if rank_zero_only.rank == 0 else ():
@@ -148,13 +165,11 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     module, dm = build(cfg)
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
-    trainer = make_trainer(cfg, run_dir, enable_model_summary=False)
+    trainer = make_trainer(cfg, run_dir, start_step=start.step, enable_model_summary=False)
     if trainer.is_global_zero:
         for line in settings_lines(cfg, module, run_dir, threads):
             say(line, log)
     for logger in trainer.loggers:
-        if start.step and hasattr(logger, "_kwargs"):  # TensorBoard: hide what a killed session logged after
-            logger._kwargs.setdefault("purge_step", start.step)  # its checkpoint (the CSV logger drops it)
         logger.log_hyperparams(describe(cfg, module.method))
     began = time.perf_counter()
     # prepare_run read the checkpoint with weights_only=True already: Lightning never unpickles code either
@@ -189,8 +204,8 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
     # belong on the training device (each rank's own, for the seed-sharded FID)
     device = trainer.strategy.root_device
     module.to(device)
-    grid_cb = next(c for c in trainer.callbacks if isinstance(c, SampleGrid))
-    grid = grid_cb.write(trainer, module, run_dir / "grid.png")
+    grid_cb = next((c for c in trainer.callbacks if isinstance(c, SampleGrid)), None)  # ~callbacks.sample_grid: none
+    grid = grid_cb.write(trainer, module, run_dir / "grid.png") if grid_cb is not None else None
     figures = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()
                if k in ("train/loss", "val/loss") or k.startswith("val/fid")}
     steps = int(trainer.global_step)
@@ -200,7 +215,7 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
         "run_dir": str(run_dir),
         "checkpoint": str(final_ckpt),
         "last_checkpoint": str(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None,
-        "grid": str(grid),
+        "grid": None if grid is None else str(grid),
         **describe(cfg, module.method),
         "steps": steps,
         "steps_this_session": steps - steps_before,

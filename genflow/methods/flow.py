@@ -29,6 +29,7 @@ from torch import Tensor
 
 from genflow.cache import cache_dir, cached, content_hash
 from genflow.errors import config_error
+from genflow.knobs import Knob
 from genflow.methods.base import Cond, GaussianMarginal, Generators, Method, randn
 from genflow.methods.kinetic import SeparationFunction, estimate_separation, normalize
 from genflow.methods.paths import CondOT, KineticOptimal, Scheduler, SchedulerOutput, _ResizingBuffers, make_scheduler
@@ -68,6 +69,8 @@ class FlowMatching(_ResizingBuffers, Method):
     """
 
     time_name = "t"
+    knobs = (Knob("path", str, "condot", "the probability path: conditional OT (Lipman et al. 2023), cosine, VP, or "
+                  "kinetic-optimal ko (Shaul et al. 2023): condot | cosine | vp | ko"),)
 
     def __init__(self, path: Scheduler | str = "condot", *, time_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0, sigma_min: float = 0.0, normalize: bool = False,
