@@ -32,7 +32,7 @@ test: venv
 	$(PYBIN) -m pytest -q --durations=15
 
 bench: venv
-	$(PYBIN) -m genflow.apps.bench train-step
+	$(PYBIN) -m genflow.apps.bench what=train-step
 
 clean:
 	rm -rf $(VENV) runs outputs multirun .pytest_cache

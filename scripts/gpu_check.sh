@@ -47,11 +47,11 @@ for stage in $STAGES; do
       rc=$?; [ $rc -ne 0 ] && status=1
       log "tests rc=$rc: $(tail -1 "$OUT/test_gpu.txt")" ;;
     suite)
-      log "python -m genflow.apps.bench gpu-suite --ablation (timeout 480 s)"
-      timeout 480 $PY -m genflow.apps.bench gpu-suite --ablation --threads "$(nproc)" >"$OUT/gpu_suite.jsonl" 2>"$OUT/gpu_suite.err"
+      log "python -m genflow.apps.bench what=gpu-suite ablation=true (timeout 480 s)"
+      timeout 480 $PY -m genflow.apps.bench what=gpu-suite ablation=true threads="$(nproc)" >"$OUT/gpu_suite.jsonl" 2>"$OUT/gpu_suite.err"
       rc=$?; [ $rc -ne 0 ] && status=1
       cp "$OUT/gpu_suite.jsonl" "$SUITE_COPY"
-      $PY -m genflow.apps.bench table "$OUT/gpu_suite.jsonl" >>"$OUT/summary.txt" 2>&1
+      $PY -m genflow.apps.bench what=table table="$OUT/gpu_suite.jsonl" >>"$OUT/summary.txt" 2>&1
       log "suite rc=$rc, $(grep -c '^{' "$OUT/gpu_suite.jsonl") figures in gpu_suite.jsonl" ;;
     train)
       log "train.py trainer=gpu net=ddpmpp_cifar10 on generated 32x32 images (timeout 240 s)"

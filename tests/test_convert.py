@@ -268,7 +268,7 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
 def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     net, ema = song_pair("ncsnpp-cond")
     src = edm_format(tmp_path / "net.pkl", ema)
-    code, out, err = cli("genflow.apps.convert", str(src), str(tmp_path / "net.ckpt"))
+    code, out, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'net.ckpt'}")
     assert code == 0, err
     assert '"net": null' not in out and (tmp_path / "net.ckpt").is_file()
     # sample.py reads it (weights_only=True), and train.py init_from= starts from its weights
@@ -283,12 +283,12 @@ def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     state = module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["state_dict"].items())
     stamp = (tmp_path / "net.ckpt").stat().st_mtime_ns
-    code, _, err = cli("genflow.apps.convert", str(src), str(tmp_path / "net.ckpt"))  # never replaced unasked
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'net.ckpt'}")  # never replaced unasked
     assert code == 2 and "already exists" in err and (tmp_path / "net.ckpt").stat().st_mtime_ns == stamp
-    code, _, err = cli("genflow.apps.convert", str(tmp_path / "missing.pkl"), str(tmp_path / "x.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={tmp_path / 'missing.pkl'}", f"out={tmp_path / 'x.ckpt'}")
     assert code == 2 and err.startswith("error:") and "fix:" in err
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
-    code, _, err = cli("genflow.apps.convert", str(tmp_path / "junk.pkl"), str(tmp_path / "x.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={tmp_path / 'junk.pkl'}", f"out={tmp_path / 'x.ckpt'}")
     assert code == 2 and "cannot read" in err and "Traceback" not in err
 
 
@@ -321,7 +321,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(edm_format, tmp_path, cli,
 
     with pytest.raises(CheckpointError, match="refuses to load"):
         read_pickle(src)
-    code, _, err = cli("genflow.apps.convert", str(src), str(tmp_path / "evil.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'evil.ckpt'}")
     assert code == 2 and "refuses" in err and "fix:" in err
     assert not target.exists() and not (tmp_path / "evil.ckpt").exists()
 
@@ -493,7 +493,10 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
 
 def test_convert_help(cli):
     code, out, err = cli("genflow.apps.convert", "--help")
-    assert code == 0 and out.startswith("Import NVlabs EDM / PFGM++ network pickles") and "usage:" in out
+    assert code == 0 and out.startswith("Import NVlabs EDM / PFGM++ network pickles") and "src=SRC.pkl" in out
+    assert "== Config ==" in out and "overwrite: false" in out
+    code, _, err = cli("genflow.apps.convert", "net.pkl", "out.ckpt")  # one grammar: key=value
+    assert code == 2 and "is not key=value" in err and "fix:" in err
 
 
 def test_attention_conversion_matches_edms_attention_forward():

@@ -247,18 +247,18 @@ def test_gpu_suite_refuses_without_a_gpu(monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as stop:
-        bench.main(["gpu-suite"])
+        bench.main(["what=gpu-suite"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "error:" in err and "why:" in err and "--device cpu" in err
+    assert stop.value.code == 2 and "error:" in err and "why:" in err and "device=cpu" in err
 
 
 def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
     from genflow.apps import bench
 
     monkeypatch.setattr(bench, "peak_bf16_flops", lambda device: 1e12)  # a stand-in peak so MFU is computed
-    results = bench.main(["gpu-suite", "--device", "cpu", "--net", "unet_tiny", "--shape", "1,8,8", "--batch", "4",
-                          "--steps", "1", "--warmup", "1", "--sample-batch", "4", "--num", "4", "--sample-steps", "2",
-                          "--fid-chunk", "4", "--extractor-num", "4", "--compile-backend", "eager", "--ablation"])
+    results = bench.main(["what=gpu-suite", "device=cpu", "net=unet_tiny", "shape=[1,8,8]", "batch=4", "steps=1",
+                          "warmup=1", "sample_batch=4", "num=4", "sample_steps=2", "fid_chunk=4", "extractor_num=4",
+                          "compile_backend=eager", "ablation=true"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines == results
     assert [r["bench"] for r in results] == ["train-step"] * 3 + ["sample"] * 2 + ["fid-50k", "fid-extractor"] + \

@@ -22,8 +22,11 @@ from genflow.knobs import Knob, knobs_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = ("model", "net", "data", "trainer", "callbacks", "logger", "experiment")
-APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard"}  # an app's config folder, where not configs/
-APP_FILES = {"leaderboard": "configs/leaderboard/leaderboard.yaml"}
+# an app's config folder, where not configs/ (the tools' folder has no config groups: their net=, data= are values)
+APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard", **{name: CONFIG_DIR / "tools" for name in
+                                                         ("convert", "bench", "plot_spd", "plot_kinetic")}}
+APP_FILES = {"leaderboard": "configs/leaderboard/leaderboard.yaml",
+             **{name: f"configs/tools/{name}.yaml" for name in ("convert", "bench", "plot_spd", "plot_kinetic")}}
 APPS = {"train": "train.py", "sample": "sample.py", "evaluate": "python -m genflow.apps.evaluate",
         "leaderboard": "python -m genflow.apps.leaderboard", "convert": "python -m genflow.apps.convert",
         "bench": "python -m genflow.apps.bench", "plot_spd": "python -m genflow.apps.plot_spd",
@@ -160,7 +163,8 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train", *,
     """The configuration ``python -m genflow.apps.<config_name> <overrides>`` would run, unvalidated
     (``genflow.config.compose`` validates it)."""
     overrides = list(overrides)
-    check_choices(overrides)
+    if APP_DIRS.get(config_name, CONFIG_DIR) == CONFIG_DIR:
+        check_choices(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
