@@ -352,12 +352,12 @@ def options_of(cfg) -> argparse.Namespace:
 
 
 def main(argv=None):
-    from genflow.config import MATMUL_PRECISIONS, Bool, Int, Spec, Str, plain_app
+    from genflow.config import MATMUL_PRECISIONS, PRECISION, Bool, Int, Spec, Str, plain_app
 
     schema = {"what": Str(choices=WHAT), "model": Str(null=True), "net": Str(null=True), "data": Str(),
               "shape": Spec(object, null=True), "batch": Int(1, null=True), "steps": Int(1), "warmup": Int(0),
               "sample_steps": Int(1), "solver": Str(), "num": Int(1), "device": Str(null=True),
-              "precision": Str(choices=("fp32", "bf16")), "matmul_precision": Str(choices=MATMUL_PRECISIONS),
+              "precision": PRECISION, "matmul_precision": Str(choices=MATMUL_PRECISIONS),
               "compile": Bool(), "compile_backend": Str(), "channels_last": Bool(), "ema": Bool(),
               "sample_batch": Int(1), "fid_chunk": Int(1), "extractor_num": Int(1), "ablation": Bool(),
               "inception": Str(null=True), "threads": Int(1, null=True), "override": Spec(object),
