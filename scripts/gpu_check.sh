@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 10: measures and tests on a machine with one CUDA GPU what the CPU sessions could not.
+# The GPU check: measures and tests on a machine with one CUDA GPU what the CPU sessions could not.
 # Results go to $OUT (default gpu_check/), one file per stage, written as each stage ends.
 #
 #   bash scripts/gpu_check.sh                 # all stages: env suite tests train (about 12-14 minutes)
@@ -70,7 +70,7 @@ PYEOF
       rc=$?; [ $rc -ne 0 ] && status=1
       grep '^{' "$OUT/train.txt" | tail -1 >"$OUT/train.json"
       log "train rc=$rc: $(cat "$OUT/train.json")"
-      # issue 10: train.py's own figure within 10 % of the bench's step with the same levers
+      # train.py's own figure within 10 % of the bench's step with the same levers
       $PY - "$OUT/train.json" "$SUITE_COPY" <<'PYEOF' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys
 try:

@@ -1,4 +1,4 @@
-"""GPU-first behaviour checked on CPU (issue 10) and divergence handling (issue 14 item 3).
+"""GPU-first behaviour checked on CPU and divergence handling.
 
 The device tests use a stand-in for the accelerator: the strategy's root device is patched to ``meta`` after
 ``fit``, so post-training work that stays on the CPU is caught without a GPU.
@@ -209,7 +209,7 @@ def test_compile_without_its_toolchain_is_refused_before_any_work(monkeypatch):
     compose(["trainer.compile=true"], environment=False)  # composing a GPU recipe elsewhere checks no toolchain
 
 
-# --- issue 14 item 3: divergence ---------------------------------------------------------------
+# --- divergence -------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps,every", [(6, 2), (3, 1000)], ids=["checkpoint-writes", "short-run"])
 def test_divergence_stops_before_any_checkpoint(tmp_path, steps, every):
     with pytest.raises(TrainingDiverged, match="no checkpoint was written.*\n  why: .*\n  fix: "):

@@ -1,4 +1,4 @@
-"""MultiViewUNet properties (research/isotropic3d.md §4.3 items 1-10, §6.1-6.4).
+"""MultiViewUNet properties (Isotropic3D, Liu et al. 2024; MVDream, Shi et al. 2023).
 
 Every fixture re-randomises the near-zero layers (residual output convs, attention output
 projections, the final conv, zero biases), so no property holds vacuously because a branch is 0.

@@ -21,7 +21,7 @@ leaves it out). MFU = (FLOPs of one training step per image, counted once with
 (``PEAK_BF16_FLOPS``; the same denominator for fp32 runs, so the figures compare); null where the
 device is not in the table (any CPU).
 
-``gpu-suite`` measures issue 10's figures on one GPU in a few minutes, one JSON line per figure:
+``gpu-suite`` measures the GPU figures of docs/benchmarks.md on one GPU in a few minutes, one JSON line per figure:
 training step fp32 / bf16 / bf16 with the levers of ``trainer=gpu``; sampling fp32 / bf16 (18 Heun
 steps); the time to generate and score 50 000 images for FID, extrapolated from a measured chunk; the
 feature extractor's throughput (the Inception file when present, else a stand-in network, said so); then
@@ -40,7 +40,7 @@ import torch
 from genflow.devices import device_name
 
 #: dense (no sparsity) bf16 tensor-core peak, FLOP/s, by device-name substring (first match wins). The H200
-#: figure is the one issue 10's MFU goal is stated against; H100 SXM is NVIDIA's 989 TFLOP/s.
+#: figure is the one genflow's MFU goal is stated against; H100 SXM is NVIDIA's 989 TFLOP/s.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("H200", 790e12),
     ("H100 PCIe", 756e12),
@@ -221,7 +221,7 @@ def bench_extractor(args, images: torch.Tensor) -> dict:
 
 
 def bench_gpu_suite(args) -> list[dict]:
-    """Issue 10's figures, one JSON line each (see the module docstring)."""
+    """The GPU figures, one JSON line each (see the module docstring)."""
     from genflow.sampling import generate
 
     device = torch.device(args.device)
@@ -282,7 +282,7 @@ def bench_gpu_suite(args) -> list[dict]:
     return results
 
 
-#: issue 10's measurements of NVlabs EDM on one H200 (torch 2.11, DDPM++ CIFAR-10, batch 256): its fp32 step
+#: measurements of NVlabs EDM's train.py on one H200 (torch 2.11, DDPM++ CIFAR-10, batch 256): its fp32 step
 #: (TF32 off), its own --fp16 step (set against our bf16 rows) and generate.py's fp32 sampling, 18 Heun steps
 EDM_H200 = {("train-step", "fp32"): "249", ("train-step", "bf16"): "1652 (its fp16)", ("sample", "fp32"): "12.6"}
 
@@ -307,8 +307,8 @@ def _edm_setting(row: dict) -> bool:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The suite's JSON lines as the README's Benchmarks table (with EDM's figures from issue 10 beside ours)."""
-    lines = ["| figure | settings | img/s | ms/step | MFU | peak MB | EDM, one H200 (issue 10) |",
+    """The suite's JSON lines as the README's Benchmarks table (with the measured figures of NVlabs EDM beside ours)."""
+    lines = ["| figure | settings | img/s | ms/step | MFU | peak MB | EDM, one H200 |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         img_per_s = row.get("img_per_s") or (round(50000 / row["extrapolated_50k_s"], 1)

@@ -8,8 +8,8 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
 - sampling dx/dt = v(x, t) from t = 0 to 1 (Euler / Heun / dopri5 via ``genflow.solvers``)
                                                                           -> ``velocity``, ``time_grid``
 - instantaneous change of variables needs log p_0 = standard normal       -> ``prior_log_prob``
-- research note 1.8, scale-time equivalence of affine paths
-  (flow_matching's ScheduleTransformedModel)                              -> ``RetimedFlow``
+- scale-time equivalence of affine Gaussian paths (Lipman et al. 2024, "Flow Matching Guide and
+  Code", the scheduler change; flow_matching's ScheduleTransformedModel)                              -> ``RetimedFlow``
 - Eqs. 7-8 normalised data: with ``normalize=True`` the method works on z = (x - mean) / scale
   (statistics from ``prepare``); every protocol function still speaks data space, so the prior is
   N(mean, scale^2 I) and the velocity is scale * v_z((x - mean) / scale, t).
@@ -190,7 +190,7 @@ class FlowMatching(_ResizingBuffers, Method):
         return {"method": "flow", "path": self.path.name}
 
     def retimed(self, path: Scheduler | str) -> "RetimedFlow":
-        """This trained model sampled along another path, without retraining (note 1.8)."""
+        """This trained model sampled along another path, without retraining (the scale-time equivalence)."""
         return RetimedFlow(self, make_scheduler(path))
 
     def hparams(self) -> dict:
