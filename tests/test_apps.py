@@ -41,3 +41,16 @@ def test_every_console_script_is_an_apps_cli():
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert module in APPS and function == "cli" and callable(getattr(importlib.import_module(module), "cli"))
+
+
+def test_evaluate_says_what_to_use_for_a_model_without_an_image_fid(cli, tmp_path):
+    """A model of 2-D points has no image FID: evaluate names the likelihood and the sliced Wasserstein distance
+    instead, before it loads the model."""
+    code, out, err = cli("train.py", "model=flow", "data=toy2d", "net=mlp_small", "data.batch_size=16",
+                         "trainer.max_steps=2", "trainer.val_check_interval=2", "optim.warmup_steps=1", "sample.num=4",
+                         "sample.steps=2", "logger=none", "~callbacks.lr_monitor", "trainer.enable_progress_bar=false",
+                         f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, err[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "final.ckpt"
+    code, _, err = cli("genflow.apps.evaluate", f"ckpt={ckpt}", "device=cpu")
+    assert code == 2 and "no image FID" in err and "nll=true" in err and "sliced_wasserstein" in err

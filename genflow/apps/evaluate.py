@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
                             build_method, check_output_dir, check_schema, check_target, config_from_checkpoint,
-                            read_checkpoint, run_app)
+                            read_checkpoint, run_app, target_class)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
@@ -74,6 +74,14 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg.device)
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
+    data_cls = target_class(stored.data)
+    if fid_num(cfg) and cfg.fid.extractor is None and getattr(data_cls, "feature_extractor", None) == "none":
+        raise config_error(f"no image FID for a model of {data_cls.__name__} data",
+                           "FID compares Inception (or digits-classifier) features of images; this model's samples "
+                           "are not such images (2-D points, vectors, or multi-view sets)",
+                           "use nll=true fid.num=0 for the held-out likelihood; compare samples of vector data with "
+                           "genflow.metrics.sliced_wasserstein (docs/guide/evaluation.md); for multi-view models run "
+                           "scripts/isotropic3d_consistency.py")
     if fid_num(cfg):
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
         build_method(stored).check_solver(solver, "fid.solver")
