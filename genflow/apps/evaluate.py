@@ -72,7 +72,8 @@ def validate(cfg: DictConfig) -> None:
                                "pass out=FILE.json (a file name)")
         check_output_dir(out.parent, "out's folder")  # new folders are made; a file on the way is refused
     check_device(cfg.device)
-    stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
+    # the check maps the tensors; the evaluation reads the weights once
+    stored = config_from_checkpoint(read_checkpoint(cfg.ckpt, mmap=True), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
     data_cls = target_class(stored.data)
     if fid_num(cfg) and cfg.fid.extractor is None and getattr(data_cls, "feature_extractor", None) == "none":

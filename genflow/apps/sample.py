@@ -63,7 +63,7 @@ def validate(cfg: DictConfig) -> None:
     seeds_of(cfg)
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
-    ckpt = read_checkpoint(cfg.ckpt)
+    ckpt = read_checkpoint(cfg.ckpt, mmap=True)  # the check maps the tensors; the job reads the weights once
     stored = config_from_checkpoint(ckpt)
     build_method(stored).check_solver(cfg.solver)  # each method lists the samplers it offers
     if cfg.guidance is not None and not data_conditions(stored.data):

@@ -101,8 +101,11 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def check_schema(cfg: DictConfig, schema: dict, *, prefix: str = "", app: str = "train", open_keys=OPEN) -> None:
-    """Every key of ``cfg`` is in ``schema`` (or an open section checked elsewhere) and its value fits."""
-    for key in cfg.keys():
+    """Every key of ``cfg`` is in ``schema`` (or an open section checked elsewhere) and its value fits. Keys are
+    checked in the schema's order (a value that interpolates another, ``fid.precision: ${sample.precision}``,
+    is reported at its source), unknown keys first."""
+    order = {key: i for i, key in enumerate(schema)}
+    for key in sorted(cfg.keys(), key=lambda k: order.get(k, -1)):
         full = f"{prefix}{key}"
         if key in open_keys and not prefix:
             continue
