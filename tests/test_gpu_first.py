@@ -85,13 +85,13 @@ def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypa
 
 
 def test_final_fid_gets_precision_and_device(monkeypatch):
-    import genflow.metrics as metrics
+    import genflow.apps.train as run_mod
     from genflow.apps.train import final_metrics
 
     cfg = compose(["model=edm", "data=digits", "net=unet_tiny", "fid.num=10", "sample.precision=bf16"])
     module, dm = build(cfg)
     calls = {}
-    monkeypatch.setattr(metrics, "evaluate_fid", lambda module, dm, **kw: calls.update(kw) or {"fid": 1.0})
+    monkeypatch.setattr(run_mod, "evaluate_fid", lambda module, dm, **kw: calls.update(kw) or {"fid": 1.0})
     assert final_metrics(cfg, module, dm) == {"fid": 1.0}
     assert calls["precision"] == "bf16" and calls["device"] == module.device and calls["num"] == 10
 

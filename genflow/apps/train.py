@@ -10,25 +10,39 @@ ends in `error: what / why / fix` and exit 2 before anything is built (--debug: 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from safetensors.torch import save_file
 
-from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, instantiate, run_app, target_class, to_container,
-                            validate)
+from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, method_settings, prepare_run,
+                                     write_result)
+from genflow.cache import atomic_write
+from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
+                            to_container, validate)
 from genflow.errors import reported
+from genflow.metrics import evaluate_fid
+from genflow.progress import say
+from genflow.threads import configure_threads
+from genflow.training import AtomicCheckpointIO, EDMEma, SampleGrid
+from genflow.training.module import speed_settings
+from genflow.training.progress_bar import TrainProgress
+from genflow.training.resume import RunCheckpoint
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     if cfg.get("run_dir"):  # explicit (tests, and the leaderboard, which trains inside its own Hydra app)
         return Path(cfg.run_dir)
     if HydraConfig.initialized():
@@ -42,7 +56,6 @@ def make_trainer(cfg: DictConfig, run_dir: Path, *, start_step: int = 0, **overr
     each removable: ``~callbacks.sample_grid``, ``logger=none``); relative folders in them (dirpath, save_dir) are
     inside ``run_dir``. ``start_step``: the step a resumed run continues from (TensorBoard drops what a killed
     session logged after it)."""
-    from genflow.training import AtomicCheckpointIO
 
     loggers = instantiate_group(cfg.get("logger"), run_dir, start_step=start_step)
     callbacks = instantiate_group(cfg.get("callbacks"), run_dir)
@@ -83,9 +96,6 @@ def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     EDM's EMA of the weights (``ema``), the checkpoints (``checkpoint``: periodic, last.ckpt on a wall-clock
     cadence and on Ctrl-C / SIGTERM) and the progress display (a Rich bar, or plain lines when stdout is not a
     terminal)."""
-    from genflow.training import EDMEma
-    from genflow.training.progress_bar import TrainProgress
-    from genflow.training.resume import RunCheckpoint
 
     ckpt = cfg.checkpoint
     parts = [EDMEma(halflife_kimg=cfg.ema.halflife_kimg, rampup=cfg.ema.rampup),
@@ -102,8 +112,6 @@ def quiet_console() -> None:
     """Silence what carries no information for a genflow user: Lightning's device lines ("GPU available:
     False ..."), its advertisements ("Tip: ... litlogger"), its stop notice, and known third-party
     deprecation warnings that a user cannot act on."""
-    import logging
-    import warnings
 
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -115,8 +123,6 @@ def quiet_console() -> None:
 
 
 def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list[str]:
-    from genflow.apps.run_folder import describe, method_settings
-
     d = describe(cfg, module.method)
     model = " ".join([d["model"]] + [f"{k}={v}" for k, v in method_settings(d).items()])
     params = sum(p.numel() for p in module.net.parameters()) / 1e6
@@ -131,7 +137,6 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     """Fit, then grid, exports, final metrics and the JSON line. ``validated``: the caller has already run
     ``genflow.config.validate`` on this config (train.py does so before Hydra starts the job), so the
     checkpoints are not read and the images not verified a second time."""
-    from genflow.apps.run_folder import RunFolderLock
 
     read = {} if validated else validate(cfg)
     run_dir = run_dir_of(cfg)
@@ -140,16 +145,7 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
 
 
 def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> dict:
-    import signal
-    import sys
 
-    from pytorch_lightning.utilities import rank_zero_only
-
-    from genflow.progress import say
-    from genflow.threads import configure_threads
-    from genflow.training.module import speed_settings
-    from genflow.training.resume import RunCheckpoint
-    from genflow.apps.run_folder import continue_command, describe, prepare_run, write_result
 
     start = prepare_run(cfg, run_dir, resume)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,8 +188,6 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
 def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0) -> dict:
     """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
     so the reported rate counts only the steps trained here, over this process's wall time."""
-    from genflow.training import SampleGrid
-    from genflow.apps.run_folder import describe
 
     ckpt_cb = trainer.checkpoint_callback
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
@@ -254,9 +248,6 @@ def log_final(trainer, final: dict) -> None:
 
 def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
     """EMA weights as safetensors + the resolved config as yaml, for use outside genflow (written atomically)."""
-    from safetensors.torch import save_file
-
-    from genflow.cache import atomic_write
 
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     path = atomic_write(run_dir / "ema.safetensors", lambda tmp: save_file(state, str(tmp)))
@@ -268,8 +259,6 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     """FID of the final EMA model where the config asks for it (fid.num > 0)."""
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
-    from genflow.config import fid_options
-    from genflow.metrics import evaluate_fid
 
     return evaluate_fid(module, dm, device=module.device, **fid_options(cfg.fid, cfg.sample))
 
