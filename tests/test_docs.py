@@ -49,7 +49,7 @@ def test_readme_is_a_short_front_page():
     assert len(readme.splitlines()) <= 250
     links = set(LINK.findall(readme))
     for page in ("docs/guide/training.md", "docs/guide/sampling.md", "docs/guide/evaluation.md", "docs/methods.md",
-                 "docs/adding.md", "docs/reliability.md", "docs/benchmarks.md", "docs/checkpoints.md",
+                 "docs/adding.md", "docs/reliability.md", "docs/benchmarks.md", "docs/published-checkpoints.md",
                  "docs/gpu-check.md"):
         assert page in links, f"the README does not link {page}"
 

@@ -17,7 +17,7 @@ from genflow.config.composing import (APP_DIRS, APP_FILES, APPS, CONFIG_DIR, GRO
 from genflow.config.entry import HYDRA_FLAGS, plain_app, preflight, run_app, sweep_variants
 from genflow.config.resume import RECORDED, check_resume, explicit_sections
 from genflow.config.schema import (FID_SCHEMA, GENFLOW_TRAINER_KEYS, MATMUL_PRECISIONS, OPTIM_SCHEMA, PRECISION,
-                                   TRAIN_SCHEMA, Bool, Float, Int, Spec, Str, accepted_params, check_schema, check_target,
+                                   SAMPLER_SCHEMA, TRAIN_SCHEMA, sampler_options, Bool, Float, Int, Spec, Str, accepted_params, check_schema, check_target,
                                    fid_options, target_class)
 from genflow.config.validation import (check_compile, check_device, check_files, check_knobs, check_output_dir,
                                        check_trainer, compose, data_conditions, validate)
@@ -25,7 +25,7 @@ from genflow.config.validation import (check_compile, check_device, check_files,
 __all__ = [
     "APP_DIRS", "APP_FILES", "APPS", "Bool", "CONFIG_DIR", "FID_SCHEMA", "Float", "GENFLOW_TRAINER_KEYS", "GROUPS",
     "HYDRA_FLAGS", "Int", "MATMUL_PRECISIONS", "OPTIM_SCHEMA", "PRECISION", "RECORDED", "Spec", "Str",
-    "TRAIN_SCHEMA", "accepted_params", "build", "build_data", "build_method", "build_net", "check_choices",
+    "SAMPLER_SCHEMA", "TRAIN_SCHEMA", "accepted_params", "sampler_options", "build", "build_data", "build_method", "build_net", "check_choices",
     "check_compile", "check_device", "check_files", "check_knobs", "check_output_dir", "check_resume",
     "check_schema", "check_target", "check_trainer", "compose", "compose_config", "config_from_checkpoint",
     "data_conditions", "declared_knobs", "explicit_sections", "fid_options", "hydra_error", "instantiate", "load_weights",

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from genflow import registry
 from genflow.errors import CheckpointError, checkpoint_error, config_error
 
 
@@ -33,6 +34,7 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt", mmap: bool = False) 
         raise checkpoint_error(f"{key}={path} is not a genflow checkpoint",
                                "it has no state_dict and no stored training config",
                                "use a checkpoint written by genflow's train.py")
+    registry.check_stored(ckpt["hyper_parameters"]["config"], f"{key}={path}")  # before anything reads it
     return ckpt
 
 

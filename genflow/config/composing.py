@@ -17,6 +17,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from genflow import registry
 from genflow.errors import ConfigError, config_error
 from genflow.knobs import Knob, knobs_of
 
@@ -165,6 +166,7 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train", *,
     overrides = list(overrides)
     if APP_DIRS.get(config_name, CONFIG_DIR) == CONFIG_DIR:
         check_choices(overrides)
+    registry.trust_command_line(overrides)  # what the user's command line names is the user's choice
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:

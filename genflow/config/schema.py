@@ -56,6 +56,16 @@ def Float(lo=None, **kw):
 Str, Bool = (lambda **kw: Spec(str, **kw)), (lambda **kw: Spec(bool, **kw))
 PRECISION = Str(choices=("fp32", "bf16"))
 
+# a user's settings of a sampler (Method.check_solver refuses those its solver does not take): EDM's churn
+SAMPLER_SCHEMA = {"S_churn": Float(0, null=True, example=40), "S_tmin": Float(0, null=True, example=0.05),
+                  "S_tmax": Float(0, null=True, example=50), "S_noise": Float(0, null=True, example=1.003)}
+
+
+def sampler_options(node) -> dict:
+    """The sampler settings (SAMPLER_SCHEMA keys) a config section sets (non-null), as plain floats."""
+    return {k: float(node[k]) for k in SAMPLER_SCHEMA if node is not None and node.get(k) is not None}
+
+
 # FID options, spelled once: the `fid` section of train.yaml (final FID), callbacks/fid.yaml, evaluate and
 # the leaderboard suites all use these keys (genflow.metrics.evaluate_fid's keyword names)
 FID_SCHEMA = {
@@ -64,6 +74,7 @@ FID_SCHEMA = {
     "extractor": Str(null=True), "mode": Str(choices=("clean", "legacy_tensorflow")),
     "inception_path": Str(null=True), "download": Bool(), "ref": Str(), "cache_dir": Str(null=True),
     "kid": Bool(), "time_limit": Float(0, null=True), "progress": Bool(null=True), "precision": PRECISION,
+    **SAMPLER_SCHEMA,
 }
 
 TRAIN_SCHEMA = {
@@ -82,7 +93,8 @@ def fid_options(fid, sample=None, **given) -> dict:
     """``genflow.metrics.evaluate_fid`` keywords from an `fid` section (FID_SCHEMA); steps, solver and guidance
     default to the `sample` section's. ``given`` (e.g. device) is passed on."""
     options = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(fid)), resolve=True).items()
-               if k in FID_SCHEMA}
+               if k in FID_SCHEMA and k not in SAMPLER_SCHEMA}
+    options["solver_options"] = sampler_options(fid)
     sample = sample or {}
     for key, default in (("steps", 18), ("solver", "heun"), ("guidance", None)):
         if options.get(key) is None:

@@ -16,7 +16,7 @@ from genflow.config.composing import (CONFIG_DIR, GROUPS, app_defaults, compose_
                                       searchpath_dirs)
 from genflow.config.resume import check_resume, explicit_sections
 from genflow.config.schema import (GENFLOW_TRAINER_KEYS, MATMUL_PRECISIONS, OPEN, OPTIM_SCHEMA, TRAIN_SCHEMA, check_schema,
-                                   check_target, target_class)
+                                   check_target, sampler_options, target_class)
 from genflow.errors import config_error
 
 
@@ -204,7 +204,7 @@ def validate(cfg: DictConfig, environment: bool = True) -> dict:
         method.check_solver(sample.solver, "sample.solver")
     fid = cfg.get("fid") or {}
     if method is not None and fid.get("num") and fid.get("solver"):
-        method.check_solver(fid.solver, "fid.solver")
+        method.check_solver(fid.solver, "fid.solver", sampler_options(fid))
     if sample.get("guidance") is not None and cfg.get("data") is not None and not data_conditions(cfg.data):
         raise config_error(f"sample.guidance={sample.guidance} for an unconditional model",
                            "classifier-free guidance mixes conditional and unconditional predictions; the data "
