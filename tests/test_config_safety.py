@@ -233,3 +233,19 @@ def test_search_path_folders_of_a_command_line(tmp_path):
     folders = registry.search_path_folders([f"hydra.searchpath=[file://{tmp_path},pkg://genflow]", "model=edm"])
     assert folders == [tmp_path, Path(genflow.__file__).parent]
     assert registry.search_path_folders(["model=edm"]) == []
+
+
+def test_a_checkpoint_recording_the_runs_own_callbacks_passes():
+    """Checkpoints written while the EMA and the checkpoints were config callbacks record them there; the run
+    builds them itself now, and the registry still knows them (a foreign callback is still refused)."""
+    from genflow import registry
+    from genflow.config import compose, to_container
+    from genflow.errors import ConfigError
+
+    cfg = to_container(compose([], validator=False))
+    cfg["callbacks"]["ema"] = {"_target_": "genflow.training.EDMEma", "halflife_kimg": 25.0, "rampup": 0.05}
+    cfg["callbacks"]["checkpoint"] = {"_target_": "genflow.training.resume.RunCheckpoint", "dirpath": "checkpoints"}
+    registry.check_stored(cfg, "old.ckpt")
+    cfg["callbacks"]["x"] = {"_target_": "shutil.copyfile", "src": "a", "dst": "b"}
+    with pytest.raises(ConfigError):
+        registry.check_stored(cfg, "old.ckpt")
