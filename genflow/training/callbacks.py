@@ -56,7 +56,7 @@ class EDMEma(WeightAveraging):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint through ``genflow.cache.atomic_write`` (a temporary file, flushed, renamed into
     place), so a run killed while saving never leaves a truncated checkpoint behind; a temporary file orphaned
-    by a kill is removed when the run folder is next used (``genflow.training.runs.remove_stale_temps``)."""
+    by a kill is removed when the run folder is next used (``genflow.apps.run_folder.remove_stale_temps``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))

@@ -43,7 +43,7 @@ class FIDCallback(pl.Callback):
                                "use a positive N (e.g. 1000), or drop callbacks=fid")
         if num < 2:
             raise config_error(f"callbacks.fid.num={num}", "FID needs at least two images",
-                               "use e.g. num=1000 while training (50000 for paper numbers with genflow.evaluate)")
+                               "use e.g. num=1000 while training (50000 for paper numbers with genflow.apps.evaluate)")
         self.every_n_steps, self.num, self.steps, self.solver = every_n_steps, num, steps, solver
         self.guidance, self.batch_size, self.seed_start = guidance, batch_size, seed_start
         self.use_ema, self.time_limit, self.at_end, self.monitor = use_ema, time_limit, at_end, monitor
