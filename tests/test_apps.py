@@ -17,6 +17,7 @@ APPS = {  # module -> the start of its description, a key of its config
     "genflow.apps.bench": ("Throughput benchmarks", "matmul_precision"),
     "genflow.apps.plot_spd": ("Plot SPD's per-frequency schedules", "source"),
     "genflow.apps.plot_kinetic": ("Plot lambda-hat(s)", "queries"),
+    "genflow.apps.dataset": ("Write a data set in EDM's archive format", "max_images"),
 }
 
 
@@ -28,7 +29,8 @@ def test_help_prints_the_description_and_the_config(module, cli):
     assert out.startswith(start) and "== Config ==" in out and f"{key}:" in out.split("== Config ==")[1]
 
 
-@pytest.mark.parametrize("module", ["genflow.apps.bench", "genflow.apps.plot_kinetic", "genflow.apps.plot_spd"])
+@pytest.mark.parametrize("module", ["genflow.apps.bench", "genflow.apps.plot_kinetic", "genflow.apps.plot_spd",
+                                    "genflow.apps.dataset"])
 def test_a_flag_style_argument_is_refused_with_the_grammar(module, cli):
     code, _, err = cli(module, "--out", "x")
     assert code == 2 and "is not key=value" in err and "fix:" in err and "Traceback" not in err

@@ -25,13 +25,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = ("model", "net", "data", "trainer", "callbacks", "logger", "experiment")
 # an app's config folder, where not configs/ (the tools' folder has no config groups: their net=, data= are values)
 APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard", **{name: CONFIG_DIR / "tools" for name in
-                                                         ("convert", "bench", "plot_spd", "plot_kinetic")}}
+                                                         ("convert", "dataset", "bench", "plot_spd", "plot_kinetic")}}
 APP_FILES = {"leaderboard": "configs/leaderboard/leaderboard.yaml",
-             **{name: f"configs/tools/{name}.yaml" for name in ("convert", "bench", "plot_spd", "plot_kinetic")}}
+             **{name: f"configs/tools/{name}.yaml" for name in ("convert", "dataset", "bench", "plot_spd", "plot_kinetic")}}
 APPS = {"train": "train.py", "sample": "sample.py", "evaluate": "python -m genflow.apps.evaluate",
         "leaderboard": "python -m genflow.apps.leaderboard", "convert": "python -m genflow.apps.convert",
         "bench": "python -m genflow.apps.bench", "plot_spd": "python -m genflow.apps.plot_spd",
-        "plot_kinetic": "python -m genflow.apps.plot_kinetic"}
+        "plot_kinetic": "python -m genflow.apps.plot_kinetic", "dataset": "python -m genflow.apps.dataset"}
 
 
 KNOB_SECTIONS = ("model", "net", "data")  # the sections whose classes may declare knobs
