@@ -20,7 +20,7 @@ GROUPS = ("model", "net", "data", "trainer", "callbacks", "logger", "experiment"
 APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard"}  # an app's config folder, where not configs/
 APP_FILES = {"leaderboard": "configs/leaderboard/leaderboard.yaml"}
 APPS = {"train": "train.py", "sample": "sample.py", "evaluate": "python -m genflow.evaluate",
-        "leaderboard": "python -m genflow.leaderboard"}
+        "leaderboard": "python -m genflow.leaderboard", "posthoc": "python -m genflow.apps.posthoc"}
 
 
 def _knob(name: str, default, *, _root_):
@@ -173,7 +173,9 @@ TRAIN_SCHEMA = {
     "seed": Int(0), "D": Float(0, lo_open=True, null=True, example=128), "path": Str(null=True, example="condot"),
     "stage": Int(choices=(1, 2), null=True, example=1), "ckpt_path": Str(null=True), "init_from": Str(null=True),
     "allow_heavy_tails": Bool(), "run_dir": Str(null=True),
-    "ema": {"halflife_kimg": Float(0), "rampup": Float(0, null=True)},
+    # ema=edm: halflife_kimg, rampup; ema=posthoc: sigma_rel (checked by genflow.training.posthoc), snapshot_kimg
+    "ema": {"halflife_kimg": Float(0), "rampup": Float(0, null=True), "sigma_rel": Spec(object),
+            "snapshot_kimg": Float(0, lo_open=True)},
     "sample": {"num": Int(1), "steps": Int(1), "solver": Str(), "guidance": Float(0, null=True),
                "every_n_steps": Int(0), "precision": PRECISION},
     "checkpoint": {"every_n_steps": Int(0), "keep": Int(-1), "every_minutes": Float(0, lo_open=True, null=True)},
@@ -459,6 +461,8 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
             raise config_error(f"optim.{key}={value!r}", f"optim.{key}: {problem}",
                                f"pass a valid value, e.g. optim.{key}={spec.example or 0}")
     check_trainer(cfg.get("trainer"), environment)
+    if (cfg.get("callbacks") or {}).get("ema") is not None:
+        instantiate(cfg.callbacks.ema)  # the EMA checks its own settings (ema=posthoc: the widths); cheap
     # the method checks its own settings (e.g. PFGM++'s D <= 2 opt-in) and names its samplers; building it is cheap
     method = build_method(cfg) if cfg.get("model") is not None else None
     sample = cfg.get("sample") or {}
