@@ -177,6 +177,7 @@ TRAIN_SCHEMA = {
     "ema": {"halflife_kimg": Float(0), "rampup": Float(0, null=True), "sigma_rel": Spec(object),
             "snapshot_kimg": Float(0, lo_open=True)},
     "sample": {"num": Int(1), "steps": Int(1), "solver": Str(), "guidance": Float(0, null=True),
+               "guide_ckpt": Str(null=True),
                "every_n_steps": Int(0), "precision": PRECISION},
     "checkpoint": {"every_n_steps": Int(0), "keep": Int(-1), "every_minutes": Float(0, lo_open=True, null=True)},
     "progress": {"every_seconds": Float(0)},
@@ -471,10 +472,15 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
     fid = cfg.get("fid") or {}
     if method is not None and fid.get("num") and fid.get("solver"):
         method.check_solver(fid.solver, "fid.solver")
-    if sample.get("guidance") is not None and cfg.get("data") is not None and not data_conditions(cfg.data):
+    if sample.get("guidance") is not None and cfg.get("data") is not None and not data_conditions(cfg.data) \
+            and sample.get("guide_ckpt") is None:
         raise config_error(f"sample.guidance={sample.guidance} for an unconditional model",
                            "classifier-free guidance mixes conditional and unconditional predictions; the data "
                            "gives this model no condition", "drop sample.guidance, or train with data.conditional=true")
+    if sample.get("guide_ckpt") is not None:  # autoguidance of the grids and FIDs (genflow.guide)
+        from genflow.guide import check_guide_settings
+
+        check_guide_settings(cfg, sample, environment)
     if environment:
         check_files(cfg)
 

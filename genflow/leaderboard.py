@@ -16,6 +16,8 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
         nfe: 35                             # or steps: 18 (NFE = method.nfe(steps, solver))
         seeds: 0-49999                      # FID seeds (image i from seed i); num = their count
         budget: {steps: 390625}             # or {minutes: 60}; or ckpt: PATH to skip training
+        posthoc: [0.05, 0.08, 0.12]         # optional: one row per post-hoc EMA width (a run with ema=posthoc)
+        guide_ckpt: PATH                    # optional: autoguidance by this checkpoint, weight fid.guidance
         overrides: [experiment=pfgmpp_cifar10_uncond]
       - name: edm-published
         pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
@@ -49,7 +51,7 @@ from genflow.errors import config_error, reported
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
-              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid"}
+              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "guide_ckpt", "posthoc"}
 COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
            "train_steps", "revision", "device"]
 LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "device": Str(null=True),
@@ -85,6 +87,7 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
                                f"fix {path}")
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
+        check_entry_ema_guide(e, suite, name, i, path)
     sections = [("fid", suite.get("fid"))] + [(f"entries[{i}].fid", e.get("fid")) for i, e in enumerate(entries)]
     for where, fid in sections:
         if fid:
@@ -92,6 +95,41 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
     suite["path"] = path
     suite["name"] = suite.get("name", name)
     return suite
+
+
+def check_entry_ema_guide(e: dict, suite: dict, name: str, i: int, path: str) -> None:
+    """``posthoc: [σ_rel, ...]`` (one row per width, reconstructed from the entry's run trained with
+    ema=posthoc) and ``guide_ckpt: PATH`` (autoguidance, weight ``fid.guidance`` of the entry or suite)."""
+    from genflow.training.posthoc import check_sigma_rel
+
+    widths = e.get("posthoc")
+    if widths is not None:
+        e["posthoc"] = [check_sigma_rel(s, f"suite {name!r} entry {i} posthoc") for s in
+                        (widths if isinstance(widths, list) else [widths])]
+    if e.get("guide_ckpt") is not None and {**(suite.get("fid") or {}), **(e.get("fid") or {})}.get("guidance") is None:
+        raise config_error(f"suite {name!r} entry {i} has guide_ckpt but no fid.guidance",
+                           "autoguidance needs its weight w (w = 1 is the model alone)",
+                           f"add fid: {{guidance: 2}} to the entry in {path}")
+
+
+def posthoc_variants(entry: dict, ckpt: str) -> list[tuple[str, str]]:
+    """(row name, checkpoint) of the entry: itself, or one reconstruction per ``posthoc`` width from the
+    snapshots of the run that wrote ``ckpt`` (written once beside it, reused afterwards)."""
+    if not entry.get("posthoc"):
+        return [(entry["name"], ckpt)]
+    from genflow.cache import atomic_write
+    from genflow.training.posthoc import posthoc_checkpoint, run_snapshots
+
+    run_dir = Path(ckpt).resolve().parent.parent
+    snaps, out = None, []
+    for sigma_rel in entry["posthoc"]:
+        path = run_dir / "checkpoints" / f"posthoc_sigma{sigma_rel:.3f}.ckpt"
+        if not path.exists():
+            snaps = snaps or run_snapshots(run_dir, key=f"entry {entry['name']}: run")
+            made = posthoc_checkpoint(snaps, sigma_rel)
+            atomic_write(path, lambda tmp: torch.save(made, tmp))
+        out.append((f"{entry['name']} σ_rel={sigma_rel:g}", str(path)))
+    return out
 
 
 def _rank_world() -> tuple[int, int]:
@@ -187,7 +225,14 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     fid.update(num=count if num is None else int(num), seed_start=start, steps=steps, solver=solver,
                seed_sets=int(entry.get("seed_sets", fid.get("seed_sets", 1))))
     fid.setdefault("progress", False)
-    out = evaluate_fid(module, dm, **fid_options(fid, device=device))
+    options = fid_options(fid, device=device)
+    if entry.get("guide_ckpt") is not None:  # autoguidance: a weaker checkpoint of the same method and data
+        from genflow.guide import check_guide, sampling_net
+
+        check_guide(cfg, entry["guide_ckpt"], key=f"entry {entry['name']}: guide_ckpt")
+        options["net"], options["guidance"] = sampling_net(module.net, options["guidance"], entry["guide_ckpt"],
+                                                           device)
+    out = evaluate_fid(module, dm, **options)
     out["nfe"] = module.method.nfe(steps, solver)
     out["steps"] = steps
     out["solver"] = solver
@@ -250,6 +295,23 @@ def composed_suite(cfg: DictConfig) -> dict:
     return check_suite(OmegaConf.to_container(cfg.suite, resolve=True), name, suite_file(name))
 
 
+def evaluate_row(entry: dict, suite: dict, name: str, ckpt: str, device, cfg, start: float, train_steps,
+                 revision: str, dev: str) -> dict:
+    """One leaderboard row: the entry's checkpoint ``ckpt`` scored (``evaluate_entry``) under ``name``."""
+    ev = evaluate_entry(entry, suite, ckpt, device, cfg.num, cfg.precision)
+    cfg_entry = ev.pop("config")
+    method = str(cfg_entry.model.get("_target_", "?")).rsplit(".", 1)[-1]
+    return {
+        "name": name, "method": method, "D/path": _settings(ev.pop("describe")),
+        "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
+        "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
+        "precision": ev["fid_precision"],
+        "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],
+        "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,
+        "checkpoint": ckpt, "guide_ckpt": entry.get("guide_ckpt"), "revision": revision, "device": dev,
+    }
+
+
 def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = False) -> dict:
     """Run a suite; ``cfg`` is the composed app config (or its command-line overrides, composed here).
     ``validated``: ``validate`` already ran on it (the Hydra app, after ``run_app``'s check)."""
@@ -287,20 +349,10 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         else:
             trained = train_entry(entry, suite, out / "runs" / entry["name"])
             ckpt, train_steps = trained["checkpoint"], trained.get("steps")
-        ev = evaluate_entry(entry, suite, ckpt, device, cfg.num, cfg.precision)
-        cfg_entry = ev.pop("config")
-        method = str(cfg_entry.model.get("_target_", "?")).rsplit(".", 1)[-1]
-        rows.append({
-            "name": entry["name"], "method": method, "D/path": _settings(ev.pop("describe")),
-            "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
-            "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
-            "precision": ev["fid_precision"],
-            "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],
-            "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,
-            "checkpoint": ckpt, "revision": revision, "device": dev,
-        })
-        if _rank_world()[0] == 0:  # under DDP training every rank runs this loop; one writes
-            (out / "leaderboard.json").write_text(json.dumps({"suite": suite["name"], "rows": rows}, indent=1) + "\n")
+        for row_name, row_ckpt in posthoc_variants(entry, ckpt):
+            rows.append(evaluate_row(entry, suite, row_name, row_ckpt, device, cfg, start, train_steps, revision, dev))
+            if _rank_world()[0] == 0:  # under DDP training every rank runs this loop; one writes
+                (out / "leaderboard.json").write_text(json.dumps({"suite": suite["name"], "rows": rows}, indent=1) + "\n")
     if _rank_world()[0] == 0:
         (out / "leaderboard.md").write_text(markdown(suite, rows, cfg.num, cfg.precision))
     result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),

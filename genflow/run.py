@@ -244,6 +244,10 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
     from genflow.config import fid_options
+    from genflow.guide import sampling_net
     from genflow.metrics import evaluate_fid
 
-    return evaluate_fid(module, dm, device=module.device, **fid_options(cfg.fid, cfg.sample))
+    options = fid_options(cfg.fid, cfg.sample)
+    options["net"], options["guidance"] = sampling_net(module.net, options["guidance"],
+                                                       cfg.sample.get("guide_ckpt"), module.device)
+    return evaluate_fid(module, dm, device=module.device, **options)

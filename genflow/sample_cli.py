@@ -2,7 +2,8 @@
 
 Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
 command line is composed, the checkpoint (readable, a genflow checkpoint), the solver against the model,
-``class=``/``guidance=``/``reference=`` against the model's data, and the output folder.
+``class=``/``guidance=``/``reference=`` against the model's data, ``guide_ckpt=`` (autoguidance) against the
+model's method and data, and the output folder.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from genflow.errors import config_error
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
-    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
+    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "guide_ckpt": Str(null=True), "batch": Int(1),
+    "device": Str(null=True),
     "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
 }
 
@@ -58,10 +60,19 @@ def validate(cfg: DictConfig) -> None:
     ckpt = read_checkpoint(cfg.ckpt)
     stored = config_from_checkpoint(ckpt)
     build_method(stored).check_solver(cfg.solver)  # each method lists the samplers it offers
-    if cfg.guidance is not None and not data_conditions(stored.data):
+    if cfg.guide_ckpt is not None:  # autoguidance: guidance= is its weight
+        from genflow.guide import check_guide
+
+        check_guide(stored, cfg.guide_ckpt)
+        if cfg.guidance is None:
+            raise config_error(f"guide_ckpt={cfg.guide_ckpt} without guidance=", "autoguidance needs its weight w "
+                               "(D = D_guide + w (D_ckpt - D_guide); w = 1 is the model alone)",
+                               "pass guidance=W, e.g. guidance=2")
+    elif cfg.guidance is not None and not data_conditions(stored.data):
         raise config_error(f"guidance={cfg.guidance} for an unconditional model", "classifier-free guidance mixes "
                            "conditional and unconditional predictions; this checkpoint has no condition",
-                           "drop guidance=, or use a conditional model")
+                           "drop guidance=, use a conditional model, or guide with a weaker model of the same "
+                           "config (guide_ckpt=PATH: autoguidance)")
     if cfg["class"] is not None and not stored.data.get("conditional"):
         raise config_error(f"class={cfg['class']} for a model without class labels",
                            "the checkpoint was trained with data.conditional=false", "drop class=")
@@ -105,8 +116,14 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     else:
         cond = sample_conditions(dm, seeds, device)
 
+    net = module.net
+    if cfg.guide_ckpt is not None:  # autoguidance replaces classifier-free guidance
+        from genflow.guide import load_guide
+        from genflow.methods.base import autoguided
+
+        net, guidance = autoguided(net, load_guide(cfg.guide_ckpt, device), guidance), None
     start, counts = time.perf_counter(), {}
-    samples = generate(module.method, module.net, seeds, shape, steps=steps, solver=solver, cond=cond,
+    samples = generate(module.method, net, seeds, shape, steps=steps, solver=solver, cond=cond,
                        guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
                        device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts)
     wall = time.perf_counter() - start

@@ -65,15 +65,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` (and at the end of training) draws a fixed-seed grid from the current
     (EMA, at validation time) weights: ``samples/step_XXXXXX.png`` in the run folder plus TensorBoard.
-    ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``)."""
+    ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``); with
+    ``guide_ckpt`` the grid is autoguided by that checkpoint with weight ``guidance``."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, num: int = 64, steps: int = 18,
-                 solver: str = "heun", guidance: float | None = None, precision: str = "fp32"):
+                 solver: str = "heun", guidance: float | None = None, precision: str = "fp32",
+                 guide_ckpt: str | None = None):
         from genflow.sampling import check_precision
 
         self.dirpath, self.every_n_steps, self.num = Path(dirpath), every_n_steps, num
         self.steps, self.solver, self.guidance = steps, solver, guidance
         self.precision = check_precision(precision)
+        self.guide_ckpt = guide_ckpt
         self._last_step = -1
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -84,15 +87,17 @@ class SampleGrid(pl.Callback):
         self.write(trainer, pl_module, self.dirpath / f"step_{step:06d}.png")
 
     def write(self, trainer, pl_module, path: Path) -> Path:
-        from genflow.sampling import save_grid, sample_conditions
+        from genflow.guide import sampling_net
+        from genflow.sampling import generate, save_grid, sample_conditions
 
         dm = trainer.datamodule
         seeds = list(range(self.num))
         cond = sample_conditions(dm, seeds, pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        images = pl_module.generate(seeds, dm.data_shape, steps=self.steps, solver=self.solver, cond=cond,
-                                    guidance=self.guidance, precision=self.precision)
+        net, guidance = sampling_net(pl_module.net, self.guidance, self.guide_ckpt, pl_module.device)
+        images = generate(pl_module.method, net, seeds, dm.data_shape, steps=self.steps, solver=self.solver,
+                          cond=cond, guidance=guidance, device=pl_module.device, precision=self.precision)
         pl_module.train(was_training)
         if trainer.is_global_zero:
             save_grid(images, path)
