@@ -302,10 +302,12 @@ def run_snapshots(run_dir: Path, *, key: str = "run") -> list[dict]:
                            "widths are reconstructed from the snapshots that a run trained with ema=posthoc writes",
                            "pass the folder of a run trained with ema=posthoc (train.py ema=posthoc ...)")
     snaps = [read_snapshot(path) for _, path in found]
-    config = snaps[-1]["hyper_parameters"]["config"]
+    # what makes the averages those of one model (a resumed run may change max_steps, loaders, ...)
+    same = lambda snap: {k: snap["hyper_parameters"]["config"].get(k) for k in ("model", "net", "ema")}  # noqa: E731
     for (_, path), snap in zip(found, snaps):
-        if snap["hyper_parameters"]["config"] != config:
-            raise checkpoint_error(f"{path} was written by another training config than {found[-1][1].name}",
+        if same(snap) != same(snaps[-1]):
+            raise checkpoint_error(f"{path} was written by a run of another model, net or EMA than "
+                                   f"{found[-1][1].name}",
                                    "a reconstruction combines the averages of one run only",
                                    f"move the snapshots of other runs out of {folder}")
     return snaps
