@@ -477,10 +477,10 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         raise config_error(f"sample.guidance={sample.guidance} for an unconditional model",
                            "classifier-free guidance mixes conditional and unconditional predictions; the data "
                            "gives this model no condition", "drop sample.guidance, or train with data.conditional=true")
-    if sample.get("guide_ckpt") is not None:  # autoguidance of the grids and FIDs (genflow.guide)
-        from genflow.guide import check_guide_settings
-
-        check_guide_settings(cfg, sample, environment)
+    if sample.get("guide_ckpt") is not None and sample.get("guidance") is None:  # read by genflow.run.train
+        raise config_error(f"sample.guide_ckpt={sample.guide_ckpt} without sample.guidance",
+                           "autoguidance needs its weight w (D = D_guide + w (D - D_guide); w = 1 is the model alone)",
+                           "set sample.guidance=W, e.g. sample.guidance=2")
     if environment:
         check_files(cfg)
 

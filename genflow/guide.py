@@ -34,7 +34,7 @@ def check_guide(good_config, guide_ckpt, *, key: str = "guide_ckpt", good_key: s
     problems += _differences(plain(good_config.get("data")), plain(guide.get("data")), "data", LOADER_KEYS)
     if problems:
         raise config_error(f"{key}={guide_ckpt} is not a model of the same method and data as {good_key} "
-                           f"({'; '.join(problems[:4])})",
+                           f"({good_key} vs guide: {'; '.join(problems[:4])})",
                            "autoguidance mixes two predictions of one method on one data set; another method, "
                            "schedule or data predicts something else",
                            "guide with a checkpoint trained with the same model and data settings: an earlier "
@@ -69,12 +69,3 @@ def sampling_net(net, guidance: float | None, guide_ckpt, device):
 
 _GUIDES: dict = {}
 
-
-def check_guide_settings(cfg, sample, read: bool = True) -> None:
-    """train.py's ``sample.guide_ckpt``: a weight is given and (``read``) the checkpoint fits the run's config."""
-    if sample.get("guidance") is None:
-        raise config_error(f"sample.guide_ckpt={sample.guide_ckpt} without sample.guidance",
-                           "autoguidance needs its weight w (D = D_guide + w (D - D_guide); w = 1 is the model alone)",
-                           "set sample.guidance=W, e.g. sample.guidance=2")
-    if read:
-        check_guide(cfg, sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")

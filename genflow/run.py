@@ -106,6 +106,10 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
 
     if not validated:
         validate(cfg)
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
+        from genflow.guide import check_guide
+
+        check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
     with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
         return _train_in(cfg, run_dir, lock.notes)
@@ -139,6 +143,14 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, enable_model_summary=False)
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs (checked against the run in train)
+        from genflow.guide import load_guide
+        from genflow.training import FIDCallback, SampleGrid
+
+        guide = load_guide(cfg.sample.guide_ckpt, trainer.strategy.root_device)
+        for callback in trainer.callbacks:
+            if isinstance(callback, (SampleGrid, FIDCallback)):
+                callback.guide = guide
     if trainer.is_global_zero:
         for line in settings_lines(cfg, module, run_dir, threads):
             say(line, log)

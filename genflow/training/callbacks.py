@@ -65,18 +65,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` (and at the end of training) draws a fixed-seed grid from the current
     (EMA, at validation time) weights: ``samples/step_XXXXXX.png`` in the run folder plus TensorBoard.
-    ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``); with
-    ``guide_ckpt`` the grid is autoguided by that checkpoint with weight ``guidance``."""
+    ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``). With a
+    ``guide`` network (set by ``genflow.run`` from ``sample.guide_ckpt``) the grid is autoguided by it with
+    weight ``guidance``."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, num: int = 64, steps: int = 18,
-                 solver: str = "heun", guidance: float | None = None, precision: str = "fp32",
-                 guide_ckpt: str | None = None):
+                 solver: str = "heun", guidance: float | None = None, precision: str = "fp32"):
         from genflow.sampling import check_precision
 
         self.dirpath, self.every_n_steps, self.num = Path(dirpath), every_n_steps, num
         self.steps, self.solver, self.guidance = steps, solver, guidance
         self.precision = check_precision(precision)
-        self.guide_ckpt = guide_ckpt
+        self.guide = None
         self._last_step = -1
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -87,7 +87,7 @@ class SampleGrid(pl.Callback):
         self.write(trainer, pl_module, self.dirpath / f"step_{step:06d}.png")
 
     def write(self, trainer, pl_module, path: Path) -> Path:
-        from genflow.guide import sampling_net
+        from genflow.methods.base import autoguided
         from genflow.sampling import generate, save_grid, sample_conditions
 
         dm = trainer.datamodule
@@ -95,7 +95,9 @@ class SampleGrid(pl.Callback):
         cond = sample_conditions(dm, seeds, pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        net, guidance = sampling_net(pl_module.net, self.guidance, self.guide_ckpt, pl_module.device)
+        net, guidance = pl_module.net, self.guidance
+        if self.guide is not None:  # autoguidance replaces classifier-free guidance
+            net, guidance = autoguided(net, self.guide.to(pl_module.device), guidance), None
         images = generate(pl_module.method, net, seeds, dm.data_shape, steps=self.steps, solver=self.solver,
                           cond=cond, guidance=guidance, device=pl_module.device, precision=self.precision)
         pl_module.train(was_training)

@@ -35,8 +35,7 @@ class FIDCallback(pl.Callback):
                  inception_path: str | None = None, download: bool = False, ref: str = "train",
                  cache_dir: str | None = None, kid: bool = False, kid_subset_size: int = 1000, seed_start: int = 0,
                  use_ema: bool = True, time_limit: float | None = None, at_end: bool = True,
-                 monitor: str = "val/fid", progress: bool = False, precision: str = "fp32",
-                 guide_ckpt: str | None = None):
+                 monitor: str = "val/fid", progress: bool = False, precision: str = "fp32"):
         from genflow.sampling import check_precision
 
         if every_n_steps < 1:
@@ -49,11 +48,7 @@ class FIDCallback(pl.Callback):
         self.guidance, self.batch_size, self.seed_start = guidance, batch_size, seed_start
         self.use_ema, self.time_limit, self.at_end, self.monitor = use_ema, time_limit, at_end, monitor
         self.precision = check_precision(precision)
-        if guide_ckpt is not None and guidance is None:
-            raise config_error(f"callbacks.fid.guide_ckpt={guide_ckpt} without a guidance weight",
-                               "autoguidance needs its weight w (w = 1 is the model alone)",
-                               "set sample.guidance=W (e.g. 2) with sample.guide_ckpt")
-        self.guide_ckpt = guide_ckpt
+        self.guide = None  # autoguidance's weaker network, set by genflow.run from sample.guide_ckpt
         self._evaluator_kwargs = dict(extractor=extractor, mode=mode, inception_path=inception_path,
                                       download=download, ref=ref, cache_dir=cache_dir, kid=kid,
                                       kid_subset_size=kid_subset_size, batch_size=batch_size, progress=progress)
@@ -69,13 +64,6 @@ class FIDCallback(pl.Callback):
             dm.setup("fit")
         self.evaluator = FIDEvaluator(dm, **self._evaluator_kwargs)
         self.evaluator.setup(pl_module.device)
-        if self.guide_ckpt is not None:  # autoguidance by a fixed checkpoint of the same method and data
-            from omegaconf import OmegaConf
-
-            from genflow.guide import check_guide
-
-            check_guide(OmegaConf.create(pl_module.hparams.get("config") or {}), self.guide_ckpt,
-                        key="sample.guide_ckpt", good_key="this run")
         # best-FID checkpoints go next to the periodic ones unless their folder was given
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.monitor == self.monitor and cb.dirpath is None:
@@ -102,9 +90,11 @@ class FIDCallback(pl.Callback):
         net.eval()
         start = time.perf_counter()
         seeds = range(self.seed_start, self.seed_start + self.num)
-        from genflow.guide import sampling_net
+        sampled, guidance = net, self.guidance
+        if self.guide is not None:  # autoguidance replaces classifier-free guidance
+            from genflow.methods.base import autoguided
 
-        sampled, guidance = sampling_net(net, self.guidance, self.guide_ckpt, pl_module.device)
+            sampled, guidance = autoguided(net, self.guide.to(pl_module.device), guidance), None
         stats = self.evaluator.sample_stats(source.method, sampled, seeds, tuple(dm.data_shape), steps=self.steps,
                                             solver=self.solver, guidance=guidance, batch_size=self.batch_size,
                                             device=pl_module.device, time_limit=self.time_limit,
