@@ -128,3 +128,16 @@ def test_a_guide_of_another_method_or_data_is_refused_before_work(trained_ckpt, 
 def test_train_needs_a_weight_for_its_guide(trained_ckpt, cli):
     code, out, err = cli("train.py", "model=pfgmpp", f"sample.guide_ckpt={trained_ckpt}", "trainer.max_steps=1")
     assert code == 2 and "without sample.guidance" in err
+
+
+def test_leaderboard_entries_check_their_widths_and_guides():
+    from genflow.errors import ConfigError
+    from genflow.leaderboard import check_suite
+
+    with pytest.raises(ConfigError, match="0 < σ_rel"):
+        check_suite({"entries": [{"ckpt": "a.ckpt", "posthoc": [0.05, 0.5]}]}, "s", "s.yaml")
+    with pytest.raises(ConfigError, match="guide_ckpt but no fid.guidance"):
+        check_suite({"entries": [{"ckpt": "a.ckpt", "guide_ckpt": "b.ckpt"}]}, "s", "s.yaml")
+    suite = check_suite({"fid": {"guidance": 2}, "entries": [{"ckpt": "a.ckpt", "guide_ckpt": "b.ckpt",
+                                                               "posthoc": 0.08}]}, "s", "s.yaml")
+    assert suite["entries"][0]["posthoc"] == [0.08]
