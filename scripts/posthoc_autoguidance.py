@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--snapshot-kimg", type=float, default=1.6)
     parser.add_argument("--sigma-rel", default="0.02,0.035,0.05,0.07,0.10,0.14,0.20")
-    parser.add_argument("--w", default="1.25,1.5,2,2.5,3")
+    parser.add_argument("--w", default="1.25,1.5,2,3")
     parser.add_argument("--fid-num", type=int, default=500)
     parser.add_argument("--fid-steps", type=int, default=10)
     parser.add_argument("--train-only", action="store_true")
