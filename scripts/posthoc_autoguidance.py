@@ -89,7 +89,13 @@ def main() -> None:
     parser.add_argument("--fid-num", type=int, default=500)
     parser.add_argument("--fid-steps", type=int, default=10)
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from <out>/results.json")
     args = parser.parse_args()
+    if args.plot_only:
+        results = json.loads((args.out / "results.json").read_text())
+        figure(results, ROOT / "assets" / "posthoc_autoguidance.png")
+        say(table(results))
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cpu0, wall0 = time.process_time(), time.perf_counter()
     runs = runs_of(args)
@@ -155,12 +161,21 @@ def figure(results: dict, path: Path) -> None:
         (line,) = ax_s.plot([float(s) for s in row["posthoc"]], list(row["posthoc"].values()), "o-", label=name)
         ax_s.axhline(row["default_ema"], color=line.get_color(), ls=":", lw=1)
         ax_w.plot([float(w) for w in row["autoguidance"]], list(row["autoguidance"].values()), "o-", label=name)
-    ax_s.set(xscale="log", xlabel="post-hoc EMA width σ_rel", ylabel="digits FID",
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    widths = [float(s) for s in next(iter(results["methods"].values()))["posthoc"]]
+    ax_s.set(xscale="log", xlabel="post-hoc EMA width σ_rel", ylabel="digits FID (log scale)",
              title="post-hoc EMA (dotted: default EMA)")
-    ax_w.set(xlabel="autoguidance weight w (1 = no guidance)", ylabel="digits FID",
-             title="autoguidance by a small, shorter-trained net")
+    ax_s.set_xticks(widths)
+    ax_s.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_s.xaxis.set_minor_formatter(NullFormatter())
+    ax_w.set(xlabel="autoguidance weight w (1 = no guidance)", ylabel="digits FID (log scale)",
+             title="autoguidance by a small net, 1/4 of the steps")
     for ax in (ax_s, ax_w):
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(round(v))[0] in "1235" else ""))
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
