@@ -1,16 +1,17 @@
 """Evaluate a checkpoint: FID with the EDM / PFGM++ protocol and/or held-out likelihood.
 A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
 
-    python -m genflow.evaluate ckpt=PATH [guide_ckpt=BAD fid.guidance=W] [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] [fid.solver=heun]
+    python -m genflow.evaluate ckpt=PATH [guide_ckpt=BAD fid.guidance=W] [fid.num=50000] [fid.seed_sets=3]
+        [fid.steps=18] [fid.solver=heun]
         [fid.mode=legacy_tensorflow] [fid.ref=train|val|STATS.npz|cleanfid:NAME] [fid.inception_path=FILE]
         [fid.kid=true] [fid.batch_size=256] [fid.time_limit=SECONDS] [fid.download=false] [precision=fp32|bf16]
         [nll=true] [sigma0=0.01] [nll_num=N] [nll_batch=256] [nll_solver=dopri5|rk4] [nll_steps=N] [nll_bits=8|none]
         [device=cuda] [data.root=DIR] [+data.<key>=value] [out=FILE.json]
 
 FID: image i from seed i (seeds 0..N-1; set k uses kN..(k+1)N-1), the minimum over ``fid.seed_sets``
-sets is reported (EDM's "best of three"); ``guide_ckpt`` scores the model autoguided by a weaker one of the
-same method and data with weight ``fid.guidance`` (``genflow.methods.base.Autoguided``), against statistics of the full training split (computed
-once and cached) or a given EDM / clean-fid statistics file. Under ``torchrun`` the seeds are sharded
+sets is reported (EDM's "best of three"), against statistics of the full training split (computed once and
+cached) or a given EDM / clean-fid statistics file; ``guide_ckpt`` scores the model autoguided by a weaker one
+of the same method and data with weight ``fid.guidance`` (``genflow.methods.base.Autoguided``). Under ``torchrun`` the seeds are sharded
 over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
 on the held-out split. ``data.*`` arguments override the checkpoint's stored data config (e.g. ``data.root``
 on a machine where the data lives elsewhere). Everything is checked before the model is loaded. Ends with
@@ -35,7 +36,8 @@ from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
 EVALUATE_SCHEMA = {
-    "ckpt": Str(), "guide_ckpt": Str(null=True), "precision": PRECISION, "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)},
+    "ckpt": Str(), "guide_ckpt": Str(null=True), "precision": PRECISION,
+    "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)},
     "nll": Bool(),
     "sigma0": Float(0, lo_open=True, null=True, example=0.01),
     "nll_num": Int(1, null=True), "nll_batch": Int(1), "nll_importance": Int(1, null=True),

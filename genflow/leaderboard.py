@@ -352,7 +352,8 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         for row_name, row_ckpt in posthoc_variants(entry, ckpt):
             rows.append(evaluate_row(entry, suite, row_name, row_ckpt, device, cfg, start, train_steps, revision, dev))
             if _rank_world()[0] == 0:  # under DDP training every rank runs this loop; one writes
-                (out / "leaderboard.json").write_text(json.dumps({"suite": suite["name"], "rows": rows}, indent=1) + "\n")
+                table = json.dumps({"suite": suite["name"], "rows": rows}, indent=1)
+                (out / "leaderboard.json").write_text(table + "\n")
     if _rank_world()[0] == 0:
         (out / "leaderboard.md").write_text(markdown(suite, rows, cfg.num, cfg.precision))
     result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),
