@@ -11,8 +11,8 @@ A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
 FID: image i from seed i (seeds 0..N-1; set k uses kN..(k+1)N-1), the minimum over ``fid.seed_sets``
 sets is reported (EDM's "best of three"), against statistics of the full training split (computed once and
 cached) or a given EDM / clean-fid statistics file; ``guide_ckpt`` scores the model autoguided by a weaker one
-of the same method and data with weight ``fid.guidance`` (``genflow.methods.base.Autoguided``). Under ``torchrun`` the seeds are sharded
-over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
+of the same method and data with weight ``fid.guidance`` (``genflow.methods.base.Autoguided``). Under
+``torchrun`` the seeds are sharded over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
 on the held-out split. ``data.*`` arguments override the checkpoint's stored data config (e.g. ``data.root``
 on a machine where the data lives elsewhere). Everything is checked before the model is loaded. Ends with
 one JSON line.
