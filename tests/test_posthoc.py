@@ -132,7 +132,7 @@ def test_reconstruction_equals_the_directly_tracked_ema(tmp_path):
     from genflow.config import build, compose
     from genflow.run import make_trainer
 
-    T, target = 60, 0.08
+    T, target = 40, 0.08
     cfg = compose([*BASE, "ema.sigma_rel=[0.05,0.1,0.08]", f"trainer.max_steps={T}", f"+run_dir={tmp_path}"])
     module, dm = build(cfg)
     trainer = make_trainer(cfg, tmp_path, enable_model_summary=False)
