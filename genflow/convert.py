@@ -622,7 +622,8 @@ def _data_overrides(facts: dict) -> tuple[list[str], str | None]:
 
 def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source: str = "") -> dict:
     """A genflow checkpoint dict (state_dict + stored config) from ``read_pickle``'s records."""
-    from genflow.config import compose, instantiate, to_container
+    from genflow.config import compose, instantiate, target_class, to_container
+    from genflow.data.record import checkpoint_hparams, data_record
 
     precond = data["ema"]
     backbone = precond.child("model") if "model" in precond.children else None
@@ -671,8 +672,9 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
     provenance = {"source": source, "backbone": backbone.class_name, "precond": precond.class_name,
                   "use_fp16": bool(pre.get("use_fp16", False)), "converter_version": CONVERTER_VERSION,
                   **method_facts}
-    return {"state_dict": state_dict, "hyper_parameters": {"config": config}, "converted_from": provenance,
-            "epoch": 0, "global_step": 0, "pytorch-lightning_version": _lightning_version()}
+    record = data_record(target_class(cfg.data), net.data_shape, facts["label_dim"], facts["label_dim"] > 0)
+    return {"state_dict": state_dict, "hyper_parameters": checkpoint_hparams(config, record),
+            "converted_from": provenance, "epoch": 0, "global_step": 0, "pytorch-lightning_version": _lightning_version()}
 
 
 def _check_filters(backbone: Record, net) -> None:

@@ -3,16 +3,19 @@ A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
 
     python -m genflow.evaluate ckpt=PATH [guide_ckpt=BAD fid.guidance=W] [fid.num=50000] [fid.seed_sets=3]
         [fid.steps=18] [fid.solver=heun]
+        [fid.S_churn=40 fid.S_tmin=0.05 fid.S_tmax=50 fid.S_noise=1.003] (with fid.solver=stochastic)
         [fid.mode=legacy_tensorflow] [fid.ref=train|val|STATS.npz|cleanfid:NAME] [fid.inception_path=FILE]
         [fid.kid=true] [fid.batch_size=256] [fid.time_limit=SECONDS] [fid.download=false] [precision=fp32|bf16]
         [nll=true] [sigma0=0.01] [nll_num=N] [nll_batch=256] [nll_solver=dopri5|rk4] [nll_steps=N] [nll_bits=8|none]
         [device=cuda] [data.root=DIR] [+data.<key>=value] [out=FILE.json]
 
 FID: image i from seed i (seeds 0..N-1; set k uses kN..(k+1)N-1), the minimum over ``fid.seed_sets``
-sets is reported (EDM's "best of three"), against statistics of the full training split (computed once and
-cached) or a given EDM / clean-fid statistics file; ``guide_ckpt`` scores the model autoguided by a weaker one
-of the same method and data with weight ``fid.guidance`` (``genflow.methods.base.Autoguided``). Under
-``torchrun`` the seeds are sharded over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
+sets is reported (EDM's "best of three"), against statistics of the full training split (computed
+once and cached) or a given EDM / clean-fid statistics file: with a file, nothing but the checkpoint is
+read (its record of the data gives shape, classes and features; the data set is read only for
+``fid.ref=train|val`` and ``nll=true``); ``guide_ckpt`` scores the model autoguided by a weaker one of the same
+method and data with weight ``fid.guidance`` (``genflow.methods.base.Autoguided``). Under ``torchrun`` the seeds
+are sharded over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
 on the held-out split. ``data.*`` arguments override the checkpoint's stored data config (e.g. ``data.root``
 on a machine where the data lives elsewhere). Everything is checked before the model is loaded. Ends with
 one JSON line.
@@ -29,9 +32,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
-                            build_method, check_output_dir, check_schema, check_target, config_from_checkpoint,
-                            read_checkpoint, run_app)
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, build_data, build_method,
+                            check_device, check_output_dir, check_schema, check_target, config_from_checkpoint,
+                            read_checkpoint, run_app, sampler_options)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
@@ -77,9 +80,11 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg.device)
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
+    if (fid_num(cfg) and str(cfg.fid.ref) in ("train", "val")) or cfg.nll:
+        build_data(stored)  # this job reads the data set: its root is checked now (the record suffices otherwise)
     if fid_num(cfg):
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
-        build_method(stored).check_solver(solver, "fid.solver")
+        build_method(stored).check_solver(solver, "fid.solver", sampler_options(cfg.fid))
     if cfg.guide_ckpt is not None:
         from genflow.guide import check_guide
 
@@ -130,7 +135,8 @@ def run_fid(module, dm, cfg, fid, device, progress: bool, guide=None) -> dict:
               f"{options['steps']} {options['solver']} steps (NFE {nfe or 'adaptive'}), "
               f"batch {options['batch_size']}, {options['precision']}, on {device}", file=sys.stderr, flush=True)
     out = evaluate_fid(module, dm, **options)
-    out.update(steps=options["steps"], solver=options["solver"], nfe=nfe if nfe is not None else out["fid_nfe"])
+    out.update(steps=options["steps"], solver=options["solver"], **options["solver_options"],
+               nfe=nfe if nfe is not None else out["fid_nfe"])
     return out
 
 

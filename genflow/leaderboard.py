@@ -23,8 +23,16 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
         pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
         paper_fid: 1.97                     # converted once (genflow.convert); skipped when not given
         nfe: 35
+      - name: edm-imagenet64-stochastic     # EDM's Algorithm 2, as generate.py --S_churn=40 ...
+        pickle: ${oc.env:GENFLOW_PKL_EDM_IMAGENET64,null}
+        solver: stochastic
+        steps: 256
+        S_churn: 40                         # S_churn, S_tmin, S_tmax, S_noise: the solver's settings
+        S_tmin: 0.05
+        S_tmax: 50
+        S_noise: 1.003
 
-Every row records method, D or path, dataset, NFE, FID, images, sampling img/s, wall time, the git
+Every row records method, D or path, dataset, solver and its settings, NFE, FID, images, sampling img/s, wall time, the git
 revision, the device and the sampling precision; ``leaderboard.md`` and ``leaderboard.json`` go to ``out`` (default
 ``leaderboard/<suite>``). Ends with one JSON line. Weights, data and reference statistics come from the
 environment on CI runners (GENFLOW_INCEPTION, GENFLOW_DATA, GENFLOW_METRICS_HOME; see the suite file).
@@ -43,15 +51,17 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, options, run_app)
+from genflow import registry
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
+                            check_output_dir, check_schema, options, run_app, sampler_options)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
-              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "guide_ckpt", "posthoc"}
+              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "guide_ckpt", "posthoc",
+              *SAMPLER_SCHEMA}
 COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
            "train_steps", "revision", "device"]
 LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "device": Str(null=True),
@@ -88,6 +98,9 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
                                f"fix {path}")
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
         check_entry_ema_guide(e, suite, name, i, path)
+    for i, e in enumerate(entries):  # an entry's sampler settings (solver: stochastic, S_churn: 40, ...)
+        check_schema(OmegaConf.create({k: e[k] for k in SAMPLER_SCHEMA if k in e}), SAMPLER_SCHEMA,
+                     prefix=f"suite.entries[{i}].", app="leaderboard", open_keys=())
     sections = [("fid", suite.get("fid"))] + [(f"entries[{i}].fid", e.get("fid")) for i, e in enumerate(entries)]
     for where, fid in sections:
         if fid:
@@ -171,15 +184,45 @@ def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
     return ov
 
 
-def train_entry(entry: dict, suite: dict, run_dir: Path) -> dict:
+def entry_config(entry: dict, suite: dict, run_dir: Path, **compose_options) -> DictConfig:
+    """The training config of an entry, composed from the suite's overrides and checked like any config read
+    from a file: it may name only genflow's registry (or the user's own search path), never other code."""
     from genflow.config import compose
+
+    for where, overrides in (("overrides", suite.get("overrides")), (f"{entry['name']}.overrides", entry.get("overrides"))):
+        for item in overrides or []:
+            if str(item).lstrip("+~").startswith("hydra."):
+                raise config_error(f"suite {suite['path']}: {where} holds {item!r}",
+                                   "a suite is data; where configs are read from (hydra.searchpath) and how Hydra "
+                                   "runs are the command line's to choose", "drop the override; pass hydra.* "
+                                   "options on the leaderboard's command line")
+    with registry.composing_a_file():  # the suite's overrides extend nothing the registry allows
+        cfg = compose(entry_overrides(entry, suite, run_dir), **compose_options)
+    registry.check_stored(cfg, f"suite {suite['path']} entry {entry['name']!r}")
+    return cfg
+
+
+def check_entry_code(suite: dict) -> None:
+    """Before anything is trained: every entry's config and checkpoint names only code genflow may build."""
+    from genflow.config import read_checkpoint
+
+    for entry in suite["entries"]:
+        if "pickle" in entry:
+            continue  # converted by genflow.convert, which writes its own config
+        if entry.get("ckpt"):
+            if Path(str(entry["ckpt"])).expanduser().is_file():
+                read_checkpoint(entry["ckpt"], key=f"suite entry {entry['name']!r} ckpt")
+            continue
+        entry_config(entry, suite, Path("leaderboard") / "runs" / entry["name"], validator=False)
+
+
+def train_entry(entry: dict, suite: dict, run_dir: Path) -> dict:
     from genflow.run import train
 
     if not entry.get("budget"):
         raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
                            "add budget: {steps: N} or budget: {minutes: M}, or ckpt: PATH to skip training")
-    cfg = compose(entry_overrides(entry, suite, run_dir))
-    return train(cfg)
+    return train(entry_config(entry, suite, run_dir))
 
 
 def resolve_steps(method, entry: dict, solver: str) -> int:
@@ -214,7 +257,8 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     from genflow.config import fid_options, module_from_checkpoint
     from genflow.metrics import evaluate_fid
 
-    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}), "precision": precision}
+    fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}),
+           **{k: entry[k] for k in SAMPLER_SCHEMA if k in entry}, "precision": precision}
     if device.type == "cuda" and _rank_world()[1] > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # each DDP rank samples on its own GPU
     module, dm, cfg = module_from_checkpoint(ckpt, device=device)
@@ -236,6 +280,7 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     out["nfe"] = module.method.nfe(steps, solver)
     out["steps"] = steps
     out["solver"] = solver
+    out["sampler"] = sampler_options(fid)
     out["config"] = cfg
     out["describe"] = module.method.describe()
     out["dataset"] = getattr(dm, "name", type(dm).__name__.lower())
@@ -286,7 +331,38 @@ def validate(cfg: DictConfig) -> dict:
     check_schema(cfg, LEADERBOARD_SCHEMA, app="leaderboard", open_keys=("hydra", "suite"))
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
-    return composed_suite(cfg)
+    suite = composed_suite(cfg)
+    check_suite_in_place(cfg, suite)
+    check_entry_code(suite)
+    return suite
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_suite_in_place(cfg: DictConfig, suite: dict) -> None:
+    """A suite file fills the `suite` section only. With a ``# @package _global_`` header or a defaults list it
+    could set ``hydra.callbacks`` or the logging handlers, which Hydra builds before the leaderboard starts: the
+    app config (with Hydra's part, as the command line is checked) must equal the one composed with genflow's
+    own smoke suite in its place."""
+    from genflow.config import compose
+
+    if cfg.get("hydra") is None:
+        return  # composed without Hydra's part: Hydra does not run this config
+    given = [*cfg.hydra.overrides.hydra, *cfg.hydra.overrides.task]
+    plain = [o for o in given if not o.lstrip("+~").startswith("suite")] + ["suite=smoke"]
+    bare = compose(plain, "leaderboard", return_hydra_config=True, validator=False)
+    ignored = ("suite.", "hydra.overrides.", "hydra.runtime.", "hydra.job.override_dirname.")
+    mine, theirs = (_flat(OmegaConf.to_container(c, resolve=False)) for c in (cfg, bare))
+    for key in sorted(set(mine) | set(theirs)):
+        if not key.startswith(ignored) and mine.get(key, "<absent>") != theirs.get(key, "<absent>"):
+            raise config_error(f"suite {suite['path']} sets {key.rstrip('.')}, outside its own section",
+                               "a suite is data for the leaderboard's suite section; Hydra builds what "
+                               "hydra.callbacks and the logging configs name", "remove the `# @package` line "
+                               "and any defaults list from the suite file; pass hydra.* options on the command line")
 
 
 def composed_suite(cfg: DictConfig) -> dict:
@@ -304,7 +380,8 @@ def evaluate_row(entry: dict, suite: dict, name: str, ckpt: str, device, cfg, st
     return {
         "name": name, "method": method, "D/path": _settings(ev.pop("describe")),
         "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
-        "steps": ev["steps"], "solver": ev["solver"], "FID": ev["fid"], "FID_sets": ev.get("fid_sets"),
+        "steps": ev["steps"], "solver": ev["solver"], **ev["sampler"], "FID": ev["fid"],
+        "FID_sets": ev.get("fid_sets"),
         "precision": ev["fid_precision"],
         "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],
         "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,

@@ -86,7 +86,7 @@ def test_sample_py_mixes_as_the_library_does(trained_ckpt, guide_of, tmp_path, c
     bad, _, _ = module_from_checkpoint(guide_of)
     seeds = [0, 1, 2]
     x = generate(good.method, Autoguided(good.net, bad.net, 2.0), seeds, dm.data_shape, steps=2,
-                 cond=sample_conditions(dm, seeds, "cpu"))
+                 cond=sample_conditions(dm, seeds, "cpu"), num_classes=dm.num_classes)
     assert np.array_equal(to_uint8(x).numpy(), guided)
 
 

@@ -116,12 +116,14 @@ class FIDEvaluator:
     def sample_stats(self, method, net, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
                      solver: str = "heun", guidance: float | None = None, batch_size: int | None = None,
                      device=None, time_limit: float | None = None, precision: str = "fp32",
-                     counts: dict | None = None) -> FeatureStats:
+                     counts: dict | None = None, solver_options: dict | None = None) -> FeatureStats:
         """Generate images for this rank's share of ``seeds`` and accumulate their feature statistics
         (all-reduced over ranks); ``precision`` is the network's arithmetic (fp32, the papers' protocol,
         or bf16). With ``time_limit`` (seconds) generation stops early on every rank
         once it is exceeded; the statistics then cover the images made so far. ``counts`` accumulates this
-        rank's images and network evaluations (``genflow.sampling.generate``)."""
+        rank's images and network evaluations and ``solver_options`` are the sampler's settings
+        (``genflow.sampling.generate``). A class-conditional model's labels are drawn from each seed's
+        generator, as EDM's generate.py draws them."""
         from genflow.sampling import generate, sample_conditions
 
         device = torch.device(device or self.device or "cpu")
@@ -141,10 +143,12 @@ class FIDEvaluator:
         for b in chunks:
             part = mine[b * batch:(b + 1) * batch]
             if part:
-                cond = sample_conditions(self.datamodule, part, device) if self.datamodule is not None else None
+                dm = self.datamodule
+                cond = sample_conditions(dm, part, device) if dm is not None else None
                 images = generate(method, net, part, shape, steps=steps, solver=solver, cond=cond,
                                   guidance=guidance, batch_size=batch, device=device, precision=precision,
-                                  counts=counts)
+                                  counts=counts, solver_options=solver_options,
+                                  num_classes=getattr(dm, "num_classes", 0) or 0)
                 stats.update(self.extractor(images))
             if time_limit is not None:
                 over = torch.tensor([float(time.perf_counter() - start > time_limit)], device=device)
@@ -169,13 +173,14 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
                  seed_sets: int = 1, steps: int = 18, solver: str = "heun", guidance: float | None = None,
                  batch_size: int = 256, device=None, time_limit: float | None = None, evaluator: FIDEvaluator | None = None,
                  prefix: str = "fid", shape: Sequence[int] | None = None, precision: str = "fp32",
-                 **evaluator_kwargs) -> dict:
+                 solver_options: dict | None = None, **evaluator_kwargs) -> dict:
     """FID (min over ``seed_sets`` sets of ``num`` seeds each) of ``module`` (a GenerativeModule, or
     ``method`` + ``net``) against the reference; returns a flat dict for the final JSON line.
 
     ``evaluator_kwargs`` go to ``FIDEvaluator`` (extractor, mode, inception_path, download, ref, cache_dir,
     kid, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
     EDM's protocol and the default wherever a number is compared with a paper; it is part of the result.
+    ``solver_options``: the sampler's settings (e.g. EDM's churn), checked against the solver before any work.
     """
     from genflow.sampling import check_precision, nfe_per_image
 
@@ -188,6 +193,7 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
                            "use fid.seed_sets=1, or 3 for EDM's minimum over three sets")
     method = method if method is not None else module.method
     net = net if net is not None else module.net
+    method.check_solver(solver, "fid.solver", solver_options)
     if device is None:
         device = module.device if module is not None else next(net.parameters()).device
     device = torch.device(device)
@@ -209,7 +215,7 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
         seeds = range(seed_start + s * num, seed_start + (s + 1) * num)
         stats = evaluator.sample_stats(method, net, seeds, shape, steps=steps, solver=solver, guidance=guidance,
                                        batch_size=batch_size, device=device, time_limit=time_limit,
-                                       precision=precision, counts=generated)
+                                       precision=precision, counts=generated, solver_options=solver_options)
         scored = evaluator.score(stats)
         values.append(scored["fid"])
         counts.append(stats.n)

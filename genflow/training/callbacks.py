@@ -99,7 +99,8 @@ class SampleGrid(pl.Callback):
         if self.guide is not None:  # autoguidance replaces classifier-free guidance
             net, guidance = autoguided(net, self.guide.to(pl_module.device), guidance), None
         images = generate(pl_module.method, net, seeds, dm.data_shape, steps=self.steps, solver=self.solver,
-                          cond=cond, guidance=guidance, device=pl_module.device, precision=self.precision)
+                          cond=cond, guidance=guidance, device=pl_module.device, precision=self.precision,
+                          num_classes=dm.num_classes)
         pl_module.train(was_training)
         if trainer.is_global_zero:
             save_grid(images, path)
