@@ -205,8 +205,10 @@ def test_posthoc_app_writes_checkpoints_that_sample(runs, tmp_path, cli):
     ckpts = {c["sigma_rel"]: c for c in result["checkpoints"]}
     assert ckpts[0.05]["residual"] < 1e-6 and 0 < ckpts[0.12]["residual"] < 0.2
     # a tracked width comes back as the tracked average (final.ckpt holds the first width)
-    final = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)["state_dict"]
-    rebuilt = torch.load(ckpts[0.05]["ckpt"], weights_only=True)["state_dict"]
+    final_ckpt = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)
+    rebuilt_ckpt = torch.load(ckpts[0.05]["ckpt"], weights_only=True)
+    assert rebuilt_ckpt["hyper_parameters"] == final_ckpt["hyper_parameters"]  # config and data record
+    final, rebuilt = final_ckpt["state_dict"], rebuilt_ckpt["state_dict"]
     for k, v in final.items():
         if v.is_floating_point():
             torch.testing.assert_close(rebuilt[k], v, rtol=1e-6, atol=1e-7)

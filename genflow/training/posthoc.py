@@ -259,7 +259,8 @@ class PowerEma(WeightAveraging):
                 "images": int(step) * self._images_per_step(trainer),
                 "state_dicts": [{k: v.detach().cpu().clone() for k, v in avg.module.state_dict().items()}
                                 for avg in self.averages()],
-                "hyper_parameters": {"config": dict(pl_module.hparams.get("config") or {})}}
+                # the run's config and data record (genflow.data.record), as in its checkpoints
+                "hyper_parameters": dict(pl_module.hparams)}
         folder = self.dirpath
         folder.mkdir(parents=True, exist_ok=True)
         return atomic_write(snapshot_path(folder, step), lambda tmp: torch.save(snap, tmp))
@@ -325,12 +326,13 @@ def check_step(snaps: Sequence[dict], step: int | None, key: str = "step") -> in
 
 
 def posthoc_checkpoint(snaps: Sequence[dict], sigma_rel: float, step: int | None = None) -> dict:
-    """A weights-only checkpoint (the layout of ``final.ckpt``: state_dict + the run's config) holding the
-    EMA of width ``sigma_rel`` at ``step`` reconstructed from the snapshots, with what the fit achieved."""
+    """A weights-only checkpoint (the layout of ``final.ckpt``: state_dict, the run's config and data record)
+    holding the EMA of width ``sigma_rel`` at ``step`` reconstructed from the snapshots, with what the fit
+    achieved."""
     step = check_step(snaps, step)
     state, fit = reconstruct(snaps, check_sigma_rel(sigma_rel), step)
     used = sum(len(s["sigma_rel"]) for s in snaps if int(s["step"]) <= step)
     return {"state_dict": state, "global_step": step,
-            "hyper_parameters": {"config": snaps[-1]["hyper_parameters"]["config"]},
+            "hyper_parameters": dict(snaps[-1]["hyper_parameters"]),
             "posthoc": {"sigma_rel": float(sigma_rel), "gamma": gamma_of(sigma_rel), "step": step,
                         "residual": fit.residual, "averages_used": used}}
