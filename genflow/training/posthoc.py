@@ -9,7 +9,8 @@ Section 3 and Appendix C.
   forgets its start in absolute terms, only relatively, and its width scales with the length of training.
 * **Relative width** σ_rel (EDM2 eq. 3): the standard deviation of p_t divided by t,
   σ_rel² = (γ+1) / ((γ+2)² (γ+3)). Solving for γ gives the cubic
-  γ³ + 7γ² + (16 - σ_rel⁻²)γ + (12 - σ_rel⁻²) = 0, whose largest real root is the exponent (``gamma_of``; σ_rel < 1/√12 keeps γ > 0).
+  γ³ + 7γ² + (16 - σ_rel⁻²)γ + (12 - σ_rel⁻²) = 0, whose largest real root is the exponent (``gamma_of``;
+  σ_rel < 1/√12 keeps γ > 0).
 * **Reconstruction** (EDM2 Appendix C.2): snapshots of EMAs with exponents γ_i taken at steps t_i are
   combined as Σ_i x_i θ̂_i, with x the least-squares fit of the target profile p_{t,γ} by the snapshot
   profiles in L²[0, ∞): the normal equations A x = b with A_ij = <p_i, p_j>, b_i = <p_i, p_target>, and the
