@@ -179,6 +179,7 @@ FID_SCHEMA = {
     "extractor": Str(null=True), "mode": Str(choices=("clean", "legacy_tensorflow")),
     "inception_path": Str(null=True), "download": Bool(), "ref": Str(), "cache_dir": Str(null=True),
     "kid": Bool(), "time_limit": Float(0, null=True), "progress": Bool(null=True), "precision": PRECISION,
+    "pr": Bool(), "pr_num": Int(4), "dinov2_path": Str(null=True),
     **SAMPLER_SCHEMA,
 }
 
@@ -531,7 +532,7 @@ def check_files(cfg: DictConfig) -> None:
 # --- what a resume keeps -----------------------------------------------------------------------------
 # recorded settings a resume must keep, and data keys that may change between machines or sessions
 RECORDED = ("model", "net", "data")
-MACHINE_KEYS = {"num_workers", "root", "download", "cache_dir", "pin_memory", "persistent_workers"}
+MACHINE_KEYS = {"num_workers", "root", "path", "download", "cache_dir", "pin_memory", "persistent_workers"}
 # top-level override keys and the recorded section they change
 OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "net", "allow_heavy_tails": "model",
                      "net": "net", "data": "data", "experiment": "model net data"}

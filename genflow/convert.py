@@ -782,8 +782,10 @@ def main(argv: Sequence[str]) -> dict:
     out = convert(positional[0], positional[1], D=D, overrides=rest, overwrite=overwrite)
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
-    result = {"checkpoint": str(out), "net": config["net"].get("preset") or config["net"]["_target_"],
-              "model": config["model"]["_target_"].rsplit(".", 1)[-1], "data": config["data"]["_target_"].rsplit(".", 1)[-1],
+    from genflow.results.records import absolute, config_names
+
+    names = config_names(config)  # the names every JSON line uses (docs/RECORDS.md)
+    result = {"checkpoint": absolute(out), "net": names["net"], "model": names["model"], "data": names["data"],
               "D": ckpt["converted_from"].get("D"),
               "parameters": sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("net."))}
     print(json.dumps(result), flush=True)

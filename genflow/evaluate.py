@@ -181,6 +181,7 @@ def fid_num(cfg: DictConfig) -> int:
 def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
     from genflow.config import compose, module_from_checkpoint
+    from genflow.results.records import absolute, config_names
 
     if not isinstance(cfg, DictConfig):
         cfg = compose(list(cfg), "evaluate", validator=False)
@@ -194,8 +195,9 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     start = time.perf_counter()
     module, dm, stored = module_from_checkpoint(cfg.ckpt, overrides=data_overrides(cfg), device=device)
     dm.setup()
-    result = {"ckpt": str(cfg.ckpt), "model": str(stored.model.get("_target_", "?")).rsplit(".", 1)[-1],
-              "data": getattr(dm, "name", "?"), "precision": cfg.precision}
+    names = config_names(stored)  # the names the training run's own line uses (genflow.results.records)
+    result = {"ckpt": absolute(cfg.ckpt), "model": names.get("model", "?"), "net": names.get("net", "?"),
+              "data": names.get("data", "?"), "precision": cfg.precision}
     result.update({k: v for k, v in module.method.describe().items() if k != "method"})
     if want_fid:
         # build the extractor first: a missing weight file fails before any sampling

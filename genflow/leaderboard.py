@@ -2,18 +2,20 @@
 A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.leaderboard --help``):
 
     python -m genflow.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
-        [precision=fp32|bf16] [suite.fid.<key>=value]
+        [precision=fp32|bf16] [history=PATH] [gate=true|false] [suite.fid.<key>=value]
 
 A suite is ``configs/leaderboard/suite/<suite>.yaml``::
 
     fid: {num: 50000, seed_sets: 3, mode: legacy_tensorflow, ref: train, batch_size: 256}  # FID_SCHEMA keys
     overrides: [trainer=gpu]                # config overrides for every entry
+    gate: {k: 3, tolerance: 0.1}            # regression gate (genflow.results.gate)
     entries:
       - name: pfgmpp-D2048
         method: pfgmpp                      # model=<method>
         D: 2048                             # PFGM++ only; "path: ko" for flow matching
         dataset: cifar10                    # data=<dataset>
-        nfe: 35                             # or steps: 18 (NFE = method.nfe(steps, solver))
+        nfe: 35                             # or steps: 18 (NFE = method.nfe(steps, solver)); a list
+                                            # [9, 17, 35] sweeps NFE on one model (rows <name>-nfe<N>)
         seeds: 0-49999                      # FID seeds (image i from seed i); num = their count
         budget: {steps: 390625}             # or {minutes: 60}; or ckpt: PATH to skip training
         posthoc: [0.05, 0.08, 0.12]         # optional: one row per post-hoc EMA width (a run with ema=posthoc)
@@ -32,13 +34,19 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
         S_tmax: 50
         S_noise: 1.003
 
-Every row records method, D or path, dataset, solver and its settings, NFE, FID, images, sampling img/s, wall time, the git
-revision, the device and the sampling precision; ``leaderboard.md`` and ``leaderboard.json`` go to ``out`` (default
-``leaderboard/<suite>``). Ends with one JSON line. Weights, data and reference statistics come from the
-environment on CI runners (GENFLOW_INCEPTION, GENFLOW_DATA, GENFLOW_METRICS_HOME; see the suite file).
+Every row records model, D or path, dataset, solver and its settings, NFE, FID (per seed set, mean, std), images, sampling img/s,
+wall time, the commit, the device and the sampling precision; ``leaderboard.md``, ``leaderboard.json``, the
+web page ``index.html`` and the sample grids go to ``out`` (default ``leaderboard/<suite>``), and one record
+per entry is appended to the history (``history=``, default ``leaderboard/history.jsonl``; docs/RECORDS.md).
+Each entry is then compared with its last record of the same settings: a worse FID beyond the suite's
+``gate`` ends the run with exit status 3, naming the entry and both figures. Rerunning a suite into the
+same ``out`` continues its entries' training runs (or reuses them when finished). Ends with one JSON line.
+Weights, data and reference statistics come from the environment on CI runners (GENFLOW_INCEPTION,
+GENFLOW_DATA, GENFLOW_METRICS_HOME; see the suite file).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -55,17 +63,30 @@ from genflow import registry
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
                             check_output_dir, check_schema, options, run_app, sampler_options)
 from genflow.devices import device_name
-from genflow.errors import config_error, reported
+from genflow.errors import RegressionFound, config_error, reported
+from genflow.results.gate import DEFAULT_K, DEFAULT_TOLERANCE, compare
+from genflow.results.history import SCHEMA, append_records, last_matching, read_history, seed_set_summary
+from genflow.results.page import write_page
+from genflow.results.records import absolute, config_names
 
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
 ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
-              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "guide_ckpt", "posthoc",
-              *SAMPLER_SCHEMA}
-COLUMNS = ["name", "method", "D/path", "dataset", "NFE", "FID", "paper_fid", "precision", "images", "img/s", "wall_s",
-           "train_steps", "revision", "device"]
+              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "sweep", "guide_ckpt",
+              "posthoc", *SAMPLER_SCHEMA}
+SUITE_KEYS = {"name", "fid", "overrides", "entries", "gate"}
+GATE_KEYS = {"k", "tolerance"}
+# the markdown table: (row key, header)
+COLUMNS = [("name", "entry"), ("model", "model"), ("settings", "D/path"), ("dataset", "dataset"), ("nfe", "NFE"),
+           ("solver", "solver"), ("fid", "FID"), ("fid_std", "± std"), ("paper_fid", "paper"),
+           ("precision", "precision"), ("images", "images"), ("img_per_s", "img/s"), ("wall_s", "wall_s"),
+           ("train_steps", "train_steps"), ("commit", "commit"), ("device", "device")]
+# further metrics evaluate_fid reports when the suite asks for them, carried into rows, records and the page
+METRIC_KEYS = ("kid", "fd_dinov2", "pr_precision", "pr_recall")
+GRID_IMAGES = 36  # samples in each entry's grid on the page (seeds 0..35, the FID's first seeds)
 LEADERBOARD_SCHEMA = {"out": Str(null=True), "only": Spec(object, null=True), "device": Str(null=True),
-                      "num": Int(2, null=True, example=200), "precision": PRECISION}
+                      "num": Int(2, null=True, example=200), "precision": PRECISION,
+                      "history": Str(null=True), "gate": Spec(bool)}
 
 
 def suites() -> list[str]:
@@ -83,6 +104,17 @@ def load_suite(name: str) -> dict:
 
 def check_suite(suite: dict, name: str, path: str) -> dict:
     """Entries name known keys and either a checkpoint or method + dataset; the FID options fit FID_SCHEMA."""
+    unknown = set(suite) - SUITE_KEYS - {"path"}
+    if unknown:
+        raise config_error(f"suite {name!r} has unknown key(s) {sorted(unknown)}", f"a suite takes {sorted(SUITE_KEYS)}",
+                           f"fix {path}")
+    gate = suite.get("gate") or {}
+    bad = {k: v for k, v in gate.items() if k not in GATE_KEYS or isinstance(v, bool)
+           or not isinstance(v, (int, float)) or v < 0}
+    if bad:
+        raise config_error(f"suite {name!r}: gate {bad} is not valid",
+                           "the gate fails an entry worse than max(k * pooled std, tolerance): two numbers >= 0",
+                           f"use gate: {{k: 3, tolerance: 0.1}} in {path}")
     entries = suite.get("entries") or []
     if not entries:
         raise config_error(f"suite {name!r} has no entries", "the leaderboard evaluates each entry",
@@ -98,6 +130,9 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
                                f"fix {path}")
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
         check_entry_ema_guide(e, suite, name, i, path)
+    suite["entries"] = [width for e in entries for swept in expand_sweep(e, name, path)
+                        for width in expand_posthoc(swept)]
+    entries = suite["entries"]
     for i, e in enumerate(entries):  # an entry's sampler settings (solver: stochastic, S_churn: 40, ...)
         check_schema(OmegaConf.create({k: e[k] for k in SAMPLER_SCHEMA if k in e}), SAMPLER_SCHEMA,
                      prefix=f"suite.entries[{i}].", app="leaderboard", open_keys=())
@@ -125,24 +160,46 @@ def check_entry_ema_guide(e: dict, suite: dict, name: str, i: int, path: str) ->
                            f"add fid: {{guidance: 2}} to the entry in {path}")
 
 
-def posthoc_variants(entry: dict, ckpt: str) -> list[tuple[str, str]]:
-    """(row name, checkpoint) of the entry: itself, or one reconstruction per ``posthoc`` width from the
-    snapshots of the run that wrote ``ckpt`` (written once beside it, reused afterwards)."""
-    if not entry.get("posthoc"):
-        return [(entry["name"], ckpt)]
+def expand_posthoc(entry: dict) -> list[dict]:
+    """An entry with ``posthoc`` widths becomes one entry per width (``<name>-sigma<σ_rel>``) sharing the
+    entry's training run (``posthoc_of``); each is scored on its reconstruction (``posthoc_ckpt``)."""
+    widths = entry.get("posthoc")
+    if not isinstance(widths, list):
+        return [entry]
+    return [{**entry, "posthoc": s, "name": f"{entry['name']}-sigma{s:.3f}", "posthoc_of": entry["name"]}
+            for s in widths]
+
+
+def run_name(entry: dict) -> str:
+    """The training run an entry is scored from: its own, its NFE sweep's or its post-hoc widths' shared one."""
+    return entry.get("sweep") or entry.get("posthoc_of") or entry["name"]
+
+
+def posthoc_ckpt(ckpt: str, sigma_rel: float, entry: str) -> str:
+    """The reconstruction of width ``sigma_rel`` from the snapshots of the run that wrote ``ckpt`` (written once
+    beside it, atomically, and reused afterwards)."""
     from genflow.cache import atomic_write
     from genflow.training.posthoc import posthoc_checkpoint, run_snapshots
 
     run_dir = Path(ckpt).resolve().parent.parent
-    snaps, out = None, []
-    for sigma_rel in entry["posthoc"]:
-        path = run_dir / "checkpoints" / f"posthoc_sigma{sigma_rel:.3f}.ckpt"
-        if not path.exists():
-            snaps = snaps or run_snapshots(run_dir, key=f"entry {entry['name']}: run")
-            made = posthoc_checkpoint(snaps, sigma_rel)
-            atomic_write(path, lambda tmp: torch.save(made, tmp))
-        out.append((f"{entry['name']} σ_rel={sigma_rel:g}", str(path)))
-    return out
+    path = run_dir / "checkpoints" / f"posthoc_sigma{sigma_rel:.3f}.ckpt"
+    if not path.exists():
+        made = posthoc_checkpoint(run_snapshots(run_dir, key=f"entry {entry}: run"), sigma_rel)
+        atomic_write(path, lambda tmp: torch.save(made, tmp))
+    return str(path)
+
+
+def expand_sweep(entry: dict, suite: str, path: str) -> list[dict]:
+    """An entry whose ``nfe`` is a list becomes one entry per NFE (``<name>-nfe<N>``) on the same model: they
+    share the training run and are drawn as one FID-vs-NFE curve (their ``sweep`` is the entry's name)."""
+    nfe = entry.get("nfe")
+    if not isinstance(nfe, (list, tuple)):
+        return [entry]
+    if not nfe or len(set(nfe)) != len(nfe) or entry.get("steps") is not None:
+        raise config_error(f"suite {suite!r} entry {entry['name']!r}: nfe={nfe}",
+                           "an NFE sweep is a list of distinct NFEs (and no steps:, which would fix one)",
+                           f"use e.g. nfe: [7, 15, 35] in {path}")
+    return [{**entry, "nfe": int(n), "name": f"{entry['name']}-nfe{int(n)}", "sweep": entry["name"]} for n in nfe]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -216,13 +273,38 @@ def check_entry_code(suite: dict) -> None:
         entry_config(entry, suite, Path("leaderboard") / "runs" / entry["name"], validator=False)
 
 
-def train_entry(entry: dict, suite: dict, run_dir: Path) -> dict:
-    from genflow.run import train
+def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
+    """The training config of an entry (``entry_config``). A run already in ``run_dir`` (an earlier run of this
+    suite into the same ``out``) is continued, or reused when it finished, provided it was trained with the
+    entry's model, net and data; otherwise the suite refuses before any work, saying how to go on."""
+    from genflow.config import check_resume, newest_valid
+    from genflow.errors import CheckpointError
+    from genflow.training.runs import holds_run
 
     if not entry.get("budget"):
         raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
                            "add budget: {steps: N} or budget: {minutes: M}, or ckpt: PATH to skip training")
-    return train(entry_config(entry, suite, run_dir))
+    cfg = entry_config(entry, suite, run_dir)
+    if not holds_run(run_dir):
+        return cfg
+    try:
+        path, ckpt, _ = newest_valid(run_dir)
+        check_resume(cfg, ckpt["hyper_parameters"]["config"], path, None)
+    except CheckpointError as err:
+        raise config_error(
+            f"entry {entry['name']!r}: {run_dir} holds a training run the suite's entry cannot continue "
+            f"({str(err).splitlines()[0]})",
+            "the entry's model, net or data changed since that run (or its checkpoints are unreadable); "
+            "continuing it would mix two experiments",
+            f"run the suite into a new folder (out=ANOTHER_DIR), or move {run_dir} away to retrain the entry") from None
+    cfg.ckpt_path = "last"  # prepare_run resumes it, or reports it finished (nothing trained again)
+    return cfg
+
+
+def train_entry(cfg: DictConfig) -> dict:
+    from genflow.run import train
+
+    return train(cfg)
 
 
 def resolve_steps(method, entry: dict, solver: str) -> int:
@@ -253,9 +335,12 @@ def seed_range(entry: dict, fid: dict) -> tuple[int, int]:
 
 
 def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, num: int | None = None,
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", grid: Path | None = None) -> dict:
+    """FID (and the suite's further metrics) of a checkpoint with the entry's sampler; with ``grid``, also
+    a picture of its first ``GRID_IMAGES`` samples (seeds 0.., the FID's own) for the page."""
     from genflow.config import fid_options, module_from_checkpoint
     from genflow.metrics import evaluate_fid
+    from genflow.sampling import generate, sample_conditions, save_grid
 
     fid = {**(suite.get("fid") or {}), **(entry.get("fid") or {}),
            **{k: entry[k] for k in SAMPLER_SCHEMA if k in entry}, "precision": precision}
@@ -284,6 +369,15 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     out["config"] = cfg
     out["describe"] = module.method.describe()
     out["dataset"] = getattr(dm, "name", type(dm).__name__.lower())
+    out["seed_sets"] = fid["seed_sets"]
+    if grid is not None and _rank_world()[0] == 0 and len(dm.data_shape) == 3:
+        seeds = list(range(GRID_IMAGES))
+        with torch.no_grad():
+            images = generate(module.method, options.get("net", module.net), seeds, dm.data_shape, steps=steps,
+                              solver=solver, cond=sample_conditions(dm, seeds, device), device=device,
+                              precision=precision, solver_options=out["sampler"] or None,
+                              guidance=options.get("guidance"))
+        out["grid"] = save_grid(images, grid)
     return out
 
 
@@ -319,9 +413,9 @@ def markdown(suite: dict, rows: list[dict], num: int | None = None, precision: s
            **({"precision": precision} if precision is not None else {})}
     lines = [f"# FID leaderboard: {suite['name']}", "",
              f"Suite `{suite['path']}`; FID settings: `{json.dumps(fid)}`.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -371,24 +465,6 @@ def composed_suite(cfg: DictConfig) -> dict:
     return check_suite(OmegaConf.to_container(cfg.suite, resolve=True), name, suite_file(name))
 
 
-def evaluate_row(entry: dict, suite: dict, name: str, ckpt: str, device, cfg, start: float, train_steps,
-                 revision: str, dev: str) -> dict:
-    """One leaderboard row: the entry's checkpoint ``ckpt`` scored (``evaluate_entry``) under ``name``."""
-    ev = evaluate_entry(entry, suite, ckpt, device, cfg.num, cfg.precision)
-    cfg_entry = ev.pop("config")
-    method = str(cfg_entry.model.get("_target_", "?")).rsplit(".", 1)[-1]
-    return {
-        "name": name, "method": method, "D/path": _settings(ev.pop("describe")),
-        "dataset": ev["dataset"], "NFE": ev["nfe"], "paper_fid": entry.get("paper_fid"),
-        "steps": ev["steps"], "solver": ev["solver"], **ev["sampler"], "FID": ev["fid"],
-        "FID_sets": ev.get("fid_sets"),
-        "precision": ev["fid_precision"],
-        "images": ev["fid_images"], "img/s": ev["fid_img_per_s"], "extractor": ev["fid_extractor"],
-        "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1), "train_steps": train_steps,
-        "checkpoint": ckpt, "guide_ckpt": entry.get("guide_ckpt"), "revision": revision, "device": dev,
-    }
-
-
 def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = False) -> dict:
     """Run a suite; ``cfg`` is the composed app config (or its command-line overrides, composed here).
     ``validated``: ``validate`` already ran on it (the Hydra app, after ``run_app``'s check)."""
@@ -400,16 +476,28 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
     entries = suite["entries"]
     if cfg.only is not None:
         wanted = {str(cfg.only)} if isinstance(cfg.only, (str, int)) else set(map(str, cfg.only))
-        entries = [e for e in entries if e["name"] in wanted]
+        entries = [e for e in entries if e["name"] in wanted or e.get("sweep") in wanted]  # a sweep by its name
         if not entries:
             raise config_error(f"only={cfg.only} matches no entry", "names are the entries' name fields",
                                f"use some of: {', '.join(e['name'] for e in suite['entries'])}")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(cfg.out or Path("leaderboard") / suite["name"])
+    out = Path(cfg.out or Path("leaderboard") / suite["name"]).absolute()
+    history_path = Path(cfg.history or Path("leaderboard") / "history.jsonl").absolute()
+    history = read_history(history_path)  # a bad history is an error before any training
+    # every training run is checked (new, continued or finished) before the first one starts
+    trained = {}
+    for entry in entries:
+        if "pickle" not in entry and not entry.get("ckpt"):
+            run_dir = out / "runs" / run_name(entry)
+            if run_dir not in trained:
+                trained[run_dir] = continued_config(entry, suite, run_dir)
     out.mkdir(parents=True, exist_ok=True)
     revision, dev = git_revision(), device_name(device)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rank0 = _rank_world()[0] == 0
+    gate = {**{"k": DEFAULT_K, "tolerance": DEFAULT_TOLERANCE}, **(suite.get("gate") or {})}
 
-    rows = []
+    rows, records, verdicts, results = [], [], [], {}
     for entry in entries:
         start = time.perf_counter()
         train_steps = None
@@ -424,21 +512,85 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         elif entry.get("ckpt"):
             ckpt = str(entry["ckpt"])
         else:
-            trained = train_entry(entry, suite, out / "runs" / entry["name"])
-            ckpt, train_steps = trained["checkpoint"], trained.get("steps")
-        for row_name, row_ckpt in posthoc_variants(entry, ckpt):
-            rows.append(evaluate_row(entry, suite, row_name, row_ckpt, device, cfg, start, train_steps, revision, dev))
-            if _rank_world()[0] == 0:  # under DDP training every rank runs this loop; one writes
-                table = json.dumps({"suite": suite["name"], "rows": rows}, indent=1)
-                (out / "leaderboard.json").write_text(table + "\n")
-    if _rank_world()[0] == 0:
+            run_dir = out / "runs" / run_name(entry)
+            if run_dir not in results:
+                results[run_dir] = train_entry(trained[run_dir])
+            ckpt, train_steps = results[run_dir]["checkpoint"], results[run_dir].get("steps")
+        if entry.get("posthoc") is not None:  # a post-hoc EMA width of the entry's run (ema=posthoc)
+            ckpt = posthoc_ckpt(ckpt, entry["posthoc"], entry["name"])
+        ev = evaluate_entry(entry, suite, ckpt, device, cfg.num, cfg.precision, grid=out / "grids" / f"{entry['name']}.png")
+        names = config_names(ev.pop("config"))
+        sets = ev.get("fid_sets") or [ev["fid"]]
+        mean, std = seed_set_summary(sets)
+        paper = entry.get("paper_fid")
+        row = {
+            "name": entry["name"], "sweep": entry.get("sweep"), "model": names.get("model", "?"),
+            "settings": _settings(ev.pop("describe")), "dataset": ev["dataset"], "nfe": ev["nfe"],
+            "steps": ev["steps"], "solver": ev["solver"], **ev["sampler"], "precision": ev["fid_precision"],
+            "fid": ev["fid"], "fid_sets": sets, "fid_mean": round(mean, 6),
+            "fid_std": None if std is None else round(std, 6), "paper_fid": paper,
+            "delta_paper": None if paper is None else round(ev["fid"] - paper, 6),
+            **{k: ev[k] for k in METRIC_KEYS if k in ev},
+            "images": ev["fid_images"], "seed_sets": ev["seed_sets"], "img_per_s": ev["fid_img_per_s"],
+            "extractor": ev["fid_extractor"], "ref": ev["fid_ref"], "wall_s": round(time.perf_counter() - start, 1),
+            "train_steps": train_steps, "checkpoint": absolute(ckpt), "commit": revision, "device": dev,
+            "date": date, "grid": str(Path(ev["grid"]).relative_to(out)) if ev.get("grid") else None,
+            "grid_count": GRID_IMAGES if ev.get("grid") else None,
+        }
+        record = history_record(suite["name"], row)
+        before = last_matching(history + records, record)
+        if before is not None:
+            verdict = compare(before, record, **gate)
+            row["previous_fid"] = verdict.before
+            verdicts.append(verdict)
+        rows.append(row)
+        records.append(record)
+        if rank0:  # under DDP training every rank runs this loop; one writes
+            atomic_json(out / "leaderboard.json", {"suite": suite["name"], "rows": rows})
+    regressions = [v for v in verdicts if v.regressed]
+    if rank0:
+        append_records(history_path, records)
         (out / "leaderboard.md").write_text(markdown(suite, rows, cfg.num, cfg.precision))
+        page_rows = [{**r, "record": rec} for r, rec in zip(rows, records)]
+        write_page(out, suite, page_rows, read_history(history_path),
+                   {"suite file": _shown(suite["path"]), "date": date, "commit": revision, "device": dev,
+                    "history": history_path.name})
     result = {"suite": suite["name"], "entries": len(rows), "markdown": str(out / "leaderboard.md"),
-              "json": str(out / "leaderboard.json"), "fid": {r["name"]: r["FID"] for r in rows},
-              "revision": revision, "device": dev, "precision": cfg.precision}
-    if _rank_world()[0] == 0:
+              "json": str(out / "leaderboard.json"), "page": str(out / "index.html"), "history": str(history_path),
+              "fid": {r["name"]: r["fid"] for r in rows}, "commit": revision, "device": dev,
+              "precision": cfg.precision, "regressions": [v.entry for v in regressions]}
+    if rank0:
         print(json.dumps(result), flush=True)
+    if regressions and cfg.gate:
+        raise RegressionFound(
+            "FID regression: " + "; ".join(v.describe() for v in regressions) +
+            f"\n  why: the gate allows max(k * pooled std over seed sets, tolerance) with k={gate['k']}, "
+            f"tolerance={gate['tolerance']} (suite {suite['path']}); the records are in {history_path}"
+            "\n  fix: find the change that made the entry worse; if the new figure is right (a changed protocol), "
+            "rerun with gate=false once to record it as the new reference")
     return result
+
+
+def _shown(path: str) -> str:
+    """A suite file as a reader of the page knows it: relative to genflow's configs when it is one of them."""
+    try:
+        return str(Path(path).relative_to(CONFIG_DIR.parent))
+    except ValueError:
+        return path
+
+
+def history_record(suite: str, row: dict) -> dict:
+    """The row as a history record (genflow.results.history's schema)."""
+    keep = ("model", "settings", "dataset", "precision", "solver", "nfe", "steps", "images", "seed_sets", "fid_sets",
+            "fid", "fid_mean", "fid_std", "paper_fid", "extractor", "ref", "wall_s", "train_steps", "checkpoint",
+            "commit", "date", "device", *SAMPLER_SCHEMA, *METRIC_KEYS)
+    return {"schema": SCHEMA, "suite": suite, "entry": row["name"], **{k: row.get(k) for k in keep}}
+
+
+def atomic_json(path: Path, value) -> None:
+    from genflow.cache import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1) + "\n"))
 
 
 @hydra.main(version_base="1.3", config_path=str(APP_DIR), config_name="leaderboard")

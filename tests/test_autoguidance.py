@@ -138,6 +138,6 @@ def test_leaderboard_entries_check_their_widths_and_guides():
         check_suite({"entries": [{"ckpt": "a.ckpt", "posthoc": [0.05, 0.5]}]}, "s", "s.yaml")
     with pytest.raises(ConfigError, match="guide_ckpt but no fid.guidance"):
         check_suite({"entries": [{"ckpt": "a.ckpt", "guide_ckpt": "b.ckpt"}]}, "s", "s.yaml")
-    suite = check_suite({"fid": {"guidance": 2}, "entries": [{"ckpt": "a.ckpt", "guide_ckpt": "b.ckpt",
+    suite = check_suite({"fid": {"guidance": 2}, "entries": [{"name": "a", "ckpt": "a.ckpt", "guide_ckpt": "b.ckpt",
                                                                "posthoc": 0.08}]}, "s", "s.yaml")
-    assert suite["entries"][0]["posthoc"] == [0.08]
+    assert [(e["name"], e["posthoc"], e["posthoc_of"]) for e in suite["entries"]] == [("a-sigma0.080", 0.08, "a")]

@@ -19,6 +19,7 @@ Two writers of EDM's snapshot format:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -431,6 +432,11 @@ def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     code, out, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
     assert code == 0, err
     assert '"net": null' not in out and (tmp_path / "net.ckpt").is_file()
+    line = json.loads(out.strip().splitlines()[-1])  # config names and an absolute path (docs/RECORDS.md)
+    from genflow.config import CONFIG_DIR
+
+    assert line["model"] == "edm" and Path(line["checkpoint"]).is_absolute()
+    assert line["data"] in {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
     # sample.py reads it (weights_only=True), and train.py init_from= starts from its weights
     code, out, err = cli("sample.py", f"ckpt={tmp_path / 'net.ckpt'}", "seeds=0-1", "steps=2",
                          f"out={tmp_path / 'samples'}", "device=cpu", "progress=false")
@@ -635,14 +641,15 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
         "entries:\n"
         "  - {name: tiny-edm, pickle: '${oc.env:GENFLOW_TEST_PUBLISHED_PKL,null}', paper_fid: 1.97, steps: 3}\n"
         "  - {name: absent, pickle: '${oc.env:GENFLOW_TEST_ABSENT_PKL,null}', paper_fid: 1.79, steps: 3}\n")
-    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=published", f"out={tmp_path / 'lb'}"])
+    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=published", f"out={tmp_path / 'lb'}",
+                  f"history={tmp_path / 'history.jsonl'}"])
     captured = capsys.readouterr()
     assert "skipping absent" in captured.err
     rows = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["tiny-edm"] and result["entries"] == 1
     row = rows[0]
-    assert row["paper_fid"] == 1.97 and row["method"] == "EDM" and row["NFE"] == 5 and row["images"] == 64
-    assert math.isfinite(row["FID"]) and row["FID"] > 0
+    assert row["paper_fid"] == 1.97 and row["model"] == "edm" and row["nfe"] == 5 and row["images"] == 64
+    assert math.isfinite(row["fid"]) and row["fid"] > 0 and row["delta_paper"] == pytest.approx(row["fid"] - 1.97)
     cached = Path(row["checkpoint"])
     assert cached.parent == tmp_path / "metrics" / "converted" and cached.is_file()
     stamp = cached.stat().st_mtime_ns

@@ -179,10 +179,15 @@ def test_leaderboard_rows_take_and_record_the_sampler(checkpoint_writer, tmp_pat
              "S_tmax: 50, S_noise: 1.003}")
     suite.write_text("name: mine\nfid: {num: 16, batch_size: 16, extractor: digits, ref: train}\n"
                      f"entries:\n  - {entry}\n")
-    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb'}"])
+    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb'}",
+                  f"history={tmp_path / 'history.jsonl'}"])
     row = json.loads(open(result["json"]).read())["rows"][0]
-    assert {k: row[k] for k in ("solver", "S_churn", "S_tmin", "S_tmax", "S_noise", "NFE")} == {
-        "solver": "stochastic", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003, "NFE": 7}
+    sampler = {"solver": "stochastic", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
+    assert {k: row[k] for k in (*sampler, "nfe")} == {**sampler, "nfe": 7}
+    from genflow.results.history import read_history
+
+    assert {k: read_history(tmp_path / "history.jsonl")[0][k] for k in sampler} == sampler  # part of the record
     suite.write_text(suite.read_text().replace("solver: stochastic, ", ""))
     with pytest.raises(ConfigError, match="S_churn, S_noise, S_tmax, S_tmin given for fid.solver=heun"):
-        run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb2'}"])
+        run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb2'}",
+             f"history={tmp_path / 'history.jsonl'}"])

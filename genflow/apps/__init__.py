@@ -1,1 +1,1 @@
-"""Command-line programs (apps) above the library: each is run as ``python -m genflow.apps.<name>``."""
+"""Command-line programs ("apps"), above the library: each runs as ``python -m genflow.apps.<name>``."""
