@@ -9,7 +9,7 @@ feeds back into training),
 * ``posthoc``: the same run with ema=posthoc (σ_rel 0.05 and 0.10, a snapshot every ``--snapshot-kimg``),
 * ``guide``:   the small net=unet_tiny for a quarter of the steps (the "bad version" for autoguidance),
 
-then scores with the digits-classifier FID (``python -m genflow.evaluate``, the same seeds everywhere):
+then scores with the digits-classifier FID (``python -m genflow.apps.evaluate``, the same seeds everywhere):
 the default EMA; the post-hoc EMAs reconstructed at ``--sigma-rel`` (``python -m genflow.apps.posthoc``);
 and autoguidance of the default-EMA model by the guide at each ``--w`` (``guide_ckpt=... fid.guidance=w``).
 
@@ -42,7 +42,7 @@ def say(line: str) -> None:
 
 def train_run(folder: Path, overrides: list[str]) -> dict:
     from genflow.config import compose
-    from genflow.run import train
+    from genflow.apps.train import train
     from genflow.training.runs import holds_run
 
     args = [*overrides, "logger=none", "trainer.enable_model_summary=false", "sample.num=16", f"+run_dir={folder}"]
@@ -70,11 +70,11 @@ def runs_of(args) -> dict[str, dict[str, tuple[Path, list[str]]]]:
 
 
 def fid(ckpt: Path, args, extra: list[str] = ()) -> float:
-    from genflow.evaluate import main as evaluate
+    from genflow.apps.evaluate import main as evaluate
 
     overrides = [f"ckpt={ckpt}", f"fid.num={args.fid_num}", f"fid.steps={args.fid_steps}", "fid.solver=heun",
                  "progress=false", *extra]
-    say("$ python -m genflow.evaluate " + " ".join(map(shlex.quote, overrides)))
+    say("$ python -m genflow.apps.evaluate " + " ".join(map(shlex.quote, overrides)))
     return float(evaluate(overrides)["fid"])
 
 

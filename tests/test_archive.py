@@ -196,7 +196,7 @@ def test_a_leaderboard_suite_runs_from_a_zip(tmp_path, monkeypatch):
     scored from that one file."""
     from sklearn.datasets import load_digits
 
-    from genflow.leaderboard import run
+    from genflow.apps.leaderboard import run
 
     digits = load_digits()
     for i in range(400):

@@ -92,9 +92,9 @@ def test_sample_py_mixes_as_the_library_does(trained_ckpt, guide_of, tmp_path, c
 
 def test_evaluate_with_guidance_one_scores_the_good_model(trained_ckpt, guide_of, cli):
     args = [f"ckpt={trained_ckpt}", "fid.num=16", "fid.steps=2", "progress=false"]
-    code, out, err = cli("genflow.evaluate", *args)
+    code, out, err = cli("genflow.apps.evaluate", *args)
     assert code == 0, err
-    code, out_w1, err = cli("genflow.evaluate", *args, f"guide_ckpt={guide_of}", "fid.guidance=1")
+    code, out_w1, err = cli("genflow.apps.evaluate", *args, f"guide_ckpt={guide_of}", "fid.guidance=1")
     assert code == 0, err
     plain, w1 = json.loads(out.strip().splitlines()[-1]), json.loads(out_w1.strip().splitlines()[-1])
     assert plain["fid"] == w1["fid"] and w1["guide_ckpt"] == guide_of
@@ -120,7 +120,7 @@ def test_a_guide_of_another_method_or_data_is_refused_before_work(trained_ckpt, 
     code, out, err = cli("sample.py", f"ckpt={trained_ckpt}", f"guide_ckpt={trained_ckpt}", "num=2",
                          f"out={tmp_path / 'never'}")
     assert code == 2 and "without guidance=" in err
-    code, out, err = cli("genflow.evaluate", f"ckpt={trained_ckpt}", f"guide_ckpt={other_d}", "fid.guidance=2",
+    code, out, err = cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", f"guide_ckpt={other_d}", "fid.guidance=2",
                          "fid.num=8")
     assert code == 2 and "not a model of the same method" in err
 
@@ -132,7 +132,7 @@ def test_train_needs_a_weight_for_its_guide(trained_ckpt, cli):
 
 def test_leaderboard_entries_check_their_widths_and_guides():
     from genflow.errors import ConfigError
-    from genflow.leaderboard import check_suite
+    from genflow.apps.leaderboard import check_suite
 
     with pytest.raises(ConfigError, match="0 < σ_rel"):
         check_suite({"entries": [{"ckpt": "a.ckpt", "posthoc": [0.05, 0.5]}]}, "s", "s.yaml")

@@ -130,7 +130,7 @@ class _Recorder:
 
 def test_reconstruction_equals_the_directly_tracked_ema(tmp_path):
     from genflow.config import build, compose
-    from genflow.run import make_trainer
+    from genflow.apps.train import make_trainer
 
     T, target = 40, 0.08
     cfg = compose([*BASE, "ema.sigma_rel=[0.05,0.1,0.08]", f"trainer.max_steps={T}", f"+run_dir={tmp_path}"])
@@ -168,7 +168,7 @@ def test_reconstruction_equals_the_directly_tracked_ema(tmp_path):
 def runs(tmp_path_factory):
     """A 20-step run with ema=posthoc, and the same run stopped at step 10 and resumed to 20."""
     from genflow.config import compose
-    from genflow.run import train
+    from genflow.apps.train import train
 
     root = tmp_path_factory.mktemp("posthoc")
     whole, parts = root / "whole", root / "parts"
@@ -228,7 +228,7 @@ def test_resuming_with_other_widths_is_refused(runs, tmp_path):
 
     from genflow.config import compose
     from genflow.errors import ConfigError
-    from genflow.run import train
+    from genflow.apps.train import train
 
     shutil.copytree(runs[0], tmp_path / "run")
     with pytest.raises(ConfigError, match="resume with ema.sigma_rel"):

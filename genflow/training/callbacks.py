@@ -56,7 +56,7 @@ class EDMEma(WeightAveraging):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint through ``genflow.cache.atomic_write`` (a temporary file, flushed, renamed into
     place), so a run killed while saving never leaves a truncated checkpoint behind; a temporary file orphaned
-    by a kill is removed when the run folder is next used (``genflow.training.runs.remove_stale_temps``)."""
+    by a kill is removed when the run folder is next used (``genflow.apps.run_folder.remove_stale_temps``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
@@ -66,7 +66,7 @@ class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` (and at the end of training) draws a fixed-seed grid from the current
     (EMA, at validation time) weights: ``samples/step_XXXXXX.png`` in the run folder plus TensorBoard.
     ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``). With a
-    ``guide`` network (set by ``genflow.run`` from ``sample.guide_ckpt``) the grid is autoguided by it with
+    ``guide`` network (set by ``genflow.apps.train`` from ``sample.guide_ckpt``) the grid is autoguided by it with
     weight ``guidance``."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, num: int = 64, steps: int = 18,

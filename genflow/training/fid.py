@@ -43,12 +43,12 @@ class FIDCallback(pl.Callback):
                                "use a positive N (e.g. 1000), or drop callbacks=fid")
         if num < 2:
             raise config_error(f"callbacks.fid.num={num}", "FID needs at least two images",
-                               "use e.g. num=1000 while training (50000 for paper numbers with genflow.evaluate)")
+                               "use e.g. num=1000 while training (50000 for paper numbers with genflow.apps.evaluate)")
         self.every_n_steps, self.num, self.steps, self.solver = every_n_steps, num, steps, solver
         self.guidance, self.batch_size, self.seed_start = guidance, batch_size, seed_start
         self.use_ema, self.time_limit, self.at_end, self.monitor = use_ema, time_limit, at_end, monitor
         self.precision = check_precision(precision)
-        self.guide = None  # autoguidance's weaker network, set by genflow.run from sample.guide_ckpt
+        self.guide = None  # autoguidance's weaker network, set by genflow.apps.train from sample.guide_ckpt
         self._evaluator_kwargs = dict(extractor=extractor, mode=mode, inception_path=inception_path,
                                       download=download, ref=ref, cache_dir=cache_dir, kid=kid,
                                       kid_subset_size=kid_subset_size, batch_size=batch_size, progress=progress)

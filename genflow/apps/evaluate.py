@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: FID with the EDM / PFGM++ protocol and/or held-out likelihood.
-A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
+A Hydra app with configs/evaluate.yaml (``python -m genflow.apps.evaluate --help``):
 
-    python -m genflow.evaluate ckpt=PATH [guide_ckpt=BAD fid.guidance=W] [fid.num=50000] [fid.seed_sets=3]
+    python -m genflow.apps.evaluate ckpt=PATH [guide_ckpt=BAD fid.guidance=W] [fid.num=50000] [fid.seed_sets=3]
         [fid.steps=18] [fid.solver=heun]
         [fid.S_churn=40 fid.S_tmin=0.05 fid.S_tmax=50 fid.S_noise=1.003] (with fid.solver=stochastic)
         [fid.mode=legacy_tensorflow] [fid.ref=train|val|STATS.npz|cleanfid:NAME] [fid.inception_path=FILE]
@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, build_data, build_method,
                             check_device, check_output_dir, check_schema, check_target, config_from_checkpoint,
-                            read_checkpoint, run_app, sampler_options)
+                            read_checkpoint, run_app, sampler_options, target_class)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 
@@ -78,8 +78,17 @@ def validate(cfg: DictConfig) -> None:
                                "pass out=FILE.json (a file name)")
         check_output_dir(out.parent, "out's folder")  # new folders are made; a file on the way is refused
     check_device(cfg.device)
-    stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
+    # the check maps the tensors; the evaluation reads the weights once
+    stored = config_from_checkpoint(read_checkpoint(cfg.ckpt, mmap=True), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
+    data_cls = target_class(stored.data)
+    if fid_num(cfg) and cfg.fid.extractor is None and getattr(data_cls, "feature_extractor", None) == "none":
+        raise config_error(f"no image FID for a model of {data_cls.__name__} data",
+                           "FID compares Inception (or digits-classifier) features of images; this model's samples "
+                           "are not such images (2-D points, vectors, or multi-view sets)",
+                           "use nll=true fid.num=0 for the held-out likelihood; compare samples of vector data with "
+                           "genflow.metrics.sliced_wasserstein (docs/guide/evaluation.md); for multi-view models run "
+                           "scripts/isotropic3d_consistency.py")
     if (fid_num(cfg) and str(cfg.fid.ref) in ("train", "val")) or cfg.nll:
         build_data(stored)  # this job reads the data set: its root is checked now (the record suffices otherwise)
     if fid_num(cfg):
@@ -179,7 +188,7 @@ def fid_num(cfg: DictConfig) -> int:
 
 
 def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
-    """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
+    """Evaluate as ``python -m genflow.apps.evaluate`` does; ``cfg`` is the composed config or its overrides."""
     from genflow.config import compose, module_from_checkpoint
     from genflow.results.records import absolute, config_names
 
@@ -228,5 +237,10 @@ def app(cfg: DictConfig) -> None:
     main(cfg, validated=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``genflow-evaluate`` console script and ``python -m genflow.apps.evaluate``."""
     run_app(app, "evaluate", validate)
+
+
+if __name__ == "__main__":
+    cli()

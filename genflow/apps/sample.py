@@ -1,4 +1,12 @@
-"""The sampling app behind sample.py: a Hydra app with configs/sample.yaml (``python sample.py --help``).
+"""Sample a trained model (a Hydra app with configs/sample.yaml; ``genflow-sample --help``):
+
+    python -m genflow.apps.sample ckpt=PATH num=64 seeds=0-63 steps=18 solver=heun out=DIR [guidance=w] [device=cuda]
+    python -m genflow.apps.sample -m ckpt=PATH guidance=1,1.5,2 out=DIR     # one sub-folder of DIR per guidance
+    python sample.py ...           # the same app, from the repository root
+
+Writes one PNG per seed (images), grid.png and samples.npz, and ends with one JSON line. Image i depends only
+on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled, and its
+stored config may name only genflow's registry of classes (genflow.registry).
 
 Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
 command line is composed, the checkpoint (readable, a genflow checkpoint), the solver and its settings
@@ -14,14 +22,15 @@ import json
 import time
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, check_target, build_method, config_from_checkpoint, data_conditions,
-                            read_checkpoint, sampler_options)
-from genflow.errors import config_error
+from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device,
+                            check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
+                            data_conditions, read_checkpoint, run_app, sampler_options)
+from genflow.errors import config_error, reported
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
@@ -71,7 +80,7 @@ def validate(cfg: DictConfig) -> None:
     seeds_of(cfg)
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
-    ckpt = read_checkpoint(cfg.ckpt)
+    ckpt = read_checkpoint(cfg.ckpt, mmap=True)  # the check maps the tensors; the job reads the weights once
     stored = config_from_checkpoint(ckpt, grid_overrides(cfg))
     if grid_overrides(cfg):  # a method without a sigma grid says so (an unknown key), before anything is built
         check_target(stored.model, "model")
@@ -168,3 +177,18 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     result["npz"] = str(out / "samples.npz")
     print(json.dumps(result), flush=True)
     return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
+@reported
+def app(cfg: DictConfig) -> None:
+    main(cfg, validated=True)
+
+
+def cli() -> None:
+    """The ``genflow-sample`` console script and ``python -m genflow.apps.sample``."""
+    run_app(app, "sample", validate)
+
+
+if __name__ == "__main__":
+    cli()

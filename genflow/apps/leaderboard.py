@@ -1,7 +1,7 @@
 """FID leaderboard: train (or load) every entry of a suite, evaluate it, write a table.
-A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.leaderboard --help``):
+A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.apps.leaderboard --help``):
 
-    python -m genflow.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
+    python -m genflow.apps.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
         [precision=fp32|bf16] [history=PATH] [gate=true|false] [suite.fid.<key>=value]
 
 A suite is ``configs/leaderboard/suite/<suite>.yaml``::
@@ -23,7 +23,7 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
         overrides: [experiment=pfgmpp_cifar10_uncond]
       - name: edm-published
         pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
-        paper_fid: 1.97                     # converted once (genflow.convert); skipped when not given
+        paper_fid: 1.97                     # converted once (genflow.apps.convert); skipped when not given
         nfe: 35
       - name: edm-imagenet64-stochastic     # EDM's Algorithm 2, as generate.py --S_churn=40 ...
         pickle: ${oc.env:GENFLOW_PKL_EDM_IMAGENET64,null}
@@ -61,7 +61,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow import registry
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
-                            check_output_dir, check_schema, options, run_app, sampler_options)
+                            check_output_dir, check_schema, compose_config, declared_knobs, options, run_app,
+                            sampler_options)
 from genflow.devices import device_name
 from genflow.errors import RegressionFound, config_error, reported
 from genflow.results.gate import DEFAULT_K, DEFAULT_TOLERANCE, compare
@@ -71,13 +72,15 @@ from genflow.results.records import absolute, config_names
 
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
-ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
+# an entry's own keys; any other key is a knob of its method (D: 2048 for pfgmpp), checked against the declaration
+ENTRY_KEYS = {"name", "method", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
               "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "sweep", "guide_ckpt",
               "posthoc", *SAMPLER_SCHEMA}
+PICKLE_KEYS = {"D"}  # genflow.apps.convert's: PFGM++'s D where a published pickle does not record it
 SUITE_KEYS = {"name", "fid", "overrides", "entries", "gate"}
 GATE_KEYS = {"k", "tolerance"}
 # the markdown table: (row key, header)
-COLUMNS = [("name", "entry"), ("model", "model"), ("settings", "D/path"), ("dataset", "dataset"), ("nfe", "NFE"),
+COLUMNS = [("name", "entry"), ("model", "model"), ("settings", "settings"), ("dataset", "dataset"), ("nfe", "NFE"),
            ("solver", "solver"), ("fid", "FID"), ("fid_std", "± std"), ("paper_fid", "paper"),
            ("precision", "precision"), ("images", "images"), ("img_per_s", "img/s"), ("wall_s", "wall_s"),
            ("train_steps", "train_steps"), ("commit", "commit"), ("device", "device")]
@@ -120,10 +123,13 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
         raise config_error(f"suite {name!r} has no entries", "the leaderboard evaluates each entry",
                            f"add an entries: list to {path}")
     for i, e in enumerate(entries):
-        unknown = set(e) - ENTRY_KEYS
-        if unknown:
-            raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown)}",
-                               f"entries take {sorted(ENTRY_KEYS)}", f"fix {path}")
+        unknown = set(e) - ENTRY_KEYS - (PICKLE_KEYS if "pickle" in e else set())
+        knobs = set(declared_knobs(compose_config([f"model={e['method']}", f"data={e['dataset']}"]))) \
+            if unknown and "method" in e and "dataset" in e else set()
+        if unknown - knobs:
+            raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown - knobs)}",
+                               f"entries take {sorted(ENTRY_KEYS)} and the knobs of their method "
+                               f"({', '.join(sorted(knobs)) or 'none'})", f"fix {path}")
         if "ckpt" not in e and "pickle" not in e and ("method" not in e or "dataset" not in e):
             raise config_error(f"suite {name!r} entry {i} names neither ckpt nor method+dataset",
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
@@ -223,10 +229,7 @@ def git_revision() -> str:
 
 def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
     ov = [f"model={entry['method']}", f"data={entry['dataset']}"]
-    if entry.get("D") is not None:
-        ov.append(f"D={entry['D']}")
-    if entry.get("path") is not None:
-        ov.append(f"path={entry['path']}")
+    ov += [f"{key}={value}" for key, value in entry.items() if key not in ENTRY_KEYS and value is not None]
     ov += list(suite.get("overrides") or []) + list(entry.get("overrides") or [])
     budget = entry.get("budget") or {}
     if "steps" in budget:
@@ -265,7 +268,7 @@ def check_entry_code(suite: dict) -> None:
 
     for entry in suite["entries"]:
         if "pickle" in entry:
-            continue  # converted by genflow.convert, which writes its own config
+            continue  # converted by genflow.apps.convert, which writes its own config
         if entry.get("ckpt"):
             if Path(str(entry["ckpt"])).expanduser().is_file():
                 read_checkpoint(entry["ckpt"], key=f"suite entry {entry['name']!r} ckpt")
@@ -279,7 +282,7 @@ def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
     entry's model, net and data; otherwise the suite refuses before any work, saying how to go on."""
     from genflow.config import check_resume, newest_valid
     from genflow.errors import CheckpointError
-    from genflow.training.runs import holds_run
+    from genflow.apps.run_folder import holds_run
 
     if not entry.get("budget"):
         raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
@@ -302,7 +305,7 @@ def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
 
 
 def train_entry(cfg: DictConfig) -> dict:
-    from genflow.run import train
+    from genflow.apps.train import train
 
     return train(cfg)
 
@@ -501,8 +504,8 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
     for entry in entries:
         start = time.perf_counter()
         train_steps = None
-        if "pickle" in entry:  # a published EDM/PFGM++ network, converted once (genflow.convert)
-            from genflow.convert import published_checkpoint
+        if "pickle" in entry:  # a published EDM/PFGM++ network, converted once (genflow.apps.convert)
+            from genflow.apps.convert import published_checkpoint
 
             ckpt = published_checkpoint(entry)
             if ckpt is None:
@@ -599,5 +602,10 @@ def app(cfg: DictConfig) -> None:
     run(cfg, validated=True)  # run_app validated the command line before Hydra started
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``genflow-leaderboard`` console script and ``python -m genflow.apps.leaderboard``."""
     run_app(app, "leaderboard", validate)
+
+
+if __name__ == "__main__":
+    cli()
