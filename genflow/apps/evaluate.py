@@ -95,7 +95,7 @@ def validate(cfg: DictConfig) -> None:
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
         build_method(stored).check_solver(solver, "fid.solver", sampler_options(cfg.fid))
     if cfg.guide_ckpt is not None:
-        from genflow.guide import check_guide
+        from genflow.config.guide import check_guide
 
         if not fid_num(cfg):
             raise config_error(f"guide_ckpt={cfg.guide_ckpt} with no FID to compute", "autoguidance changes "
@@ -212,7 +212,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         # build the extractor first: a missing weight file fails before any sampling
         guide = None
         if cfg.guide_ckpt is not None:
-            from genflow.guide import load_guide
+            from genflow.config.guide import load_guide
 
             guide = load_guide(cfg.guide_ckpt, device)
             result.update(guide_ckpt=str(cfg.guide_ckpt), guidance=float(cfg.fid.guidance))

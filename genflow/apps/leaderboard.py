@@ -359,7 +359,7 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     fid.setdefault("progress", False)
     options = fid_options(fid, device=device)
     if entry.get("guide_ckpt") is not None:  # autoguidance: a weaker checkpoint of the same method and data
-        from genflow.guide import check_guide, sampling_net
+        from genflow.config.guide import check_guide, sampling_net
 
         check_guide(cfg, entry["guide_ckpt"], key=f"entry {entry['name']}: guide_ckpt")
         options["net"], options["guidance"] = sampling_net(module.net, options["guidance"], entry["guide_ckpt"],

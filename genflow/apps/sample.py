@@ -87,7 +87,7 @@ def validate(cfg: DictConfig) -> None:
     # each method lists the samplers it offers, and each sampler the settings it takes
     build_method(stored).check_solver(cfg.solver, options=sampler_options(cfg))
     if cfg.guide_ckpt is not None:  # autoguidance: guidance= is its weight; the guide is compared as trained
-        from genflow.guide import check_guide
+        from genflow.config.guide import check_guide
 
         check_guide(config_from_checkpoint(ckpt), cfg.guide_ckpt)
         if cfg.guidance is None:
@@ -140,7 +140,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
 
     net = module.net
     if cfg.guide_ckpt is not None:  # autoguidance replaces classifier-free guidance
-        from genflow.guide import load_guide
+        from genflow.config.guide import load_guide
         from genflow.methods.base import autoguided
 
         net, guidance = autoguided(net, load_guide(cfg.guide_ckpt, device), guidance), None

@@ -152,7 +152,7 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
 
     read = {} if validated else validate(cfg)
     if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
-        from genflow.guide import check_guide
+        from genflow.config.guide import check_guide
 
         check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
@@ -179,7 +179,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, start_step=start.step, enable_model_summary=False)
     if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs (checked against the run in train)
-        from genflow.guide import load_guide
+        from genflow.config.guide import load_guide
         from genflow.training import FIDCallback
 
         guide = load_guide(cfg.sample.guide_ckpt, trainer.strategy.root_device)
@@ -285,7 +285,7 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
 
-    from genflow.guide import sampling_net
+    from genflow.config.guide import sampling_net
 
     options = fid_options(cfg.fid, cfg.sample)
     options["net"], options["guidance"] = sampling_net(module.net, options["guidance"],

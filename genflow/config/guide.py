@@ -26,7 +26,7 @@ def check_guide(good_config, guide_ckpt, *, key: str = "guide_ckpt", good_key: s
     ``good_config`` (a checkpoint's stored config); reads the checkpoint (weights only)."""
     from omegaconf import OmegaConf
 
-    from genflow.config import config_from_checkpoint, read_checkpoint
+    from genflow.config.checkpoints import config_from_checkpoint, read_checkpoint
 
     guide = config_from_checkpoint(read_checkpoint(guide_ckpt, key=key))
     plain = lambda node: OmegaConf.to_container(node, resolve=True) if node is not None else {}  # noqa: E731
@@ -44,7 +44,7 @@ def check_guide(good_config, guide_ckpt, *, key: str = "guide_ckpt", good_key: s
 
 def load_guide(guide_ckpt, device) -> "object":
     """The guide's network (EMA weights, eval mode, on ``device``), its weights checked finite."""
-    from genflow.config import module_from_checkpoint
+    from genflow.config.building import module_from_checkpoint
     from genflow.training.module import check_finite_weights
 
     module, _, _ = module_from_checkpoint(Path(str(guide_ckpt)), device=device)
