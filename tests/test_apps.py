@@ -17,6 +17,7 @@ APPS = {  # module -> the start of its description, a key of its config
     "genflow.apps.bench": ("Throughput benchmarks", "matmul_precision"),
     "genflow.apps.plot_spd": ("Plot SPD's per-frequency schedules", "source"),
     "genflow.apps.plot_kinetic": ("Plot lambda-hat(s)", "queries"),
+    "genflow.apps.posthoc": ("python -m genflow.apps.posthoc RUN sigma_rel=", "sigma_rel"),
 }
 
 
