@@ -61,7 +61,18 @@ def _yaml_files(folder: Path, groups: Sequence[str] | None) -> Iterator[tuple[st
         groups = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and p.name != "leaderboard"]
     for group in groups:
         for path in sorted((folder / group).rglob("*.yaml")):
-            yield (None if group == "experiment" else group), path
+            # a group file in Hydra's global package (experiments, ema/) names its sections itself
+            yield (None if group == "experiment" or _global_package(path) else group), path
+
+
+def _global_package(path: Path) -> bool:
+    """Whether a config file declares ``# @package _global_`` in its header comments."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            return False
+        if line.lstrip("# ").startswith("@package _global_"):
+            return True
+    return False
 
 
 def _file_targets(folder: Path, groups: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:

@@ -18,6 +18,7 @@ APPS = {  # module -> the start of its description, a key of its config
     "genflow.apps.plot_spd": ("Plot SPD's per-frequency schedules", "source"),
     "genflow.apps.plot_kinetic": ("Plot lambda-hat(s)", "queries"),
     "genflow.apps.dataset": ("Write a data set in EDM's archive format", "max_images"),
+    "genflow.apps.posthoc": ("python -m genflow.apps.posthoc RUN sigma_rel=", "sigma_rel"),
 }
 
 

@@ -133,11 +133,11 @@ def _alive(pid: int, start: str | None) -> bool:
 def remove_stale_temps(run_dir: Path) -> list[Path]:
     """Hidden ``.<name>.<random>`` files of the atomic writer whose process died before the rename."""
     stale = []
-    for folder in (run_dir, run_dir / "checkpoints"):
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "posthoc"):
         if folder.is_dir():
             for path in folder.glob(".*"):
                 name = path.name
-                if path.is_file() and (".ckpt." in name or ".safetensors." in name):
+                if path.is_file() and (".ckpt." in name or ".safetensors." in name or ".pt." in name):
                     path.unlink(missing_ok=True)
                     stale.append(path)
     return stale

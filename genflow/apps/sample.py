@@ -11,7 +11,8 @@ stored config may name only genflow's registry of classes (genflow.registry).
 Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
 command line is composed, the checkpoint (readable, a genflow checkpoint), the solver and its settings
 (``S_churn=`` ...) against the model, ``sigma_min=``/``sigma_max=``/``rho=`` against the model's method,
-``class=``/``guidance=``/``reference=`` against the model's data, and the output folder. Nothing but the
+``class=``/``guidance=``/``reference=`` against the model's data, ``guide_ckpt=`` (autoguidance) against
+the model's method and data, and the output folder. Nothing but the
 checkpoint is read (its record of the data) unless the job needs the data (multi-view conditions).
 Seeds, labels and sampler noise follow EDM's generate.py, so a converted EDM network gives its images.
 """
@@ -33,7 +34,8 @@ from genflow.errors import config_error, reported
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
-    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
+    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "guide_ckpt": Str(null=True), "batch": Int(1),
+    "device": Str(null=True),
     "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
     **SAMPLER_SCHEMA, **{key: Float(0, lo_open=True, null=True, example=example) for key, example in
                          (("sigma_min", 0.002), ("sigma_max", 80), ("rho", 7))},
@@ -84,10 +86,19 @@ def validate(cfg: DictConfig) -> None:
         check_target(stored.model, "model")
     # each method lists the samplers it offers, and each sampler the settings it takes
     build_method(stored).check_solver(cfg.solver, options=sampler_options(cfg))
-    if cfg.guidance is not None and not data_conditions(stored.data):
+    if cfg.guide_ckpt is not None:  # autoguidance: guidance= is its weight; the guide is compared as trained
+        from genflow.config.guide import check_guide
+
+        check_guide(config_from_checkpoint(ckpt), cfg.guide_ckpt)
+        if cfg.guidance is None:
+            raise config_error(f"guide_ckpt={cfg.guide_ckpt} without guidance=", "autoguidance needs its weight w "
+                               "(D = D_guide + w (D_ckpt - D_guide); w = 1 is the model alone)",
+                               "pass guidance=W, e.g. guidance=2")
+    elif cfg.guidance is not None and not data_conditions(stored.data):
         raise config_error(f"guidance={cfg.guidance} for an unconditional model", "classifier-free guidance mixes "
                            "conditional and unconditional predictions; this checkpoint has no condition",
-                           "drop guidance=, or use a conditional model")
+                           "drop guidance=, use a conditional model, or guide with a weaker model of the same "
+                           "config (guide_ckpt=PATH: autoguidance)")
     if cfg["class"] is not None and not stored.data.get("conditional"):
         raise config_error(f"class={cfg['class']} for a model without class labels",
                            "the checkpoint was trained with data.conditional=false", "drop class=")
@@ -127,9 +138,15 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         raise config_error(f"class={cfg['class']} is out of range", f"the model knows classes 0..{dm.num_classes - 1}",
                            f"use class=0..{dm.num_classes - 1}")
 
+    net = module.net
+    if cfg.guide_ckpt is not None:  # autoguidance replaces classifier-free guidance
+        from genflow.config.guide import load_guide
+        from genflow.methods.base import autoguided
+
+        net, guidance = autoguided(net, load_guide(cfg.guide_ckpt, device), guidance), None
     start, counts, options = time.perf_counter(), {}, sampler_options(cfg)
     # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
-    samples = generate(module.method, module.net, seeds, shape, steps=steps, solver=solver, cond=cond,
+    samples = generate(module.method, net, seeds, shape, steps=steps, solver=solver, cond=cond,
                        guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
                        device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts,
                        solver_options=options, num_classes=dm.num_classes, class_label=cfg["class"])

@@ -95,12 +95,12 @@ def instantiate_group(group, run_dir: Path, *, start_step: int = 0) -> list:
 
 def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """The parts of every run, built from its top-level sections rather than the optional `callbacks` group:
-    EDM's EMA of the weights (``ema``), the checkpoints (``checkpoint``: periodic, last.ckpt on a wall-clock
+    the EMA of the weights (``ema``: EDM's, or EDM2's post-hoc EMA), the checkpoints (``checkpoint``: periodic, last.ckpt on a wall-clock
     cadence and on Ctrl-C / SIGTERM) and the progress display (a Rich bar, or plain lines when stdout is not a
     terminal)."""
 
     ckpt = cfg.checkpoint
-    parts = [EDMEma(halflife_kimg=cfg.ema.halflife_kimg, rampup=cfg.ema.rampup),
+    parts = [ema_callback(cfg.ema, run_dir),
              RunCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step_{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=ckpt.every_n_steps, save_top_k=ckpt.keep, save_last=True, monitor="step",
                            mode="max", every_minutes=ckpt.every_minutes)]
@@ -108,6 +108,16 @@ def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
         parts.append(TrainProgress(every_seconds=(cfg.get("progress") or {}).get("every_seconds", 30),
                                    log_path=run_dir / "train.log"))
     return parts
+
+
+def ema_callback(ema: DictConfig, run_dir: Path):
+    """The run's EMA (the ``ema`` group): EDM's (``ema=edm``: half-life and ramp-up) or EDM2's power-function
+    EMAs with snapshots in ``<run>/posthoc`` (``ema=posthoc``: widths ``sigma_rel``)."""
+    if ema.get("sigma_rel") is not None:
+        from genflow.training import PowerEma
+
+        return PowerEma(sigma_rel=list(ema.sigma_rel), snapshot_kimg=ema.snapshot_kimg, dirpath=str(run_dir / "posthoc"))
+    return EDMEma(halflife_kimg=ema.halflife_kimg, rampup=ema.rampup)
 
 
 def quiet_console() -> None:
@@ -141,6 +151,10 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     checkpoints are not read and the images not verified a second time."""
 
     read = {} if validated else validate(cfg)
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
+        from genflow.config.guide import check_guide
+
+        check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
     with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
         return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"))
@@ -164,6 +178,14 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, start_step=start.step, enable_model_summary=False)
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs (checked against the run in train)
+        from genflow.config.guide import load_guide
+        from genflow.training import FIDCallback
+
+        guide = load_guide(cfg.sample.guide_ckpt, trainer.strategy.root_device)
+        for callback in trainer.callbacks:
+            if isinstance(callback, (SampleGrid, FIDCallback)):
+                callback.guide = guide
     if trainer.is_global_zero:
         for line in settings_lines(cfg, module, run_dir, threads):
             say(line, log)
@@ -263,7 +285,12 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
 
-    return evaluate_fid(module, dm, device=module.device, **fid_options(cfg.fid, cfg.sample))
+    from genflow.config.guide import sampling_net
+
+    options = fid_options(cfg.fid, cfg.sample)
+    options["net"], options["guidance"] = sampling_net(module.net, options["guidance"],
+                                                       cfg.sample.get("guide_ckpt"), module.device)
+    return evaluate_fid(module, dm, device=module.device, **options)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -22,7 +22,7 @@ from genflow.errors import ConfigError, config_error
 from genflow.knobs import Knob, knobs_of
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-GROUPS = ("model", "net", "data", "trainer", "callbacks", "logger", "experiment")
+GROUPS = ("model", "net", "data", "trainer", "ema", "callbacks", "logger", "experiment")
 # an app's config folder, where not configs/ (the tools' folder has no config groups: their net=, data= are values)
 APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard", **{name: CONFIG_DIR / "tools" for name in
                                                          ("convert", "dataset", "bench", "plot_spd", "plot_kinetic")}}
@@ -31,7 +31,8 @@ APP_FILES = {"leaderboard": "configs/leaderboard/leaderboard.yaml",
 APPS = {"train": "train.py", "sample": "sample.py", "evaluate": "python -m genflow.apps.evaluate",
         "leaderboard": "python -m genflow.apps.leaderboard", "convert": "python -m genflow.apps.convert",
         "bench": "python -m genflow.apps.bench", "plot_spd": "python -m genflow.apps.plot_spd",
-        "plot_kinetic": "python -m genflow.apps.plot_kinetic", "dataset": "python -m genflow.apps.dataset"}
+        "plot_kinetic": "python -m genflow.apps.plot_kinetic", "dataset": "python -m genflow.apps.dataset",
+        "posthoc": "python -m genflow.apps.posthoc"}
 
 
 KNOB_SECTIONS = ("model", "net", "data")  # the sections whose classes may declare knobs

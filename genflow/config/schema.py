@@ -81,8 +81,11 @@ FID_SCHEMA = {
 TRAIN_SCHEMA = {
     "seed": Int(0), "ckpt_path": Str(null=True), "init_from": Str(null=True),
     "allow_heavy_tails": Bool(), "run_dir": Str(null=True),
-    "ema": {"halflife_kimg": Float(0), "rampup": Float(0, null=True)},
+    # ema=edm: halflife_kimg, rampup; ema=posthoc: sigma_rel (checked by genflow.training.posthoc), snapshot_kimg
+    "ema": {"halflife_kimg": Float(0), "rampup": Float(0, null=True), "sigma_rel": Spec(object),
+            "snapshot_kimg": Float(0, lo_open=True)},
     "sample": {"num": Int(1), "steps": Int(1), "solver": Str(), "guidance": Float(0, null=True),
+               "guide_ckpt": Str(null=True),
                "every_n_steps": Int(0), "precision": PRECISION},
     "checkpoint": {"every_n_steps": Int(0), "keep": Int(-1), "every_minutes": Float(0, lo_open=True, null=True)},
     "progress": {"every_seconds": Float(0)},

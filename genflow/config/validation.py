@@ -197,6 +197,12 @@ def validate(cfg: DictConfig, environment: bool = True) -> dict:
             raise config_error(f"optim.{key}={value!r}", f"optim.{key}: {problem}",
                                f"pass a valid value, e.g. optim.{key}={spec.example or 0}")
     check_trainer(cfg.get("trainer"), environment)
+    ema = cfg.get("ema") or {}
+    if ema.get("sigma_rel") is not None:  # ema=posthoc: the callback checks its widths (cheap, nothing allocated)
+        from genflow.training.posthoc import PowerEma
+
+        PowerEma(sigma_rel=list(ema.sigma_rel) if not isinstance(ema.sigma_rel, (int, float)) else ema.sigma_rel,
+                 snapshot_kimg=ema.get("snapshot_kimg", 64))
     # the method checks its own settings (e.g. PFGM++'s D <= 2 opt-in) and names its samplers; building it is cheap
     method = build_method(cfg) if cfg.get("model") is not None else None
     sample = cfg.get("sample") or {}
@@ -205,10 +211,15 @@ def validate(cfg: DictConfig, environment: bool = True) -> dict:
     fid = cfg.get("fid") or {}
     if method is not None and fid.get("num") and fid.get("solver"):
         method.check_solver(fid.solver, "fid.solver", sampler_options(fid))
-    if sample.get("guidance") is not None and cfg.get("data") is not None and not data_conditions(cfg.data):
+    if sample.get("guidance") is not None and cfg.get("data") is not None and not data_conditions(cfg.data) \
+            and sample.get("guide_ckpt") is None:
         raise config_error(f"sample.guidance={sample.guidance} for an unconditional model",
                            "classifier-free guidance mixes conditional and unconditional predictions; the data "
                            "gives this model no condition", "drop sample.guidance, or train with data.conditional=true")
+    if sample.get("guide_ckpt") is not None and sample.get("guidance") is None:  # read by genflow.apps.train
+        raise config_error(f"sample.guide_ckpt={sample.guide_ckpt} without sample.guidance",
+                           "autoguidance needs its weight w (D = D_guide + w (D - D_guide); w = 1 is the model alone)",
+                           "set sample.guidance=W, e.g. sample.guidance=2")
     return check_files(cfg) if environment else {}
 
 
