@@ -82,7 +82,7 @@ CASES = {  # name: (classes, class=, solver, sampler settings, grid)
 @pytest.mark.parametrize("case", list(CASES))
 def test_sample_py_gives_generate_py_images(case, checkpoint_writer, tmp_path):
     from genflow.config import module_from_checkpoint
-    from genflow.sample_cli import main as sample
+    from genflow.apps.sample import main as sample
     from genflow.sampling import generate
 
     classes, class_idx, solver, churn, grid = CASES[case]
@@ -140,9 +140,9 @@ def test_labels_follow_generate_py_and_class_k_keeps_the_noise_stream(checkpoint
 
 
 def test_sampler_settings_a_solver_does_not_use_are_errors(checkpoint_writer, tmp_path, cli):
-    from genflow.evaluate import main as evaluate
+    from genflow.apps.evaluate import main as evaluate
     from genflow.methods import EDM, PFGMPP
-    from genflow.sample_cli import main as sample
+    from genflow.apps.sample import main as sample
 
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", DIGITS, (1, 8, 8))
     with pytest.raises(ConfigError, match="S_churn given for solver=heun") as err:
@@ -170,7 +170,7 @@ def test_sampler_settings_a_solver_does_not_use_are_errors(checkpoint_writer, tm
 def test_leaderboard_rows_take_and_record_the_sampler(checkpoint_writer, tmp_path):
     import json
 
-    from genflow.leaderboard import run
+    from genflow.apps.leaderboard import run
 
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", DIGITS, (1, 8, 8), seed=3)
     suite = tmp_path / "configs" / "suite" / "mine.yaml"
@@ -179,10 +179,15 @@ def test_leaderboard_rows_take_and_record_the_sampler(checkpoint_writer, tmp_pat
              "S_tmax: 50, S_noise: 1.003}")
     suite.write_text("name: mine\nfid: {num: 16, batch_size: 16, extractor: digits, ref: train}\n"
                      f"entries:\n  - {entry}\n")
-    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb'}"])
+    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb'}",
+                  f"history={tmp_path / 'history.jsonl'}"])
     row = json.loads(open(result["json"]).read())["rows"][0]
-    assert {k: row[k] for k in ("solver", "S_churn", "S_tmin", "S_tmax", "S_noise", "NFE")} == {
-        "solver": "stochastic", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003, "NFE": 7}
+    sampler = {"solver": "stochastic", "S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
+    assert {k: row[k] for k in (*sampler, "nfe")} == {**sampler, "nfe": 7}
+    from genflow.results.history import read_history
+
+    assert {k: read_history(tmp_path / "history.jsonl")[0][k] for k in sampler} == sampler  # part of the record
     suite.write_text(suite.read_text().replace("solver: stochastic, ", ""))
     with pytest.raises(ConfigError, match="S_churn, S_noise, S_tmax, S_tmin given for fid.solver=heun"):
-        run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb2'}"])
+        run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=mine", f"out={tmp_path / 'lb2'}",
+             f"history={tmp_path / 'history.jsonl'}"])

@@ -13,8 +13,8 @@ import torch
 
 from genflow.config import compose
 from genflow.errors import CheckpointError, ConfigError
-from genflow.run import train
-from genflow.training.runs import prepare_run, summarize
+from genflow.apps.train import train
+from genflow.apps.run_folder import prepare_run, summarize
 
 TINY = ["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=6",
         "trainer.val_check_interval=3", "checkpoint.every_n_steps=2", "sample.num=4", "sample.steps=2",
@@ -46,7 +46,7 @@ def test_outputs_share_one_file_mode(finished, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.ckpt")) == \
         ["step_000002.ckpt", "step_000004.ckpt", "step_000006.ckpt"]
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["model"] in ("PFGMPP", "pfgmpp") and result["D"] == 128 and result["seed"] == 0
+    assert result["model"] == "pfgmpp" and result["net"] == "unet_tiny" and result["D"] == 128 and result["seed"] == 0
     assert result["steps"] == result["steps_this_session"] == 6
 
 
@@ -76,6 +76,21 @@ def test_resuming_a_finished_run_is_a_no_op(finished):
     result = train(cfg_for(run_dir, "ckpt_path=last"))
     assert result["already_finished"] and result["steps"] == 6
     assert _snapshot(run_dir) == before  # final.ckpt and ema.safetensors untouched
+
+
+def test_a_resumed_run_names_its_parts_as_the_fresh_run_did(finished, cli, tmp_path):
+    """The resumed run adopts the recorded net (the command line leaves it at the data's default), so Hydra's
+    choice no longer names it; its JSON line still says the config names the fresh run said."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished["run_dir"], run_dir)
+    tiny = [o for o in TINY if not o.startswith("net=")]
+    code, out, err = cli("train.py", *tiny, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={run_dir}")
+    assert code == 0, err[-2000:]
+    resumed = json.loads(out.strip().splitlines()[-1])
+    assert "resuming with the run's recorded net" in out + err
+    assert {k: resumed[k] for k in ("model", "net", "data")} == {k: finished[k] for k in ("model", "net", "data")} \
+        == {"model": "pfgmpp", "net": "unet_tiny", "data": "digits"}
+    assert resumed["run_dir"] == str(run_dir) and Path(resumed["checkpoint"]).is_absolute()
 
 
 def test_resume_with_another_model_is_refused_naming_the_keys(finished, cli):
@@ -123,13 +138,16 @@ def test_a_resume_file_follows_the_same_rule_as_last(finished, tmp_path, cli):
 
 def test_every_knob_counts_for_the_section_that_reads_it():
     """stage= is read by the multi-view net: resuming a stage-1 run with stage=2 is refused, not adopted."""
-    from genflow.config import check_resume, explicit_sections, to_container
+    from genflow.config import check_resume, declared_knobs, explicit_sections, to_container
 
     base = ["model=isotropic3d", "data=multiview"]
     recorded = to_container(compose(base + ["stage=1"], validator=False))
-    assert explicit_sections(["stage=2"]) == {"net"} and explicit_sections(["D=64"]) == {"model"}
+    knobs = declared_knobs(compose(base, validator=False))
+    assert explicit_sections(["stage=2"], knobs) == {"net"}
+    assert explicit_sections(["D=64"], declared_knobs(compose([], validator=False))) == {"model"}
     with pytest.raises(CheckpointError, match="net.stage: recorded 1, requested 2"):
-        check_resume(compose(base + ["stage=2"], validator=False), recorded, "run.ckpt", explicit_sections(["stage=2"]))
+        check_resume(compose(base + ["stage=2"], validator=False), recorded, "run.ckpt",
+                     explicit_sections(["stage=2"], knobs))
 
 
 def test_last_falls_back_to_the_newest_valid_checkpoint(finished, tmp_path):
@@ -206,7 +224,7 @@ def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
 
 
 def test_the_continue_command_repeats_the_runs_own_overrides():
-    from genflow.training.runs import continue_command
+    from genflow.apps.run_folder import continue_command
 
     cfg = cfg_for("unused")
     command = continue_command(cfg, Path("/runs/a b"), ["model=edm", "trainer.max_steps=2000", "ckpt_path=x.ckpt",
@@ -286,7 +304,7 @@ def test_one_training_process_per_run_folder(tmp_path):
     import socket
     import subprocess
 
-    from genflow.training.runs import LOCK_NAME, _process_start
+    from genflow.apps.run_folder import LOCK_NAME, _process_start
 
     run_dir = tmp_path / "locked"
     run_dir.mkdir()
@@ -311,7 +329,7 @@ def test_one_training_process_per_run_folder(tmp_path):
 
 
 def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
-    from genflow.training.runs import LOCK_NAME, RunFolderLock
+    from genflow.apps.run_folder import LOCK_NAME, RunFolderLock
 
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child started by Lightning (torchrun sets RANK likewise)
     with RunFolderLock(tmp_path):
@@ -324,7 +342,7 @@ def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
 
 def test_a_half_written_lock(tmp_path):
     """An empty lock file: a run starting right now (refused), or, once old, one that died at once (taken over)."""
-    from genflow.training.runs import LOCK_NAME, RunFolderLock
+    from genflow.apps.run_folder import LOCK_NAME, RunFolderLock
 
     lock = tmp_path / LOCK_NAME
     lock.write_text("")
@@ -340,7 +358,7 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     """A compiled run's first step takes minutes: the rate and ETA count from its end (100 s, then 1 s/step)."""
     from types import SimpleNamespace
 
-    import genflow.training.progress as progress
+    import genflow.training.progress_bar as progress
 
     clock = [0.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
@@ -354,3 +372,15 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     first, later = capsys.readouterr().out.strip().splitlines()
     assert first == "step 1/101 | first step 1m 40s (start-up, compilation)"
     assert later.startswith("step 11/101 | 1.00 it/s, 8 img/s | ETA 1m 30s")
+
+
+def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):
+    """The grid, the learning-rate monitor and the loggers are optional; the EMA and the checkpoints are the run's."""
+    run = tmp_path / "run"
+    code, out, err = cli("train.py", "~callbacks.sample_grid", "~callbacks.lr_monitor", "logger=none", "data=digits",
+                         "net=unet_tiny", "data.batch_size=8", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                         "optim.warmup_steps=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["grid"] is None and not (run / "grid.png").exists() and not (run / "samples").exists()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "ema.safetensors").is_file()

@@ -3,7 +3,7 @@
 Shaul et al., "On Kinetic Optimal Probability Paths for Generative Models" (ICML 2023). Paper -> code:
 
 - Eq. 23 lambda(s) = (1/d) E ||E[x1 | x1 + eps/s]||^2, in MMSE form 1 - lambda(s) = (1/d) E ||x1 - E[x1|x]||^2
-  (research note 1.3)                                                    -> ``estimate_separation``
+  (Shaul et al. 2023, "On Kinetic Optimal Probability Paths")             -> ``estimate_separation``
 - Eqs. 36/39 posterior over training points, a softmax with temperature s^2; the Gram matrix
   ||x_j - x_i||^2 and the projections <eps, x_j - x_i> are computed once and reused on the s-grid
   (logits = -s^2 G / 2 - s E)                                              -> ``estimate_separation``
@@ -106,7 +106,7 @@ class SeparationFunction:
         return _gamma(self, theta)
 
     def integral(self) -> Tensor:
-        """int_0^inf (1 - lambda(s)) ds; Cond-OT's kinetic energy is 2 minus this (research note 1.3)."""
+        """int_0^inf (1 - lambda(s)) ds; Cond-OT's kinetic energy is 2 minus this (from Eq. 23)."""
         return _mmse_integral(self)
 
     def state(self) -> dict:

@@ -17,7 +17,7 @@ written (a_t, m_t) there, (alpha_t, sigma_t) here):
 noise end Phi ~ theta^2 for centred data, so theta(Phi) has a square-root singularity while
 theta(u) is smooth. Monotone interpolation keeps alpha/sigma = tan(theta) strictly increasing (so
 ``snr_inverse`` is well defined) and the returned derivatives are those of the interpolant. The
-exact path has alpha_t ~ sqrt(t) at t -> 0 (research note, pitfall 2), whose conditional target is not
+exact path has alpha_t ~ sqrt(t) at t -> 0, whose conditional target is not
 square-integrable; we replace [0, t_eps] by the chord from (0, 1) to (alpha, sigma)(t_eps), which keeps
 the boundary values exact and changes the kinetic energy by O(t_eps).
 """

@@ -1,0 +1,194 @@
+"""Sample a trained model (a Hydra app with configs/sample.yaml; ``genflow-sample --help``):
+
+    python -m genflow.apps.sample ckpt=PATH num=64 seeds=0-63 steps=18 solver=heun out=DIR [guidance=w] [device=cuda]
+    python -m genflow.apps.sample -m ckpt=PATH guidance=1,1.5,2 out=DIR     # one sub-folder of DIR per guidance
+    python sample.py ...           # the same app, from the repository root
+
+Writes one PNG per seed (images), grid.png and samples.npz, and ends with one JSON line. Image i depends only
+on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled, and its
+stored config may name only genflow's registry of classes (genflow.registry).
+
+Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
+command line is composed, the checkpoint (readable, a genflow checkpoint), the solver and its settings
+(``S_churn=`` ...) against the model, ``sigma_min=``/``sigma_max=``/``rho=`` against the model's method,
+``class=``/``guidance=``/``reference=`` against the model's data, ``guide_ckpt=`` (autoguidance) against
+the model's method and data, and the output folder. Nothing but the
+checkpoint is read (its record of the data) unless the job needs the data (multi-view conditions).
+Seeds, labels and sampler noise follow EDM's generate.py, so a converted EDM network gives its images.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device,
+                            check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
+                            data_conditions, read_checkpoint, run_app, sampler_options)
+from genflow.errors import config_error, reported
+
+SAMPLE_SCHEMA = {
+    "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
+    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "guide_ckpt": Str(null=True), "batch": Int(1),
+    "device": Str(null=True),
+    "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
+    **SAMPLER_SCHEMA, **{key: Float(0, lo_open=True, null=True, example=example) for key, example in
+                         (("sigma_min", 0.002), ("sigma_max", 80), ("rho", 7))},
+}
+#: the time grid of EDM / PFGM++ (Karras et al. Eq. 5), set for sampling as generate.py's --sigma_min, --sigma_max,
+#: --rho: settings of the checkpoint's method, replaced for this run (refused by a method without them)
+GRID_KEYS = ("sigma_min", "sigma_max", "rho")
+
+
+def grid_overrides(cfg: DictConfig) -> list[str]:
+    """``model.<key>=value`` overrides of the stored method for the grid settings given on the command line."""
+    return [f"model.{key}={float(cfg[key])}" for key in GRID_KEYS if cfg.get(key) is not None]
+
+
+def seeds_of(cfg: DictConfig) -> list[int]:
+    from genflow.sampling import parse_seeds
+
+    if cfg.seeds is None:
+        return list(range(64 if cfg.num is None else int(cfg.num)))
+    spec = cfg.seeds
+    spec = OmegaConf.to_container(spec) if not isinstance(spec, (str, int)) else spec
+    try:
+        seeds = parse_seeds(spec)
+    except (ValueError, TypeError) as err:
+        raise config_error(f"seeds={cfg.seeds}", str(err), "write seeds as low-high (0-63), one seed (5), or a "
+                           "list ([1,5,9])") from err
+    if min(seeds) < 0:
+        raise config_error(f"seeds={cfg.seeds} holds a negative seed", "seeds index the noise generators from 0",
+                           "use seeds >= 0, e.g. seeds=0-63")
+    if cfg.num is not None and int(cfg.num) != len(seeds):
+        raise config_error(f"num={cfg.num} but seeds={cfg.seeds} holds {len(seeds)} seeds",
+                           "each image comes from one seed", "drop num= or make it match the seed range")
+    return seeds
+
+
+def validate(cfg: DictConfig) -> None:
+    """sample.py's checks, run on the composed command line before anything is loaded or written."""
+    if cfg.get("ckpt") is None:
+        raise config_error("no checkpoint given", "sample.py samples a trained model",
+                           "pass ckpt=PATH (e.g. outputs/<run>/checkpoints/final.ckpt)")
+    check_schema(cfg, SAMPLE_SCHEMA, app="sample", open_keys=("hydra",))
+    seeds_of(cfg)
+    check_device(cfg.device)
+    check_output_dir(cfg.out, "out")
+    ckpt = read_checkpoint(cfg.ckpt, mmap=True)  # the check maps the tensors; the job reads the weights once
+    stored = config_from_checkpoint(ckpt, grid_overrides(cfg))
+    if grid_overrides(cfg):  # a method without a sigma grid says so (an unknown key), before anything is built
+        check_target(stored.model, "model")
+    # each method lists the samplers it offers, and each sampler the settings it takes
+    build_method(stored).check_solver(cfg.solver, options=sampler_options(cfg))
+    if cfg.guide_ckpt is not None:  # autoguidance: guidance= is its weight; the guide is compared as trained
+        from genflow.config.guide import check_guide
+
+        check_guide(config_from_checkpoint(ckpt), cfg.guide_ckpt)
+        if cfg.guidance is None:
+            raise config_error(f"guide_ckpt={cfg.guide_ckpt} without guidance=", "autoguidance needs its weight w "
+                               "(D = D_guide + w (D_ckpt - D_guide); w = 1 is the model alone)",
+                               "pass guidance=W, e.g. guidance=2")
+    elif cfg.guidance is not None and not data_conditions(stored.data):
+        raise config_error(f"guidance={cfg.guidance} for an unconditional model", "classifier-free guidance mixes "
+                           "conditional and unconditional predictions; this checkpoint has no condition",
+                           "drop guidance=, use a conditional model, or guide with a weaker model of the same "
+                           "config (guide_ckpt=PATH: autoguidance)")
+    if cfg["class"] is not None and not stored.data.get("conditional"):
+        raise config_error(f"class={cfg['class']} for a model without class labels",
+                           "the checkpoint was trained with data.conditional=false", "drop class=")
+
+
+def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
+    """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``)."""
+    from genflow.config import compose, module_from_checkpoint
+    from genflow.sampling import generate, nfe_per_image, sample_conditions, save_grid, to_uint8
+    from genflow.training.module import check_finite_weights
+
+    if not isinstance(cfg, DictConfig):
+        cfg = compose(list(cfg), "sample", validator=False)
+    if not validated:  # the command line was checked by run_app before Hydra started the job
+        validate(cfg)
+    seeds = seeds_of(cfg)
+    solver, steps, guidance = cfg.solver, int(cfg.steps), cfg.guidance
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(cfg.out)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        out = Path(HydraConfig.get().runtime.output_dir)  # <out>/<overrides of this job>
+
+    module, dm, stored = module_from_checkpoint(cfg.ckpt, grid_overrides(cfg), device=device)
+    check_finite_weights(module, f"checkpoint {cfg.ckpt}")
+    shape = tuple(dm.data_shape)
+    if cfg.reference is not None:
+        if not hasattr(dm, "reference_cond"):
+            raise config_error(f"reference={cfg.reference} for a model trained on {getattr(dm, 'name', 'this data')}",
+                               "only multi-view models are conditioned on a reference image",
+                               "drop reference=, or sample a multi-view (Isotropic3D) checkpoint")
+        cond = dm.reference_cond(cfg.reference, seeds, device)
+    else:
+        cond = sample_conditions(dm, seeds, device)
+    if cfg["class"] is not None and not 0 <= int(cfg["class"]) < dm.num_classes:
+        raise config_error(f"class={cfg['class']} is out of range", f"the model knows classes 0..{dm.num_classes - 1}",
+                           f"use class=0..{dm.num_classes - 1}")
+
+    net = module.net
+    if cfg.guide_ckpt is not None:  # autoguidance replaces classifier-free guidance
+        from genflow.config.guide import load_guide
+        from genflow.methods.base import autoguided
+
+        net, guidance = autoguided(net, load_guide(cfg.guide_ckpt, device), guidance), None
+    start, counts, options = time.perf_counter(), {}, sampler_options(cfg)
+    # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
+    samples = generate(module.method, net, seeds, shape, steps=steps, solver=solver, cond=cond,
+                       guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
+                       device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts,
+                       solver_options=options, num_classes=dm.num_classes, class_label=cfg["class"])
+    wall = time.perf_counter() - start
+    nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured
+    nfe = nfe if nfe is not None else nfe_per_image(counts)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"out": str(out), "num": len(seeds), "nfe": nfe, "steps": steps,
+              "solver": solver, **options, **{key: float(cfg[key]) for key in GRID_KEYS if cfg[key] is not None}, **({} if cfg["class"] is None else {"class": int(cfg["class"])}),
+              "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
+              "device": str(device)}
+    if samples.ndim == 4 or samples.ndim == 5:
+        import torchvision
+
+        images = to_uint8(samples).cpu()
+        for seed, img in zip(seeds, images):
+            if img.ndim == 4:  # multi-view: views side by side
+                img = torch.cat(list(img), dim=-1)
+            torchvision.io.write_png(img, str(out / f"{seed:06d}.png"))
+        np.savez(out / "samples.npz", images=images.numpy(), seeds=np.asarray(seeds))
+    else:
+        np.savez(out / "samples.npz", samples=samples.cpu().numpy(), seeds=np.asarray(seeds))
+    if cfg.reference is not None and Path(str(cfg.reference)).suffix.lower() not in (".pt", ".pth", ".npy"):
+        # one row per seed: the reference image, then the generated views
+        result["grid"] = str(dm.save_reference_grid(out / "grid.png", samples, cfg.reference))
+    else:
+        result["grid"] = str(save_grid(samples, out / "grid.png"))
+    result["npz"] = str(out / "samples.npz")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
+@reported
+def app(cfg: DictConfig) -> None:
+    main(cfg, validated=True)
+
+
+def cli() -> None:
+    """The ``genflow-sample`` console script and ``python -m genflow.apps.sample``."""
+    run_app(app, "sample", validate)
+
+
+if __name__ == "__main__":
+    cli()
