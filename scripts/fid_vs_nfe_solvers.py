@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from genflow.config import compose, module_from_checkpoint
 from genflow.metrics import evaluate_fid
-from genflow.run import train
+from genflow.apps.train import train
 
 MODELS = {"edm": ["model=edm"], "pfgmpp128": ["model=pfgmpp", "D=128"],
           "flow_condot": ["model=flow", "path=condot"], "flow_ko": ["model=flow", "path=ko"],
@@ -185,6 +185,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, defaults: dict) -> Path:
+    import matplotlib.ticker
+
     from genflow.viz import agg_figure
 
     names = list(dict.fromkeys(r["model"] for r in rows))
@@ -198,6 +200,7 @@ def plot(rows: list[dict], path: Path, defaults: dict) -> Path:
                 ax.plot(*zip(*pts), marker=MARKERS[solver], color=f"C{i}", label="dpmpp_2m" if i == 2 else solver)
         ax.set(xscale="log", yscale="log", title=name, xlabel="NFE")
         ax.set_xticks([5, 10, 20, 35], labels=["5", "10", "20", "35"])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0].set_ylabel("digits FID")
     axes[0].legend(fontsize=7)
     for ax in axes[len(names):]:

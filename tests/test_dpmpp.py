@@ -355,7 +355,7 @@ def test_sample_and_evaluate_command_lines(cli, trained_ckpt, tmp_path):
     assert code == 0, err
     line = json.loads(out.strip().splitlines()[-1])
     assert line["solver"] == "dpmpp_2m" and line["nfe"] == 3 and (tmp_path / "s" / "grid.png").is_file()
-    code, out, err = cli("genflow.evaluate", f"ckpt={trained_ckpt}", "fid.num=0", "nll=true", "nll_solver=dpmpp_2m")
+    code, out, err = cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", "fid.num=0", "nll=true", "nll_solver=dpmpp_2m")
     assert code == 2 and "not an ODE integrator" in err
     # the time grid is a setting of the exponential integrators only
     code, out, err = cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-1", "steps=3", "solver=dpmpp_2m",
