@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from genflow.errors import ConfigError, config_error
+from genflow.solvers import EXPONENTIAL_SOLVERS
 from genflow.methods.base import GaussianMarginal
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -129,6 +130,22 @@ class LikelihoodResult:
     t_end: float
 
 
+def check_likelihood_solver(solver: str) -> str:
+    """``solver`` if it can integrate the likelihood's joint ODE (torchdiffeq's), else a ConfigError that says why."""
+    if solver in EXPONENTIAL_SOLVERS:
+        raise config_error(f"solver={solver!r} cannot compute a likelihood",
+                           f"{solver} is a sampler: an exponential integrator of the data prediction along the "
+                           "noise schedule, not an ODE integrator of the joint state (x, log-density); the "
+                           "instantaneous change of variables needs the divergence of the velocity integrated "
+                           "beside x, which it does not do",
+                           "use solver='dopri5' (adaptive) or 'rk4' with steps=... for likelihoods; sample with "
+                           f"{solver}")
+    if solver not in ADAPTIVE + FIXED:
+        raise config_error(f"solver={solver!r}", f"likelihoods integrate with torchdiffeq: {ADAPTIVE + FIXED}",
+                           "use solver='dopri5' (adaptive) or 'rk4' with steps=...")
+    return solver
+
+
 def _check_args(divergence: str, probe: str, probes: int, solver: str, steps, sigma0) -> None:
     if divergence not in DIVERGENCES:
         raise config_error(f"divergence={divergence!r}", f"the divergence is one of {DIVERGENCES}",
@@ -139,9 +156,7 @@ def _check_args(divergence: str, probe: str, probes: int, solver: str, steps, si
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise config_error(f"probes={probes!r}", "the number of Hutchinson probes per solve must be >= 1",
                            "use probes=1 (average several passes instead for tighter estimates)")
-    if solver not in ADAPTIVE + FIXED:
-        raise config_error(f"solver={solver!r}", f"likelihoods integrate with torchdiffeq: {ADAPTIVE + FIXED}",
-                           "use solver='dopri5' (adaptive) or 'rk4' with steps=...")
+    check_likelihood_solver(solver)
     if solver in FIXED and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise config_error(f"solver={solver!r} with steps={steps!r}", "a fixed-step solver needs a step count",
                            "pass steps=100 (or more), or use solver='dopri5'")
@@ -371,4 +386,4 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
 
 __all__ = ["log_likelihood", "likelihood_solve", "evaluate_nll", "gaussian_kernel",
            "divergence_exact", "divergence_hutchinson", "instance_noise_schedule", "add_instance_noise",
-           "metric_name", "selection_metric", "LikelihoodResult", "truncation_entropy_bpd"]
+           "metric_name", "selection_metric", "LikelihoodResult", "truncation_entropy_bpd", "check_likelihood_solver"]

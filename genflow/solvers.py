@@ -22,9 +22,18 @@ Two layers:
   chain in ``methods/vp.py``) and lists what it offers in ``Method.solvers()``. Randomness comes only
   from ``generator`` (one per sample from ``genflow.sampling.generate``), so image i depends only on
   seed i for every sampler.
+
+- ``dpmpp_2m``: DPM-Solver++(2M) (Lu, Zhou, Bao, Chen, Li, Zhu, "DPM-Solver++: Fast Solver for Guided
+  Sampling of Diffusion Probabilistic Models", 2022, Algorithm 2), an exponential integrator of the
+  method's data prediction along its Gaussian path x_t = alpha_t x + sigma_t eps, in lambda = ln(alpha/sigma)
+  (``Method.alpha_sigma``, ``data_prediction``, ``combine``). Per step, with h = lambda_next - lambda_cur:
+  x_next = (sigma_next/sigma_cur) x - alpha_next expm1(-h) D, where D is the current prediction (first
+  step, and a step to sigma = 0) or (1 + 1/(2r)) D_cur - 1/(2r) D_prev with r = h_prev/h. Coefficients
+  may be per frequency (SPD), applied by ``method.combine``.                      (NFE = steps)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +42,8 @@ from torch import Tensor
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 ODE_SOLVERS = ("euler", "heun", "dopri5")
+#: samplers of a method's data prediction along its Gaussian path (``Method.alpha_sigma``)
+EXPONENTIAL_SOLVERS = ("dpmpp_2m",)
 
 
 @dataclass(frozen=True)
@@ -233,3 +244,106 @@ def _ode_sampler(solver: str):
 
 for _name in ODE_SOLVERS:
     register(_name, lambda steps, _s=_name, **options: ode_nfe(_s, steps, **options))(_ode_sampler(_name))
+
+
+# ---------------------------------------------------------------- exponential integrators (DPM-Solver++)
+#: a path coefficient this small relative to the other is an end of the path in float64 rounding
+#: (a kinetic-optimal path's sigma(1) = cos(pi/2) = 6e-17): lambda is infinite there, not ~37
+_END = 1e-12
+
+
+def _path(method, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``method.alpha_sigma(t)`` with rounding-level coefficients set to 0 (the path's exact ends)."""
+    alpha, sigma = method.alpha_sigma(t)
+    return (torch.where(alpha <= _END * sigma, torch.zeros_like(alpha), alpha),
+            torch.where(sigma <= _END * alpha, torch.zeros_like(sigma), sigma))
+
+
+def _log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """lambda = ln(alpha/sigma): -inf where alpha = 0 (pure noise), +inf where sigma = 0 (clean data)."""
+    return alpha.log() - sigma.log()
+
+
+#: time grids of the exponential integrator: the model's own, uniform in log-SNR, or EDM's rho-spacing
+SCHEDULES = ("model", "logsnr", "karras")
+
+
+def mean_log_snr(method, t: Tensor) -> Tensor:
+    """lambda(t) = ln(alpha_t / sigma_t) at the times ``t`` (1-D), averaged over the coefficients of a
+    per-frequency path (monotone in t, as every frequency's lambda is)."""
+    return _log_snr(*_path(method, t)).reshape(t.numel(), -1).mean(1)
+
+
+def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7.0, device=None) -> Tensor:
+    """``steps + 1`` times for an exponential integrator.
+
+    ``model``: ``method.time_grid(steps)``. ``logsnr``: uniform in the (mean) log-SNR lambda, and
+    ``karras``: Karras et al.'s rho-spacing of e^-lambda (= sigma/alpha; EDM's sigma), both between the
+    first and last times of the method's own grid where lambda is finite; an end where lambda is infinite
+    (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    own = method.time_grid(steps, device=device)
+    if schedule == "model":
+        return own
+    lam = mean_log_snr(method, own)
+    finite = torch.isfinite(lam).nonzero().flatten()
+    first, last = int(finite[0]), int(finite[-1])
+    n = last - first
+    if n < 1:
+        return own
+    lo, hi = lam[first], lam[last]
+    u = torch.linspace(0, 1, n + 1, dtype=torch.float64, device=own.device)
+    if schedule == "logsnr":
+        targets = lo + u * (hi - lo)
+    else:
+        a, b = (-lo).exp() ** (1 / rho), (-hi).exp() ** (1 / rho)
+        targets = -((a + u * (b - a)) ** rho).log()
+    # bisection on lambda(t), monotone between the two ends whichever way time runs
+    t0 = own[first].expand(n + 1).clone()
+    t1 = own[last].expand(n + 1).clone()
+    for _ in range(60):
+        mid = 0.5 * (t0 + t1)
+        below = mean_log_snr(method, mid) < targets
+        t0, t1 = torch.where(below, mid, t0), torch.where(below, t1, mid)
+    inner = 0.5 * (t0 + t1)
+    inner[0], inner[-1] = own[first], own[last]
+    return torch.cat([own[:first], inner, own[last + 1:]])
+
+
+@register("dpmpp_2m", nfe=lambda steps, **_: steps, options=("schedule", "rho", "grid"))
+def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
+             schedule: str = "model", rho: float = 7.0, grid: Tensor | None = None) -> Solution:
+    """DPM-Solver++(2M) along ``exponential_grid(method, steps, schedule, rho)`` (or the times ``grid``): one
+    data prediction per step.
+
+    The update is the exact solution of the probability-flow ODE written in lambda,
+    x_t / sigma_t = x_s / sigma_s + int_{lambda_s}^{lambda_t} e^lambda x_data(lambda) dlambda (Lu et al.
+    Eq. 9), with x_data extrapolated linearly in lambda from the last two predictions. Where h is infinite (a step from alpha = 0, or to sigma = 0) the
+    step is first order, x_next = (sigma_next/sigma_cur) x + alpha_next D, as in k-diffusion. The state is
+    float64; the net sees x's dtype."""
+    if grid is None:
+        grid = exponential_grid(method, steps, schedule, rho, device=noise.device)
+    grid = grid.to(noise.device, torch.float64)
+    dtype, x = noise.dtype, noise.to(torch.float64)
+    alpha, sigma = zip(*(_path(method, t) for t in grid))
+    lam = [_log_snr(a, s) for a, s in zip(alpha, sigma)]
+    previous, h_previous = None, None
+    for i in range(grid.numel() - 1):
+        denoised = method.data_prediction(net, x.to(dtype), grid[i], cond).to(torch.float64)
+        # +inf - +inf (or -inf) cannot occur; -inf -> +inf (one step from noise to data) is a single jump
+        h = lam[i + 1] - lam[i]
+        h = torch.where(torch.isnan(h), torch.full_like(h, math.inf), h)
+        ratio = sigma[i + 1] / sigma[i]
+        weight = -alpha[i + 1] * torch.expm1(-h)  # alpha_next (1 - e^-h), alpha_next where h = inf
+        if previous is None:
+            x = method.combine((x, ratio), (denoised, weight))
+        else:
+            # 1/(2r) = h / (2 h_prev): 0 after an infinite step (first order), none at an infinite h
+            k = torch.where(torch.isfinite(h), h / (2 * h_previous), torch.zeros_like(h))
+            x = method.combine((x, ratio), (denoised, weight * (1 + k)), (previous, -weight * k))
+        previous, h_previous = denoised, h
+        if callback is not None:
+            callback({"i": i, "t": grid[i + 1], "x": x, "denoised": denoised})
+    return Solution(x.to(dtype), grid.numel() - 1)
+

@@ -105,6 +105,10 @@ def validate(cfg: DictConfig) -> None:
             raise config_error(f"guide_ckpt={cfg.guide_ckpt} without fid.guidance=", "autoguidance needs its weight "
                                "w (D = D_guide + w (D_ckpt - D_guide); w = 1 is the model alone)",
                                "pass fid.guidance=W, e.g. fid.guidance=2")
+    if cfg.nll and cfg.get("nll_solver"):
+        from genflow.likelihood import check_likelihood_solver
+
+        check_likelihood_solver(str(cfg.nll_solver))
 
 
 def _init_distributed(device_arg):

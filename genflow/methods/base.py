@@ -239,10 +239,35 @@ class Method(nn.Module, ABC):
                 out[key], out[f"{key}_noise_label"] = self.clean_view(cond[key])
         return out
 
+    # ------------------------------------------------------------- exponential integrators
+    def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
+        """(alpha(t), sigma(t)) of the path x_t = alpha x_data + sigma eps, float64, of shape ``t.shape`` plus,
+        for a per-coefficient path, the shape of ``combine``'s coefficients (SPD: per frequency). Exponential integrators (``dpmpp_2m``) step
+        in lambda = ln(alpha / sigma), which is -inf where alpha = 0 and +inf where sigma = 0."""
+        raise config_error(f"{type(self).__name__} has no Gaussian path x_t = alpha x + sigma eps",
+                           "exponential integrators (dpmpp_2m) step along log(alpha/sigma) of such a path",
+                           f"use one of {', '.join(solvers.ODE_SOLVERS)}")
+
+    def data_prediction(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """The net's estimate of the clean data E[x_data | x_t = x] at time ``t`` (scalar), in x's dtype."""
+        raise config_error(f"{type(self).__name__} has no data prediction",
+                           "exponential integrators (dpmpp_2m) step on the predicted clean data",
+                           f"use one of {', '.join(solvers.ODE_SOLVERS)}")
+
+    def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
+        """sum_i c_i x_i for (x_i, c_i) pairs with coefficients shaped like ``alpha_sigma``'s; the basis in
+        which the path is diagonal (SPD: Fourier) and its centre (a normalised flow's data mean) are the
+        method's business. Default: scalar coefficients, centre 0."""
+        out = pairs[0][1].to(pairs[0][0].dtype) * pairs[0][0]
+        for x, c in pairs[1:]:
+            out = out + c.to(x.dtype) * x
+        return out
+
     # -------------------------------------------------------------------------------- sampling
     def solvers(self) -> tuple[str, ...]:
-        """Names of the samplers (``genflow.solvers.SAMPLERS``) this method offers."""
-        return solvers.ODE_SOLVERS
+        """Names of the samplers (``genflow.solvers.SAMPLERS``) this method offers: the ODE integrators of
+        ``velocity`` and the exponential integrators of ``data_prediction`` along ``alpha_sigma``."""
+        return (*solvers.ODE_SOLVERS, *solvers.EXPONENTIAL_SOLVERS)
 
     def solver_options(self, solver: str) -> dict:
         """Per-method sampler options (e.g. EDM's Heun skips the correction on the step to sigma = 0)."""

@@ -19,6 +19,7 @@ Paper equation -> function:
   s^ = s_i (1 + gamma_i), x^ = x_i + sqrt(s^2 - s_i^2) S_noise eps, then Heun from s^ to s_{i+1})
                                                                            -> ``stochastic_sampler``
 - Prior x_0 ~ N(0, s_max^2 I)                                              -> ``EDM.prior_sample``
+- DPM-Solver++ in lambda = -ln(s) on D(x; s) (alpha = 1, sigma = s)        -> ``alpha_sigma``, ``data_prediction``
 
 Everything that depends on the perturbation kernel goes through three hooks (``_kernel_scale``,
 ``_log_kernel``, ``_input_variance``); ``PFGMPP`` overrides only those, so PFGM++ with D = inf runs
@@ -223,8 +224,17 @@ class EDM(Method):
         sigma = self._sigma_batch(t, x)
         return (x - self.denoise(net, x, sigma, cond)) / _bcast(sigma, x)
 
+    def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
+        """x_sigma = x + sigma eps: alpha = 1, sigma = t, so lambda = -ln(sigma) (DPM-Solver++ in EDM's time)."""
+        sigma = torch.as_tensor(t, dtype=torch.float64)
+        return torch.ones_like(sigma), sigma
+
+    def data_prediction(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """D(x; sigma), the denoiser: at every D the PF ODE is dx/dsigma = (x - D)/sigma, only the prior differs."""
+        return self.denoise(net, x, t, cond)
+
     def solvers(self) -> tuple[str, ...]:
-        return (*solvers.ODE_SOLVERS, "stochastic")
+        return (*super().solvers(), "stochastic")
 
     def check_solver(self, solver: str, key: str = "solver", options=None) -> str:
         """Also: a churn (the model's own S_churn or ``options``) only for the stochastic sampler, and valid."""

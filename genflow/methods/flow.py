@@ -7,6 +7,8 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
   sigma_t = 1 - (1 - sigma_min) t for Cond-OT)
 - sampling dx/dt = v(x, t) from t = 0 to 1 (Euler / Heun / dopri5 via ``genflow.solvers``)
                                                                           -> ``velocity``, ``time_grid``
+- data prediction x1 = (sigma v - sigma' x) / (sigma alpha' - alpha sigma') for DPM-Solver++ in
+  lambda = ln(alpha_t / sigma_t)                                          -> ``data_prediction``, ``alpha_sigma``
 - instantaneous change of variables needs log p_0 = standard normal       -> ``prior_log_prob``
 - scale-time equivalence of affine Gaussian paths (Lipman et al. 2024, "Flow Matching Guide and
   Code", the scheduler change; flow_matching's ScheduleTransformedModel)                              -> ``RetimedFlow``
@@ -27,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from genflow import solvers
 from genflow.cache import cache_dir, cached, content_hash
 from genflow.errors import config_error
 from genflow.knobs import Knob
@@ -166,6 +169,33 @@ class FlowMatching(_ResizingBuffers, Method):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         return self.scale * net(self.to_normalized(x), t, self.net_cond(cond))
 
+    def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) of the training path (sigma_min included), float64. In data space
+        x_t - shift = alpha_t (x - shift) + sigma_t scale eps; the scale drops out of every ratio an
+        exponential integrator takes, and ``combine`` works around the shift."""
+        out = self.schedule(torch.as_tensor(t, dtype=torch.float64, device=self.scale.device))
+        return out.alpha_t, out.sigma_t
+
+    def data_prediction(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """x1 from the velocity: with x_t = alpha x1 + sigma x0 and v = alpha' x1 + sigma' x0,
+        x1 = (sigma v - sigma' x_t) / (sigma alpha' - alpha sigma') (positive denominator on every path)."""
+        z = self.to_normalized(x)
+        tt = torch.as_tensor(t, device=x.device, dtype=torch.float64)
+        v = net(z, tt.to(x.dtype).expand(x.shape[0]), self.net_cond(cond)).to(x.dtype)
+        sch = self.schedule(tt)
+        det = sch.sigma_t * sch.d_alpha_t - sch.alpha_t * sch.d_sigma_t
+        return self.from_normalized((sch.sigma_t / det).to(x.dtype) * v - (sch.d_sigma_t / det).to(x.dtype) * z)
+
+    def solver_options(self, solver: str) -> dict:
+        """dpmpp_2m steps uniformly in log-SNR: the uniform t grid wastes its first and last steps where lambda
+        runs to -inf/+inf (digits, Cond-OT, NFE 10: FID 3.65 against 4.00)."""
+        return {"schedule": "logsnr"} if solver == "dpmpp_2m" else {}
+
+    def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
+        """shift + sum_i c_i (x_i - shift): the path is affine around the data mean ``shift``."""
+        shift = self.shift.to(pairs[0][0].dtype)
+        return shift + super().combine(*((x - shift, c) for x, c in pairs))
+
     def gaussian_marginal(self) -> GaussianMarginal | None:
         """In data space x_t = alpha_t x + (1 - alpha_t) shift + scale sigma_t eps (``normalize=True`` works
         on z = (x - shift)/scale; sigma_min is in ``schedule``); data at t = 1. None with a per-dimension
@@ -265,6 +295,10 @@ class RetimedFlow(Method):
 
     def clean_view(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.base.clean_view(x)
+
+    def solvers(self) -> tuple[str, ...]:
+        """ODE integrators only: the re-timed velocity is not the data prediction of a path it was trained on."""
+        return solvers.ODE_SOLVERS
 
     def describe(self) -> dict:
         return {"method": "flow", "path": self.path.name, "trained_on": self.base.path.name}

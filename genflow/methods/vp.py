@@ -16,6 +16,9 @@ Equation -> function:
                                                                         -> ``reverse_mean``, ``ancestral_sampler``
 - Probability-flow ODE dx/ds = F^-1[-beta/2 U + beta / (2 sqrt(1 - abar)) E], E = F eps_theta
   (the score is -F^-1[E / sqrt(1 - abar)])                              -> ``VPDiffusion.velocity``
+- Data prediction x0 = F^-1[(U - sqrt(1 - abar) E) / sqrt(abar)] and the per-frequency path
+  (alpha_k, sigma_k) = (sqrt(abar_k), sqrt(1 - abar_k)): DPM-Solver++ with lambda_k per frequency
+                                                                        -> ``data_prediction``, ``alpha_sigma``
 - Prior at s_hi = 1 - 1/T: N(0, F^-1 diag(lambda) F), lambda the marginal variance there
                                                                         -> ``prior_sample``, ``prior_log_prob``
 
@@ -308,8 +311,30 @@ class VPDiffusion(Method):
                                f"use steps={self.T} (the paper's sampler) or fewer for a respaced chain")
         return torch.linspace(0, self.T - 1, steps, device=device).round().long()
 
+    def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
+        """(sqrt(abar(s)), sqrt(1 - abar(s))) at one time: scalars (DDPM) or one per frequency (SPD)."""
+        s = self._s(t, self.trained_T.device)
+        return (0.5 * self.log_alpha_bar(s)).exp(), self.one_minus_alpha_bar(s).sqrt()
+
+    def data_prediction(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
+        """x0 = F^-1[(U - sqrt(1 - abar) E) / sqrt(abar)] per frequency, E = F eps_theta."""
+        self._check_data(x)
+        s = self._s_batch(t, x)
+        eps = net(x, self.noise_label(s), self.net_cond(cond)).to(x.dtype)
+        alpha, sigma = self.alpha_sigma(s[0])
+        return self._combine((x, 1 / alpha), (eps, -sigma / alpha))
+
+    def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
+        """sum_i F^-1(c_i F x_i): per-frequency coefficients act in the Fourier basis."""
+        return self._combine(*pairs)
+
+    def solver_options(self, solver: str) -> dict:
+        """dpmpp_2m steps uniformly in (mean) log-SNR rather than on the ODE grid (digits, NFE 10: DDPM FID
+        5.18 against 6.70 on the uniform s grid, SPD 3.16 against 3.49 on its rho-grid)."""
+        return {"schedule": "logsnr"} if solver == "dpmpp_2m" else {}
+
     def solvers(self) -> tuple[str, ...]:
-        return ("ancestral", *solvers.ODE_SOLVERS)
+        return ("ancestral", *super().solvers())
 
     def describe(self) -> dict:
         return {"method": type(self).__name__, "T": self.T}

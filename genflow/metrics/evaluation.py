@@ -195,7 +195,8 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     ``evaluator_kwargs`` go to ``FIDEvaluator`` (extractor, mode, inception_path, download, ref, cache_dir,
     kid, pr, pr_num, dinov2_path, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
     EDM's protocol and the default wherever a number is compared with a paper; it is part of the result.
-    ``solver_options``: the sampler's settings (e.g. EDM's churn), checked against the solver before any work.
+    ``solver_options``: the sampler's settings (e.g. EDM's churn, dpmpp_2m's ``schedule``), checked against the
+    solver before any work.
     """
     from genflow.sampling import check_precision, nfe_per_image
 

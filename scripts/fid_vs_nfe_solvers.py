@@ -1,0 +1,214 @@
+"""FID vs NFE on digits for every method and the few-step solvers: Euler, Heun and DPM-Solver++(2M) at
+NFE 5, 10, 20, 35 on the same checkpoints and the same seeds.
+
+    python scripts/fid_vs_nfe_solvers.py --out outputs/fid_nfe [--train-steps 800] [--num 500]
+        [--models edm pfgmpp128 flow_condot flow_ko ddpm spd] [--nfe 5 10 20 35]
+        [--solvers euler heun dpmpp_2m] [--cached-only] [--schedules model logsnr] [--extra-schedules karras] [--schedule-nfe 10] [--reuse]
+
+Each model is trained by genflow's own training run (configs/train.yaml with the overrides in MODELS:
+``python train.py <overrides> data=digits trainer.max_steps=N seed=0 hydra.run.dir=OUT/<model>``), then
+scored with the digits FID (the shipped digits classifier's features, reference = the training set) on
+seeds 0..num-1. A solver's steps are the most whose NFE (``method.nfe``) does not exceed the target
+(Heun with EDM's Algorithm 1 has odd NFE 2 steps - 1, elsewhere even 2 steps): each row reports its own
+NFE. dpmpp_2m runs on each grid of ``--schedules`` (``genflow.solvers.exponential_grid``; ``model`` is the
+model's own) and on ``--extra-schedules`` at ``--schedule-nfe``; the figure plots the grid the method takes
+by default (``Method.solver_options``). Prints a markdown table and one JSON line; writes OUT/fid_vs_nfe.{json,png} and each
+model's rows to OUT/<model>/fid_rows.json (read back by --reuse when the settings match).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from genflow.config import compose, module_from_checkpoint
+from genflow.metrics import evaluate_fid
+from genflow.apps.train import train
+
+MODELS = {"edm": ["model=edm"], "pfgmpp128": ["model=pfgmpp", "D=128"],
+          "flow_condot": ["model=flow", "path=condot"], "flow_ko": ["model=flow", "path=ko"],
+          "ddpm": ["model=ddpm"], "spd": ["model=spd"]}
+MARKERS = {"euler": "s", "heun": "o", "dpmpp_2m": "D"}
+
+
+def train_model(name: str, args, out: Path) -> Path:
+    run_dir = out / name
+    ckpt = run_dir / "checkpoints" / "final.ckpt"
+    if args.reuse and ckpt.is_file():
+        return ckpt
+    cfg = compose([*MODELS[name], "data=digits", f"trainer.max_steps={args.train_steps}", f"seed={args.seed}",
+                   "trainer.enable_progress_bar=false", *args.set])
+    OmegaConf.update(cfg, "run_dir", str(run_dir), force_add=True)
+    return Path(train(cfg)["checkpoint"])
+
+
+def steps_for(method, solver: str, nfe: int) -> int | None:
+    """The most steps whose NFE is at most ``nfe`` (None if even one step costs more)."""
+    best = None
+    for steps in range(1, nfe + 1):
+        if method.nfe(steps, solver) <= nfe:
+            best = steps
+    return best
+
+
+def score(module, dm, *, solver: str, steps: int, args, schedule: str | None = None) -> dict:
+    start = time.perf_counter()
+    options = {"schedule": schedule} if schedule else None  # explicit: the row says which grid it ran
+    fid = evaluate_fid(module, dm, num=args.num, steps=steps, solver=solver, batch_size=args.batch_size,
+                       seed_start=args.seed_start, solver_options=options)
+    return {"solver": solver + (f"/{schedule}" if schedule else ""), "steps": steps,
+            "nfe": module.method.nfe(steps, solver), "fid": fid["fid"], "images": fid["fid_images"],
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="outputs/fid_nfe")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--train-steps", type=int, default=800)
+    p.add_argument("--num", type=int, default=500, help="generated images per FID (seeds seed_start..)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 35])
+    p.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m"])
+    p.add_argument("--cached-only", action="store_true",
+                   help="tabulate the rows saved in OUT/<model>/fid_rows.json (any settings), compute nothing")
+    p.add_argument("--schedules", nargs="*", default=["model", "logsnr"],
+                   help="dpmpp_2m's time grids at every NFE (model: the model's own grid)")
+    p.add_argument("--extra-schedules", nargs="*", default=["karras"], help="more grids, at --schedule-nfe only")
+    p.add_argument("--schedule-nfe", type=int, nargs="*", default=[10])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="reuse OUT/<model>/checkpoints/final.ckpt if present")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for name in args.models:
+        if args.cached_only:
+            saved = out / name / "fid_rows.json"
+            stored = json.loads(saved.read_text())["rows"] if saved.is_file() else []
+            for r in stored:
+                r["solver"] = "dpmpp_2m/model" if r["solver"] == "dpmpp_2m" else r["solver"]
+            rows += [r for r in stored if r["solver"].split("/")[0] in args.solvers]
+        else:
+            rows += model_rows(name, args, out)
+
+    # the grid dpmpp_2m takes when none is given (Method.solver_options): the figure plots that one
+    defaults = {name: module_from_checkpoint(out / name / "checkpoints" / "final.ckpt")[0].method
+                .solver_options("dpmpp_2m").get("schedule", "model") for name in args.models}
+    print(table(rows))
+    checks = goal(rows)
+    result = {"rows": rows, "goal": checks, "default_schedule": defaults,
+              "plot": str(plot(rows, out / "fid_vs_nfe.png", defaults)),
+              "train_steps": args.train_steps, "num": args.num, "device": args.device}
+    (out / "fid_vs_nfe.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+def model_rows(name: str, args, out: Path) -> list[dict]:
+    """One model's rows. With --reuse, rows saved by an earlier run (OUT/<model>/fid_rows.json) with the same
+    solver, steps, grid, number of images and seeds are read back and only the missing ones are computed."""
+    saved = out / name / "fid_rows.json"
+    done = {}
+    if args.reuse and saved.is_file():
+        stored = json.loads(saved.read_text())
+        for r in stored["rows"]:
+            r.setdefault("seed_start", stored.get("settings", {}).get("seed_start", 0))
+            if r["solver"] == "dpmpp_2m":  # rows written before the grid was part of the label: the model's grid
+                r["solver"] = "dpmpp_2m/model"
+            done[(r["solver"], r["steps"], r["target_nfe"], r["images"], r["seed_start"])] = r
+    wanted = []
+    module = None
+    for nfe in args.nfe:
+        jobs = [(solver, None) for solver in args.solvers if solver != "dpmpp_2m"]
+        if "dpmpp_2m" in args.solvers:
+            jobs += [("dpmpp_2m", schedule) for schedule in args.schedules]
+            if nfe in args.schedule_nfe:
+                jobs += [("dpmpp_2m", schedule) for schedule in args.extra_schedules]
+        for solver, schedule in jobs:
+            if module is None:
+                module, dm, _ = module_from_checkpoint(train_model(name, args, out), device=args.device)
+            steps = nfe if schedule else steps_for(module.method, solver, nfe)
+            if steps is None:
+                continue
+            label = solver + (f"/{schedule}" if schedule else "")
+            key = (label, steps, nfe, args.num, args.seed_start)
+            if key not in done:
+                done[key] = {"model": name, "target_nfe": nfe, "seed_start": args.seed_start,
+                             **score(module, dm, solver=solver, steps=steps, args=args, schedule=schedule)}
+                print(json.dumps(done[key]), file=sys.stderr, flush=True)
+                tmp = saved.with_suffix(".tmp")  # saved after every row: an interrupted run resumes
+                tmp.write_text(json.dumps({"rows": list(done.values())}, indent=1))
+                tmp.replace(saved)
+            wanted.append(done[key])
+    return wanted
+
+
+def goal(rows: list[dict]) -> dict:
+    """Per model: each exponential solver's FID at NFE 10 against Heun's best FID at NFE >= 20 (NFE 19 for
+    EDM's Heun, whose NFE is odd)."""
+    out = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        heun = [r for r in rows if r["model"] == name and r["solver"] == "heun" and r["nfe"] >= 19]
+        if not heun:
+            continue
+        ref = min(heun, key=lambda r: r["fid"])
+        out[name] = {"heun_best_nfe_ge_20": [ref["nfe"], ref["fid"]]}
+        for r in rows:
+            if r["model"] == name and r["solver"].startswith("dpmpp") and r["nfe"] == 10:
+                out[name][r["solver"]] = [r["fid"], r["fid"] <= ref["fid"]]
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per model and solver, one column per target NFE (FID, with the NFE if different)."""
+    nfes = sorted(dict.fromkeys(r["target_nfe"] for r in rows))
+    lines = ["| model | solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---|" * len(nfes)]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for solver in dict.fromkeys(r["solver"] for r in rows if r["model"] == name):
+            cells = []
+            for n in nfes:
+                r = next((r for r in rows if r["model"] == name and r["solver"] == solver and r["target_nfe"] == n), None)
+                cells.append("" if r is None else f"{r['fid']:.2f}" + ("" if r["nfe"] == n else f" ({r['nfe']})"))
+            lines.append(f"| {name} | {solver} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, defaults: dict) -> Path:
+    import matplotlib.ticker
+
+    from genflow.viz import agg_figure
+
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig = agg_figure(figsize=(3.2 * min(len(names), 3), 2.8 * ((len(names) + 2) // 3)))
+    axes = fig.subplots((len(names) + 2) // 3, min(len(names), 3), squeeze=False).flatten()
+    for ax, name in zip(axes, names):
+        for i, solver in enumerate(MARKERS):
+            label = f"dpmpp_2m/{defaults[name]}" if solver == "dpmpp_2m" else solver
+            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == name and r["solver"] == label)
+            if pts:
+                ax.plot(*zip(*pts), marker=MARKERS[solver], color=f"C{i}", label="dpmpp_2m" if i == 2 else solver)
+        ax.set(xscale="log", yscale="log", title=name, xlabel="NFE")
+        ax.set_xticks([5, 10, 20, 35], labels=["5", "10", "20", "35"])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes[0].set_ylabel("digits FID")
+    axes[0].legend(fontsize=7)
+    for ax in axes[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+if __name__ == "__main__":
+    main()
