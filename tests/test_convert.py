@@ -319,6 +319,30 @@ def song_pair(case: str, seed: int = 0):
     return net, edm_precond(edm_song_unet(net, edm_kw), "SongUNet", edm_kw, 8, 1, label_dim)
 
 
+def test_an_rgb_network_converts_and_samples_with_no_data_set(edm_format, tmp_path, cli, monkeypatch):
+    """A 16x16 RGB network (FFHQ / ImageNet-like: an image-folder data config) converts and samples with no image
+    folder, no GENFLOW_DATA and a fresh HOME: the checkpoint's data record is all sampling reads."""
+    kw = dict(SONG_CASES["ddpmpp-uncond-augment"], attn_resolutions=[8])
+    kw.pop("label_dim")
+    torch.manual_seed(0)
+    net = UNet(data_shape=(3, 16, 16), num_classes=0, preset=None, **kw).eval()
+    ema = edm_precond(edm_song_unet(net, dict(kw)), "SongUNet", dict(kw), 16, 3, 0)
+    src = edm_format(tmp_path / "rgb.pkl", ema, augment_pipe=edm_augment_pipe())
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("GENFLOW_DATA", str(empty))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'rgb.ckpt'}")
+    assert code == 0, err
+    stored = torch.load(tmp_path / "rgb.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert stored["config"]["data"]["_target_"].endswith("ImageFolder") and stored["config"]["data"]["root"] is None
+    code, _, err = cli("sample.py", f"ckpt={tmp_path / 'rgb.ckpt'}", f"out={tmp_path / 'samples'}", "seeds=0-1",
+                       "steps=2")
+    assert code == 0, err
+    assert len(list((tmp_path / "samples").glob("*.png"))) >= 2 and not any(empty.iterdir())
+
+
 def denoise_both(original, path, cond_fn, D=math.inf):
     from genflow.config import module_from_checkpoint
 
@@ -840,9 +864,8 @@ def _max_error(module, io: dict) -> float:
 def test_edm_snapshot_converts_and_matches_edms_forward(edm_snapshots, tmp_path, cli, case):
     precond, _, res, ch, *_ = WRITER.CASES[case]
     src, out = edm_snapshots / f"{case}.pkl", tmp_path / f"{case}.ckpt"
-    # an RGB 16x16 network gets an image-folder data config, whose root must exist when converting
-    extra = [f"data.root={_image_folder(tmp_path, res)}"] if ch == 3 else []
-    code, stdout, err = cli("genflow.apps.convert", f"src={src}", f"out={out}", *extra)
+    # an RGB 16x16 network gets an image-folder data config; no folder is needed to convert or sample it
+    code, stdout, err = cli("genflow.apps.convert", f"src={src}", f"out={out}")
     if precond in REFUSED:
         assert code == 2 and REFUSED[precond] in err and "fix:" in err and not out.exists(), err
         return
@@ -857,16 +880,6 @@ def test_edm_snapshot_converts_and_matches_edms_forward(edm_snapshots, tmp_path,
     print(f"\n{case}: max |D_genflow - D_EDM| / max(1, sigma) = {error:.3g}")
     # VPPrecond's noise label (M - 1) t reaches 999, where EDM's float32 evaluation of t rounds by ~6e-5
     assert error <= (2e-5 if precond == "VPPrecond" else 5e-6), error
-
-
-def _image_folder(tmp_path: Path, res: int) -> Path:
-    from PIL import Image
-
-    folder = tmp_path / "images"
-    folder.mkdir(exist_ok=True)
-    for i in range(2):
-        Image.fromarray(np.full((res, res, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def test_fixture_writer_writes_what_edm_writes(edm_snapshots, tmp_path):

@@ -611,17 +611,17 @@ def _method(precond: Record, data: dict, D) -> tuple[list[str], dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _data_overrides(facts: dict) -> tuple[list[str], str | None]:
-    """(data overrides, environment variable for an image folder's root) matching the network's images:
-    CIFAR-10 at 32x32x3, the bundled digits at 8x8x1, otherwise an image folder (FFHQ / ImageNet at 64)."""
+def _data_overrides(facts: dict) -> list[str]:
+    """Data overrides matching the network's images: CIFAR-10 at 32x32x3, the bundled digits at 8x8x1, otherwise
+    an image folder (FFHQ / ImageNet at 64) with no root: sampling needs only the checkpoint's data record, and a
+    job that reads the images (``fid.ref=train``) names their folder with ``data.root=``."""
     res, ch, labels = facts["resolution"], facts["channels"], facts["label_dim"]
     conditional = f"data.conditional={str(labels > 0).lower()}"
     if (res, ch) == (32, 3) and labels in (0, 10):
-        return ["data=cifar10", conditional], None
+        return ["data=cifar10", conditional]
     if (res, ch) == (8, 1) and labels in (0, 10):
-        return ["data=digits", conditional], None
-    env = "GENFLOW_IMAGENET64" if labels == 1000 else "GENFLOW_FFHQ64" if res == 64 else "GENFLOW_DATA"
-    return ["data=imagefolder", f"data.resolution={res}", f"data.channels={ch}", conditional], env
+        return ["data=digits", conditional]
+    return ["data=imagefolder", f"data.resolution={res}", f"data.channels={ch}", conditional]
 
 
 def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source: str = "") -> dict:
@@ -641,15 +641,13 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
             raise CheckpointError(f"the pickle's {precond.class_name} records {key}={pre[key]} but its backbone "
                                   f"{facts[fact]}\n  fix: convert an unmodified EDM/PFGM++ network pickle")
 
-    data_ov, env = _data_overrides(facts)
+    data_ov = _data_overrides(facts)
     if any(o.startswith("data=") for o in overrides):  # the user's choice of data config wins
-        data_ov, env = [o for o in data_ov if not o.startswith("data=")], None
-    cfg = compose([*data_ov, *method_ov, *overrides])
+        data_ov = [o for o in data_ov if not o.startswith("data=")]
+    # environment=False: the data set is not read here (nor by sampling: the checkpoint records its data)
+    cfg = compose([*data_ov, *method_ov, *overrides], environment=False)
     config = to_container(cfg)
     config["net"] = net_cfg
-    if env and config["data"].get("root") is None:
-        # resolved when the checkpoint is loaded, so the images' folder comes from that machine's environment
-        config["data"]["root"] = "${oc.env:" + env + ",null}"
 
     # genflow's network is built on the meta device: only its names, shapes and dtypes, so hyperparameters
     # that disagree with the stored weights (a recorded model_channels=200000 over small tensors) fail here
