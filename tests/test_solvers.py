@@ -187,18 +187,6 @@ def _per_seed_methods():
             "flow": FlowMatching("condot")}
 
 
-@pytest.fixture
-def one_thread():
-    """Per-sample results can only be batch-independent if the net's are: on CPU a convolution split over
-    several threads rounds differently for different batch sizes (~1e-7), which dopri5's error estimate
-    (a difference of nearly equal stages) amplifies to its tolerance. One thread keeps the net bitwise
-    batch-independent, so the test sees the solvers alone (and a tiny net runs faster on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", ["edm", "pfgmpp", "ddpm", "spd", "flow"])
 def test_every_solver_png_depends_only_on_its_seed(name, one_thread):
     """PNG bytes of seeds 0..5 drawn in one batch of 6 equal those drawn in batches of 4 + 2 and of 1,
