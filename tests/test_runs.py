@@ -62,12 +62,25 @@ def test_final_fid_reaches_csv_and_tensorboard(finished):
     assert "D: 128" in (run_dir / "tb" / "hparams.yaml").read_text()
 
 
+def _checksums(folder: Path) -> dict:
+    """Every file of the folder (Hydra's .hydra/ and the log included) by its content's SHA-256."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_training_into_a_run_is_refused_before_any_work(finished, cli):
     run_dir = Path(finished["run_dir"])
-    before = _snapshot(run_dir)
+    hydra_dir = run_dir / ".hydra"            # what Hydra left there when the run was started by train.py
+    hydra_dir.mkdir(exist_ok=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        if not (hydra_dir / name).exists():
+            (hydra_dir / name).write_text(f"# the run's own {name}\n")
+    before, times = _checksums(run_dir), _snapshot(run_dir)
     code, out, err = cli("train.py", *TINY, f"hydra.run.dir={run_dir}")
     assert code == 2 and "already holds a run" in err and "fix:" in err and "Traceback" not in err
-    assert _snapshot(run_dir) == before
+    assert _checksums(run_dir) == before and _snapshot(run_dir) == times   # .hydra/ and train.log included
 
 
 def test_resuming_a_finished_run_is_a_no_op(finished):

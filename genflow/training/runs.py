@@ -141,6 +141,32 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
     return stale
 
 
+def check_folder_before_start(run_dir: Path, *, resuming: bool) -> None:
+    """What can be refused before Hydra starts the job (and writes ``.hydra/`` and the log into the folder):
+    a run already there without ``ckpt_path``, or a live process training there. ``prepare_run`` and
+    ``RunFolderLock`` check the same again once the job runs (another process may have started meanwhile)."""
+    if not resuming and holds_run(run_dir):
+        raise _holds_run_error(run_dir)
+    lock = run_dir / LOCK_NAME
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return  # no lock, or one being written: RunFolderLock decides when the job starts
+    pid, host = owner.get("pid"), owner.get("host")
+    if host == socket.gethostname() and pid is not None and _alive(pid, owner.get("start")):
+        raise config_error(
+            f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
+            "two processes training into one folder would overwrite each other's checkpoints and logs",
+            f"wait for that run to end or stop it; if it no longer runs, remove {lock}")
+
+
+def _holds_run_error(run_dir: Path):
+    return config_error(
+        f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
+        "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
+        "fresh timestamped one)")
+
+
 def holds_run(run_dir: Path) -> bool:
     ckpts = run_dir / "checkpoints"
     return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
@@ -208,10 +234,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
     requested = cfg.get("ckpt_path")
     if requested is None:
         if holds_run(run_dir):
-            raise config_error(
-                f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
-                "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
-                "fresh timestamped one)")
+            raise _holds_run_error(run_dir)
         return start
     if str(requested) == "last":
         path, ckpt, skipped = newest_valid(run_dir)
