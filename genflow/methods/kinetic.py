@@ -2,8 +2,9 @@
 
 Shaul et al., "On Kinetic Optimal Probability Paths for Generative Models" (ICML 2023). Paper -> code:
 
-- Eq. 23 lambda(s) = (1/d) E ||E[x1 | x1 + eps/s]||^2, in MMSE form 1 - lambda(s) = (1/d) E ||x1 - E[x1|x]||^2
-  (research note 1.3)                                                    -> ``estimate_separation``
+- Eq. 23 lambda(s) = (1/d) E ||E[x1 | x1 + eps/s]||^2, in MMSE form 1 - lambda(s) = (1/d) E ||x1 - E[x1|x]||^2,
+  never below the linear-MMSE bound s^2/(1+s^2)                          -> ``estimate_separation``,
+                                                                            ``admissible_floor``
 - Eqs. 36/39 posterior over training points, a softmax with temperature s^2; the Gram matrix
   ||x_j - x_i||^2 and the projections <eps, x_j - x_i> are computed once and reused on the s-grid
   (logits = -s^2 G / 2 - s E)                                              -> ``estimate_separation``
@@ -253,8 +254,8 @@ def ko_table(sep, size: int = 4097) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     it is 0/0), then limited so the cubic Hermite table stays monotone.
 
     Phi(theta) = int_0^theta sqrt(gamma) by the trapezoid rule on a uniform theta-grid; gamma is
-    floored at 1e-14 so Phi is strictly increasing (where gamma = 0 every path costs the same and
-    the table simply crosses that angle quickly).
+    floored at 1e-14 so Phi is strictly increasing even for a lambda given by hand (an estimated
+    lambda-hat is admissible, ``admissible_floor``, so the floor does not act there).
     """
     if size < 16:
         raise config_error(f"KO table_size={size}", "the table must resolve theta in [0, pi/2]",
