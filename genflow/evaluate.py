@@ -32,6 +32,7 @@ from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int,
                             read_checkpoint, run_app)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
+from genflow.outputs import check_record
 
 EVALUATE_SCHEMA = {
     "ckpt": Str(), "precision": PRECISION, "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)},
@@ -71,6 +72,7 @@ def validate(cfg: DictConfig) -> None:
             raise config_error(f"out={cfg.out} is a folder", "out is the file the JSON line is written to",
                                "pass out=FILE.json (a file name)")
         check_output_dir(out.parent, "out's folder")  # new folders are made; a file on the way is refused
+        check_record(out, cfg.ckpt)  # never another run's or checkpoint's file
     check_device(cfg.device)
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
@@ -186,6 +188,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         if cfg.out:
             from genflow.cache import atomic_write
 
+            check_record(Path(str(cfg.out)).expanduser(), cfg.ckpt)  # written meanwhile by another command?
             atomic_write(Path(str(cfg.out)).expanduser(), lambda tmp: tmp.write_text(line + "\n"))
     return result
 

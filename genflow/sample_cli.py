@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (PRECISION, Bool, Float, Int, Spec, Str, check_device, check_output_dir, check_schema,
                             build_method, config_from_checkpoint, data_conditions, read_checkpoint)
 from genflow.errors import config_error
+from genflow.outputs import check_sample_folder, sample_settings, write_sample_manifest
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
@@ -56,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
     ckpt = read_checkpoint(cfg.ckpt)
+    check_sample_folder(Path(str(cfg.out)).expanduser(), sample_settings(cfg, cfg.ckpt))
     stored = config_from_checkpoint(ckpt)
     build_method(stored).check_solver(cfg.solver)  # each method lists the samplers it offers
     if cfg.guidance is not None and not data_conditions(stored.data):
@@ -86,6 +88,8 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
         out = Path(HydraConfig.get().runtime.output_dir)  # <out>/<overrides of this job>
 
+    settings = sample_settings(cfg, cfg.ckpt)
+    check_sample_folder(out, settings)  # again: a multirun job's own folder, or one written meanwhile
     module, dm, stored = module_from_checkpoint(cfg.ckpt, device=device)
     check_finite_weights(module, f"checkpoint {cfg.ckpt}")
     shape = tuple(dm.data_shape)
@@ -113,6 +117,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured
     nfe = nfe if nfe is not None else nfe_per_image(counts)
     out.mkdir(parents=True, exist_ok=True)
+    write_sample_manifest(out, settings, seeds)  # first: what the images in this folder come from
     result = {"out": str(out), "num": len(seeds), "nfe": nfe, "steps": steps,
               "solver": solver, "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
               "device": str(device)}
