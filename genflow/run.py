@@ -157,6 +157,9 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
             f"{continue_command(cfg, run_dir)}", log)
         sys.exit(128 + int(stop.stopped_by))
     # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
+    if start.complete:  # outputs of a finished run are made from the weights its final.ckpt already holds
+        final = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
+        module.load_state_dict(final["state_dict"])
     result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step)
     if trainer.is_global_zero:
         write_result(run_dir, result)

@@ -83,6 +83,25 @@ def test_training_into_a_run_is_refused_before_any_work(finished, cli):
     assert _checksums(run_dir) == before and _snapshot(run_dir) == times   # .hydra/ and train.log included
 
 
+def test_resume_after_training_makes_the_missing_outputs(finished, tmp_path):
+    """Stopped while writing the grid or the exports (SIGTERM after final.ckpt): ckpt_path=last makes them."""
+    import shutil
+
+    run_dir = tmp_path / "stopped"
+    shutil.copytree(finished["run_dir"], run_dir)
+    for name in ("ema.safetensors", "grid.png", "result.json"):
+        (run_dir / name).unlink()
+    result = train(cfg_for(run_dir, "ckpt_path=last", "fid.num=32"))
+    assert not result.get("already_finished") and result["steps"] == 6 and result["steps_this_session"] == 0
+    assert all((run_dir / name).is_file() for name in ("ema.safetensors", "grid.png", "result.json"))
+    from safetensors.torch import load_file
+
+    made, kept = load_file(run_dir / "ema.safetensors"), load_file(Path(finished["run_dir"]) / "ema.safetensors")
+    assert all(torch.equal(made[k], kept[k]) for k in kept)               # final.ckpt's EMA weights, exported
+    assert result["fid"] == pytest.approx(finished["fid"], rel=1e-4)     # the same EMA weights were scored
+    assert "are missing (stopped while writing them): making them" in (run_dir / "train.log").read_text()
+
+
 def test_resuming_a_finished_run_is_a_no_op(finished):
     run_dir = Path(finished["run_dir"])
     before = _snapshot(run_dir)

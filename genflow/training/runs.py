@@ -39,6 +39,7 @@ class Start:
     ckpt_path: str | None = None
     step: int = 0
     finished: dict | None = None    # the finished run's result when resuming it is a no-op
+    complete: bool = False          # trained to the end, outputs missing: make them from final.ckpt's weights
     notes: list[str] = field(default_factory=list)
 
 
@@ -254,7 +255,14 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
     start.ckpt_path, start.step = str(path), int(ckpt.get("global_step", 0))
     max_steps = int(cfg.trainer.get("max_steps", -1))
     final = run_dir / "checkpoints" / "final.ckpt"
-    if final.is_file() and 0 <= max_steps <= start.step:
+    missing = [name for name in ("ema.safetensors", "grid.png", "result.json") if not (run_dir / name).is_file()]
+    if final.is_file() and 0 <= max_steps <= start.step and missing:
+        # stopped after training, while writing its outputs: fit restores the state and ends at once,
+        # then the grid, the exports, the final metrics and result.json are made as at the end of any run
+        start.notes.append(f"the run trained to step {start.step} but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} missing (stopped while writing them): making them")
+        start.complete = True
+    elif final.is_file() and 0 <= max_steps <= start.step:
         previous = run_dir / "result.json"
         result = json.loads(previous.read_text()) if previous.is_file() else {"run_dir": str(run_dir)}
         result.update(already_finished=True, steps=start.step, steps_this_session=0)
