@@ -32,7 +32,7 @@ def seeds_of(cfg: DictConfig) -> list[int]:
     if cfg.seeds is None:
         return list(range(64 if cfg.num is None else int(cfg.num)))
     spec = cfg.seeds
-    spec = OmegaConf.to_container(spec) if not isinstance(spec, (str, int)) else spec
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
     try:
         seeds = parse_seeds(spec)
     except (ValueError, TypeError) as err:
@@ -41,6 +41,14 @@ def seeds_of(cfg: DictConfig) -> list[int]:
     if min(seeds) < 0:
         raise config_error(f"seeds={cfg.seeds} holds a negative seed", "seeds index the noise generators from 0",
                            "use seeds >= 0, e.g. seeds=0-63")
+    if max(seeds) > 2 ** 64 - 1:
+        raise config_error(f"seeds={cfg.seeds} holds a seed above 2^64 - 1", "a noise generator's seed is a "
+                           "64-bit unsigned integer", "use seeds from 0 to 18446744073709551615")
+    if len(set(seeds)) != len(seeds):
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})[:5]
+        raise config_error(f"seeds={cfg.seeds} names seed {', '.join(map(str, twice))} more than once",
+                           "image i comes from seed i: a repeated seed repeats its image and one PNG file",
+                           "list each seed once")
     if cfg.num is not None and int(cfg.num) != len(seeds):
         raise config_error(f"num={cfg.num} but seeds={cfg.seeds} holds {len(seeds)} seeds",
                            "each image comes from one seed", "drop num= or make it match the seed range")

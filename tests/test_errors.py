@@ -75,6 +75,10 @@ CASES = [
     # python -m genflow.evaluate
     (E, "ckpt={weights} fid.num=abc", "fid.num='abc'"), (E, "ckpt={weights} fid.num=1", "fid.num=1"),
     (E, "ckpt={weights} out={adir}", "adir is a folder"),
+    (T, "model=pfgmpp D=1e300", "D=1e+300 is beyond 1e+12"),
+    (S, "ckpt={weights} seeds=[3,3,3]", "more than once"), (S, "ckpt={weights} seeds=1.5", "seeds=1.5"),
+    (S, "ckpt={weights} seeds=18446744073709551616", "above 2^64 - 1"),
+    (S, "ckpt={weights} seeds=[1,2.5]", "seeds=[1, 2.5]"),
     # outputs never replace another command's: a run's folder and result.json, a folder of other samples
     (S, "ckpt={weights} out={run}", "holds a training run"),
     (S, "ckpt={weights} out={others}", "already holds 3 images from another command"),
