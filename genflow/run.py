@@ -139,6 +139,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, enable_model_summary=False)
+    dm.check_batch_size(trainer.world_size)  # before any step: the reported batch is the one that runs
     if trainer.is_global_zero:
         for line in settings_lines(cfg, module, run_dir, threads):
             say(line, log)

@@ -386,3 +386,14 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     first, later = capsys.readouterr().out.strip().splitlines()
     assert first == "step 1/101 | first step 1m 40s (start-up, compilation)"
     assert later.startswith("step 11/101 | 1.00 it/s, 8 img/s | ETA 1m 30s")
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_any_step(tmp_path):
+    """Not trained on a silently smaller batch while the settings and the JSON line report the requested one."""
+    run_dir = tmp_path / "big"
+    cfg = compose(["model=flow", "data=toy2d", "data.n=64", "data.batch_size=128", "trainer.max_steps=1",
+                   "trainer.enable_progress_bar=false", f"+run_dir={run_dir}"])
+    with pytest.raises(ConfigError, match=r"data.batch_size=128 is larger than the training set: \d+ points"):
+        train(cfg)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "result.json").exists()
+
