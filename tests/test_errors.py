@@ -76,6 +76,7 @@ CASES = [
     (E, "ckpt={weights} fid.num=abc", "fid.num='abc'"), (E, "ckpt={weights} fid.num=1", "fid.num=1"),
     (E, "ckpt={weights} out={adir}", "adir is a folder"),
     (T, "model=pfgmpp D=1e300", "D=1e+300 is beyond 1e+12"),
+    (S, "ckpt={weights} out=/tmp/grün", "out=/tmp/grün"),   # fix: the quoting (test_non_ascii_path_...)
     (S, "ckpt={weights} seeds=[3,3,3]", "more than once"), (S, "ckpt={weights} seeds=1.5", "seeds=1.5"),
     (S, "ckpt={weights} seeds=18446744073709551616", "above 2^64 - 1"),
     (S, "ckpt={weights} seeds=[1,2.5]", "seeds=[1, 2.5]"),
@@ -212,3 +213,10 @@ def test_sample_multirun_writes_one_folder_per_value(files, cli, tmp_path, monke
     assert [line["steps"] for line in lines] == [1, 2] and {line["precision"] for line in lines} == {"fp32"}
     assert [Path(line["out"]).name for line in lines] == ["num=2,steps=1", "num=2,steps=2"]
     assert all((Path(line["out"]) / "000001.png").is_file() for line in lines)
+
+
+def test_non_ascii_path_gets_a_quoting_hint(files, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("sample.py", f"ckpt={files['weights']}", f"out={tmp_path}/gr\u00fcn")
+    assert code == 2 and f"""fix: quote the value inside the argument: 'out="{tmp_path}/gr\u00fcn"'""" in err, err
+
