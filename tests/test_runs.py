@@ -237,6 +237,25 @@ def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
         f"continue with: python train.py trainer.max_steps=8 ckpt_path=last hydra.run.dir={run_dir}" in log
 
 
+class SignalTwiceAt(SignalAt):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_status_130_and_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "twice"
+    kill = [f"+callbacks.kill._target_={__name__}.SignalTwiceAt", "+callbacks.kill.step=2",
+            f"+callbacks.kill.signum={int(signal.SIGINT)}"]
+    with pytest.raises(SystemExit) as stop:
+        train(cfg_for(run_dir, "trainer.max_steps=8", *kill))
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "SIGINT again: stopped at once, without saving this step; ckpt_path=last continues" in err
+    assert "Traceback" not in err and not (run_dir / ".genflow.lock").exists()   # the folder's lock released
+
+
 def test_the_continue_command_repeats_the_runs_own_overrides():
     from genflow.training.runs import continue_command
 
