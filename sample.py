@@ -3,7 +3,8 @@
     python sample.py -m ckpt=PATH guidance=1,1.5,2 out=DIR      # one sub-folder of DIR per guidance
 
 Writes one PNG per seed (images), grid.png and samples.npz, and ends with one JSON line. Image i depends
-only on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled.
+only on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled, and
+its stored config may name only genflow's registry of classes (genflow.registry).
 """
 import hydra
 from omegaconf import DictConfig

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from genflow import registry
 from genflow.errors import CheckpointError, ConfigError, GenflowError, checkpoint_error, config_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -121,6 +122,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", *, return
 
     overrides = list(overrides)
     check_choices(overrides)
+    registry.trust_command_line(overrides)  # what the user's command line names is the user's choice
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -177,6 +179,16 @@ def Float(lo=None, **kw):
 Str, Bool = (lambda **kw: Spec(str, **kw)), (lambda **kw: Spec(bool, **kw))
 PRECISION = Str(choices=("fp32", "bf16"))
 
+# a user's settings of a sampler (Method.check_solver refuses those its solver does not take): EDM's churn
+SAMPLER_SCHEMA = {"S_churn": Float(0, null=True, example=40), "S_tmin": Float(0, null=True, example=0.05),
+                  "S_tmax": Float(0, null=True, example=50), "S_noise": Float(0, null=True, example=1.003)}
+
+
+def sampler_options(node) -> dict:
+    """The sampler settings (SAMPLER_SCHEMA keys) a config section sets (non-null), as plain floats."""
+    return {k: float(node[k]) for k in SAMPLER_SCHEMA if node is not None and node.get(k) is not None}
+
+
 # FID options, spelled once: the `fid` section of train.yaml (final FID), callbacks/fid.yaml, evaluate and
 # the leaderboard suites all use these keys (genflow.metrics.evaluate_fid's keyword names)
 FID_SCHEMA = {
@@ -185,6 +197,8 @@ FID_SCHEMA = {
     "extractor": Str(null=True), "mode": Str(choices=("clean", "legacy_tensorflow")),
     "inception_path": Str(null=True), "download": Bool(), "ref": Str(), "cache_dir": Str(null=True),
     "kid": Bool(), "time_limit": Float(0, null=True), "progress": Bool(null=True), "precision": PRECISION,
+    "pr": Bool(), "pr_num": Int(4), "dinov2_path": Str(null=True),
+    **SAMPLER_SCHEMA,
 }
 
 TRAIN_SCHEMA = {
@@ -204,7 +218,8 @@ def fid_options(fid, sample=None, **given) -> dict:
     """``genflow.metrics.evaluate_fid`` keywords from an `fid` section (FID_SCHEMA); steps, solver and guidance
     default to the `sample` section's. ``given`` (e.g. device) is passed on."""
     options = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(fid)), resolve=True).items()
-               if k in FID_SCHEMA}
+               if k in FID_SCHEMA and k not in SAMPLER_SCHEMA}
+    options["solver_options"] = sampler_options(fid)
     sample = sample or {}
     for key, default in (("steps", 18), ("solver", "heun"), ("guidance", None)):
         if options.get(key) is None:
@@ -484,7 +499,7 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         method.check_solver(sample.solver, "sample.solver")
     fid = cfg.get("fid") or {}
     if method is not None and fid.get("num") and fid.get("solver"):
-        method.check_solver(fid.solver, "fid.solver")
+        method.check_solver(fid.solver, "fid.solver", sampler_options(fid))
     if sample.get("guidance") is not None and cfg.get("data") is not None and not data_conditions(cfg.data):
         raise config_error(f"sample.guidance={sample.guidance} for an unconditional model",
                            "classifier-free guidance mixes conditional and unconditional predictions; the data "
@@ -529,7 +544,7 @@ def check_files(cfg: DictConfig) -> None:
 # --- what a resume keeps -----------------------------------------------------------------------------
 # recorded settings a resume must keep, and data keys that may change between machines or sessions
 RECORDED = ("model", "net", "data")
-MACHINE_KEYS = {"num_workers", "root", "download", "cache_dir", "pin_memory", "persistent_workers"}
+MACHINE_KEYS = {"num_workers", "root", "path", "download", "cache_dir", "pin_memory", "persistent_workers"}
 # top-level override keys and the recorded section they change
 OVERRIDE_SECTIONS = {"model": "model", "D": "model", "path": "model", "stage": "net", "allow_heavy_tails": "model",
                      "net": "net", "data": "data", "experiment": "model net data"}
@@ -673,15 +688,16 @@ def build_method(cfg: DictConfig):
     return instantiate(cfg.model)
 
 
-def build(cfg: DictConfig, *, prepare: bool = True):
+def build(cfg: DictConfig, *, prepare: bool = True, datamodule=None):
     """(GenerativeModule, GenerativeDataModule) for a composed config.
 
     ``prepare=False`` skips data-dependent estimation in the method (spectra, separation functions):
-    a checkpoint restores those buffers.
+    a checkpoint restores those buffers. ``datamodule``: one already at hand (a checkpoint's ``RecordedData``).
     """
+    from genflow.data.record import data_record
     from genflow.training import GenerativeModule
 
-    dm = build_data(cfg)
+    dm = build_data(cfg) if datamodule is None else datamodule
     net = build_net(cfg, dm)
     method = build_method(cfg)
     if prepare:
@@ -690,7 +706,8 @@ def build(cfg: DictConfig, *, prepare: bool = True):
     # checkpoints written before the optimizer became a _partial_ target hold {name, lr, ...}: Adam(lr)
     optimizer = instantiate(optim) if "_target_" in optim else None
     module = GenerativeModule(net, method, config=to_container(cfg), optimizer=optimizer,
-                              lr=cfg.optim.get("lr", 1e-3), warmup_steps=cfg.optim.get("warmup_steps", 0))
+                              lr=cfg.optim.get("lr", 1e-3), warmup_steps=cfg.optim.get("warmup_steps", 0),
+                              data_record=data_record(dm))
     if cfg.get("init_from"):
         load_weights(module, cfg.init_from, strict=False)
     return module, dm
@@ -723,6 +740,7 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt") -> dict:
         raise checkpoint_error(f"{key}={path} is not a genflow checkpoint",
                                "it has no state_dict and no stored training config",
                                "use a checkpoint written by genflow's train.py")
+    registry.check_stored(ckpt["hyper_parameters"]["config"], f"{key}={path}")  # before anything reads it
     _CHECKPOINTS.clear()
     _CHECKPOINTS[stamp] = ckpt
     return ckpt
@@ -798,10 +816,16 @@ def load_weights(module, checkpoint: str | Path | dict, *, strict: bool = True, 
 
 
 def module_from_checkpoint(path: str | Path, overrides: Sequence[str] = (), device="cpu"):
-    """(GenerativeModule with EMA weights, datamodule, config) from a checkpoint, without unpickling code."""
+    """(GenerativeModule with EMA weights, datamodule, config) from a checkpoint, without unpickling code.
+    The datamodule is the checkpoint's record of its data (``genflow.data.record``), which builds the data only
+    when a job reads it; a checkpoint written before records has its datamodule built as before."""
+    from genflow.data.record import RecordedData, read_record
+
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, overrides)
     cfg.init_from = None
-    module, dm = build(cfg, prepare=False)
+    record = read_record(ckpt, path)
+    recorded = None if record is None else RecordedData(record, target_class(cfg.data), lambda: build_data(cfg))
+    module, dm = build(cfg, prepare=False, datamodule=recorded)
     load_weights(module, ckpt, path=path)
     return module.to(device).eval(), dm, cfg

@@ -2,21 +2,29 @@
 
     python -m genflow.convert SRC.pkl OUT.ckpt [D=2048] [data=cifar10] [data.root=...]
 
-EDM (Karras et al. 2022) and PFGM++ (Xu et al. 2023) publish ``network-snapshot-*.pkl`` files: a dict
-whose ``ema`` entry is the trained network. Their classes are "persistent": each object is pickled as a
-call of ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` where ``meta`` holds the class's
-module source, its name and the instance state (for an ``nn.Module``: ``_parameters``, ``_buffers``,
-``_modules`` and the recorded constructor arguments ``_init_kwargs``). Tensors are pickled as
-``torch._utils._rebuild_tensor_v2`` over storages serialised by ``torch.storage._load_from_bytes``.
+EDM (Karras et al. 2022) publishes ``edm-*.pkl`` files and its training loop writes
+``network-snapshot-*.pkl``: ``pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))``
+whose ``ema`` entry is the trained network. PFGM++ (Xu et al. 2023) saves
+``torch.save(dict(optimizer_state=..., step=..., ema=..., net=...))`` as ``training-state-*.pt``. Their
+classes are "persistent": each object is pickled as a call of
+``torch_utils.persistence._reconstruct_persistent_obj(meta)`` where ``meta`` holds the class's module
+source, its name and the instance state (for an ``nn.Module``: ``_parameters``, ``_buffers``, ``_modules``
+and the recorded constructor arguments ``_init_kwargs``). Tensors are pickled as
+``torch._utils._rebuild_tensor_v2`` over storages (serialised by ``torch.storage._load_from_bytes`` in a
+pickle, stored as files next to the pickle in a ``torch.save`` archive).
 
 Loading such a file with ``pickle`` executes the stored module source. Here ``SafeUnpickler`` resolves only
 a fixed list of globals, each of which only builds data:
 
 - the persistence entry point -> ``Record`` (class name + state; the module source is never read);
 - torch's container modules (``ModuleDict`` ...) -> ``Record`` too (their state is data);
-- storages -> ``torch.load(..., weights_only=True)`` of the stored bytes; tensors and parameters ->
-  ``torch._utils._rebuild_tensor`` over such a storage; ``OrderedDict``, ``dnnlib.util.EasyDict`` (a dict),
-  torch dtypes, ``torch.Size`` and ``torch.device``.
+- storages -> ``torch.load(..., weights_only=True)`` of the stored bytes, or an archive's storage bytes;
+  tensors and parameters -> ``torch._utils._rebuild_tensor`` over such a storage;
+- numpy scalars (``numpy._core.multiarray.scalar`` under numpy 2.x, ``numpy.core.multiarray.scalar`` under
+  1.x; EDM keeps e.g. ``skip_scale = np.sqrt(0.5)``) -> the Python number read from their bytes with
+  ``np.frombuffer``, for bool/integer/float/complex dtypes only (``numpy.dtype`` is checked before numpy
+  sees it: object, string, structured and datetime dtypes are refused);
+- ``OrderedDict``, ``set``, ``dnnlib.util.EasyDict`` (a dict), torch dtypes, ``torch.Size``, ``torch.device``.
 
 Anything else (``os.system``, ``builtins.exec``, ...) is refused with a ``CheckpointError`` before it can be
 called. The records are then mapped onto genflow's networks (``SongUNet`` -> ``UNet``, ``DhariwalUNet`` ->
@@ -38,9 +46,11 @@ import os
 import pickle
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -145,6 +155,62 @@ class _EasyDict(dict):
     """dnnlib.util.EasyDict (a dict with attribute access) read as a plain dict."""
 
 
+#: numpy dtypes a pickled scalar may have: bool, signed/unsigned integers, floats, complex numbers
+_NUMERIC_KINDS = "biufc"
+
+
+class _NumpyDtype:
+    """A pickled ``numpy.dtype``, checked to be numeric or bool before numpy sees it.
+
+    numpy pickles a dtype as ``numpy.dtype(typestr, False, True)`` followed by a BUILD with its state
+    (version, byte order, subarray, names, fields, ...). Only a plain numeric type string is accepted; the
+    state may set nothing but the byte order, so object, string, structured and datetime dtypes are refused."""
+
+    def __init__(self, typestr, align=False, copy=True):
+        if not (isinstance(typestr, str) and len(typestr) >= 2 and typestr[0] in _NUMERIC_KINDS
+                and typestr[1:].isdigit()):
+            raise _numpy_refused(f"numpy.dtype({typestr!r})")
+        self.dtype = np.dtype(typestr)
+        if self.dtype.kind not in _NUMERIC_KINDS:
+            raise _numpy_refused(f"numpy.dtype({typestr!r})")
+
+    def __setstate__(self, state) -> None:
+        if not (isinstance(state, tuple) and len(state) >= 8 and state[1] in ("<", ">", "|", "=")
+                and all(part is None for part in state[2:5])):
+            raise _numpy_refused(f"a numpy dtype with the state {str(state)[:80]}")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+    def __repr__(self) -> str:
+        return f"_NumpyDtype({self.dtype})"
+
+
+def _numpy_scalar(dtype, data=None):
+    """numpy's scalar reconstructor: a numeric scalar read from its bytes (``np.frombuffer``), returned as the
+    Python number it holds (EDM keeps e.g. ``skip_scale = np.sqrt(0.5)`` in a module's state)."""
+    if not isinstance(dtype, _NumpyDtype):
+        raise _numpy_refused(f"a numpy scalar of {type(dtype).__name__}")
+    if not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+        raise _numpy_refused(f"a {dtype.dtype} scalar whose data is not {dtype.dtype.itemsize} bytes")
+    return np.frombuffer(data, dtype=dtype.dtype)[0].item()
+
+
+def _latin1_bytes(text, encoding="utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError("the pickle asks for _codecs.encode on something other than text in latin1, which "
+                              "genflow refuses to load\n  why: pickle protocol 2 writes bytes only as "
+                              "encode(str, 'latin1')\n  fix: convert an EDM or PFGM++ network snapshot")
+    return text.encode("latin1")
+
+
+def _numpy_refused(what: str) -> CheckpointError:
+    return CheckpointError(
+        f"the pickle asks for {what}, which genflow refuses to load\n"
+        "  why: genflow reads numpy values in network pickles only as numbers (bool, integer, float, complex "
+        "scalars rebuilt from their bytes); other numpy types can hold arbitrary Python objects\n"
+        "  fix: convert an EDM or PFGM++ network snapshot; if this is one, please report the type above")
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
     ("torch.storage", "_load_from_bytes"): _storage,
@@ -155,27 +221,105 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Size"): torch.Size,  # plain values, in case a module's state holds them
     ("torch", "device"): torch.device,
     ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("builtins", "set"): set,  # pickle protocol 2 (torch.save's) writes a set as a call of set(list)
+    ("__builtin__", "set"): set,
+    ("_codecs", "encode"): _latin1_bytes,  # and bytes (a numpy scalar's) as a call of _codecs.encode(str, 'latin1')
+    ("numpy", "dtype"): _NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # the module's name under numpy 1.x
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # and under numpy 2.x
 }
 
 
 class SafeUnpickler(pickle.Unpickler):
     """Resolves only the globals in ``_ALLOWED`` (all data builders), torch dtypes and torch.nn module
-    classes (as ``Record``s); any other global is refused before anything can call it."""
+    classes (as ``Record``s); any other global is refused before anything can call it.
+
+    ``storages``: for a ``torch.save`` archive, its tensor storages' bytes by key (``.get(key)``; the archive's
+    pickle refers to them by persistent id); None for a plain pickle, where a persistent id is refused."""
+
+    def __init__(self, file, storages=None):
+        super().__init__(file)
+        self._storages = storages
+        self._loaded: dict[str, Any] = {}
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
         if module.startswith("torch.nn.modules.") and name.isidentifier():
             return _module_record(name)
         raise CheckpointError(
             f"the pickle asks for {module}.{name}, which genflow refuses to load\n"
             "  why: unpickling can call any Python function it names; genflow reads EDM/PFGM++ network pickles "
-            "as data and allows only the tensor-rebuilding functions and EDM's persistent-class records "
-            "(whose stored source code is never run)\n"
+            "as data and allows only the tensor-rebuilding functions, numeric numpy scalars and EDM's "
+            "persistent-class records (whose stored source code is never run)\n"
             "  fix: convert an EDM or PFGM++ network-snapshot pickle; if this is one, it holds an object "
             "genflow does not know: please report the name above")
+
+    def persistent_load(self, pid):
+        # torch.save's archives name each storage as ('storage', storage type, key, location, numel)
+        if self._storages is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                                          and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+            raise CheckpointError(f"the pickle refers to an outside object {str(pid)[:80]}\n"
+                                  "  fix: convert an EDM network-snapshot-*.pkl or a PFGM++ training-state-*.pt")
+        kind, key = pid[1], pid[2]
+        if key not in self._loaded:
+            data = self._storages.get(key)
+            if data is None:
+                raise CheckpointError(f"the archive lacks the tensor storage {key!r}\n"
+                                      "  fix: pass a complete download of the checkpoint")
+            untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+            self._loaded[key] = torch.TypedStorage(wrap_storage=untyped, dtype=kind.dtype, _internal=True)
+        return self._loaded[key]
+
+
+#: torch's legacy storage classes, which torch.save's archives name as the type of each storage
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _StorageType:
+    """A storage class named in a torch.save archive, kept as its dtype."""
+
+    def __init__(self, name: str):
+        self.dtype = _STORAGE_DTYPES[name]
+
+
+def _load(path: Path):
+    """Unpickle an EDM pickle, or the pickle inside a ``torch.save`` archive (PFGM++'s training-state-*.pt)."""
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            return SafeUnpickler(f).load()
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path} is a zip archive but not one written by torch.save\n"
+                                  "  fix: pass an EDM network-snapshot-*.pkl or a PFGM++ training-state-*.pt")
+        root = pickles[0].split("/")[0]
+        if f"{root}/byteorder" in names and archive.read(f"{root}/byteorder").strip() != b"little":
+            raise CheckpointError(f"{path} was saved on a big-endian machine, which genflow does not read\n"
+                                  "  fix: re-save it with torch.save on a little-endian machine")
+        prefix = f"{root}/data/"
+        # each storage is read when the pickle first refers to it (a training state also holds the optimizer's)
+        storages = _ArchiveStorages(archive, {n[len(prefix):]: n for n in names if n.startswith(prefix)})
+        with archive.open(pickles[0]) as f:
+            return SafeUnpickler(io.BytesIO(f.read()), storages).load()
+
+
+class _ArchiveStorages:
+    """key -> bytes of a torch.save archive's storage files, read on request."""
+
+    def __init__(self, archive: zipfile.ZipFile, files: dict[str, str]):
+        self.archive, self.files = archive, files
+
+    def get(self, key: str) -> bytes | None:
+        return self.archive.read(self.files[key]) if key in self.files else None
 
 
 def read_pickle(path: str | os.PathLike) -> dict:
@@ -185,10 +329,10 @@ def read_pickle(path: str | os.PathLike) -> dict:
         raise config_error(f"{path} does not exist", "convert reads an EDM/PFGM++ network pickle",
                            "pass the path of a network-snapshot-*.pkl (e.g. edm-cifar10-32x32-uncond-vp.pkl)")
     try:
-        with path.open("rb") as f, warnings.catch_warnings():
+        with warnings.catch_warnings():
             # storages saved by torch's legacy format come back as TypedStorage, whose use torch flags
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            data = SafeUnpickler(f).load()
+            data = _load(path)
     except CheckpointError:
         raise
     except Exception as err:  # truncated, not a pickle, ...
@@ -478,7 +622,8 @@ def _data_overrides(facts: dict) -> tuple[list[str], str | None]:
 
 def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source: str = "") -> dict:
     """A genflow checkpoint dict (state_dict + stored config) from ``read_pickle``'s records."""
-    from genflow.config import compose, instantiate, to_container
+    from genflow.config import compose, instantiate, target_class, to_container
+    from genflow.data.record import checkpoint_hparams, data_record
 
     precond = data["ema"]
     backbone = precond.child("model") if "model" in precond.children else None
@@ -486,9 +631,9 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
         found = backbone.class_name if backbone is not None else "none"
         raise CheckpointError(f"the pickle's {precond.class_name} wraps a {found} backbone, which genflow has no "
                               f"network for\n  fix: convert a network with one of {sorted(BACKBONES)}")
+    method_ov, method_facts = _method(precond, data, D)  # an unsupported preconditioning says so first
     net_from, state_from = BACKBONES[backbone.class_name]
     net_cfg, facts = net_from(backbone)
-    method_ov, method_facts = _method(precond, data, D)
     pre = precond.kwargs
     for key, fact in (("img_resolution", "resolution"), ("img_channels", "channels"), ("label_dim", "label_dim")):
         if key in pre and int(pre[key]) != facts[fact]:
@@ -505,8 +650,12 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
         # resolved when the checkpoint is loaded, so the images' folder comes from that machine's environment
         config["data"]["root"] = "${oc.env:" + env + ",null}"
 
-    net = instantiate(net_cfg, data_shape=(facts["channels"], facts["resolution"], facts["resolution"]),
-                      num_classes=facts["label_dim"])
+    # genflow's network is built on the meta device: only its names, shapes and dtypes, so hyperparameters
+    # that disagree with the stored weights (a recorded model_channels=200000 over small tensors) fail here
+    # without allocating the network they describe
+    with torch.device("meta"):
+        net = instantiate(net_cfg, data_shape=(facts["channels"], facts["resolution"], facts["resolution"]),
+                          num_classes=facts["label_dim"])
     state = state_from(backbone, net)
     _check_filters(backbone, net)
     expected = net.state_dict()
@@ -523,8 +672,9 @@ def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source
     provenance = {"source": source, "backbone": backbone.class_name, "precond": precond.class_name,
                   "use_fp16": bool(pre.get("use_fp16", False)), "converter_version": CONVERTER_VERSION,
                   **method_facts}
-    return {"state_dict": state_dict, "hyper_parameters": {"config": config}, "converted_from": provenance,
-            "epoch": 0, "global_step": 0, "pytorch-lightning_version": _lightning_version()}
+    record = data_record(target_class(cfg.data), net.data_shape, facts["label_dim"], facts["label_dim"] > 0)
+    return {"state_dict": state_dict, "hyper_parameters": checkpoint_hparams(config, record),
+            "converted_from": provenance, "epoch": 0, "global_step": 0, "pytorch-lightning_version": _lightning_version()}
 
 
 def _check_filters(backbone: Record, net) -> None:
@@ -632,8 +782,10 @@ def main(argv: Sequence[str]) -> dict:
     out = convert(positional[0], positional[1], D=D, overrides=rest, overwrite=overwrite)
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
-    result = {"checkpoint": str(out), "net": config["net"].get("preset") or config["net"]["_target_"],
-              "model": config["model"]["_target_"].rsplit(".", 1)[-1], "data": config["data"]["_target_"].rsplit(".", 1)[-1],
+    from genflow.results.records import absolute, config_names
+
+    names = config_names(config)  # the names every JSON line uses (docs/RECORDS.md)
+    result = {"checkpoint": absolute(out), "net": names["net"], "model": names["model"], "data": names["data"],
               "D": ckpt["converted_from"].get("D"),
               "parameters": sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("net."))}
     print(json.dumps(result), flush=True)

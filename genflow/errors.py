@@ -36,6 +36,12 @@ class TrainingDiverged(GenflowError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class RegressionFound(GenflowError):
+    """The leaderboard's gate: an entry's FID got worse than its last record allows (exit status 3)."""
+
+    exit_code = 3
+
+
 def config_error(what: str, why: str, fix: str) -> ConfigError:
     return ConfigError(f"{what}\n  why: {why}\n  fix: {fix}")
 
@@ -59,9 +65,10 @@ def strip_debug_flag() -> None:
 
 
 def report(err: GenflowError) -> None:
-    """Print the error as ``error: what / why / fix`` and exit 2 (SystemExit passes through Hydra)."""
+    """Print the error as ``error: what / why / fix`` and exit 2 (SystemExit passes through Hydra); an
+    error class may name its own status (``exit_code``)."""
     print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(getattr(err, "exit_code", EXIT_BAD_INPUT))
 
 
 def exit_on_error(main, *args, **kwargs):

@@ -2,6 +2,7 @@
 A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
 
     python -m genflow.evaluate ckpt=PATH [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] [fid.solver=heun]
+        [fid.S_churn=40 fid.S_tmin=0.05 fid.S_tmax=50 fid.S_noise=1.003] (with fid.solver=stochastic)
         [fid.mode=legacy_tensorflow] [fid.ref=train|val|STATS.npz|cleanfid:NAME] [fid.inception_path=FILE]
         [fid.kid=true] [fid.batch_size=256] [fid.time_limit=SECONDS] [fid.download=false] [precision=fp32|bf16]
         [nll=true] [sigma0=0.01] [nll_num=N] [nll_batch=256] [nll_solver=dopri5|rk4] [nll_steps=N] [nll_bits=8|none]
@@ -9,7 +10,9 @@ A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
 
 FID: image i from seed i (seeds 0..N-1; set k uses kN..(k+1)N-1), the minimum over ``fid.seed_sets``
 sets is reported (EDM's "best of three"), against statistics of the full training split (computed
-once and cached) or a given EDM / clean-fid statistics file. Under ``torchrun`` the seeds are sharded
+once and cached) or a given EDM / clean-fid statistics file: with a file, nothing but the checkpoint is
+read (its record of the data gives shape, classes and features; the data set is read only for
+``fid.ref=train|val`` and ``nll=true``). Under ``torchrun`` the seeds are sharded
 over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
 on the held-out split. ``data.*`` arguments override the checkpoint's stored data config (e.g. ``data.root``
 on a machine where the data lives elsewhere). Everything is checked before the model is loaded. Ends with
@@ -27,9 +30,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, check_device,
-                            build_method, check_output_dir, check_schema, check_target, config_from_checkpoint,
-                            read_checkpoint, run_app)
+from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, build_data, build_method,
+                            check_device, check_output_dir, check_schema, check_target, config_from_checkpoint,
+                            read_checkpoint, run_app, sampler_options)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 from genflow.outputs import check_record
@@ -76,9 +79,11 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg.device)
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
+    if (fid_num(cfg) and str(cfg.fid.ref) in ("train", "val")) or cfg.nll:
+        build_data(stored)  # this job reads the data set: its root is checked now (the record suffices otherwise)
     if fid_num(cfg):
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
-        build_method(stored).check_solver(solver, "fid.solver")
+        build_method(stored).check_solver(solver, "fid.solver", sampler_options(cfg.fid))
 
 
 def _init_distributed(device_arg):
@@ -114,7 +119,8 @@ def run_fid(module, dm, cfg, fid, device, progress: bool) -> dict:
               f"{options['steps']} {options['solver']} steps (NFE {nfe or 'adaptive'}), "
               f"batch {options['batch_size']}, {options['precision']}, on {device}", file=sys.stderr, flush=True)
     out = evaluate_fid(module, dm, **options)
-    out.update(steps=options["steps"], solver=options["solver"], nfe=nfe if nfe is not None else out["fid_nfe"])
+    out.update(steps=options["steps"], solver=options["solver"], **options["solver_options"],
+               nfe=nfe if nfe is not None else out["fid_nfe"])
     return out
 
 
@@ -159,6 +165,7 @@ def fid_num(cfg: DictConfig) -> int:
 def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
     from genflow.config import compose, module_from_checkpoint
+    from genflow.results.records import absolute, config_names
 
     if not isinstance(cfg, DictConfig):
         cfg = compose(list(cfg), "evaluate", validator=False)
@@ -172,8 +179,9 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     start = time.perf_counter()
     module, dm, stored = module_from_checkpoint(cfg.ckpt, overrides=data_overrides(cfg), device=device)
     dm.setup()
-    result = {"ckpt": str(cfg.ckpt), "model": str(stored.model.get("_target_", "?")).rsplit(".", 1)[-1],
-              "data": getattr(dm, "name", "?"), "precision": cfg.precision}
+    names = config_names(stored)  # the names the training run's own line uses (genflow.results.records)
+    result = {"ckpt": absolute(cfg.ckpt), "model": names.get("model", "?"), "net": names.get("net", "?"),
+              "data": names.get("data", "?"), "precision": cfg.precision}
     result.update({k: v for k, v in module.method.describe().items() if k != "method"})
     if want_fid:
         # build the extractor first: a missing weight file fails before any sampling

@@ -237,7 +237,7 @@ def log_likelihood(method, net, x: Tensor, sigma0: float | None = None, *, cond=
 def metric_name(sigma0: float | None, quantized: bool) -> str:
     """The name a likelihood metric is reported under: the perturbation level is part of the name."""
     if sigma0 is not None:
-        return f"bpd_sigma0={sigma0:g}"
+        return "bpd_perturbed"  # the level is its own key, sigma0, beside it (plain keys: docs/RECORDS.md)
     return "bpd" if quantized else "bpd_clean"
 
 
@@ -289,8 +289,8 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
     - sigma0=None, bits set: 8-bit images (``levels`` overrides 2^bits, e.g. 17 for the 8x8 digits), uniform dequantization with K = ``importance_samples`` draws
       (importance-weighted bound), keys ``bpd`` (with the data-scaling offset) and ``nll`` (nats/image of
       the dequantized integer data).
-    - sigma0 > 0: x + sigma0 eps with eps drawn once from ``seed``; keys ``bpd_sigma0=<s>`` (bits/dim of the
-      density in data units, no dequantization offset) and ``nll_sigma0=<s>`` (nats per sample). Hutchinson
+    - sigma0 > 0: x + sigma0 eps with eps drawn once from ``seed``; keys ``bpd_perturbed`` (bits/dim of the
+      density in data units, no dequantization offset), ``nll_perturbed`` (nats per sample) and ``sigma0``. Hutchinson
       estimates are averaged over K passes.
     - sigma0=None, bits=None: continuous data, clean likelihood: ``bpd_clean``, ``nll_clean``.
     Clean runs also report ``truncation_entropy_bpd`` (the eps-residual's entropy term, NOT included).
@@ -347,7 +347,7 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
     elapsed = time.perf_counter() - started
     bpd_each = -lp / (dims * math.log(2))
     if sigma0 is not None:
-        key, nll_key = metric_name(sigma0, False), f"nll_sigma0={sigma0:g}"
+        key, nll_key = metric_name(sigma0, False), "nll_perturbed"
     elif dequantize:
         key, nll_key = "bpd", "nll"
     else:
@@ -357,6 +357,8 @@ def evaluate_nll(method, net, x: Tensor, *, sigma0: float | None = None, data_ra
     out = {key: float(bpd_each.mean()), nll_key: float(-lp.mean()), "bpd_se": se,
            "nfe": nfe_total / max(solves, 1), "s_per_image": elapsed / n, "num_samples": n,
            "importance_samples": importance_samples, "dims": dims}
+    if sigma0 is not None:
+        out["sigma0"] = float(sigma0)
     if sigma0 is None:
         try:  # the eps-truncation residual is not included in bpd; say how large its entropy part is
             entropy = truncation_entropy_bpd(method)

@@ -39,7 +39,8 @@ def sample_settings(cfg, ckpt_path) -> dict:
     """What decides the images of a seed: the checkpoint (path, size, modification time) and the sampler."""
     p = Path(str(ckpt_path)).expanduser().resolve()
     stat = p.stat() if p.is_file() else None
-    keys = ("steps", "solver", "guidance", "class", "reference", "precision")
+    keys = ("steps", "solver", "guidance", "class", "reference", "precision", "sigma_min", "sigma_max", "rho",
+            "S_churn", "S_tmin", "S_tmax", "S_noise")
     return {"ckpt": str(p), "ckpt_bytes": stat and stat.st_size, "ckpt_mtime_ns": stat and stat.st_mtime_ns,
             **{k: (None if cfg.get(k) is None else str(cfg.get(k))) for k in keys}}
 

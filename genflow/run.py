@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -171,6 +172,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
 def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0) -> dict:
     """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
     so the reported rate counts only the steps trained here, over this process's wall time."""
+    from genflow.results.records import absolute
     from genflow.training import SampleGrid
     from genflow.training.runs import describe
 
@@ -191,10 +193,11 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
     batch = dm.batch_size * trainer.world_size
     timed = module.timed_steps() if hasattr(module, "timed_steps") else None
     result = {
-        "run_dir": str(run_dir),
-        "checkpoint": str(final_ckpt),
-        "last_checkpoint": str(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None,
-        "grid": str(grid),
+        # absolute paths (genflow.results.records): the line is read from other folders and machines' logs
+        "run_dir": absolute(run_dir),
+        "checkpoint": absolute(final_ckpt),
+        "last_checkpoint": absolute(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None,
+        "grid": absolute(grid),
         **describe(cfg, module.method),
         "steps": steps,
         "steps_this_session": steps - steps_before,
@@ -240,7 +243,7 @@ def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     path = atomic_write(run_dir / "ema.safetensors", lambda tmp: save_file(state, str(tmp)))
     OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
-    return {"ema_safetensors": str(path)}
+    return {"ema_safetensors": os.path.abspath(path)}
 
 
 def final_metrics(cfg: DictConfig, module, dm) -> dict:

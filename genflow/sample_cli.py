@@ -1,8 +1,11 @@
 """The sampling app behind sample.py: a Hydra app with configs/sample.yaml (``python sample.py --help``).
 
 Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
-command line is composed, the checkpoint (readable, a genflow checkpoint), the solver against the model,
-``class=``/``guidance=``/``reference=`` against the model's data, and the output folder.
+command line is composed, the checkpoint (readable, a genflow checkpoint), the solver and its settings
+(``S_churn=`` ...) against the model, ``sigma_min=``/``sigma_max=``/``rho=`` against the model's method,
+``class=``/``guidance=``/``reference=`` against the model's data, and the output folder. Nothing but the
+checkpoint is read (its record of the data) unless the job needs the data (multi-view conditions).
+Seeds, labels and sampler noise follow EDM's generate.py, so a converted EDM network gives its images.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (PRECISION, Bool, Float, Int, Spec, Str, check_device, check_output_dir, check_schema,
-                            build_method, config_from_checkpoint, data_conditions, read_checkpoint)
+from genflow.config import (PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device, check_output_dir,
+                            check_schema, check_target, build_method, config_from_checkpoint, data_conditions,
+                            read_checkpoint, sampler_options)
 from genflow.errors import config_error
 from genflow.outputs import check_sample_folder, sample_settings, write_sample_manifest
 
@@ -23,7 +27,17 @@ SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
     "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
     "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
+    **SAMPLER_SCHEMA, **{key: Float(0, lo_open=True, null=True, example=example) for key, example in
+                         (("sigma_min", 0.002), ("sigma_max", 80), ("rho", 7))},
 }
+#: the time grid of EDM / PFGM++ (Karras et al. Eq. 5), set for sampling as generate.py's --sigma_min, --sigma_max,
+#: --rho: settings of the checkpoint's method, replaced for this run (refused by a method without them)
+GRID_KEYS = ("sigma_min", "sigma_max", "rho")
+
+
+def grid_overrides(cfg: DictConfig) -> list[str]:
+    """``model.<key>=value`` overrides of the stored method for the grid settings given on the command line."""
+    return [f"model.{key}={float(cfg[key])}" for key in GRID_KEYS if cfg.get(key) is not None]
 
 
 def seeds_of(cfg: DictConfig) -> list[int]:
@@ -66,8 +80,11 @@ def validate(cfg: DictConfig) -> None:
     check_output_dir(cfg.out, "out")
     ckpt = read_checkpoint(cfg.ckpt)
     check_sample_folder(Path(str(cfg.out)).expanduser(), sample_settings(cfg, cfg.ckpt))
-    stored = config_from_checkpoint(ckpt)
-    build_method(stored).check_solver(cfg.solver)  # each method lists the samplers it offers
+    stored = config_from_checkpoint(ckpt, grid_overrides(cfg))
+    if grid_overrides(cfg):  # a method without a sigma grid says so (an unknown key), before anything is built
+        check_target(stored.model, "model")
+    # each method lists the samplers it offers, and each sampler the settings it takes
+    build_method(stored).check_solver(cfg.solver, options=sampler_options(cfg))
     if cfg.guidance is not None and not data_conditions(stored.data):
         raise config_error(f"guidance={cfg.guidance} for an unconditional model", "classifier-free guidance mixes "
                            "conditional and unconditional predictions; this checkpoint has no condition",
@@ -98,7 +115,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
 
     settings = sample_settings(cfg, cfg.ckpt)
     check_sample_folder(out, settings)  # again: a multirun job's own folder, or one written meanwhile
-    module, dm, stored = module_from_checkpoint(cfg.ckpt, device=device)
+    module, dm, stored = module_from_checkpoint(cfg.ckpt, grid_overrides(cfg), device=device)
     check_finite_weights(module, f"checkpoint {cfg.ckpt}")
     shape = tuple(dm.data_shape)
     if cfg.reference is not None:
@@ -107,27 +124,26 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
                                "only multi-view models are conditioned on a reference image",
                                "drop reference=, or sample a multi-view (Isotropic3D) checkpoint")
         cond = dm.reference_cond(cfg.reference, seeds, device)
-    elif cfg["class"] is not None:
-        k = int(cfg["class"])
-        if not dm.num_classes or k >= dm.num_classes:
-            raise config_error(f"class={k} is out of range", f"the model knows classes 0..{dm.num_classes - 1}",
-                               f"use class=0..{dm.num_classes - 1}")
-        labels = torch.full((len(seeds),), k, device=device)
-        cond = {"class": torch.nn.functional.one_hot(labels, dm.num_classes).float()}
     else:
         cond = sample_conditions(dm, seeds, device)
+    if cfg["class"] is not None and not 0 <= int(cfg["class"]) < dm.num_classes:
+        raise config_error(f"class={cfg['class']} is out of range", f"the model knows classes 0..{dm.num_classes - 1}",
+                           f"use class=0..{dm.num_classes - 1}")
 
-    start, counts = time.perf_counter(), {}
+    start, counts, options = time.perf_counter(), {}, sampler_options(cfg)
+    # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
     samples = generate(module.method, module.net, seeds, shape, steps=steps, solver=solver, cond=cond,
                        guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
-                       device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts)
+                       device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts,
+                       solver_options=options, num_classes=dm.num_classes, class_label=cfg["class"])
     wall = time.perf_counter() - start
     nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured
     nfe = nfe if nfe is not None else nfe_per_image(counts)
     out.mkdir(parents=True, exist_ok=True)
     write_sample_manifest(out, settings, seeds)  # first: what the images in this folder come from
     result = {"out": str(out), "num": len(seeds), "nfe": nfe, "steps": steps,
-              "solver": solver, "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
+              "solver": solver, **options, **{key: float(cfg[key]) for key in GRID_KEYS if cfg[key] is not None}, **({} if cfg["class"] is None else {"class": int(cfg["class"])}),
+              "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
               "device": str(device)}
     if samples.ndim == 4 or samples.ndim == 5:
         import torchvision

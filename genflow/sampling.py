@@ -1,6 +1,6 @@
 """Seeded generation shared by sample.py, the training callbacks and evaluation.
 
-Image i is drawn from its own generator seeded with ``seeds[i]`` (prior and any sampler noise), so it
+Image i is drawn from its own generator seeded with ``seeds[i]`` (prior, class label, sampler noise), so it
 is identical whatever the batch size or the number of processes: the protocol of EDM's
 ``generate.py --seeds=0-49999``.
 """
@@ -58,15 +58,22 @@ def check_precision(precision: str) -> str:
 
 
 def sample_conditions(datamodule, seeds: Sequence[int], device) -> dict | None:
-    """The conditioning for each seed: the datamodule's own rule if it has one, else class
-    ``seed % num_classes`` for class-conditional data, else None."""
+    """The conditioning for each seed where the datamodule has its own rule (multi-view: a held-out
+    object), else None; class labels are drawn by ``generate`` from each seed's generator."""
     if hasattr(datamodule, "sample_cond"):
         return datamodule.sample_cond(seeds, device)
-    k = getattr(datamodule, "num_classes", 0)
-    if not k:
-        return None
-    labels = torch.as_tensor(list(seeds), device=device) % k
-    return {"class": torch.nn.functional.one_hot(labels, k).float()}
+    return None
+
+
+def draw_labels(generators: Sequence[torch.Generator], num_classes: int, class_label: int | None = None,
+                device=None) -> dict:
+    """One class per image drawn from its own generator (EDM's generate.py: right after the latents), as
+    {"class": one-hot (B, num_classes)}; ``class_label`` replaces every draw (``--class=K``), the draw
+    still made so that the sampler noise drawn after it is generate.py's."""
+    labels = torch.stack([torch.randint(num_classes, size=(), generator=g, device=device) for g in generators])
+    if class_label is not None:
+        labels = torch.full_like(labels, int(class_label))
+    return {"class": torch.nn.functional.one_hot(labels, num_classes).float()}
 
 
 def _select(cond: dict | None, lo: int, hi: int) -> dict | None:
@@ -77,7 +84,8 @@ def _select(cond: dict | None, lo: int, hi: int) -> dict | None:
 def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
              solver: str = "heun", cond: dict | None = None, guidance: float | None = None,
              batch_size: int = 256, device=None, progress: bool = False, precision: str = "fp32",
-             solver_options: dict | None = None, counts: dict | None = None) -> Tensor:
+             solver_options: dict | None = None, counts: dict | None = None, num_classes: int = 0,
+             class_label: int | None = None) -> Tensor:
     """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``.
 
     ``precision`` is the network's arithmetic: ``fp32`` (EDM's protocol, the default wherever numbers are
@@ -85,10 +93,13 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
     or ``bf16`` (autocast; an explicit, faster choice). The sampler state stays float64.
     ``solver`` is any sampler ``method.solvers()`` offers; ``solver_options`` override the method's own
     (e.g. EDM's churn: {"S_churn": 40, ...}). Each image's generator also drives its sampler noise.
+    ``num_classes``: a class-conditional network's classes; where ``cond`` gives no "class", each image's
+    class is drawn from its generator right after its prior sample (``draw_labels``: generate.py's order of
+    latents, label, sampler noise), or is ``class_label`` for every image.
     ``counts``, if given, accumulates ``images`` and ``evaluations`` (network evaluations the solves ran,
     ``Solution.nfe`` per image: a batch of an adaptive solver steps until its slowest image is done).
     """
-    method.check_solver(solver)
+    method.check_solver(solver, options=solver_options)
     device = torch.device(device or "cpu")
     seeds = list(seeds)
     use_autocast = check_precision(precision) == "bf16"
@@ -102,8 +113,11 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
         batch = seeds[lo:lo + batch_size]
         gens = [torch.Generator(device).manual_seed(int(s)) for s in batch]
         noise = method.prior_sample((len(batch), *shape), generator=gens, device=device)
+        batch_cond = _select(cond, lo, lo + len(batch))
+        if num_classes and not (batch_cond and "class" in batch_cond):
+            batch_cond = {**(batch_cond or {}), **draw_labels(gens, num_classes, class_label, device)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), full_fp32(not use_autocast):
-            solution = method.solve(net, noise, steps=steps, solver=solver, cond=_select(cond, lo, lo + len(batch)),
+            solution = method.solve(net, noise, steps=steps, solver=solver, cond=batch_cond,
                                     guidance=guidance, generator=gens, **(solver_options or {}))
         out.append(solution.x.float())
         if counts is not None:

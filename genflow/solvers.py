@@ -48,20 +48,23 @@ class Solution:
 @dataclass(frozen=True)
 class Sampler:
     """A registered sampler: ``run`` draws samples, ``nfe(steps, **options)`` predicts its network
-    evaluations (None when adaptive: measured in ``Solution.nfe``)."""
+    evaluations (None when adaptive: measured in ``Solution.nfe``); ``options``: the settings a user may
+    pass it (e.g. EDM's churn), any other is refused (``Method.check_solver``)."""
 
     name: str
     run: Callable[..., Solution]
     nfe: Callable[..., int | None]
+    options: tuple[str, ...] = ()
 
 
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register(name: str, nfe: Callable[..., int | None]):
-    """Decorator: add ``run(method, net, noise, *, steps, cond, generator, callback, **options)`` as ``name``."""
+def register(name: str, nfe: Callable[..., int | None], options: tuple[str, ...] = ()):
+    """Decorator: add ``run(method, net, noise, *, steps, cond, generator, callback, **options)`` as ``name``
+    (``options``: the keyword settings a user may give it)."""
     def wrap(run):
-        SAMPLERS[name] = Sampler(name, run, nfe)
+        SAMPLERS[name] = Sampler(name, run, nfe, tuple(options))
         return run
     return wrap
 

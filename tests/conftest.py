@@ -108,3 +108,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_writer():
+    """``write(path, overrides, data_shape, num_classes=0, seed=None)``: a genflow checkpoint written as train.py
+    writes final.ckpt (Lightning's writer, GenerativeModule's hyper-parameters) of an untrained network built
+    from a data record alone (no data is read); ``seed``: the network's weights drawn at random from it."""
+    def write(path, overrides, data_shape, num_classes=0, seed=None):
+        import pytorch_lightning as pl
+
+        from genflow.config import build, compose, target_class
+        from genflow.data.record import RecordedData, data_record
+
+        cfg = compose(overrides)
+        cls = target_class(cfg.data)
+        record = data_record(cls, data_shape, num_classes, num_classes > 0)
+        module, _ = build(cfg, prepare=False, datamodule=RecordedData(record, cls, lambda: pytest.fail("data built")))
+        if seed is not None:  # untrained nets start with a zero output layer; random weights give real images
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in module.net.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
+        trainer = pl.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.strategy.connect(module)
+        trainer.save_checkpoint(path, weights_only=True)
+        return path
+
+    return write

@@ -1,21 +1,35 @@
 """genflow.convert: EDM / PFGM++ network pickles -> genflow checkpoints, safely and exactly.
 
-The tests write their own EDM-format pickles: a small test-side model of EDM's module naming (SongUNet /
-DhariwalUNet keys, UNetBlock children, 1x1-convolution attention with per-channel interleaved q/k/v rows,
-(1, 1, k, k) resampling-filter buffers), each persistent class pickled as a call of
-``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with meta = {type, version, module_src,
-class_name, state}, tensors by torch's own reducers. The weights are those of a genflow network, laid
-out the EDM way; the converted checkpoint's denoiser must reproduce that network's output.
+Two writers of EDM's snapshot format:
+
+- Always run: a test-side writer of the format from its description (never EDM's code). A snapshot is
+  ``pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))``; each of EDM's persistent
+  classes is pickled as a call of ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with
+  meta = {type, version, module_src, class_name, state}; tensors by torch's own reducers; numpy scalars
+  (``skip_scale = sqrt(0.5)``, attention ``init_weight``, ...) as ``scalar(dtype, bytes)`` under numpy 2.x's
+  module name ``numpy._core.multiarray`` or 1.x's ``numpy.core.multiarray``. The networks are tiny SongUNets
+  (DDPM++, NCSN++) and DhariwalUNets (ADM) whose weights are those of a genflow network laid out the EDM way.
+- With ``EDM_DIR`` / ``PFGMPP_DIR`` pointing at a checkout (extract) of NVlabs/edm / the PFGM++ repository:
+  ``tests/edm_reference_writer.py`` builds networks with that checkout's own classes and writes snapshots
+  the way its training loop does, in a subprocess; they are converted with ``python -m genflow.convert`` and
+  genflow's denoiser is compared with the checkout's own forward. The always-run writer's pickle stream is
+  checked against the real one (the globals it asks for, the modules and tensors it holds)::
+
+      EDM_DIR=/path/to/edm PFGMPP_DIR=/path/to/pfgmpp pytest tests/test_convert.py
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
+import pickletools
+import subprocess
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,21 +38,113 @@ from genflow.errors import CheckpointError, ConfigError
 from genflow.methods import EDM
 from genflow.nets import ADMUNet, UNet
 
+EDM_DIR = os.environ.get("EDM_DIR")
+PFGMPP_DIR = os.environ.get("PFGMPP_DIR")
+
 
 # ---------------------------------------------------------------------------------------------------
 # Test-side writer of EDM's pickle layout
-def _never_called(meta):  # stands for EDM's hook; pickle only records its name
-    raise AssertionError("the converter must never call the persistence hook")
+def _stand_in(module: str, name: str):
+    """A function pickle names ``module.name`` (EDM's and numpy's reconstructors); never called."""
+
+    def stand_in(*args):
+        raise AssertionError(f"the converter must never call {module}.{name}")
+
+    stand_in.__module__, stand_in.__qualname__, stand_in.__name__ = module, name, name
+    return stand_in
+
+
+class EasyDict(dict):
+    """dnnlib.util.EasyDict's pickled form: a dict subclass of that name."""
+
+
+EasyDict.__module__ = "dnnlib.util"
+
+#: numpy's scalar reconstructor under numpy 2.x's and 1.x's module names
+NUMPY_SCALAR = {"2.x": "numpy._core.multiarray", "1.x": "numpy.core.multiarray"}
+
+
+class EDMPickler(pickle.Pickler):
+    """pickle.Pickler writing numpy scalars as ``scalar(dtype, bytes)`` under the chosen module name."""
+
+    def __init__(self, file, scalar, protocol=None):
+        super().__init__(file, protocol)
+        self.scalar = scalar
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.generic):
+            return self.scalar, (obj.dtype, obj.tobytes())
+        return NotImplemented
+
+
+def write_pickle(path, ema, numpy_names: str = "2.x", torch_save: bool = False, **extra):
+    """EDM's snapshot: dict(ema, loss_fn, augment_pipe, dataset_kwargs) (a default for each missing entry).
+    ``torch_save``: PFGM++'s training state instead, torch.save(dict(optimizer_state, step, ema, net))."""
+    if torch_save:
+        extra = dict(optimizer_state={"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]},
+                     step=1000, net=ema, **extra)
+    else:
+        extra.setdefault("loss_fn", edm_loss())
+        extra.setdefault("augment_pipe", None)
+        extra.setdefault("dataset_kwargs", dict(class_name="training.dataset.ImageFolderDataset", path="x.zip",
+                                                use_labels=False, xflip=False, cache=True, resolution=8,
+                                                max_size=1797))
+    names = {"torch_utils": types.ModuleType("torch_utils"),
+             "torch_utils.persistence": types.ModuleType("torch_utils.persistence"),
+             "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": types.ModuleType("dnnlib.util"),
+             NUMPY_SCALAR[numpy_names]: types.ModuleType(NUMPY_SCALAR[numpy_names])}
+    names["torch_utils.persistence"]._reconstruct_persistent_obj = _stand_in("torch_utils.persistence",
+                                                                              "_reconstruct_persistent_obj")
+    names["dnnlib.util"].EasyDict = EasyDict
+    scalar = names[NUMPY_SCALAR[numpy_names]].scalar = _stand_in(NUMPY_SCALAR[numpy_names], "scalar")
+    saved = {k: sys.modules.get(k) for k in names}
+    sys.modules.update(names)  # only while pickling: pickle checks each name resolves to the object
+    try:
+        if torch_save:  # torch's archive: its own pickler (protocol 2) with storages as separate files
+            init = lambda self, f, protocol=2: EDMPickler.__init__(self, f, scalar, protocol)  # noqa: E731
+            module = types.SimpleNamespace(__name__="pickle", Pickler=type("Pickler", (EDMPickler,), {"__init__": init}))
+            torch.save(dict(ema=ema, **extra), path, pickle_module=module)
+        else:
+            with open(path, "wb") as f:
+                EDMPickler(f, scalar).dump(dict(ema=ema, **extra))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return path
+
+
+def pickle_globals(data: bytes) -> set[tuple[str, str]]:
+    """The (module, name) pairs a pickle stream asks for, read from its opcodes (nothing is unpickled).
+    STACK_GLOBAL takes the two strings pushed just before it, directly or from the memo."""
+    memo, pushed, found = {}, [], set()
+    strings = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE")
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in strings:
+            pushed.append(arg)
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            pushed.append(memo.get(arg))
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+            continue
+        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = pushed[-1] if pushed else None
+            continue
+        elif op.name == "STACK_GLOBAL":
+            found.add((pushed[-2], pushed[-1]))
+            pushed.append(None)
+        elif op.name == "GLOBAL":
+            found.add(tuple(arg.split(" ", 1)))
+            pushed.append(None)
+        else:
+            pushed.append(None)
+    return found
 
 
 @pytest.fixture
-def edm_format(monkeypatch):
-    """Makes ``torch_utils.persistence._reconstruct_persistent_obj`` picklable by name while writing."""
-    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    _never_called.__module__, _never_called.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
-    mod._reconstruct_persistent_obj = _never_called
-    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
-    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+def edm_format():
     return write_pickle
 
 
@@ -51,24 +157,40 @@ class Persistent(nn.Module):
         self.edm_class = class_name
         self._init_args, self._init_kwargs = (), dict(kwargs or {})
         for k, v in (params or {}).items():
-            self.register_parameter(k, None if v is None else nn.Parameter(v.detach().clone()))
+            self.register_parameter(k, None if v is None else nn.Parameter(v.detach().clone(), requires_grad=False))
         for k, v in (buffers or {}).items():
             self.register_buffer(k, None if v is None else v.detach().clone())
         for k, v in (children or {}).items():
             self.add_module(k, v)
         self.__dict__.update(attrs)
+        self.module_src = "raise SystemExit('stored source must never run')\n"
 
     def __reduce__(self):
-        state = {k: v for k, v in self.__dict__.items() if k != "edm_class"}
-        meta = dict(type="class", version=6, module_src="raise SystemExit('stored source must never run')\n",
-                    class_name=self.edm_class, state=state)
-        return _never_called, (meta,)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("edm_class", "module_src")}
+        meta = dict(type="class", version=6, module_src=self.module_src, class_name=self.edm_class, state=state)
+        return sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (meta,)
 
 
-def write_pickle(path, ema, **extra):
-    with open(path, "wb") as f:
-        pickle.dump(dict(ema=ema, **extra), f)
-    return path
+class PersistentObject:
+    """A persistent object that is not a module (EDM's losses, AugmentPipe): its attributes as the state."""
+
+    def __init__(self, class_name: str, kwargs: dict, **attrs):
+        self.edm_class, self.attrs = class_name, dict(attrs, _init_args=(), _init_kwargs=dict(kwargs))
+
+    def __reduce__(self):
+        meta = dict(type="class", version=6, module_src="raise SystemExit\n", class_name=self.edm_class,
+                    state=self.attrs)
+        return sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (meta,)
+
+
+def edm_loss(**kwargs):
+    values = dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    return PersistentObject("EDMLoss", kwargs, **{**values, **kwargs})
+
+
+def edm_augment_pipe():
+    kwargs = dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    return PersistentObject("AugmentPipe", kwargs, **{k: float(v) for k, v in kwargs.items()})
 
 
 def edm_conv(conv):
@@ -97,12 +219,15 @@ def edm_block(block):
         w_edm = w.reshape(3, c, c).transpose(0, 1).reshape(3 * c, c, 1, 1)  # EDM rows: 3*c + j
         b_edm = b.reshape(3, c).transpose(0, 1).reshape(3 * c)
         children["norm2"] = edm_norm(block.norm2)
-        children["qkv"] = Persistent("Conv2d", {}, params={"weight": w_edm, "bias": b_edm},
+        init_attn = dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2))  # a numpy float64, as in EDM
+        children["qkv"] = Persistent("Conv2d", dict(kernel=1, **init_attn), params={"weight": w_edm, "bias": b_edm},
                                      buffers={"resample_filter": None})
-        children["proj"] = Persistent("Conv2d", {}, params={"weight": block.attn.proj.weight[..., None, None],
-                                                            "bias": block.attn.proj.bias},
-                                      buffers={"resample_filter": None})
-    return Persistent("UNetBlock", {}, children=children)
+        children["proj"] = Persistent("Conv2d", dict(kernel=1, **init_attn),
+                                      params={"weight": block.attn.proj.weight[..., None, None],
+                                              "bias": block.attn.proj.bias}, buffers={"resample_filter": None})
+    kwargs = dict(out_channels=block.out_channels, num_heads=1, skip_scale=np.sqrt(0.5),
+                  init_attn=dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2)))
+    return Persistent("UNetBlock", kwargs, children=children, skip_scale=np.sqrt(0.5), num_heads=np.int64(1))
 
 
 def edm_any(module):
@@ -209,14 +334,20 @@ def denoise_both(original, path, cond_fn, D=math.inf):
 
 
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("numpy_names", sorted(NUMPY_SCALAR))
 @pytest.mark.parametrize("case", sorted(SONG_CASES))
-def test_song_unet_converts_exactly(edm_format, tmp_path, case):
+def test_song_unet_converts_exactly(edm_format, tmp_path, case, numpy_names):
     net, ema = song_pair(case)
-    src = edm_format(tmp_path / "net.pkl", ema, loss_fn=Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2)),
-                     augment_pipe=None, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset"))
+    ran = tmp_path / "stored-source-ran"
+    # the stored module source would leave a file behind if anything executed it
+    ema.model.module_src = f"open({str(ran)!r}, 'w').close()\n"
+    src = edm_format(tmp_path / "net.pkl", ema, numpy_names=numpy_names, augment_pipe=edm_augment_pipe())
+    globals_asked = pickle_globals(src.read_bytes())
+    assert (NUMPY_SCALAR[numpy_names], "scalar") in globals_asked and ("numpy", "dtype") in globals_asked
     from genflow.convert import convert
 
     out = convert(src, tmp_path / "net.ckpt")
+    assert not ran.exists() and "torch_utils.persistence" not in sys.modules
     ckpt = torch.load(out, map_location="cpu", weights_only=True)  # what sample.py / evaluate / init_from do
     assert ckpt["converted_from"]["backbone"] == "SongUNet"
     if net.num_classes:
@@ -235,7 +366,7 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     # PFGM++'s loss object carries D (default 128) in EDM runs too: not enough to decide, D= is required
-    loss_only = edm_format(tmp_path / "pfgmpp.pkl", ema, loss_fn=Persistent("EDMLoss", dict(D=128, N=64)))
+    loss_only = edm_format(tmp_path / "pfgmpp.pkl", ema, loss_fn=edm_loss(D=128, N=64))
     with pytest.raises(ConfigError, match="does not record D"):
         convert(loss_only, tmp_path / "a.ckpt")
     assert not (tmp_path / "a.ckpt").exists()
@@ -257,6 +388,13 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     with pytest.raises(CheckpointError, match="PFGM network"):
         convert(edm_format(tmp_path / "pfgm.pkl", fork), tmp_path / "pfgm.ckpt")
 
+    # PFGM++'s loss object keeps the run's options (a dnnlib.EasyDict) with pfgmpp and aug_dim: D is decided
+    opts = EasyDict(pfgmpp=True, aug_dim=2048, lsun=False)
+    with_opts = edm_format(tmp_path / "opts.pkl", ema, loss_fn=edm_loss(D=2048, N=64, opts=opts))
+    assert ("dnnlib.util", "EasyDict") in pickle_globals(with_opts.read_bytes())
+    ckpt = read_checkpoint(convert(with_opts, tmp_path / "opts.ckpt"))
+    assert ckpt["hyper_parameters"]["config"]["model"]["D"] == 2048 and ckpt["converted_from"]["D_source"] == "pickle"
+
     without = edm_format(tmp_path / "plain.pkl", ema)
     out = convert(without, tmp_path / "c.ckpt", D=128)
     ckpt = read_checkpoint(out)
@@ -265,12 +403,40 @@ def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     assert module.method.D == 128 and rel <= 1e-5  # same denoiser, PFGM++ kernel for the prior
 
 
+def test_pfgmpp_training_state_archive(tmp_path):
+    """PFGM++'s training-state-*.pt: a torch.save archive whose networks record pfgmpp and D."""
+    import zipfile
+
+    from genflow.convert import convert, read_pickle
+
+    net, ema = song_pair("ncsnpp-cond")
+    ema._init_kwargs.update(pfgmpp=True, D=2048)
+    src = write_pickle(tmp_path / "training-state-000100.pt", ema, torch_save=True)
+    assert zipfile.is_zipfile(src)
+    assert read_pickle(src)["step"] == 1000
+    out = convert(src, tmp_path / "state.ckpt")
+    cond_fn = lambda b: {"class": torch.nn.functional.one_hot(torch.arange(b) % 10, 10).float()}
+    rel, module, _ = denoise_both(net, out, cond_fn)
+    assert type(module.method).__name__ == "PFGMPP" and module.method.D == 2048 and rel <= 1e-5, rel
+    # a payload inside the archive is refused like one in a pickle
+    ema.model.payload = _OpensFile(tmp_path / "pwned")
+    evil = write_pickle(tmp_path / "evil.pt", ema, torch_save=True)
+    with pytest.raises(CheckpointError, match=r"asks for (builtins|io)\.open"):
+        read_pickle(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     net, ema = song_pair("ncsnpp-cond")
     src = edm_format(tmp_path / "net.pkl", ema)
     code, out, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
     assert code == 0, err
     assert '"net": null' not in out and (tmp_path / "net.ckpt").is_file()
+    line = json.loads(out.strip().splitlines()[-1])  # config names and an absolute path (docs/RECORDS.md)
+    from genflow.config import CONFIG_DIR
+
+    assert line["model"] == "edm" and Path(line["checkpoint"]).is_absolute()
+    assert line["data"] in {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
     # sample.py reads it (weights_only=True), and train.py init_from= starts from its weights
     code, out, err = cli("sample.py", f"ckpt={tmp_path / 'net.ckpt'}", "seeds=0-1", "steps=2",
                          f"out={tmp_path / 'samples'}", "device=cpu", "progress=false")
@@ -364,7 +530,7 @@ def test_adm_converts_exactly(edm_format, tmp_path):
     children = dict(map_noise=Persistent("PositionalEmbedding", dict(num_channels=64)),
                     map_augment=Persistent("Linear", {}, params={"weight": net.map_augment.weight}),
                     map_layer0=edm_linear(net.map_layer0), map_layer1=edm_linear(net.map_layer1),
-                    map_label=Persistent("Linear", {}, params={"weight": net.map_label.weight}),
+                    map_label=Persistent("Linear", dict(init_weight=np.sqrt(10)), params={"weight": net.map_label.weight}),
                     enc=nn.ModuleDict({k: edm_any(m) for k, m in zip(enc_keys, net.enc)}),
                     dec=nn.ModuleDict({k: edm_any(m) for k, m in zip(dec_keys, net.dec)}),
                     out_norm=edm_norm(net.out_norm), out_conv=edm_conv(net.out_conv))
@@ -475,14 +641,15 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
         "entries:\n"
         "  - {name: tiny-edm, pickle: '${oc.env:GENFLOW_TEST_PUBLISHED_PKL,null}', paper_fid: 1.97, steps: 3}\n"
         "  - {name: absent, pickle: '${oc.env:GENFLOW_TEST_ABSENT_PKL,null}', paper_fid: 1.79, steps: 3}\n")
-    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=published", f"out={tmp_path / 'lb'}"])
+    result = run([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "suite=published", f"out={tmp_path / 'lb'}",
+                  f"history={tmp_path / 'history.jsonl'}"])
     captured = capsys.readouterr()
     assert "skipping absent" in captured.err
     rows = json.loads((tmp_path / "lb" / "leaderboard.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["tiny-edm"] and result["entries"] == 1
     row = rows[0]
-    assert row["paper_fid"] == 1.97 and row["method"] == "EDM" and row["NFE"] == 5 and row["images"] == 64
-    assert math.isfinite(row["FID"]) and row["FID"] > 0
+    assert row["paper_fid"] == 1.97 and row["model"] == "edm" and row["nfe"] == 5 and row["images"] == 64
+    assert math.isfinite(row["fid"]) and row["fid"] > 0 and row["delta_paper"] == pytest.approx(row["fid"] - 1.97)
     cached = Path(row["checkpoint"])
     assert cached.parent == tmp_path / "metrics" / "converted" and cached.is_file()
     stamp = cached.stat().st_mtime_ns
@@ -525,3 +692,221 @@ def test_attention_conversion_matches_edms_attention_forward():
     tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
     ours = attn(tokens).reshape(B, H, W, C).permute(0, 3, 1, 2)
     torch.testing.assert_close(ours, edm, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy values: numeric scalars are data, anything else is refused before it is called
+class _NumpyScalarOf:
+    """Pickled as numpy's scalar(dtype, bytes) with any dtype (numpy itself cannot hold an object scalar)."""
+
+    def __init__(self, dtype, data):
+        self.dtype, self.data = dtype, data
+
+    def __reduce__(self):
+        return sys.modules[NUMPY_SCALAR["2.x"]].scalar, (self.dtype, self.data)
+
+
+class _DtypeState:
+    """A float32 dtype whose pickled state adds fields (a structured dtype in disguise)."""
+
+    def __reduce__(self):
+        return np.dtype, ("f4", False, True), (3, "<", None, ("a",), {"a": (np.dtype("f4"), 0)}, 4, 1, 16)
+
+
+class _NumpyArray:
+    def __reduce__(self):
+        return np.zeros(3).__reduce__()  # numpy._core.multiarray._reconstruct: arrays are not read
+
+
+@pytest.mark.parametrize("value, names, refused", [
+    (_NumpyScalarOf(np.dtype("O"), b"\0" * 8), "2.x", "numpy.dtype('O8')"),
+    (_NumpyScalarOf(np.dtype("U3"), b"\0" * 12), "2.x", "numpy.dtype('U3')"),
+    (_NumpyScalarOf(np.dtype([("a", "f4")]), b"\0" * 4), "2.x", "numpy.dtype('V4')"),
+    (_NumpyScalarOf(np.dtype("M8[D]"), b"\0" * 8), "2.x", "numpy.dtype('M8')"),
+    (_NumpyScalarOf(_DtypeState(), b"\0" * 4), "2.x", "a numpy dtype with the state"),
+    (_NumpyScalarOf(np.dtype("f8"), b"\0" * 4), "2.x", "not 8 bytes"),
+    (_NumpyArray(), "1.x", "multiarray._reconstruct"),
+])
+def test_numpy_values_other_than_numeric_scalars_are_refused(tmp_path, cli, value, names, refused):
+    net, ema = song_pair("ncsnpp-cond")
+    ema.model.payload = value
+    src = write_pickle(tmp_path / "net.pkl", ema, numpy_names=names)
+    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
+    assert code == 2 and err.startswith("error:") and refused in err and "why:" in err and "fix:" in err, err
+    assert "Traceback" not in err and not (tmp_path / "net.ckpt").exists()
+
+
+def test_numeric_numpy_scalars_are_read_from_their_bytes(tmp_path):
+    from genflow.convert import read_pickle
+
+    net, ema = song_pair("ncsnpp-cond")
+    values = dict(f16=np.float16(0.1), f32=np.float32(np.sqrt(0.2)), f64=np.sqrt(0.5), i8=np.int8(-3),
+                  u64=np.uint64(2 ** 63 + 5), b=np.bool_(True), c=np.complex64(1 - 2j),
+                  big=np.dtype(">f8").type(1.25))
+    ema.model.values = values
+    for names in NUMPY_SCALAR:
+        read = read_pickle(write_pickle(tmp_path / f"{names}.pkl", ema, numpy_names=names))
+        got = read["ema"].child("model").state["values"]
+        assert got == {k: v.item() for k, v in values.items()}
+        assert type(got["b"]) is bool and type(got["u64"]) is int and got["f32"] == float(np.float32(np.sqrt(0.2)))
+
+
+def test_hyperparameters_disagreeing_with_weights_fail_before_allocating(tmp_path, cli):
+    import resource
+
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    ema.model._init_kwargs["model_channels"] = 200000  # a network of ~640 GB over the pickle's small tensors
+    src = write_pickle(tmp_path / "net.pkl", ema)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
+    grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20
+    assert code == 2 and "do not fill genflow's network" in err and "wrong shape" in err and "fix:" in err, err
+    assert grown_gib < 1, grown_gib
+
+
+# ---------------------------------------------------------------------------------------------------
+# Snapshots written by EDM's and PFGM++'s own code (EDM_DIR / PFGMPP_DIR)
+def _writer_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edm_reference_writer", Path(__file__).with_name(
+        "edm_reference_writer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+WRITER = _writer_module()
+#: what genflow does with each preconditioning: the method it converts to, or the refusal's words
+REFUSED = {"VEPrecond": "VEPrecond, which genflow has no method for",
+           "iDDPMPrecond": "iDDPMPrecond, which genflow has no method for"}
+
+
+def _write_reference(tmp_path_factory, repo: str, kind: str) -> Path:
+    out = tmp_path_factory.mktemp(f"{kind}-snapshots")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("edm_reference_writer.py")),
+                           "--repo", repo, "--kind", kind, "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def edm_snapshots(tmp_path_factory):
+    if not EDM_DIR:
+        pytest.skip("EDM_DIR is not set (a checkout of NVlabs/edm)")
+    return _write_reference(tmp_path_factory, EDM_DIR, "edm")
+
+
+@pytest.fixture(scope="session")
+def pfgmpp_snapshots(tmp_path_factory):
+    if not PFGMPP_DIR:
+        pytest.skip("PFGMPP_DIR is not set (a checkout of the PFGM++ repository)")
+    return _write_reference(tmp_path_factory, PFGMPP_DIR, "pfgmpp")
+
+
+def _reference_denoiser(ckpt: Path):
+    """The genflow module of a converted checkpoint, loaded as sample.py loads it."""
+    from genflow.config import module_from_checkpoint
+
+    module, _, _ = module_from_checkpoint(ckpt)
+    return module
+
+
+def _max_error(module, io: dict) -> float:
+    """max |D_genflow - D_reference| / max(1, sigma), per image: VPPrecond's output is x - sigma F(...), where
+    F's float32 rounding is scaled by sigma (up to 80); EDMPrecond's c_out keeps it below sigma_data."""
+    cond = {k: v for k, v in (("class", io["class_labels"]), ("augment", io["augment_labels"])) if v is not None}
+    x, sigma, method = io["x"], io["sigma"], module.method
+    with torch.no_grad():
+        if hasattr(method, "denoise"):
+            got = method.denoise(module.net, x, sigma, cond or None)
+        else:  # DDPM from VPPrecond: sigma -> t by the closed-form inverse of the linear schedule
+            s = sigma.double()
+            b0, b1 = method.beta_min, method.beta_max
+            t = ((b0 ** 2 + 2 * (b1 - b0) * torch.log1p(s ** 2)).sqrt() - b0) / (b1 - b0)
+            assert torch.allclose(method.alpha_bar(t), 1 / (1 + s ** 2), rtol=1e-12)
+            c_in = method.alpha_bar(t).sqrt().float().reshape(-1, 1, 1, 1)
+            got = x - sigma.reshape(-1, 1, 1, 1) * module.net(c_in * x, method.noise_label(t), cond or None)
+    per_image = (got - io["denoised"]).abs().flatten(1).amax(1) / sigma.clamp(min=1)
+    return per_image.max().item()
+
+
+@pytest.mark.parametrize("case", sorted(WRITER.CASES))
+def test_edm_snapshot_converts_and_matches_edms_forward(edm_snapshots, tmp_path, cli, case):
+    precond, _, res, ch, *_ = WRITER.CASES[case]
+    src, out = edm_snapshots / f"{case}.pkl", tmp_path / f"{case}.ckpt"
+    # an RGB 16x16 network gets an image-folder data config, whose root must exist when converting
+    extra = [f"data.root={_image_folder(tmp_path, res)}"] if ch == 3 else []
+    code, stdout, err = cli("genflow.convert", str(src), str(out), *extra)
+    if precond in REFUSED:
+        assert code == 2 and REFUSED[precond] in err and "fix:" in err and not out.exists(), err
+        return
+    assert code == 0, err
+    # EDM's loader would exec the stored source as a module _imported_module_<uuid> and import torch_utils
+    assert not any(k.startswith("_imported_module_") or k in ("torch_utils", "training", "dnnlib")
+                   for k in sys.modules)
+    io = torch.load(edm_snapshots / f"{case}.io.pt", weights_only=True)
+    module = _reference_denoiser(out)
+    assert type(module.method).__name__ == {"EDMPrecond": "EDM", "VPPrecond": "DDPM"}[precond]
+    error = _max_error(module, io)
+    print(f"\n{case}: max |D_genflow - D_EDM| / max(1, sigma) = {error:.3g}")
+    # VPPrecond's noise label (M - 1) t reaches 999, where EDM's float32 evaluation of t rounds by ~6e-5
+    assert error <= (2e-5 if precond == "VPPrecond" else 5e-6), error
+
+
+def _image_folder(tmp_path: Path, res: int) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    for i in range(2):
+        Image.fromarray(np.full((res, res, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_fixture_writer_writes_what_edm_writes(edm_snapshots, tmp_path):
+    """The always-run writer's pickle against EDM's for the same network (DDPM++ with the augmentation label):
+    the same globals, the same modules with the same tensors, the same top-level entries."""
+    from genflow.convert import Record, read_pickle
+
+    real = edm_snapshots / "ddpmpp-uncond-edm.pkl"
+    real_globals = pickle_globals(real.read_bytes())
+    names = next(k for k, module in NUMPY_SCALAR.items() if (module, "scalar") in real_globals)  # EDM's numpy's
+    net, ema = song_pair("ddpmpp-uncond-augment")
+    ours = write_pickle(tmp_path / "ours.pkl", ema, numpy_names=names, augment_pipe=edm_augment_pipe())
+    assert pickle_globals(ours.read_bytes()) == real_globals and ("numpy", "dtype") in real_globals
+
+    def tree(record, path="ema"):
+        found = {path: (record.class_name, sorted((k, tuple(v.shape)) for k, v in record.tensors.items()))}
+        for name, child in record.children.items():
+            found.update(tree(child, f"{path}.{name}"))
+        return found
+
+    a, b = read_pickle(ours), read_pickle(real)
+    assert tree(a["ema"]) == tree(b["ema"])
+    assert sorted(a) == sorted(b) == ["augment_pipe", "dataset_kwargs", "ema", "loss_fn"]
+    for key in ("loss_fn", "augment_pipe"):
+        assert isinstance(a[key], Record) and a[key].class_name == b[key].class_name
+        assert set(a[key].state) <= set(b[key].state)
+    assert type(a["dataset_kwargs"]) is type(b["dataset_kwargs"]) is dict
+
+
+@pytest.mark.parametrize("case", sorted(WRITER.PFGMPP_CASES))
+@pytest.mark.parametrize("file", ["pt", "pkl"])
+def test_pfgmpp_snapshot_converts_with_its_D(pfgmpp_snapshots, tmp_path, cli, case, file):
+    """PFGM++'s training loop saves torch.save(dict(optimizer_state, step, ema, net)) as training-state-*.pt;
+    the .pkl is the same network in EDM's snapshot layout with PFGM++'s loss object (options in an EasyDict)."""
+    interface = WRITER.PFGMPP_CASES[case][-1]
+    out = tmp_path / f"{case}.ckpt"
+    code, stdout, err = cli("genflow.convert", str(pfgmpp_snapshots / f"{case}.{file}"), str(out))
+    assert code == 0, err
+    module = _reference_denoiser(out)
+    if interface["pfgmpp"]:
+        assert type(module.method).__name__ == "PFGMPP" and module.method.D == interface["D"]
+    else:
+        assert type(module.method).__name__ == "EDM"
+    error = _max_error(module, torch.load(pfgmpp_snapshots / f"{case}.io.pt", weights_only=True))
+    print(f"\n{case}.{file}: max |D_genflow - D_PFGM++| / max(1, sigma) = {error:.3g}")
+    assert error <= 5e-6, error

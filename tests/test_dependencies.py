@@ -17,6 +17,9 @@ SOURCES = ("genflow", "train.py", "sample.py", "scripts")
 RUN_TIME_ONLY = {"tensorboard": "TensorBoardLogger"}
 # import names of optional distributions that need not be installed to run the tests
 NOT_INSTALLED = {"open-clip-torch": "open_clip"}
+# top-level modules of the reference code extracts that the side-by-side tests load from EDM_DIR / PFGMPP_DIR
+# (never installed, never a dependency)
+REFERENCE_EXTRACTS = {"dnnlib", "training", "torch_utils", "generate"}
 
 
 def _norm(name: str) -> str:
@@ -60,7 +63,7 @@ def _imports(tree: ast.AST, guarded: bool = False):
 def _third_party(paths) -> dict[str, bool]:
     """import name -> True when every import of it is guarded (an optional dependency)."""
     local = {p.stem for p in ROOT.glob("*.py")} | {p.stem for p in ROOT.glob("scripts/*.py")} | \
-            {p.stem for p in ROOT.glob("tests/*.py")} | {"genflow", "scripts", "tests"}
+            {p.stem for p in ROOT.glob("tests/*.py")} | {"genflow", "scripts", "tests"} | REFERENCE_EXTRACTS
     found: dict[str, bool] = {}
     for path in paths:
         for name, guarded in _imports(ast.parse(path.read_text(), str(path))):

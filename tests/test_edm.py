@@ -203,10 +203,14 @@ def _edm_algorithm2(net, latents, steps, S_churn, S_tmin, S_tmax, S_noise, gens)
 @pytest.mark.parametrize("churn", [(40.0, 0.05, 50.0, 1.003), (10.0, 0.0, math.inf, 1.0), (0.0, 0.0, math.inf, 1.0)])
 def test_stochastic_sampler_matches_edm_algorithm2(churn):
     S_churn, S_tmin, S_tmax, S_noise = churn
-    m = EDM(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
+    m = EDM()
     noise = m.prior_sample((3, 2, 3, 3), generator=torch.Generator().manual_seed(3)).double()
     gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
-    ours = m.sample(tiny_net, noise, steps=12, solver="stochastic", generator=gens())
+    ours = m.sample(tiny_net, noise, steps=12, solver="stochastic", generator=gens(), S_churn=S_churn,
+                    S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
+    # the model's own settings (the training config's model.S_churn, ...) give the same sampler
+    own = EDM(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
+    assert torch.equal(own.sample(tiny_net, noise, steps=12, solver="stochastic", generator=gens()), ours)
     ref = _edm_algorithm2(tiny_net, noise, 12, S_churn, S_tmin, S_tmax, S_noise, gens())
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
     heun = m.sample(tiny_net, noise, steps=12, solver="heun")

@@ -205,7 +205,7 @@ def test_evaluate_cli_prints_one_json_line(checkpoint, capsys, monkeypatch):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line) == out == json.loads(saved.read_text())
     assert out["fid_images"] == 40 and len(out["fid_sets"]) == 2 and out["fid"] == min(out["fid_sets"])
-    assert out["nfe"] == 5 and out["model"] == "PFGMPP" and out["fid_extractor"] == "digits"
+    assert out["nfe"] == 5 and out["model"] == "pfgmpp" and out["net"] == "unet_tiny" and out["fid_extractor"] == "digits"
     # the same seeds through the library call give the same number
     from genflow.config import module_from_checkpoint
 

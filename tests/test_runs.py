@@ -46,7 +46,7 @@ def test_outputs_share_one_file_mode(finished, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.ckpt")) == \
         ["step_000002.ckpt", "step_000004.ckpt", "step_000006.ckpt"]
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["model"] in ("PFGMPP", "pfgmpp") and result["D"] == 128 and result["seed"] == 0
+    assert result["model"] == "pfgmpp" and result["net"] == "unet_tiny" and result["D"] == 128 and result["seed"] == 0
     assert result["steps"] == result["steps_this_session"] == 6
 
 
@@ -108,6 +108,21 @@ def test_resuming_a_finished_run_is_a_no_op(finished):
     result = train(cfg_for(run_dir, "ckpt_path=last"))
     assert result["already_finished"] and result["steps"] == 6
     assert _snapshot(run_dir) == before  # final.ckpt and ema.safetensors untouched
+
+
+def test_a_resumed_run_names_its_parts_as_the_fresh_run_did(finished, cli, tmp_path):
+    """The resumed run adopts the recorded net (the command line leaves it at the data's default), so Hydra's
+    choice no longer names it; its JSON line still says the config names the fresh run said."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished["run_dir"], run_dir)
+    tiny = [o for o in TINY if not o.startswith("net=")]
+    code, out, err = cli("train.py", *tiny, "trainer.max_steps=8", "ckpt_path=last", f"hydra.run.dir={run_dir}")
+    assert code == 0, err[-2000:]
+    resumed = json.loads(out.strip().splitlines()[-1])
+    assert "resuming with the run's recorded net" in out + err
+    assert {k: resumed[k] for k in ("model", "net", "data")} == {k: finished[k] for k in ("model", "net", "data")} \
+        == {"model": "pfgmpp", "net": "unet_tiny", "data": "digits"}
+    assert resumed["run_dir"] == str(run_dir) and Path(resumed["checkpoint"]).is_absolute()
 
 
 def test_resume_with_another_model_is_refused_naming_the_keys(finished, cli):

@@ -118,7 +118,7 @@ def test_sample_cli_measures_an_adaptive_solvers_nfe(tiny_ckpt, tmp_path, guidan
     branches counting once)."""
     from genflow.config import module_from_checkpoint
     from genflow.sample_cli import main
-    from genflow.sampling import sample_conditions
+    from genflow.sampling import draw_labels
 
     extra = [] if guidance is None else [f"guidance={guidance}"]
     result = main([f"ckpt={tiny_ckpt}", "seeds=0-3", "solver=dopri5", f"out={tmp_path / 'd'}", "progress=false",
@@ -129,7 +129,8 @@ def test_sample_cli_measures_an_adaptive_solvers_nfe(tiny_ckpt, tmp_path, guidan
     noise = module.method.prior_sample((4, *dm.data_shape), generator=gens)
     with torch.no_grad():
         solution = module.method.solve(module.net, noise, steps=18, solver="dopri5", generator=gens,
-                                       cond=sample_conditions(dm, seeds, "cpu"), guidance=guidance)
+                                       cond=draw_labels(gens, dm.num_classes) if dm.num_classes else None,
+                                       guidance=guidance)
     assert result["nfe"] == solution.nfe > float(solution.nfe_per_sample.float().mean()) > 6
 
 

@@ -1,4 +1,5 @@
-"""Datamodules: digits (embedded default), toy2d, cifar10, imagefolder (+ circle, multiview)."""
+"""Datamodules: digits (embedded default), toy2d, cifar10, imagefolder, zip (EDM's archives; archive.py)
+(+ circle, multiview)."""
 from genflow.data.base import GenerativeDataModule
 from genflow.data.images import CIFAR10, Digits, ImageFolder
 from genflow.data.toy import Toy2D, sample_toy2d

@@ -218,13 +218,23 @@ class Method(nn.Module, ABC):
         """Per-method sampler options (e.g. EDM's Heun skips the correction on the step to sigma = 0)."""
         return {}
 
-    def check_solver(self, solver: str, key: str = "solver") -> str:
-        """``solver`` if this method offers it, else a ConfigError naming the setting ``key``."""
+    def check_solver(self, solver: str, key: str = "solver", options: Mapping | None = None) -> str:
+        """``solver`` if this method offers it and it takes every one of ``options`` (a user's sampler
+        settings, e.g. {"S_churn": 40}), else a ConfigError naming the setting ``key``."""
         if solver not in self.solvers():
             raise config_error(f"{key}={solver!r} is not a sampler of {type(self).__name__}",
                                f"{type(self).__name__} samples with {', '.join(self.solvers())}",
                                f"use {key}={'heun' if 'heun' in self.solvers() else self.solvers()[0]} "
                                f"(or one of {', '.join(self.solvers())})")
+        unused = sorted(set(options or ()) - set(solvers.get(solver).options))
+        if unused:
+            takers = [s for s in self.solvers() if set(unused) <= set(solvers.get(s).options)]
+            raise config_error(f"{', '.join(unused)} given for {key}={solver}",
+                               f"the {solver} sampler of {type(self).__name__} does not use "
+                               f"{'it' if len(unused) == 1 else 'them'}; "
+                               f"{'it' if len(unused) == 1 else 'they'} would be silently ignored",
+                               f"use {key}={takers[0]}, which takes {'it' if len(unused) == 1 else 'them'}" if takers
+                               else f"drop {', '.join(unused)}")
         return solver
 
     def solve(self, net: Callable, noise: Tensor, *, steps: int, solver: str = "heun", cond: Cond = None,
@@ -232,7 +242,7 @@ class Method(nn.Module, ABC):
         """Run sampler ``solver`` from ``noise`` (a prior draw) to data; returns x and the NFE.
 
         ``generator`` (one per sample) drives any sampler noise; ``options`` override ``solver_options``."""
-        self.check_solver(solver)
+        self.check_solver(solver, options=options)
         return solvers.get(solver).run(self, guided(net, guidance), noise, steps=steps, cond=cond,
                                        generator=generator, callback=callback,
                                        **{**self.solver_options(solver), **options})

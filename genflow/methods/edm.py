@@ -64,14 +64,20 @@ def _churn(S_churn, S_tmin, S_tmax, S_noise) -> dict:
     return {k: float(v) for k, v in values.items()}
 
 
-@solvers.register("stochastic", nfe=lambda steps, **_: solvers.ode_nfe("heun", steps, final_correction=False))
+CHURN = ("S_churn", "S_tmin", "S_tmax", "S_noise")
+
+
+@solvers.register("stochastic", nfe=lambda steps, **_: solvers.ode_nfe("heun", steps, final_correction=False),
+                  options=CHURN)
 def stochastic_sampler(method: "EDM", net: Callable, noise: Tensor, *, steps: int, cond: Cond = None,
                        generator: Generators = None, callback=None, S_churn: float = 0.0, S_tmin: float = 0.0,
                        S_tmax: float = math.inf, S_noise: float = 1.0) -> solvers.Solution:
     """EDM's Algorithm 2 on ``method.time_grid(steps)`` (sigma_0 > ... > sigma_{N-1} = sigma_min, sigma_N = 0).
 
     The churn noise eps ~ N(0, S_noise^2 I) comes from ``generator`` (one per sample), so image i depends
-    only on its seed; S_churn = 0 is Algorithm 1. State and update arithmetic in float64."""
+    only on its seed; it is drawn in float64, the state's dtype, as EDM's generate.py draws it (its
+    ``randn_like`` of the float64 state), so the same seeds give generate.py's images. S_churn = 0 is
+    Algorithm 1. State and update arithmetic in float64."""
     grid = method.time_grid(steps, device=noise.device)
     gamma_max = min(S_churn / steps, math.sqrt(2) - 1) if steps > 0 else 0.0
     # which steps churn, decided on the host once (not a device read per step)
@@ -85,8 +91,8 @@ def stochastic_sampler(method: "EDM", net: Callable, noise: Tensor, *, steps: in
         t_cur, t_next = grid[i], grid[i + 1]
         t_hat = t_cur + gammas[i] * t_cur
         if gamma_max > 0:  # drawn on every step, as in Algorithm 2, whatever the churn range; S_churn = 0 draws none
-            eps = randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(torch.float64) * S_noise
-            x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * eps
+            eps = randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * eps
         # the last step ends at sigma = 0: no correction there
         x, evaluations = solvers.heun_step(d, x, t_hat, t_next, correct=i < steps - 1)
         nfe += evaluations
@@ -219,6 +225,20 @@ class EDM(Method):
 
     def solvers(self) -> tuple[str, ...]:
         return (*solvers.ODE_SOLVERS, "stochastic")
+
+    def check_solver(self, solver: str, key: str = "solver", options=None) -> str:
+        """Also: a churn (the model's own S_churn or ``options``) only for the stochastic sampler, and valid."""
+        super().check_solver(solver, key, options)
+        if self.churn["S_churn"] > 0 and solver != "stochastic":
+            offered = "stochastic" in self.solvers()
+            raise config_error(f"model.S_churn={self.churn['S_churn']:g} with {key}={solver}",
+                               f"the churn belongs to the stochastic sampler (Algorithm 2); {solver} would silently "
+                               "ignore it", (f"use {key}=stochastic, or " if offered else "set ") +
+                               "model.S_churn=0 (sample.py takes the churn on its command line: solver=stochastic "
+                               "S_churn=40 ...)")
+        if options and solver == "stochastic":
+            _churn(**{**self.churn, **{k: v for k, v in options.items() if k in CHURN}})
+        return solver
 
     def solver_options(self, solver: str) -> dict:
         """Algorithm 1: no Heun correction on the step to sigma = 0; dopri5 integrates to sigma_min and

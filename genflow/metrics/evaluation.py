@@ -7,6 +7,9 @@
   all-reduced across ranks, so the FID does not depend on the batch size or the number of processes.
 - The reference is the full training split by default (statistics cached by content hash, see
   ``reference.py``); an EDM / clean-fid ``.npz`` or ``cleanfid:<name>`` can be given instead.
+- With ``extractor="dinov2"`` the Fréchet distance is EDM2's FD_DINOv2 and is also reported as ``fd_dinov2``;
+  ``kid=True`` adds KID and ``pr=True`` improved precision and recall (``precision_recall.py``, k = 3), both
+  from up to ``pr_num`` kept features per side (the best seed set's).
 
 ``FIDEvaluator`` holds the extractor and reference once (the training callback reuses it every N
 steps); ``evaluate_fid`` is the one-call form used by train.py, evaluate.py and the leaderboard.
@@ -23,6 +26,7 @@ from torch import Tensor
 from genflow.errors import config_error
 from genflow.metrics.features import build_feature_extractor
 from genflow.metrics.fid import FeatureStats, frechet_distance, kernel_distance
+from genflow.metrics.precision_recall import precision_recall
 from genflow.metrics.reference import ReferenceStats, load_reference, reference_stats
 
 
@@ -43,7 +47,8 @@ class FIDEvaluator:
 
     def __init__(self, datamodule=None, *, extractor: Any = None, mode: str = "clean", inception_path=None,
                  download: bool = False, ref: str = "train", cache_dir=None, kid: bool = False,
-                 kid_subset_size: int = 1000, kid_subsets: int = 100, batch_size: int = 256, progress: bool = False):
+                 kid_subset_size: int = 1000, kid_subsets: int = 100, batch_size: int = 256, progress: bool = False,
+                 pr: bool = False, pr_num: int = 10000, pr_k: int = 3, dinov2_path=None):
         self.datamodule = datamodule
         spec = extractor if extractor is not None else getattr(datamodule, "feature_extractor", None)
         if spec is None:
@@ -51,15 +56,18 @@ class FIDEvaluator:
                                "pass fid.extractor=inception (images) or fid.extractor=digits")
         self.spec, self.mode, self.inception_path, self.download = spec, mode, inception_path, download
         self.ref, self.cache_dir, self.kid = str(ref), cache_dir, kid
+        self.pr, self.pr_num, self.pr_k, self.dinov2_path = pr, int(pr_num), int(pr_k), dinov2_path
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
         self.batch_size, self.progress = batch_size, progress
         if self.ref in ("train", "val") and datamodule is None:
             raise config_error(f"fid.ref={self.ref} needs a datamodule", "the reference set comes from the data",
                                "pass the datamodule, or fid.ref=/path/to/stats.npz")
-        if kid and self.ref not in ("train", "val"):
-            raise config_error(f"fid.kid=true with fid.ref={self.ref}",
-                               "KID needs reference features, and a statistics file holds only mu and sigma",
-                               "use fid.ref=train (or val) with KID, or fid.kid=false")
+        for flag, on in (("kid", kid), ("pr", pr)):
+            if on and self.ref not in ("train", "val"):
+                raise config_error(f"fid.{flag}=true with fid.ref={self.ref}",
+                                   f"{'KID' if flag == 'kid' else 'precision/recall'} needs reference features, and "
+                                   "a statistics file holds only mu and sigma",
+                                   f"use fid.ref=train (or val) with it, or fid.{flag}=false")
         self.extractor = None
         self.reference: ReferenceStats | None = None
         self.ref_features: Tensor | None = None
@@ -70,7 +78,7 @@ class FIDEvaluator:
         """The extractor alone (cheap): resolves weights so a missing file fails before any training."""
         if self.extractor is None:
             self.extractor = build_feature_extractor(self.spec, mode=self.mode, inception_path=self.inception_path,
-                                                     download=self.download)
+                                                     download=self.download, dinov2_path=self.dinov2_path)
         if device is not None:
             self.extractor = self.extractor.to(device)
             self.device = torch.device(device)
@@ -96,8 +104,8 @@ class FIDEvaluator:
                                              progress=self.progress and rank == 0)
             if dist is not None and rank == 0:
                 dist.barrier()
-            if self.kid:
-                sub = images[: max(self.kid_subset_size * 10, self.kid_subset_size)]
+            if self.kid or self.pr:
+                sub = images[: self.kept_count()]
                 self.ref_features = torch.cat([self.extractor(sub[i:i + self.batch_size]).cpu()
                                                for i in range(0, sub.shape[0], self.batch_size)])
         else:
@@ -111,17 +119,23 @@ class FIDEvaluator:
                 "use statistics made with this extractor, or fid.ref=train to compute them")
         return self
 
+    def kept_count(self) -> int:
+        """Raw features kept per side: KID's subsets draw from ten subsets' worth, precision/recall use pr_num."""
+        return max(self.kid_subset_size * 10 if self.kid else 0, self.pr_num if self.pr else 0)
+
     # --- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample_stats(self, method, net, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
                      solver: str = "heun", guidance: float | None = None, batch_size: int | None = None,
                      device=None, time_limit: float | None = None, precision: str = "fp32",
-                     counts: dict | None = None) -> FeatureStats:
+                     counts: dict | None = None, solver_options: dict | None = None) -> FeatureStats:
         """Generate images for this rank's share of ``seeds`` and accumulate their feature statistics
         (all-reduced over ranks); ``precision`` is the network's arithmetic (fp32, the papers' protocol,
         or bf16). With ``time_limit`` (seconds) generation stops early on every rank
         once it is exceeded; the statistics then cover the images made so far. ``counts`` accumulates this
-        rank's images and network evaluations (``genflow.sampling.generate``)."""
+        rank's images and network evaluations and ``solver_options`` are the sampler's settings
+        (``genflow.sampling.generate``). A class-conditional model's labels are drawn from each seed's
+        generator, as EDM's generate.py draws them."""
         from genflow.sampling import generate, sample_conditions
 
         device = torch.device(device or self.device or "cpu")
@@ -130,7 +144,7 @@ class FIDEvaluator:
         mine = list(seeds)[rank::world]
         batch = int(batch_size or self.batch_size)
         num_batches = math.ceil(math.ceil(len(seeds) / world) / batch)  # equal on every rank
-        keep = self.kid_subset_size * 10 if self.kid else 0
+        keep = self.kept_count()
         stats = FeatureStats(getattr(self.extractor, "dim", None), keep_features=keep, device=device)
         start = time.perf_counter()
         chunks = range(num_batches)
@@ -141,10 +155,12 @@ class FIDEvaluator:
         for b in chunks:
             part = mine[b * batch:(b + 1) * batch]
             if part:
-                cond = sample_conditions(self.datamodule, part, device) if self.datamodule is not None else None
+                dm = self.datamodule
+                cond = sample_conditions(dm, part, device) if dm is not None else None
                 images = generate(method, net, part, shape, steps=steps, solver=solver, cond=cond,
                                   guidance=guidance, batch_size=batch, device=device, precision=precision,
-                                  counts=counts)
+                                  counts=counts, solver_options=solver_options,
+                                  num_classes=getattr(dm, "num_classes", 0) or 0)
                 stats.update(self.extractor(images))
             if time_limit is not None:
                 over = torch.tensor([float(time.perf_counter() - start > time_limit)], device=device)
@@ -162,6 +178,9 @@ class FIDEvaluator:
             m = min(self.kid_subset_size, feats.shape[0], self.ref_features.shape[0])
             out["kid"] = kernel_distance(feats, self.ref_features, num_subsets=self.kid_subsets,
                                          max_subset_size=m, generator=generator)
+        if self.pr:
+            got = precision_recall(self.ref_features[: self.pr_num], stats.kept_features()[: self.pr_num], k=self.pr_k)
+            out["pr_precision"], out["pr_recall"] = got["precision"], got["recall"]
         return out
 
 
@@ -169,13 +188,14 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
                  seed_sets: int = 1, steps: int = 18, solver: str = "heun", guidance: float | None = None,
                  batch_size: int = 256, device=None, time_limit: float | None = None, evaluator: FIDEvaluator | None = None,
                  prefix: str = "fid", shape: Sequence[int] | None = None, precision: str = "fp32",
-                 **evaluator_kwargs) -> dict:
+                 solver_options: dict | None = None, **evaluator_kwargs) -> dict:
     """FID (min over ``seed_sets`` sets of ``num`` seeds each) of ``module`` (a GenerativeModule, or
     ``method`` + ``net``) against the reference; returns a flat dict for the final JSON line.
 
     ``evaluator_kwargs`` go to ``FIDEvaluator`` (extractor, mode, inception_path, download, ref, cache_dir,
-    kid, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
+    kid, pr, pr_num, dinov2_path, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
     EDM's protocol and the default wherever a number is compared with a paper; it is part of the result.
+    ``solver_options``: the sampler's settings (e.g. EDM's churn), checked against the solver before any work.
     """
     from genflow.sampling import check_precision, nfe_per_image
 
@@ -188,6 +208,7 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
                            "use fid.seed_sets=1, or 3 for EDM's minimum over three sets")
     method = method if method is not None else module.method
     net = net if net is not None else module.net
+    method.check_solver(solver, "fid.solver", solver_options)
     if device is None:
         device = module.device if module is not None else next(net.parameters()).device
     device = torch.device(device)
@@ -203,18 +224,17 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     shape = tuple(shape)
     was_training = net.training
     net.eval()
-    values, kids, counts, generated = [], [], [], {}
+    values, extra, counts, generated = [], [], [], {}
     start = time.perf_counter()
     for s in range(seed_sets):
         seeds = range(seed_start + s * num, seed_start + (s + 1) * num)
         stats = evaluator.sample_stats(method, net, seeds, shape, steps=steps, solver=solver, guidance=guidance,
                                        batch_size=batch_size, device=device, time_limit=time_limit,
-                                       precision=precision, counts=generated)
+                                       precision=precision, counts=generated, solver_options=solver_options)
         scored = evaluator.score(stats)
         values.append(scored["fid"])
         counts.append(stats.n)
-        if "kid" in scored:
-            kids.append(scored["kid"])
+        extra.append({k: v for k, v in scored.items() if k != "fid"})
     wall = time.perf_counter() - start
     net.train(was_training)
     best = min(range(seed_sets), key=lambda i: values[i])
@@ -231,6 +251,8 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     }
     if seed_sets > 1:
         out[f"{prefix}_sets"] = [round(v, 6) for v in values]
-    if kids:
-        out["kid"] = round(kids[best], 8)
+    for key, value in extra[best].items():  # KID, precision and recall of the reported (best) seed set
+        out[key] = round(value, 8)
+    if out[f"{prefix}_extractor"] == "dinov2":
+        out["fd_dinov2"] = out[prefix]  # EDM2's name for the Fréchet distance in DINOv2 features
     return out

@@ -14,6 +14,12 @@ hash used as part of cache keys for reference statistics).
 - ``digits``: ``DigitsClassifier``, a small CNN trained on the digits training split
   (``scripts/train_digits_classifier.py``, weights in ``assets/digits_classifier.safetensors``);
   features are its penultimate activations.
+- ``dinov2``: DINOv2 ViT-L/14 (Oquab et al. 2023), the network of EDM2's FD_DINOv2: the class token after the
+  final norm (1024-d) of images resized to 224x224 (bicubic, antialiased), scaled to [0, 1] and normalised
+  with ImageNet's mean and std, as EDM2's ``calculate_metrics.py`` feeds it. The architecture is timm's
+  ``vit_large_patch14_dinov2`` (built without weights, positions interpolated from 518 px at run time);
+  the weights are a local file, Meta's ``dinov2_vitl14_pretrain.pth`` or timm's ``model.safetensors``,
+  never downloaded.
 - any other ``nn.Module`` (``ModuleFeatures``): its flattened output is the feature vector.
 """
 from __future__ import annotations
@@ -41,6 +47,9 @@ METRICS_HOME_ENV = "GENFLOW_METRICS_HOME"
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DIGITS_WEIGHTS = ASSETS / "digits_classifier.safetensors"
 INCEPTION_MODES = ("clean", "legacy_tensorflow")
+DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+DINOV2_ENV = "GENFLOW_DINOV2"
 
 
 def metrics_home() -> Path:
@@ -143,6 +152,92 @@ class InceptionFeatures(nn.Module):
         return state
 
 
+def resolve_dinov2_path(path: str | os.PathLike | None = None) -> Path:
+    """The DINOv2 ViT-L/14 weights: the given file, $GENFLOW_DINOV2, or $GENFLOW_METRICS_HOME/dinov2_vitl14_pretrain.pth."""
+    candidates = [Path(p).expanduser() for p in (path, os.environ.get(DINOV2_ENV)) if p]
+    candidates.append(metrics_home() / DINOV2_FILE)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise config_error(
+        f"DINOv2 weights not found (looked at: {', '.join(map(str, candidates))})",
+        "FD_DINOv2 compares DINOv2 ViT-L/14 features; genflow never downloads weights unasked",
+        f"download {DINOV2_URL} once and put it at {metrics_home() / DINOV2_FILE} (or pass "
+        f"fid.dinov2_path=/path/to/{DINOV2_FILE}, or set ${DINOV2_ENV}); timm's model.safetensors of "
+        "vit_large_patch14_dinov2.lvd142m works too")
+
+
+def dinov2_architecture() -> nn.Module:
+    """DINOv2 ViT-L/14 without weights (on the meta device: no time spent initialising 300M parameters that
+    the weights replace), 518 px positions interpolated to the input size on every call, no head."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
+
+
+class DINOv2Features(nn.Module):
+    """1024-d DINOv2 ViT-L/14 features with EDM2's preprocessing (module docstring). ``weights``: a file
+    (``resolve_dinov2_path``) or a state dict (Meta's layout or timm's)."""
+
+    name = "dinov2"
+    dim = 1024
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, weights: str | os.PathLike | Mapping | None = None):
+        super().__init__()
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        if isinstance(weights, Mapping):
+            state, self.file = dict(weights), None
+        else:
+            self.file = resolve_dinov2_path(weights)
+            state = self._read(self.file)
+        model = dinov2_architecture()
+        if "mask_token" in state or "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+            state = checkpoint_filter_fn(state, model)  # Meta's checkpoint layout -> timm's
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise config_error(f"the DINOv2 weights {self.file or '(given)'} do not fit ViT-L/14",
+                               str(err).splitlines()[0], f"use {DINOV2_FILE} ({DINOV2_URL})") from None
+        self.model = model.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self._fingerprint: str | None = None
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                return load_file(str(path))
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no code
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+            raise config_error(f"cannot read the DINOv2 weights {path}", f"{type(err).__name__}: {err}",
+                               f"download {DINOV2_URL} again") from None
+        return state.get("model", state) if isinstance(state, dict) else {}
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            if self.file is not None:
+                self._fingerprint = f"dinov2-{file_sha256(self.file)[:16]}"
+            else:
+                state = sorted(self.model.state_dict().items())
+                self._fingerprint = "dinov2-" + content_hash(*(part for k, v in state for part in (k, v)), length=16)
+        return self._fingerprint
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = to_uint8(images).to(self.mean.device).float()  # the images as PNGs would store them
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(224, 224), mode="bicubic", antialias=True)
+        return self.model((x - self.mean) / self.std).float()
+
+
 class DigitsClassifier(nn.Module):
     """A small CNN for 8x8 one-channel digits in [-1, 1]; ``features`` are its penultimate activations.
 
@@ -241,14 +336,16 @@ class ModuleFeatures(nn.Module):
 
 
 def build_feature_extractor(spec: Any = "inception", *, mode: str = "clean", inception_path=None,
-                            download: bool = False, digits_weights=None, device=None) -> nn.Module:
-    """Make an extractor from a name ("inception", "digits"), a config with ``_target_``, or a module."""
+                            download: bool = False, digits_weights=None, dinov2_path=None, device=None) -> nn.Module:
+    """Make an extractor from a name ("inception", "digits", "dinov2"), a config with ``_target_``, or a module."""
     if isinstance(spec, nn.Module):
         ext = spec if hasattr(spec, "fingerprint") else ModuleFeatures(spec)
     elif isinstance(spec, str) and spec == "inception":
         ext = InceptionFeatures(inception_path, mode=mode, download=download)
     elif isinstance(spec, str) and spec == "digits":
         ext = DigitsFeatures(digits_weights)
+    elif isinstance(spec, str) and spec == "dinov2":
+        ext = DINOv2Features(dinov2_path)
     elif isinstance(spec, Mapping) or (hasattr(spec, "keys") and "_target_" in spec):
         from hydra.utils import instantiate
 
@@ -260,7 +357,7 @@ def build_feature_extractor(spec: Any = "inception", *, mode: str = "clean", inc
         ext = module if hasattr(module, "fingerprint") else ModuleFeatures(module)
     else:
         raise config_error(f"fid.extractor={spec!r} is not a known feature extractor",
-                           "FID needs a feature network", "use inception, digits, or a {_target_: ...} module config")
+                           "FID needs a feature network", "use inception, digits, dinov2, or a {_target_: ...} module config")
     if device is not None:
         ext = ext.to(device)
     return ext

@@ -92,7 +92,7 @@ class SampleGrid(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         images = pl_module.generate(seeds, dm.data_shape, steps=self.steps, solver=self.solver, cond=cond,
-                                    guidance=self.guidance, precision=self.precision)
+                                    guidance=self.guidance, precision=self.precision, num_classes=dm.num_classes)
         pl_module.train(was_training)
         if trainer.is_global_zero:
             save_grid(images, path)

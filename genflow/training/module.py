@@ -34,11 +34,14 @@ class GenerativeModule(pl.LightningModule):
     def __init__(self, net: nn.Module, method: Method, *, config: dict | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, data_record: dict | None = None):
         super().__init__()
+        from genflow.data.record import checkpoint_hparams
+
         self.net, self.method = net, method
-        # the resolved run configuration, as plain containers so checkpoints load with weights_only=True
-        self.save_hyperparameters({"config": config or {}}, logger=False)
+        # the resolved run configuration and what sampling needs of the data (genflow.data.record), as plain
+        # containers so checkpoints load with weights_only=True
+        self.save_hyperparameters(checkpoint_hparams(config or {}, data_record), logger=False)
         # the optimizer as a partial (configs/train.yaml optim: _target_ + _partial_); Adam(lr, ...) by default
         self.optimizer = optimizer or functools.partial(torch.optim.Adam, lr=lr, betas=tuple(betas), eps=eps,
                                                         weight_decay=weight_decay)

@@ -195,7 +195,7 @@ def continue_command(cfg: DictConfig, run_dir: Path, overrides: list[str] | None
 
 def forget_choices(sections) -> None:
     """The Hydra group choices of ``sections`` no longer name what runs (the recorded config replaced them):
-    drop them so ``describe`` falls back to the configured classes."""
+    drop them so ``describe`` names the recorded sections' config files."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
@@ -283,18 +283,19 @@ def hydra_choices() -> dict:
 
 def describe(cfg: DictConfig, method=None, choices: dict | None = None) -> dict:
     """The settings that tell runs apart: model and its key parameters (``Method.describe()``: D, path, T,
-    ...), net, data, precision, steps, seed. Names are Hydra's group choices where a Hydra job runs."""
-    choices = hydra_choices() if choices is None else choices
-    model = cfg.get("model") or {}
-    out = {"model": choices.get("model") or str(model.get("_target_", "?")).rsplit(".", 1)[-1]}
+    ...), net, data, precision, steps, seed. Model, net and data by config name (``genflow.results.records``):
+    a fresh run and the same run resumed say the same names."""
+    from genflow.results.records import config_names
+
+    names = config_names(cfg, hydra_choices() if choices is None else choices)
+    out = {"model": names.get("model", "?")}
     if method is not None:
         out.update({k: v for k, v in method.describe().items() if k != "method"})
     if cfg.get("stage") is not None:
         out["stage"] = cfg.stage
-    net = cfg.get("net") or {}
-    out["net"] = choices.get("net") or str(net.get("_target_", "?")).rsplit(".", 1)[-1]
+    out["net"] = names.get("net", "?")
+    out["data"] = names.get("data", "?")
     data = cfg.get("data") or {}
-    out["data"] = choices.get("data") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
     if data.get("resolution") is not None:
         out["resolution"] = data.resolution
     trainer = cfg.get("trainer") or {}

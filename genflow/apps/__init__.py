@@ -1,0 +1,1 @@
+"""Command-line programs ("apps"), above the library: each runs as ``python -m genflow.apps.<name>``."""

@@ -1,0 +1,84 @@
+"""Write a data set in EDM's archive format (``genflow.data.archive``): one uncompressed ZIP of PNGs with
+``dataset.json`` labels, which ``data=zip data.path=...`` (and EDM's and EDM2's training code) read.
+
+    python -m genflow.apps.dataset source=PATH dest=NAME.zip [resolution=N] [max_images=N] [progress=true]
+    genflow-dataset source=/data/cifar10 dest=cifar10-32x32.zip
+
+source: an image folder (read recursively, ordered by path; classes from the top-level folder names when
+there are two or more), or CIFAR-10's training split (a folder holding ``cifar-10-batches-py``, or that
+folder itself). resolution: centre-crop every image to a square and resize it (Lanczos) to N, a power of
+two; without it the images must already be square, a power of two wide, and all alike. dest is written
+atomically and never replaces an existing file. Ends with one JSON line (dest, images, resolution,
+channels, labelled, classes).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from genflow.errors import config_error, exit_on_error
+
+KEYS = {"source", "dest", "resolution", "max_images", "progress"}
+USAGE = "usage: python -m genflow.apps.dataset source=PATH dest=NAME.zip [resolution=N] [max_images=N] [progress=true]"
+
+
+def _int(key: str, value: str, power_of_two: bool = False) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1 or (power_of_two and n & (n - 1)):
+        raise config_error(f"{key}={value}", f"{key} is a positive integer" + (", a power of two" if power_of_two else ""),
+                           f"use e.g. {key}={32 if power_of_two else 1000}")
+    return n
+
+
+def main(argv: Sequence[str]) -> dict:
+    from genflow.data.archive import cifar10_images, folder_images, write_archive
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\n" + USAGE, flush=True)
+        return {}
+    args = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in KEYS:
+            raise config_error(f"unknown argument {item!r}", f"the keys are {', '.join(sorted(KEYS))}", USAGE)
+        args[key] = value
+    for key in ("source", "dest"):
+        if not args.get(key):
+            raise config_error(f"no {key}= given", "the tool reads a source and writes one archive", USAGE)
+    source, dest = Path(args["source"]).expanduser(), Path(args["dest"]).expanduser()
+    if dest.suffix.lower() != ".zip":
+        raise config_error(f"dest={dest}", "the archive is a ZIP file", f"use dest={dest.with_suffix('.zip')}")
+    if dest.exists():
+        raise config_error(f"dest={dest} exists", "genflow never overwrites a data set",
+                           "choose another dest=, or remove the old archive first")
+    if not source.is_dir():
+        raise config_error(f"source={source} is not a folder",
+                           "the source is an image folder or the folder holding CIFAR-10's cifar-10-batches-py",
+                           "pass source=/path/to/images or source=/path/to/cifar10")
+    resolution = _int("resolution", args["resolution"], power_of_two=True) if "resolution" in args else None
+    max_images = _int("max_images", args["max_images"]) if "max_images" in args else None
+    progress = args.get("progress", "true" if sys.stderr.isatty() else "false").lower() in ("1", "true", "yes")
+    if (source / "cifar-10-batches-py").is_dir() or source.name == "cifar-10-batches-py":
+        root = source.parent if source.name == "cifar-10-batches-py" else source
+        if resolution is not None and resolution != 32:
+            raise config_error(f"resolution={resolution} for CIFAR-10", "EDM's CIFAR-10 archive keeps the 32x32 images",
+                               "drop resolution=")
+        count, images = cifar10_images(root, max_images)
+    else:
+        count, images = folder_images(source, resolution, max_images)
+    result = {"source": str(source.absolute()), **write_archive(dest, images, count, progress=progress)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def cli() -> None:
+    exit_on_error(main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()
