@@ -533,7 +533,7 @@ def check_files(cfg: DictConfig) -> None:
     check_output_dir(cfg.get("run_dir"), "run_dir")
     folder = cfg.get("run_dir") or OmegaConf.select(cfg, "hydra.run.dir")
     if folder is not None:  # before Hydra writes .hydra/ there (genflow.training.runs)
-        from genflow.training.runs import check_folder_before_start
+        from genflow.outputs import check_folder_before_start
         check_folder_before_start(Path(str(folder)), resuming=cfg.get("ckpt_path") is not None)
     if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
         build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts

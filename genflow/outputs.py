@@ -1,5 +1,9 @@
 """What an app may write where: outputs never replace what another command wrote.
 
+- ``holds_run(folder)``, ``check_folder_before_start(folder, resuming=...)``: a training run's folder (its
+  exports, result or checkpoints) and its lock; train.py refuses a folder holding a run, or one a live
+  process trains in, before Hydra starts the job and writes ``.hydra/`` there.
+
 - ``check_record(path, ckpt)``: ``evaluate out=FILE`` replaces a file only if it is an earlier record of
   the same checkpoint's evaluation (one JSON line with that ``ckpt``); a run's ``result.json``, another
   checkpoint's record or any other file is refused.
@@ -11,9 +15,69 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 from genflow.errors import config_error
+
+# what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
+# they do not count)
+RUN_FILES = ("ema.safetensors", "config.yaml", "result.json", "grid.png")
+
+
+LOCK_NAME = ".genflow.lock"
+
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (so a reused pid is not taken for the lock's owner)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+def check_folder_before_start(run_dir: Path, *, resuming: bool) -> None:
+    """What can be refused before Hydra starts the job (and writes ``.hydra/`` and the log into the folder):
+    a run already there without ``ckpt_path``, or a live process training there. ``prepare_run`` and
+    ``RunFolderLock`` check the same again once the job runs (another process may have started meanwhile)."""
+    if not resuming and holds_run(run_dir):
+        raise holds_run_error(run_dir)
+    lock = run_dir / LOCK_NAME
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return  # no lock, or one being written: RunFolderLock decides when the job starts
+    pid, host = owner.get("pid"), owner.get("host")
+    if host == socket.gethostname() and pid is not None and _alive(pid, owner.get("start")):
+        raise config_error(
+            f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
+            "two processes training into one folder would overwrite each other's checkpoints and logs",
+            f"wait for that run to end or stop it; if it no longer runs, remove {lock}")
+
+
+def holds_run_error(run_dir: Path):
+    return config_error(
+        f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
+        "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
+        "fresh timestamped one)")
+
+
+def holds_run(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
+
 
 MANIFEST = "samples.json"
 SAMPLE_FILES = ("samples.npz", "grid.png")
@@ -47,8 +111,6 @@ def sample_settings(cfg, ckpt_path) -> dict:
 
 def check_sample_folder(out: Path, settings: dict) -> None:
     """Refuse a folder that holds a training run or samples of other settings (see the module docstring)."""
-    from genflow.training.runs import RUN_FILES
-
     if not out.is_dir():
         return
     ckpts = out / "checkpoints"

@@ -26,11 +26,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from genflow.errors import config_error
-
-# what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
-# they do not count)
-RUN_FILES = ("ema.safetensors", "config.yaml", "result.json", "grid.png")
-
+from genflow.outputs import (LOCK_NAME, RUN_FILES, _alive, _process_start, check_folder_before_start,  # noqa: F401
+                             holds_run, holds_run_error)
 
 @dataclass
 class Start:
@@ -43,20 +40,9 @@ class Start:
     notes: list[str] = field(default_factory=list)
 
 
-LOCK_NAME = ".genflow.lock"
-
-
 def primary_process() -> bool:
     """Whether this process is rank 0 of its job (Lightning's DDP children, torchrun and SLURM set these)."""
     return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (so a reused pid is not taken for the lock's owner)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 class RunFolderLock:
@@ -119,16 +105,6 @@ class RunFolderLock:
                 self.run_dir.rmdir()  # a run refused before it wrote anything leaves no empty folder
 
 
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return start is None or _process_start(pid) in (None, start)
-
-
 def remove_stale_temps(run_dir: Path) -> list[Path]:
     """Hidden ``.<name>.<random>`` files of the atomic writer whose process died before the rename."""
     stale = []
@@ -140,37 +116,6 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
                     path.unlink(missing_ok=True)
                     stale.append(path)
     return stale
-
-
-def check_folder_before_start(run_dir: Path, *, resuming: bool) -> None:
-    """What can be refused before Hydra starts the job (and writes ``.hydra/`` and the log into the folder):
-    a run already there without ``ckpt_path``, or a live process training there. ``prepare_run`` and
-    ``RunFolderLock`` check the same again once the job runs (another process may have started meanwhile)."""
-    if not resuming and holds_run(run_dir):
-        raise _holds_run_error(run_dir)
-    lock = run_dir / LOCK_NAME
-    try:
-        owner = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return  # no lock, or one being written: RunFolderLock decides when the job starts
-    pid, host = owner.get("pid"), owner.get("host")
-    if host == socket.gethostname() and pid is not None and _alive(pid, owner.get("start")):
-        raise config_error(
-            f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
-            "two processes training into one folder would overwrite each other's checkpoints and logs",
-            f"wait for that run to end or stop it; if it no longer runs, remove {lock}")
-
-
-def _holds_run_error(run_dir: Path):
-    return config_error(
-        f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
-        "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
-        "fresh timestamped one)")
-
-
-def holds_run(run_dir: Path) -> bool:
-    ckpts = run_dir / "checkpoints"
-    return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
 def job_overrides() -> list[str] | None:
@@ -235,7 +180,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
     requested = cfg.get("ckpt_path")
     if requested is None:
         if holds_run(run_dir):
-            raise _holds_run_error(run_dir)
+            raise holds_run_error(run_dir)
         return start
     if str(requested) == "last":
         path, ckpt, skipped = newest_valid(run_dir)
