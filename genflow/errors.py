@@ -2,7 +2,7 @@
 
 Every mistake a user can make ends in one of these, worded as what went wrong, why it matters, and how
 to fix it, and raised before any expensive work starts. ``train.py``, ``sample.py``,
-``python -m genflow.evaluate`` and ``python -m genflow.leaderboard`` all report them the same way:
+``python -m genflow.apps.evaluate`` and ``python -m genflow.apps.leaderboard`` all report them the same way:
 
     error: <what>
       why: <why>

@@ -105,7 +105,9 @@ def sample_settings(cfg, ckpt_path) -> dict:
     stat = p.stat() if p.is_file() else None
     keys = ("steps", "solver", "guidance", "class", "reference", "precision", "sigma_min", "sigma_max", "rho",
             "S_churn", "S_tmin", "S_tmax", "S_noise")
+    guide = cfg.get("guide_ckpt")  # autoguidance: the guiding checkpoint decides the images as much
     return {"ckpt": str(p), "ckpt_bytes": stat and stat.st_size, "ckpt_mtime_ns": stat and stat.st_mtime_ns,
+            "guide_ckpt": None if guide is None else str(Path(str(guide)).expanduser().resolve()),
             **{k: (None if cfg.get(k) is None else str(cfg.get(k))) for k in keys}}
 
 

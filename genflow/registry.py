@@ -61,7 +61,18 @@ def _yaml_files(folder: Path, groups: Sequence[str] | None) -> Iterator[tuple[st
         groups = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and p.name != "leaderboard"]
     for group in groups:
         for path in sorted((folder / group).rglob("*.yaml")):
-            yield (None if group == "experiment" else group), path
+            # a group file in Hydra's global package (experiments, ema/) names its sections itself
+            yield (None if group == "experiment" or _global_package(path) else group), path
+
+
+def _global_package(path: Path) -> bool:
+    """Whether a config file declares ``# @package _global_`` in its header comments."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            return False
+        if line.lstrip("# ").startswith("@package _global_"):
+            return True
+    return False
 
 
 def _file_targets(folder: Path, groups: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
@@ -101,6 +112,12 @@ def registry() -> dict[str, frozenset[str]]:
             obj = getattr(package, name)
             if isinstance(obj, type) and issubclass(obj, base) and obj is not base:
                 found[section] |= _spellings(obj, f"{package.__name__}.{name}")
+    # the run's own callbacks, which genflow.apps.train builds itself; checkpoints written before that hold them
+    # in their callbacks section
+    from genflow.training import EDMEma
+    from genflow.training.resume import RunCheckpoint
+
+    found["callbacks"] |= _spellings(EDMEma, "genflow.training.EDMEma") | _spellings(RunCheckpoint, "genflow.training.resume.RunCheckpoint")
     for name in dir(torch.optim):  # torch's own optimizers (any of them may replace Adam in optim)
         obj = getattr(torch.optim, name)
         if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
@@ -211,7 +228,7 @@ def check_stored(config, source: str) -> None:
     if not isinstance(config, dict):  # OmegaConf.create would parse a string as yaml, after this check
         raise config_error(f"{source}: the stored config is a {type(config).__name__}, not a mapping of settings",
                            "genflow stores the training config as plain dicts and lists",
-                           "use a checkpoint written by genflow's train.py or genflow.convert")
+                           "use a checkpoint written by genflow's train.py or genflow.apps.convert")
     for path, node in _walk(config, ""):
         if isinstance(node, str) and "${" in node:
             raise config_error(f"{source}: {path or 'the config'} holds an interpolation ({node[:80]!r})",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 10: measures and tests on a machine with one CUDA GPU what the CPU sessions could not.
+# The GPU check: measures and tests on a machine with one CUDA GPU what the CPU sessions could not.
 # Results go to $OUT (default gpu_check/), one file per stage, written as each stage ends.
 #
 #   bash scripts/gpu_check.sh                 # all stages: env suite tests train (about 12-14 minutes)
@@ -47,11 +47,11 @@ for stage in $STAGES; do
       rc=$?; [ $rc -ne 0 ] && status=1
       log "tests rc=$rc: $(tail -1 "$OUT/test_gpu.txt")" ;;
     suite)
-      log "python -m genflow.bench gpu-suite --ablation (timeout 480 s)"
-      timeout 480 $PY -m genflow.bench gpu-suite --ablation --threads "$(nproc)" >"$OUT/gpu_suite.jsonl" 2>"$OUT/gpu_suite.err"
+      log "python -m genflow.apps.bench what=gpu-suite ablation=true (timeout 480 s)"
+      timeout 480 $PY -m genflow.apps.bench what=gpu-suite ablation=true threads="$(nproc)" >"$OUT/gpu_suite.jsonl" 2>"$OUT/gpu_suite.err"
       rc=$?; [ $rc -ne 0 ] && status=1
       cp "$OUT/gpu_suite.jsonl" "$SUITE_COPY"
-      $PY -m genflow.bench table "$OUT/gpu_suite.jsonl" >>"$OUT/summary.txt" 2>&1
+      $PY -m genflow.apps.bench what=table table="$OUT/gpu_suite.jsonl" >>"$OUT/summary.txt" 2>&1
       log "suite rc=$rc, $(grep -c '^{' "$OUT/gpu_suite.jsonl") figures in gpu_suite.jsonl" ;;
     train)
       log "train.py trainer=gpu net=ddpmpp_cifar10 on generated 32x32 images (timeout 240 s)"
@@ -70,7 +70,7 @@ PYEOF
       rc=$?; [ $rc -ne 0 ] && status=1
       grep '^{' "$OUT/train.txt" | tail -1 >"$OUT/train.json"
       log "train rc=$rc: $(cat "$OUT/train.json")"
-      # issue 10: train.py's own figure within 10 % of the bench's step with the same levers
+      # train.py's own figure within 10 % of the bench's step with the same levers
       $PY - "$OUT/train.json" "$SUITE_COPY" <<'PYEOF' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys
 try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU thread defaults, measured: `python -m genflow.bench train-step` (PFGM++ D=128, unet_digits, 8x8, batch 128)
+# CPU thread defaults, measured: `python -m genflow.apps.bench what=train-step` (PFGM++ D=128, unet_digits, 8x8, batch 128)
 # with genflow's default threads and wait policy and the alternatives below, each on
 # an idle machine and next to one competing CPU-bound process; then optionally the whole `make train` job.
 # Run it on an otherwise idle machine:
@@ -16,7 +16,7 @@ STEPS=${STEPS:-30}
 
 bench() {  # $@: environment assignments; prints ms/step, img/s and the device line
     local json
-    json=$(env "$@" "$PY" -m genflow.bench train-step --steps "$STEPS" 2>/dev/null | tail -1)
+    json=$(env "$@" "$PY" -m genflow.apps.bench what=train-step steps="$STEPS" 2>/dev/null | tail -1)
     "$PY" -c 'import json,sys; r=json.loads(sys.argv[1]); print(r["ms_per_step"], r["img_per_s"], r["device"])' "$json"
 }
 

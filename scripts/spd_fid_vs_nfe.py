@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from genflow.config import compose, module_from_checkpoint
 from genflow.metrics import evaluate_fid
-from genflow.run import train
+from genflow.apps.train import train
 
 MODELS = {"spd": ["model=spd"], "ddpm": ["model=ddpm", "model.schedule=linear"],
           "ddpm_cosine": ["model=ddpm", "model.schedule=cosine"]}

@@ -27,7 +27,7 @@ def run_cli(entry: str, *args: str):
     """Run a command-line entry point in this process, as a user would from the repository root.
 
     ``entry`` is a script of the repository (``"train.py"``, ``"sample.py"``) or a module
-    (``"genflow.evaluate"``). Returns ``(exit_code, stdout, stderr)``. In-process calls skip the
+    (``"genflow.apps.evaluate"``). Returns ``(exit_code, stdout, stderr)``. In-process calls skip the
     interpreter start and the Lightning import that a subprocess pays each time.
     """
     import contextlib
@@ -77,11 +77,11 @@ def trained_run(tmp_path_factory):
     loading): class-conditional PFGM++ on digits with label dropout, so guidance and class= work too.
 
     Trained once per session by the real entry point (compose -> build -> fit) into a folder of its own; the
-    result is ``genflow.run.train``'s dict (``checkpoint``, ``run_dir``, ...). Tests must not write into
+    result is ``genflow.apps.train.train``'s dict (``checkpoint``, ``run_dir``, ...). Tests must not write into
     ``run_dir``: copy what they change. Tests of training itself (resume, DDP, sweeps) train their own runs.
     """
     from genflow.config import compose
-    from genflow.run import train
+    from genflow.apps.train import train
 
     root = tmp_path_factory.mktemp("trained_run") / "run"
     cfg = compose(["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "data.conditional=true",

@@ -69,8 +69,8 @@ def standin_inception(tmp_path):
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, checkpoint_writer, no_data,
                                                                    standin_inception, num_classes):
-    from genflow.evaluate import main as evaluate
-    from genflow.sample_cli import main as sample
+    from genflow.apps.evaluate import main as evaluate
+    from genflow.apps.sample import main as sample
 
     ckpt = checkpoint_writer(tmp_path / "edm-cifar10.ckpt", [*CIFAR, f"data.conditional={num_classes > 0}"],
                             (3, 32, 32), num_classes)
@@ -94,7 +94,7 @@ def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, che
 
 def test_a_job_that_needs_the_images_says_so(tmp_path, checkpoint_writer, no_data, standin_inception, capsys):
     """fid.ref=train reads the training set: with none there, the data's own error before the model is loaded."""
-    from genflow.evaluate import main as evaluate
+    from genflow.apps.evaluate import main as evaluate
 
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
     for job in (["fid.num=4", "fid.steps=2", "fid.ref=train"], ["fid.num=0", "nll=true"]):
@@ -108,7 +108,7 @@ def test_training_writes_the_record_and_old_checkpoints_still_load(trained_ckpt,
     is loaded with its datamodule built from the config, as before."""
     from genflow.config import build_data, config_from_checkpoint, module_from_checkpoint
     from genflow.data.record import RecordedData, data_record
-    from genflow.sample_cli import main as sample
+    from genflow.apps.sample import main as sample
 
     ckpt = torch.load(trained_ckpt, weights_only=True)
     record = ckpt["hyper_parameters"]["data_record"]
@@ -140,8 +140,8 @@ def test_a_malformed_record_is_refused(tmp_path, checkpoint_writer, change):
 
 
 def test_json_lines_record_the_sampler(tmp_path, checkpoint_writer, no_data, standin_inception, capsys):
-    from genflow.evaluate import main as evaluate
-    from genflow.sample_cli import main as sample
+    from genflow.apps.evaluate import main as evaluate
+    from genflow.apps.sample import main as sample
 
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
     sample([f"ckpt={ckpt}", "seeds=0", "steps=2", "solver=stochastic", "S_churn=40", "S_tmin=0.05", "S_tmax=50",

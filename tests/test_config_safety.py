@@ -86,7 +86,7 @@ def test_evaluate_refuses_it(name, trained_run, victim, tmp_path, cli):
     target = tmp_path / "written.pth"
     key, value, where = payloads(victim, target)[name]
     bad = poison(trained_run["checkpoint"], tmp_path / "bad.ckpt", key, value)
-    refused(cli("genflow.evaluate", f"ckpt={bad}", "fid.num=4", f"out={tmp_path / 'out.json'}"), where)
+    refused(cli("genflow.apps.evaluate", f"ckpt={bad}", "fid.num=4", f"out={tmp_path / 'out.json'}"), where)
     untouched(victim, target)
     assert not (tmp_path / "out.json").exists()
 
@@ -123,7 +123,7 @@ def leaderboard(cli, tmp_path, suite: str):
     """The leaderboard on a suite file from the user's search path (as a downloaded suite would be used)."""
     (tmp_path / "lb" / "suite").mkdir(parents=True, exist_ok=True)
     (tmp_path / "lb" / "suite" / "downloaded.yaml").write_text(suite)
-    return cli("genflow.leaderboard", f"hydra.searchpath=[file://{tmp_path / 'lb'}]", "suite=downloaded",
+    return cli("genflow.apps.leaderboard", f"hydra.searchpath=[file://{tmp_path / 'lb'}]", "suite=downloaded",
                f"out={tmp_path / 'board'}")
 
 
@@ -233,3 +233,19 @@ def test_search_path_folders_of_a_command_line(tmp_path):
     folders = registry.search_path_folders([f"hydra.searchpath=[file://{tmp_path},pkg://genflow]", "model=edm"])
     assert folders == [tmp_path, Path(genflow.__file__).parent]
     assert registry.search_path_folders(["model=edm"]) == []
+
+
+def test_a_checkpoint_recording_the_runs_own_callbacks_passes():
+    """Checkpoints written while the EMA and the checkpoints were config callbacks record them there; the run
+    builds them itself now, and the registry still knows them (a foreign callback is still refused)."""
+    from genflow import registry
+    from genflow.config import compose, to_container
+    from genflow.errors import ConfigError
+
+    cfg = to_container(compose([], validator=False))
+    cfg["callbacks"]["ema"] = {"_target_": "genflow.training.EDMEma", "halflife_kimg": 25.0, "rampup": 0.05}
+    cfg["callbacks"]["checkpoint"] = {"_target_": "genflow.training.resume.RunCheckpoint", "dirpath": "checkpoints"}
+    registry.check_stored(cfg, "old.ckpt")
+    cfg["callbacks"]["x"] = {"_target_": "shutil.copyfile", "src": "a", "dst": "b"}
+    with pytest.raises(ConfigError):
+        registry.check_stored(cfg, "old.ckpt")

@@ -1,4 +1,4 @@
-"""genflow.convert: EDM / PFGM++ network pickles -> genflow checkpoints, safely and exactly.
+"""genflow.apps.convert: EDM / PFGM++ network pickles -> genflow checkpoints, safely and exactly.
 
 Two writers of EDM's snapshot format:
 
@@ -11,7 +11,7 @@ Two writers of EDM's snapshot format:
   (DDPM++, NCSN++) and DhariwalUNets (ADM) whose weights are those of a genflow network laid out the EDM way.
 - With ``EDM_DIR`` / ``PFGMPP_DIR`` pointing at a checkout (extract) of NVlabs/edm / the PFGM++ repository:
   ``tests/edm_reference_writer.py`` builds networks with that checkout's own classes and writes snapshots
-  the way its training loop does, in a subprocess; they are converted with ``python -m genflow.convert`` and
+  the way its training loop does, in a subprocess; they are converted with ``python -m genflow.apps.convert`` and
   genflow's denoiser is compared with the checkout's own forward. The always-run writer's pickle stream is
   checked against the real one (the globals it asks for, the modules and tensors it holds)::
 
@@ -344,7 +344,7 @@ def test_song_unet_converts_exactly(edm_format, tmp_path, case, numpy_names):
     src = edm_format(tmp_path / "net.pkl", ema, numpy_names=numpy_names, augment_pipe=edm_augment_pipe())
     globals_asked = pickle_globals(src.read_bytes())
     assert (NUMPY_SCALAR[numpy_names], "scalar") in globals_asked and ("numpy", "dtype") in globals_asked
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     out = convert(src, tmp_path / "net.ckpt")
     assert not ran.exists() and "torch_utils.persistence" not in sys.modules
@@ -362,7 +362,7 @@ def test_song_unet_converts_exactly(edm_format, tmp_path, case, numpy_names):
 
 def test_pfgmpp_D_from_pickle_or_argument(edm_format, tmp_path):
     from genflow.config import read_checkpoint
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     # PFGM++'s loss object carries D (default 128) in EDM runs too: not enough to decide, D= is required
@@ -407,7 +407,7 @@ def test_pfgmpp_training_state_archive(tmp_path):
     """PFGM++'s training-state-*.pt: a torch.save archive whose networks record pfgmpp and D."""
     import zipfile
 
-    from genflow.convert import convert, read_pickle
+    from genflow.apps.convert import convert, read_pickle
 
     net, ema = song_pair("ncsnpp-cond")
     ema._init_kwargs.update(pfgmpp=True, D=2048)
@@ -429,7 +429,7 @@ def test_pfgmpp_training_state_archive(tmp_path):
 def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     net, ema = song_pair("ncsnpp-cond")
     src = edm_format(tmp_path / "net.pkl", ema)
-    code, out, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
+    code, out, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'net.ckpt'}")
     assert code == 0, err
     assert '"net": null' not in out and (tmp_path / "net.ckpt").is_file()
     line = json.loads(out.strip().splitlines()[-1])  # config names and an absolute path (docs/RECORDS.md)
@@ -449,12 +449,12 @@ def test_cli_converts_and_refuses_bad_input(edm_format, tmp_path, cli):
     state = module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["state_dict"].items())
     stamp = (tmp_path / "net.ckpt").stat().st_mtime_ns
-    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))  # never replaced unasked
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'net.ckpt'}")  # never replaced unasked
     assert code == 2 and "already exists" in err and (tmp_path / "net.ckpt").stat().st_mtime_ns == stamp
-    code, _, err = cli("genflow.convert", str(tmp_path / "missing.pkl"), str(tmp_path / "x.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={tmp_path / 'missing.pkl'}", f"out={tmp_path / 'x.ckpt'}")
     assert code == 2 and err.startswith("error:") and "fix:" in err
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle at all")
-    code, _, err = cli("genflow.convert", str(tmp_path / "junk.pkl"), str(tmp_path / "x.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={tmp_path / 'junk.pkl'}", f"out={tmp_path / 'x.ckpt'}")
     assert code == 2 and "cannot read" in err and "Traceback" not in err
 
 
@@ -483,17 +483,17 @@ def test_malicious_pickle_is_refused_and_runs_nothing(edm_format, tmp_path, cli,
     net, ema = song_pair("ddpmpp-uncond-augment")
     ema.model.payload_attr = payload(target)
     src = edm_format(tmp_path / "evil.pkl", ema)
-    from genflow.convert import read_pickle
+    from genflow.apps.convert import read_pickle
 
     with pytest.raises(CheckpointError, match="refuses to load"):
         read_pickle(src)
-    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "evil.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'evil.ckpt'}")
     assert code == 2 and "refuses" in err and "fix:" in err
     assert not target.exists() and not (tmp_path / "evil.ckpt").exists()
 
 
 def test_unsupported_preconditioning_is_refused(edm_format, tmp_path):
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     ve = Persistent("VEPrecond", ema._init_kwargs, children={"model": ema.model})
@@ -518,7 +518,7 @@ def adm_keys(res0: int, levels: int, num_blocks: int):
 
 
 def test_adm_converts_exactly(edm_format, tmp_path):
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     kw = dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.1, augment_dim=9)
     torch.manual_seed(0)
@@ -560,7 +560,7 @@ def test_vp_preconditioning_maps_to_ddpm(edm_format, tmp_path):
     """VPPrecond: D(x; s) = x - s F(x / sqrt(1 + s^2), (M - 1) t(s)), t(s) the inverse of
     s(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1); the converted DDPM must see the same net inputs."""
     from genflow.config import module_from_checkpoint
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     vp = edm_precond(ema.model, "SongUNet", {}, 8, 1, 0, name="VPPrecond")
@@ -604,7 +604,7 @@ def edm_algorithm1(net, latents, cond, steps=18, sigma_min=0.002, sigma_max=80.0
 
 def test_sampling_a_converted_net_reproduces_edm_generate(edm_format, tmp_path):
     from genflow.config import module_from_checkpoint
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
     from genflow.sampling import generate, to_uint8
 
     net, ema = song_pair("ddpmpp-uncond-augment", seed=3)
@@ -626,8 +626,8 @@ def test_sampling_a_converted_net_reproduces_edm_generate(edm_format, tmp_path):
 def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch, capsys):
     import json
 
-    from genflow.convert import published_checkpoint
-    from genflow.leaderboard import run
+    from genflow.apps.convert import published_checkpoint
+    from genflow.apps.leaderboard import run
 
     net, ema = song_pair("ddpmpp-uncond-augment")
     monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
@@ -659,15 +659,18 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
 
 
 def test_convert_help(cli):
-    code, out, err = cli("genflow.convert", "--help")
-    assert code == 0 and out.startswith("Import NVlabs EDM / PFGM++ network pickles") and "usage:" in out
+    code, out, err = cli("genflow.apps.convert", "--help")
+    assert code == 0 and out.startswith("Import NVlabs EDM / PFGM++ network pickles") and "src=SRC.pkl" in out
+    assert "== Config ==" in out and "overwrite: false" in out
+    code, _, err = cli("genflow.apps.convert", "net.pkl", "out.ckpt")  # one grammar: key=value
+    assert code == 2 and "is not key=value" in err and "fix:" in err
 
 
 def test_attention_conversion_matches_edms_attention_forward():
     """The qkv re-layout checked against EDM's attention written out from its published forward (not against
     the inverse the other tests' pickles are built with): a 1x1 conv to 3C channels read as (B*heads, C/heads,
     3, L), softmax(q^T k / sqrt(C/heads)) over keys, values mixed, a 1x1 projection."""
-    from genflow.convert import _attention_qkv
+    from genflow.apps.convert import _attention_qkv
     from genflow.nets.layers import Attention
 
     g = torch.Generator().manual_seed(0)
@@ -731,13 +734,13 @@ def test_numpy_values_other_than_numeric_scalars_are_refused(tmp_path, cli, valu
     net, ema = song_pair("ncsnpp-cond")
     ema.model.payload = value
     src = write_pickle(tmp_path / "net.pkl", ema, numpy_names=names)
-    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'net.ckpt'}")
     assert code == 2 and err.startswith("error:") and refused in err and "why:" in err and "fix:" in err, err
     assert "Traceback" not in err and not (tmp_path / "net.ckpt").exists()
 
 
 def test_numeric_numpy_scalars_are_read_from_their_bytes(tmp_path):
-    from genflow.convert import read_pickle
+    from genflow.apps.convert import read_pickle
 
     net, ema = song_pair("ncsnpp-cond")
     values = dict(f16=np.float16(0.1), f32=np.float32(np.sqrt(0.2)), f64=np.sqrt(0.5), i8=np.int8(-3),
@@ -758,7 +761,7 @@ def test_hyperparameters_disagreeing_with_weights_fail_before_allocating(tmp_pat
     ema.model._init_kwargs["model_channels"] = 200000  # a network of ~640 GB over the pickle's small tensors
     src = write_pickle(tmp_path / "net.pkl", ema)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    code, _, err = cli("genflow.convert", str(src), str(tmp_path / "net.ckpt"))
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={tmp_path / 'net.ckpt'}")
     grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20
     assert code == 2 and "do not fill genflow's network" in err and "wrong shape" in err and "fix:" in err, err
     assert grown_gib < 1, grown_gib
@@ -839,7 +842,7 @@ def test_edm_snapshot_converts_and_matches_edms_forward(edm_snapshots, tmp_path,
     src, out = edm_snapshots / f"{case}.pkl", tmp_path / f"{case}.ckpt"
     # an RGB 16x16 network gets an image-folder data config, whose root must exist when converting
     extra = [f"data.root={_image_folder(tmp_path, res)}"] if ch == 3 else []
-    code, stdout, err = cli("genflow.convert", str(src), str(out), *extra)
+    code, stdout, err = cli("genflow.apps.convert", f"src={src}", f"out={out}", *extra)
     if precond in REFUSED:
         assert code == 2 and REFUSED[precond] in err and "fix:" in err and not out.exists(), err
         return
@@ -869,7 +872,7 @@ def _image_folder(tmp_path: Path, res: int) -> Path:
 def test_fixture_writer_writes_what_edm_writes(edm_snapshots, tmp_path):
     """The always-run writer's pickle against EDM's for the same network (DDPM++ with the augmentation label):
     the same globals, the same modules with the same tensors, the same top-level entries."""
-    from genflow.convert import Record, read_pickle
+    from genflow.apps.convert import Record, read_pickle
 
     real = edm_snapshots / "ddpmpp-uncond-edm.pkl"
     real_globals = pickle_globals(real.read_bytes())
@@ -900,7 +903,7 @@ def test_pfgmpp_snapshot_converts_with_its_D(pfgmpp_snapshots, tmp_path, cli, ca
     the .pkl is the same network in EDM's snapshot layout with PFGM++'s loss object (options in an EasyDict)."""
     interface = WRITER.PFGMPP_CASES[case][-1]
     out = tmp_path / f"{case}.ckpt"
-    code, stdout, err = cli("genflow.convert", str(pfgmpp_snapshots / f"{case}.{file}"), str(out))
+    code, stdout, err = cli("genflow.apps.convert", f"src={pfgmpp_snapshots / f'{case}.{file}'}", f"out={out}")
     assert code == 0, err
     module = _reference_denoiser(out)
     if interface["pfgmpp"]:

@@ -82,7 +82,7 @@ CASES = {  # name: (classes, class=, solver, sampler settings, grid)
 @pytest.mark.parametrize("case", list(CASES))
 def test_sample_py_gives_generate_py_images(case, checkpoint_writer, tmp_path):
     from genflow.config import module_from_checkpoint
-    from genflow.sample_cli import main as sample
+    from genflow.apps.sample import main as sample
     from genflow.sampling import generate
 
     classes, class_idx, solver, churn, grid = CASES[case]
@@ -140,9 +140,9 @@ def test_labels_follow_generate_py_and_class_k_keeps_the_noise_stream(checkpoint
 
 
 def test_sampler_settings_a_solver_does_not_use_are_errors(checkpoint_writer, tmp_path, cli):
-    from genflow.evaluate import main as evaluate
+    from genflow.apps.evaluate import main as evaluate
     from genflow.methods import EDM, PFGMPP
-    from genflow.sample_cli import main as sample
+    from genflow.apps.sample import main as sample
 
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", DIGITS, (1, 8, 8))
     with pytest.raises(ConfigError, match="S_churn given for solver=heun") as err:
@@ -170,7 +170,7 @@ def test_sampler_settings_a_solver_does_not_use_are_errors(checkpoint_writer, tm
 def test_leaderboard_rows_take_and_record_the_sampler(checkpoint_writer, tmp_path):
     import json
 
-    from genflow.leaderboard import run
+    from genflow.apps.leaderboard import run
 
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", DIGITS, (1, 8, 8), seed=3)
     suite = tmp_path / "configs" / "suite" / "mine.yaml"

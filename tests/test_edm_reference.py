@@ -2,7 +2,7 @@
 
 Runs when EDM_DIR points at an extract of https://github.com/NVlabs/edm (skipped otherwise): a random-weight
 EDMPrecond(SongUNet) built by EDM's training/networks.py, pickled by EDM's persistence as a snapshot, is
-converted with genflow.convert; generate.py's ``edm_sampler`` and ``StackedRandomGenerator`` draw the images
+converted with genflow.apps.convert; generate.py's ``edm_sampler`` and ``StackedRandomGenerator`` draw the images
 of seeds 0-7 as its main loop does (latents, then labels, then the sampler's noise from each seed's
 generator), and sample.py must write the same uint8 images (within one level where a value sits at a
 rounding boundary).
@@ -44,7 +44,7 @@ def edm():
 
 def converted(networks, tmp_path, label_dim):
     """(EDM's network, the genflow checkpoint converted from its snapshot pickled by EDM's persistence)."""
-    from genflow.convert import convert
+    from genflow.apps.convert import convert
 
     net = networks.EDMPrecond(img_resolution=8, img_channels=1, label_dim=label_dim, model_type="SongUNet",
                               model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
@@ -87,7 +87,7 @@ CASES = {  # name: (label_dim, class, sampler settings of sample.py, its time gr
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sample_py_reproduces_edm_generate(case, edm, tmp_path):
-    from genflow.sample_cli import main as sample
+    from genflow.apps.sample import main as sample
 
     generate, networks = edm
     label_dim, class_idx, options, grid = CASES[case]

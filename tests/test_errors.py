@@ -9,7 +9,7 @@ import torch
 NO_GPU = not torch.cuda.is_available()
 gpu_absent = pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
 
-T, S, E, L = "train.py", "sample.py", "genflow.evaluate", "genflow.leaderboard"
+T, S, E, L = "train.py", "sample.py", "genflow.apps.evaluate", "genflow.apps.leaderboard"
 # (entry, args, a substring of the `error:` line that names the check the case is meant to reach)
 CASES = [
     # train.py: types and ranges when the config is composed
@@ -72,7 +72,7 @@ CASES = [
     (S, "-m ckpt={weights} out={out} guidance=1,2", "guidance=1 for an unconditional model"),
     (S, "-m ckpt={weights} out={out} steps=2,abc", "steps='abc'"),
     pytest.param(S, "ckpt={weights} device=cuda", "device=cuda but no CUDA GPU is visible", marks=gpu_absent),
-    # python -m genflow.evaluate
+    # python -m genflow.apps.evaluate
     (E, "ckpt={weights} fid.num=abc", "fid.num='abc'"), (E, "ckpt={weights} fid.num=1", "fid.num=1"),
     (E, "ckpt={weights} out={adir}", "adir is a folder"),
     (T, "model=pfgmpp D=1e300", "D=1e+300 is beyond 1e+12"),
@@ -96,7 +96,7 @@ CASES = [
     (E, "ckpt={missing}", "missing.ckpt does not exist"), (E, "ckpt={truncated}", "cannot read checkpoint ckpt="),
     (E, "fid.num=10", "no checkpoint given"),
     pytest.param(E, "ckpt={weights} device=cuda", "device=cuda but no CUDA GPU is visible", marks=gpu_absent),
-    # python -m genflow.leaderboard
+    # python -m genflow.apps.leaderboard
     (L, "suite=nope", "Could not find 'suite/nope'"), (L, "bogus=1", "Could not override 'bogus'"),
     (L, "out={afile}", "afile is a file"), (L, "num=abc", "num='abc'"), (L, "num=1", "num=1"),
     (L, "precision=fp16", "precision='fp16'"), (L, "+suite.fid.foo=1", "unknown key suite.fid.foo"),

@@ -186,7 +186,7 @@ def test_feature_stats_all_reduce_is_noop_without_distributed():
 
 @pytest.fixture
 def checkpoint(trained_ckpt, tmp_path):
-    """The session's shared tiny model (tests/conftest.py, written by genflow.run.train) and a folder for
+    """The session's shared tiny model (tests/conftest.py, written by genflow.apps.train.train) and a folder for
     this test's files."""
     return trained_ckpt, tmp_path
 
@@ -194,7 +194,7 @@ def checkpoint(trained_ckpt, tmp_path):
 def test_evaluate_cli_prints_one_json_line(checkpoint, capsys, monkeypatch):
     import json
 
-    from genflow.evaluate import main
+    from genflow.apps.evaluate import main
 
     ckpt, root = checkpoint
     monkeypatch.setenv("GENFLOW_METRICS_HOME", str(root / "metrics"))

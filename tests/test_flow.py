@@ -1,5 +1,4 @@
-"""FlowMatching over any scheduler: analytic-velocity sampling and likelihood (research note kinetic.md,
-test item 10), re-timing (item 9), the CFM loss, prepare() with its cache, and sliced Wasserstein."""
+"""FlowMatching over any scheduler: analytic-velocity sampling and likelihood, re-timing, the CFM loss, prepare() with its cache, and sliced Wasserstein."""
 import math
 
 import pytest

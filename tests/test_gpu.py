@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genflow.config import compose
-from genflow.run import train
+from genflow.apps.train import train
 
 pytestmark = pytest.mark.gpu
 

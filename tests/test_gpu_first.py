@@ -1,4 +1,4 @@
-"""GPU-first behaviour checked on CPU (issue 10) and divergence handling (issue 14 item 3).
+"""GPU-first behaviour checked on CPU and divergence handling.
 
 The device tests use a stand-in for the accelerator: the strategy's root device is patched to ``meta`` after
 ``fit``, so post-training work that stays on the CPU is caught without a GPU.
@@ -11,7 +11,7 @@ import torch
 
 from genflow.config import build, compose, read_checkpoint
 from genflow.errors import CheckpointError, ConfigError, TrainingDiverged
-from genflow.run import train
+from genflow.apps.train import train
 from genflow.training.module import check_finite_weights, sanitize_gradients
 
 TINY = ["model=edm", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=4",
@@ -28,7 +28,7 @@ def _run(tmp_path, *extra, name="run"):
 def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypatch):
     """Also: the progress bar never reads a device tensor per step, and trainer.compile/channels_last/
     matmul_precision are genflow's keys, not Lightning's."""
-    import genflow.run as run_mod
+    import genflow.apps.train as run_mod
     import genflow.sampling as sampling
     from genflow.training import GenerativeModule
 
@@ -85,13 +85,13 @@ def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypa
 
 
 def test_final_fid_gets_precision_and_device(monkeypatch):
-    import genflow.metrics as metrics
-    from genflow.run import final_metrics
+    import genflow.apps.train as run_mod
+    from genflow.apps.train import final_metrics
 
     cfg = compose(["model=edm", "data=digits", "net=unet_tiny", "fid.num=10", "sample.precision=bf16"])
     module, dm = build(cfg)
     calls = {}
-    monkeypatch.setattr(metrics, "evaluate_fid", lambda module, dm, **kw: calls.update(kw) or {"fid": 1.0})
+    monkeypatch.setattr(run_mod, "evaluate_fid", lambda module, dm, **kw: calls.update(kw) or {"fid": 1.0})
     assert final_metrics(cfg, module, dm) == {"fid": 1.0}
     assert calls["precision"] == "bf16" and calls["device"] == module.device and calls["num"] == 10
 
@@ -209,7 +209,7 @@ def test_compile_without_its_toolchain_is_refused_before_any_work(monkeypatch):
     compose(["trainer.compile=true"], environment=False)  # composing a GPU recipe elsewhere checks no toolchain
 
 
-# --- issue 14 item 3: divergence ---------------------------------------------------------------
+# --- divergence -------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps,every", [(6, 2), (3, 1000)], ids=["checkpoint-writes", "short-run"])
 def test_divergence_stops_before_any_checkpoint(tmp_path, steps, every):
     with pytest.raises(TrainingDiverged, match="no checkpoint was written.*\n  why: .*\n  fix: "):
@@ -243,22 +243,22 @@ def test_sample_refuses_non_finite_weights(tmp_path, cli):
 
 # --- 4. benchmarks ---------------------------------------------------------------------------------
 def test_gpu_suite_refuses_without_a_gpu(monkeypatch, capsys):
-    from genflow import bench
+    from genflow.apps import bench
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as stop:
-        bench.main(["gpu-suite"])
+        bench.main(["what=gpu-suite"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "error:" in err and "why:" in err and "--device cpu" in err
+    assert stop.value.code == 2 and "error:" in err and "why:" in err and "device=cpu" in err
 
 
 def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
-    from genflow import bench
+    from genflow.apps import bench
 
     monkeypatch.setattr(bench, "peak_bf16_flops", lambda device: 1e12)  # a stand-in peak so MFU is computed
-    results = bench.main(["gpu-suite", "--device", "cpu", "--net", "unet_tiny", "--shape", "1,8,8", "--batch", "4",
-                          "--steps", "1", "--warmup", "1", "--sample-batch", "4", "--num", "4", "--sample-steps", "2",
-                          "--fid-chunk", "4", "--extractor-num", "4", "--compile-backend", "eager", "--ablation"])
+    results = bench.main(["what=gpu-suite", "device=cpu", "net=unet_tiny", "shape=[1,8,8]", "batch=4", "steps=1",
+                          "warmup=1", "sample_batch=4", "num=4", "sample_steps=2", "fid_chunk=4", "extractor_num=4",
+                          "compile_backend=eager", "ablation=true"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines == results
     assert [r["bench"] for r in results] == ["train-step"] * 3 + ["sample"] * 2 + ["fid-50k", "fid-extractor"] + \
@@ -283,7 +283,7 @@ def test_gpu_suite_smoke_on_cpu_reports_every_figure(monkeypatch, capsys):
 
 
 def test_mfu_is_null_on_cpu():
-    from genflow.bench import peak_bf16_flops
+    from genflow.apps.bench import peak_bf16_flops
 
     assert peak_bf16_flops(torch.device("cpu")) is None
 

@@ -63,7 +63,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert "genflow.methods.paths" in graph and "genflow.bench" in graph
+    assert "genflow.methods.paths" in graph and "genflow.apps.bench" in graph
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -71,3 +71,24 @@ def test_no_import_cycles():
 def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def layer(module: str) -> int:
+    """0: the library (methods, nets, data, solvers, sampling, metrics, training, ...); 1: genflow.config (from
+    the command line to objects); 2: the apps."""
+    if module == "genflow.apps" or module.startswith("genflow.apps."):
+        return 2
+    if module == "genflow.config" or module.startswith("genflow.config."):
+        return 1
+    return 0
+
+
+def test_no_import_runs_up_a_layer():
+    graph = import_graph()
+    assert "genflow.apps.train" in graph and "genflow.config.building" in graph
+    upward = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer(b) > layer(a))
+    assert upward == [], "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer("genflow.training.module") < layer("genflow.config.building") < layer("genflow.apps.train")

@@ -1,6 +1,6 @@
-"""Isotropic3D pieces around the net: cameras (§4.3 item 12), renderer, lossy encoder, multi-view
+"""Isotropic3D (Liu et al. 2024) pieces around the net: cameras, renderer, lossy encoder, multi-view
 data (toy + folder format), inference condition, stage configs and the stage-1 -> stage-2 ->
-inference weight path (§4.3 item 8), and a slow learning test that the reference is used (item 13)."""
+inference weight path, and a slow learning test that the reference is used."""
 import json
 import math
 
@@ -40,7 +40,7 @@ def test_get_camera_isotropic3d_compat_reproduces_double_conversion():
         ee, aa = math.radians(e), math.radians(a * math.pi / 180)
         want.append([math.cos(ee) * math.sin(aa), -math.cos(ee) * math.cos(aa), math.sin(ee)])
     torch.testing.assert_close(cams[:, :3, 3], torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
-    # the research note's numbers: effective azimuths 0, 1.57, 3.14, 4.71 deg; elevation 0.26 deg then ~0
+    # MVDream's camera numbers: effective azimuths 0, 1.57, 3.14, 4.71 deg; elevation 0.26 deg then ~0
     azim = torch.rad2deg(torch.atan2(cams[:, 0, 3], -cams[:, 1, 3]))
     torch.testing.assert_close(azim, torch.tensor([0.0, 1.5708, 3.1416, 4.7124], dtype=torch.float64), atol=1e-3, rtol=0)
     elev = torch.rad2deg(torch.asin(cams[:, 2, 3]))
@@ -241,7 +241,7 @@ def test_reference_lowers_heldout_error_at_high_noise():
     """One stage-2 model trained with the reference dropped half the time, evaluated on held-out objects
     with and without it at sigma = 3 (x0 mostly unknown from x): the reference must lower the error.
     Calibration on the 2-core CPU (same seeds): after 600 steps 0.0973 with vs 0.0991 without, z = 3.2;
-    the effect is small at this budget (research note §4.2 saw 19% after 2500 steps at t = 900)."""
+    the effect is small at this budget (a longer run saw 19% after 2500 steps at t = 900)."""
     from genflow.methods.edm import EDM
     from genflow.nets.multiview import MultiViewUNet
 

@@ -1,4 +1,4 @@
-"""Kinetic-optimal paths and the separation function: research note kinetic.md, test items 1-8."""
+"""Kinetic-optimal paths and the separation function (Shaul et al. 2023, "On Kinetic Optimal Probability Paths")."""
 import math
 
 import pytest
@@ -85,7 +85,7 @@ def test_gaussian_ko_path_and_conservation_law(analytic):
     invariant = r ** 2 * _gamma(lam, theta).sqrt() * dtheta
     torch.testing.assert_close(invariant, torch.full_like(t, math.sqrt(b - b * b / 4)), atol=2e-5, rtol=0)
     assert math.sqrt(b - b * b / 4) == pytest.approx(math.sin(phi1), abs=1e-12)
-    # singular start (pitfall 2): alpha_t ~ 1.0174 sqrt(t)
+    # singular start: alpha_t ~ 1.0174 sqrt(t)
     small = torch.tensor([1e-6, 1e-5, 1e-4], dtype=F64)
     torch.testing.assert_close(ko(small).alpha_t / small.sqrt(), torch.full_like(small, 1.0174), atol=2e-3, rtol=0)
 
@@ -195,7 +195,7 @@ def test_separation_estimator_properties(toy16):
     perm = x[torch.randperm(64, generator=torch.Generator().manual_seed(3))]
     area_p = float(estimate_separation(perm, queries=1024, generator=torch.Generator().manual_seed(11)).integral())
     assert abs(area_p - float(areas.mean())) <= 4 * float(areas.std()) * math.sqrt(1 + 1 / 6)
-    # Cond-OT energy = 2 - int (1 - lambda) ds (research note 1.3), two quadrature routes
+    # Cond-OT energy = 2 - int (1 - lambda) ds (from Shaul et al. 2023, Eq. 23), two quadrature routes
     assert float(kinetic_energy(CondOT(), sep)) == pytest.approx(2 - float(sep.integral()), abs=1e-6)
     with pytest.raises(ConfigError, match="not normalised"):
         estimate_separation(x * 2 + 1)

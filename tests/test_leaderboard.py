@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from genflow.errors import ConfigError, RegressionFound
-from genflow.leaderboard import COLUMNS, entry_overrides, load_suite, resolve_steps, run, suites
+from genflow.apps.leaderboard import COLUMNS, entry_overrides, load_suite, resolve_steps, run, suites
 from genflow.results.gate import compare, pooled_std
 from genflow.results.history import append_records, last_matching, read_history
 
@@ -162,7 +162,7 @@ def test_history_is_appended_atomically_and_checked_on_read(tmp_path):
 
 
 def test_the_table_header_states_the_settings_given():
-    from genflow.leaderboard import markdown
+    from genflow.apps.leaderboard import markdown
 
     suite = load_suite("smoke")
     header = markdown(suite, [], num=100, precision="bf16").splitlines()[2]
@@ -215,7 +215,7 @@ def test_workflow_parses_and_calls_existing_commands():
     runs = "\n".join(step.get("run", "") for step in job["steps"])
     # every `python -m module` exists, every make target exists, imported names exist
     modules = re.findall(r"python -m ([\w.]+)", runs)
-    assert "genflow.leaderboard" in modules
+    assert "genflow.apps.leaderboard" in modules
     for mod in modules:
         assert importlib.util.find_spec(mod) is not None, mod
     makefile = (ROOT / "Makefile").read_text()
@@ -247,7 +247,7 @@ def test_leaderboard_hydra_app_trains_into_its_out_folder(tmp_path, monkeypatch,
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    code, out, err = cli("genflow.leaderboard", "suite=smoke", "only=edm", "num=20",
+    code, out, err = cli("genflow.apps.leaderboard", "suite=smoke", "only=edm", "num=20",
                          "suite.entries.0.budget.steps=2", f"out={tmp_path / 'lb'}")
     assert code == 0, err[-2000:]
     last = json.loads(out.strip().splitlines()[-1])

@@ -1,5 +1,5 @@
 """Latent factor model (Chae et al. 2023) and the circle data: marginal likelihoods against closed forms,
-the sampling/prior contract, and (slow) the manifold-overfitting regression of research/likelihood.md item 14."""
+the sampling/prior contract, and (slow) the manifold-overfitting regression (Loaiza-Ganem et al. 2022)."""
 from __future__ import annotations
 
 import math
@@ -167,7 +167,7 @@ def test_beta_circle_density_converges_and_integrates():
 
 @pytest.mark.slow
 def test_manifold_overfitting_and_instance_noise():
-    """research/likelihood.md item 14 (scaled to ~1 CPU-minute): plain MLE collapses sigma^ and misses the
+    """Manifold overfitting (scaled to ~1 CPU-minute): plain MLE collapses sigma^ and misses the
     distribution on the circle; instance noise 0.05 reaches near the empirical floor. (The pilot's third
     reading, that the clean held-out likelihood prefers the broken model, did not reproduce reliably in
     our runs and is reported by scripts/circle_experiment.py rather than asserted.)"""

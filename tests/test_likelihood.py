@@ -1,5 +1,5 @@
-"""genflow.likelihood against closed forms (research/likelihood.md, "What a faithful implementation must
-test", items 1-13). Fields are exact (Gaussian data, the uniform circle) run through the real method
+"""genflow.likelihood against closed forms (the instantaneous change of variables of Chen et al. 2018 and
+Grathwohl et al. 2019; sigma0-perturbed likelihoods of Chae et al. 2023). Fields are exact (Gaussian data, the uniform circle) run through the real method
 classes, so no training is needed; a random MLP serves as the nonlinear field where only agreement matters."""
 from __future__ import annotations
 
@@ -454,7 +454,7 @@ def test_instance_noise_helpers():
         instance_noise_schedule(0)
 
 
-# ------------------------------------------------------------------ maximum-likelihood gradients (issue 11)
+# ------------------------------------------------------------------ maximum-likelihood gradients ----------
 class LinearNet(torch.nn.Module):
     """F(x) = w x: one parameter, so d log p / dw is checkable by a central finite difference."""
 

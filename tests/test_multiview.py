@@ -1,4 +1,4 @@
-"""MultiViewUNet properties (research/isotropic3d.md §4.3 items 1-10, §6.1-6.4).
+"""MultiViewUNet properties (Isotropic3D, Liu et al. 2024; MVDream, Shi et al. 2023).
 
 Every fixture re-randomises the near-zero layers (residual output convs, attention output
 projections, the final conv, zero biases), so no property holds vacuously because a branch is 0.
@@ -329,9 +329,9 @@ def test_bad_inputs_raise():
 
 
 def test_bench_multiview_runs_with_the_threads_the_bench_chose():
-    """`python -m genflow.bench multiview` without --threads (it once passed None to torch.set_num_threads)."""
-    from genflow import bench
+    """`python -m genflow.apps.bench multiview` without threads= (it once passed None to torch.set_num_threads)."""
+    from genflow.apps import bench
 
-    result = bench.main(["multiview", "--views", "2", "--steps", "1", "--warmup", "1", "--objects", "1",
-                         "--resolution", "8", "--modes", "3d"])
+    result = bench.main(["what=multiview", "views=[2]", "steps=1", "warmup=1", "objects=1", "resolution=8",
+                         "modes=[3d]"])
     assert [p["attention"] for p in result["points"]] == ["3d"] and result["points"][0]["step_ms_median"] > 0

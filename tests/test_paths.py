@@ -1,4 +1,4 @@
-"""Scheduler conformance (research note kinetic.md, test item 9) and the interpolation helpers."""
+"""Scheduler conformance (the affine Gaussian paths of Lipman et al. 2023 and Shaul et al. 2023) and the interpolation helpers."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""PFGM++ kernel, prior and sampler against closed forms (research/pfgmpp.md §8, items 1-9).
+"""PFGM++ (Xu et al. 2023) kernel, prior and sampler against closed forms.
 
 The kernel's radial law R^2/r^2 ~ BetaPrime(N/2, D/2) (r = sigma sqrt(D)) is checked with scipy; every
 statistical tolerance is a multiple of the statistic's own standard error, and each test also shows
@@ -133,7 +133,7 @@ def test_infinite_D_is_bit_identical_to_edm(D):
 
 
 def test_large_D_noise_matches_chi_quantiles():
-    # §8.5: at D = 1e7 the quantiles of ||n||/(sigma sqrt N) at N = 3072 are the chi values 0.961/1.000/1.040
+    # at D = 1e7 the quantiles of ||n||/(sigma sqrt N) at N = 3072 are the chi values 0.961/1.000/1.040
     N, M = 3072, 4000
     s = np.sqrt(noise_sqnorm(PFGMPP(1e7), N, M, 1.0, torch.Generator().manual_seed(4)) / N)
     for q, x in zip([0.001, 0.5, 0.999], np.sqrt(stats.chi2.ppf([0.001, 0.5, 0.999], N) / N)):
@@ -152,7 +152,7 @@ def test_no_truncation_at_extreme_N_over_D(N, D, side):
     # t = b / (1 + b) ~ Beta(N/2, D/2); the reference code clips t to [1e-3, 1 - 1e-3]
     edge = 1e-3 / (1 - 1e-3) if side == "low" else (1 - 1e-3) / 1e-3
     frac = law.cdf(edge) if side == "low" else law.sf(edge)
-    assert frac > 0.25  # a large share of the law lies beyond the clip (51.9% / 27.7%, pitfall P1)
+    assert frac > 0.25  # a large share of the law lies beyond the clip (51.9% / 27.7%)
     beyond = (b < edge) if side == "low" else (b > edge)
     assert abs(beyond.mean() - frac) < 4 * math.sqrt(frac * (1 - frac) / M)
     clipped = np.clip(b, 1e-3 / (1 - 1e-3), (1 - 1e-3) / 1e-3)
@@ -196,7 +196,7 @@ def test_prior_radial_law_and_sigma_max_consistency(D):
     x = m.prior_sample((M, 4, 4, 4), generator=gens(range(M))).double().flatten(1)
     b = ((x ** 2).sum(1) / m.r_max ** 2).numpy()
     assert stats.kstest(b, stats.betaprime(N / 2, D / 2).cdf).pvalue > P_OK
-    # a prior at the hard-coded 80 (pitfall P2) would be rejected
+    # a prior at a hard-coded radius 80 would be rejected
     assert stats.kstest(b * 100 / 6400, stats.betaprime(N / 2, D / 2).cdf).pvalue < 1e-10
 
 
@@ -322,7 +322,7 @@ def test_large_D_denoiser_matches_gaussian_denoiser():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
-# -------------------------------------------------------------- golden table (§1.9, withheld there)
+# -------------------------------------------------------------- golden table
 # quantiles 0.001 / 0.5 / 0.999 of ||n|| / (sigma sqrt N) at N = 3072, from the BetaPrime law
 GOLDEN = {
     math.inf: (0.960730, 0.999891, 1.039571),

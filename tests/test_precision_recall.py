@@ -58,7 +58,7 @@ def test_matches_a_brute_force_computation(seed, n, m, d):
 
 
 def test_evaluate_reports_precision_recall_and_kid_next_to_fid(trained_ckpt, tmp_path, monkeypatch, capsys):
-    from genflow.evaluate import main
+    from genflow.apps.evaluate import main
 
     monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
     out = main([f"ckpt={trained_ckpt}", "fid.num=60", "fid.steps=3", "fid.batch_size=60", "fid.kid=true",

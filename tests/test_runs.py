@@ -13,8 +13,8 @@ import torch
 
 from genflow.config import compose
 from genflow.errors import CheckpointError, ConfigError
-from genflow.run import train
-from genflow.training.runs import prepare_run, summarize
+from genflow.apps.train import train
+from genflow.apps.run_folder import prepare_run, summarize
 
 TINY = ["model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16", "trainer.max_steps=6",
         "trainer.val_check_interval=3", "checkpoint.every_n_steps=2", "sample.num=4", "sample.steps=2",
@@ -170,13 +170,16 @@ def test_a_resume_file_follows_the_same_rule_as_last(finished, tmp_path, cli):
 
 def test_every_knob_counts_for_the_section_that_reads_it():
     """stage= is read by the multi-view net: resuming a stage-1 run with stage=2 is refused, not adopted."""
-    from genflow.config import check_resume, explicit_sections, to_container
+    from genflow.config import check_resume, declared_knobs, explicit_sections, to_container
 
     base = ["model=isotropic3d", "data=multiview"]
     recorded = to_container(compose(base + ["stage=1"], validator=False))
-    assert explicit_sections(["stage=2"]) == {"net"} and explicit_sections(["D=64"]) == {"model"}
+    knobs = declared_knobs(compose(base, validator=False))
+    assert explicit_sections(["stage=2"], knobs) == {"net"}
+    assert explicit_sections(["D=64"], declared_knobs(compose([], validator=False))) == {"model"}
     with pytest.raises(CheckpointError, match="net.stage: recorded 1, requested 2"):
-        check_resume(compose(base + ["stage=2"], validator=False), recorded, "run.ckpt", explicit_sections(["stage=2"]))
+        check_resume(compose(base + ["stage=2"], validator=False), recorded, "run.ckpt",
+                     explicit_sections(["stage=2"], knobs))
 
 
 def test_last_falls_back_to_the_newest_valid_checkpoint(finished, tmp_path):
@@ -272,7 +275,7 @@ def test_a_second_ctrl_c_stops_at_once_with_status_130_and_one_line(tmp_path, ca
 
 
 def test_the_continue_command_repeats_the_runs_own_overrides():
-    from genflow.training.runs import continue_command
+    from genflow.apps.run_folder import continue_command
 
     cfg = cfg_for("unused")
     command = continue_command(cfg, Path("/runs/a b"), ["model=edm", "trainer.max_steps=2000", "ckpt_path=x.ckpt",
@@ -352,7 +355,7 @@ def test_one_training_process_per_run_folder(tmp_path):
     import socket
     import subprocess
 
-    from genflow.training.runs import LOCK_NAME, _process_start
+    from genflow.apps.run_folder import LOCK_NAME, _process_start
 
     run_dir = tmp_path / "locked"
     run_dir.mkdir()
@@ -377,7 +380,7 @@ def test_one_training_process_per_run_folder(tmp_path):
 
 
 def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
-    from genflow.training.runs import LOCK_NAME, RunFolderLock
+    from genflow.apps.run_folder import LOCK_NAME, RunFolderLock
 
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child started by Lightning (torchrun sets RANK likewise)
     with RunFolderLock(tmp_path):
@@ -390,7 +393,7 @@ def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):
 
 def test_a_half_written_lock(tmp_path):
     """An empty lock file: a run starting right now (refused), or, once old, one that died at once (taken over)."""
-    from genflow.training.runs import LOCK_NAME, RunFolderLock
+    from genflow.apps.run_folder import LOCK_NAME, RunFolderLock
 
     lock = tmp_path / LOCK_NAME
     lock.write_text("")
@@ -406,7 +409,7 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     """A compiled run's first step takes minutes: the rate and ETA count from its end (100 s, then 1 s/step)."""
     from types import SimpleNamespace
 
-    import genflow.training.progress as progress
+    import genflow.training.progress_bar as progress
 
     clock = [0.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
@@ -431,3 +434,14 @@ def test_a_batch_larger_than_the_data_is_refused_before_any_step(tmp_path):
         train(cfg)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "result.json").exists()
 
+
+def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):
+    """The grid, the learning-rate monitor and the loggers are optional; the EMA and the checkpoints are the run's."""
+    run = tmp_path / "run"
+    code, out, err = cli("train.py", "~callbacks.sample_grid", "~callbacks.lr_monitor", "logger=none", "data=digits",
+                         "net=unet_tiny", "data.batch_size=8", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                         "optim.warmup_steps=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["grid"] is None and not (run / "grid.png").exists() and not (run / "samples").exists()
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "ema.safetensors").is_file()

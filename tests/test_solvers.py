@@ -148,7 +148,7 @@ def test_registry_holds_every_methods_samplers():
 
 def test_methods_describe_their_settings():
     """What result rows and JSON lines report, so that no caller asks which method it runs."""
-    from genflow.leaderboard import _settings
+    from genflow.apps.leaderboard import _settings
     from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
 
     assert EDM().describe() == {"method": "EDM", "D": "inf"}

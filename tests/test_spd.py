@@ -1,4 +1,4 @@
-"""Shortest-path diffusion: the obligations of research/spd.md section 7 (items 1-10) plus errors.
+"""Shortest-path diffusion (Das et al., ICML 2023): schedules, spectra and sampling against closed forms, plus errors.
 
 Closed forms are checked against independent computations (mpmath at 40 digits, plain float64
 formulas written out here); statistical checks use fixed seeds and tolerances from their standard

@@ -9,7 +9,7 @@ import torch
 
 from genflow.config import compose, read_checkpoint
 from genflow.errors import CheckpointError, ConfigError
-from genflow.run import train
+from genflow.apps.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["trainer.max_steps=6", "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "sample.num=4",
@@ -79,7 +79,7 @@ def tiny_ckpt(trained_ckpt):
 
 def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path, one_thread):
     """Bitwise across batch sizes where the net is (one thread: see the ``one_thread`` fixture)."""
-    from genflow.sample_cli import main
+    from genflow.apps.sample import main
 
     a = main([f"ckpt={tiny_ckpt}", "seeds=0-5", "steps=3", f"out={tmp_path / 'a'}", "batch=6", "progress=false"])
     b = main([f"ckpt={tiny_ckpt}", "seeds=0-5", "steps=3", f"out={tmp_path / 'b'}", "batch=4", "progress=false"])
@@ -117,7 +117,7 @@ def test_sample_cli_measures_an_adaptive_solvers_nfe(tiny_ckpt, tmp_path, guidan
     steps until its slowest image is done), the solver's own count of batch evaluations (guidance's two
     branches counting once)."""
     from genflow.config import module_from_checkpoint
-    from genflow.sample_cli import main
+    from genflow.apps.sample import main
     from genflow.sampling import draw_labels
 
     extra = [] if guidance is None else [f"guidance={guidance}"]
@@ -135,7 +135,7 @@ def test_sample_cli_measures_an_adaptive_solvers_nfe(tiny_ckpt, tmp_path, guidan
 
 
 def test_sample_cli_errors(tiny_ckpt, tmp_path):
-    from genflow.sample_cli import main
+    from genflow.apps.sample import main
 
     with pytest.raises(ConfigError, match="solver"):
         main([f"ckpt={tiny_ckpt}", "solver=rk77"])
@@ -159,7 +159,7 @@ DDP_SCRIPT = r"""
 import sys, torch
 import pytorch_lightning as pl
 from genflow.config import compose, build
-from genflow.run import make_trainer
+from genflow.apps.train import make_trainer
 from pathlib import Path
 out = Path(sys.argv[1])
 cfg = compose(["model=pfgmpp", "data=toy2d", "data.n=256", "data.batch_size=32", "trainer.max_steps=4",
@@ -190,7 +190,7 @@ def test_isotropic3d_two_stages_and_reference_sampling(tmp_path):
     """stage 1 -> stage 2 (init_from, reference frame) -> sample.py reference=IMAGE.png, end to end."""
     import torchvision
 
-    from genflow.sample_cli import main
+    from genflow.apps.sample import main
 
     small = ["model=isotropic3d", "data.num_objects=24", "data.batch_size=4", "data.resolution=8",
              "net.attn_resolutions=[4]", "sample.num=2", "sample.steps=2"]

@@ -18,37 +18,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from genflow.errors import config_error, exit_on_error
+from genflow.config import Bool, Int, Str, plain_app
+from genflow.data.archive import cifar10_images, folder_images, write_archive
+from genflow.errors import config_error, exit_on_error, strip_debug_flag
 
-KEYS = {"source", "dest", "resolution", "max_images", "progress"}
 USAGE = "usage: python -m genflow.apps.dataset source=PATH dest=NAME.zip [resolution=N] [max_images=N] [progress=true]"
-
-
-def _int(key: str, value: str, power_of_two: bool = False) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1 or (power_of_two and n & (n - 1)):
-        raise config_error(f"{key}={value}", f"{key} is a positive integer" + (", a power of two" if power_of_two else ""),
-                           f"use e.g. {key}={32 if power_of_two else 1000}")
-    return n
+DATASET_SCHEMA = {"source": Str(null=True), "dest": Str(null=True), "resolution": Int(1, null=True),
+                  "max_images": Int(1, null=True), "progress": Bool(null=True)}
 
 
 def main(argv: Sequence[str]) -> dict:
-    from genflow.data.archive import cifar10_images, folder_images, write_archive
-
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\n" + USAGE, flush=True)
-        return {}
-    args = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in KEYS:
-            raise config_error(f"unknown argument {item!r}", f"the keys are {', '.join(sorted(KEYS))}", USAGE)
-        args[key] = value
+    args, _ = plain_app("dataset", argv, __doc__.split("\n\n")[0] + "\n\n    " + USAGE, schema=DATASET_SCHEMA)
     for key in ("source", "dest"):
-        if not args.get(key):
+        if not args[key]:
             raise config_error(f"no {key}= given", "the tool reads a source and writes one archive", USAGE)
     source, dest = Path(args["source"]).expanduser(), Path(args["dest"]).expanduser()
     if dest.suffix.lower() != ".zip":
@@ -60,9 +42,11 @@ def main(argv: Sequence[str]) -> dict:
         raise config_error(f"source={source} is not a folder",
                            "the source is an image folder or the folder holding CIFAR-10's cifar-10-batches-py",
                            "pass source=/path/to/images or source=/path/to/cifar10")
-    resolution = _int("resolution", args["resolution"], power_of_two=True) if "resolution" in args else None
-    max_images = _int("max_images", args["max_images"]) if "max_images" in args else None
-    progress = args.get("progress", "true" if sys.stderr.isatty() else "false").lower() in ("1", "true", "yes")
+    resolution, max_images = args.resolution, args.max_images
+    if resolution is not None and resolution & (resolution - 1):
+        raise config_error(f"resolution={resolution}", "EDM's archives hold square images a power of two wide",
+                           f"use e.g. resolution={1 << (resolution.bit_length() - 1)}")
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
     if (source / "cifar-10-batches-py").is_dir() or source.name == "cifar-10-batches-py":
         root = source.parent if source.name == "cifar-10-batches-py" else source
         if resolution is not None and resolution != 32:
@@ -77,6 +61,8 @@ def main(argv: Sequence[str]) -> dict:
 
 
 def cli() -> None:
+    """The ``genflow-dataset`` console script and ``python -m genflow.apps.dataset``."""
+    strip_debug_flag()
     exit_on_error(main, sys.argv[1:])
 
 

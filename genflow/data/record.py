@@ -1,7 +1,7 @@
 """What a checkpoint records about its data, so that sampling and evaluation need nothing but the file.
 
 A network is built from the data's shape and number of classes, and results name the data and its FID
-features; all of that is known when a checkpoint is written (by training or by ``genflow.convert``) and is
+features; all of that is known when a checkpoint is written (by training or by ``genflow.apps.convert``) and is
 stored there as ``hyper_parameters["data_record"]`` (``checkpoint_hparams``, the one writer both use):
 
     {"name": "cifar10", "data_shape": [3, 32, 32], "num_classes": 0, "conditional": false,
@@ -38,7 +38,7 @@ def data_record(source, data_shape: Sequence[int] | None = None, num_classes: in
 
 def checkpoint_hparams(config: dict, record: dict | None) -> dict:
     """A checkpoint's ``hyper_parameters``: the run's config and its data record (the one layout that
-    ``GenerativeModule`` and ``genflow.convert`` write)."""
+    ``GenerativeModule`` and ``genflow.apps.convert`` write)."""
     return {"config": config, RECORD_KEY: record} if record is not None else {"config": config}
 
 
@@ -60,7 +60,7 @@ def read_record(ckpt: dict, path="") -> dict | None:
     if bad:
         raise checkpoint_error(f"checkpoint {path} has a malformed data record ({', '.join(bad)}: {record!r})",
                                "the record gives the data shape and classes the network is built with",
-                               "use an unmodified checkpoint written by genflow's train.py or genflow.convert")
+                               "use an unmodified checkpoint written by genflow's train.py or genflow.apps.convert")
     return dict(record)
 
 

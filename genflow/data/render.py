@@ -1,6 +1,6 @@
 """Cameras and a tiny analytic renderer for the procedural multi-view toy set (Isotropic3D miniature).
 
-Camera convention (MVDream's, which Isotropic3D inherits; research note §1.4):
+Camera convention (MVDream's, Shi et al. 2023, which Isotropic3D, Liu et al. 2024, inherits):
 
 * a camera at elevation e and azimuth a looks at the origin from the unit sphere; in the y-up
   (OpenGL) world its position is (cos e sin a, sin e, cos e cos a);

@@ -1,5 +1,5 @@
 """Generative methods, one file per paper. See ``base.Method`` for the protocol."""
-from genflow.methods.base import Method, guided, null_cond, randn
+from genflow.methods.base import Autoguided, Method, autoguided, guided, null_cond, randn
 from genflow.methods.edm import EDM
 from genflow.methods.pfgmpp import PFGMPP
 from genflow.methods.ddpm import DDPM
@@ -9,6 +9,6 @@ from genflow.methods.kinetic import kinetic_energy
 from genflow.methods.flow import FlowMatching
 from genflow.methods.lfm import LatentFactorModel
 
-__all__ = ["Method", "guided", "null_cond", "randn", "EDM", "PFGMPP", "DDPM", "SPD", "FlowMatching", "CondOT", "Cosine", "VP",
+__all__ = ["Method", "guided", "Autoguided", "autoguided", "null_cond", "randn", "EDM", "PFGMPP", "DDPM", "SPD", "FlowMatching", "CondOT", "Cosine", "VP",
            "KineticOptimal", "Scheduler", "SchedulerOutput", "kinetic_energy",
            "LatentFactorModel"]

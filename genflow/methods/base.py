@@ -80,6 +80,36 @@ def guided(net: Callable, guidance: float | None) -> Callable:
     return guided_net
 
 
+class Autoguided(nn.Module):
+    """Autoguidance (Karras et al., "Guiding a Diffusion Model with a Bad Version of Itself", 2024, eq. 1):
+    D_w = D_guide + w (D_net - D_guide), where ``guide`` is a weaker network of the same method (smaller,
+    or trained for fewer steps).
+
+    The mix is taken of the raw network outputs. Every method's prediction (EDM/PFGM++ denoiser, flow-matching
+    velocity, DDPM/SPD noise prediction) is affine in the net output with coefficients that do not depend on
+    the net, and the two weights 1 - w and w sum to one, so mixing net outputs is mixing the method's
+    predictions as the paper defines; no method is asked which it is. Both networks see the same input, noise
+    label and condition. An ``nn.Module``, so ``eval()``, ``to()`` and ``parameters()`` reach both networks.
+    """
+
+    def __init__(self, net: nn.Module, guide: nn.Module, weight: float):
+        super().__init__()
+        self.net, self.guide, self.weight = net, guide, float(weight)
+
+    def forward(self, x: Tensor, noise_label: Tensor, cond: Cond = None) -> Tensor:
+        good = self.net(x, noise_label, cond)
+        bad = self.guide(x, noise_label, cond)
+        return bad + self.weight * (good - bad)
+
+
+def autoguided(net: nn.Module, guide: nn.Module | None, weight: float | None) -> nn.Module:
+    """``net`` guided by ``guide`` with weight ``weight`` (``Autoguided``); ``net`` itself, untouched, when there
+    is no guide or w = 1 (exactly the good model, and the guide is never run)."""
+    if guide is None or weight is None or float(weight) == 1.0:
+        return net
+    return Autoguided(net, guide, weight)
+
+
 @dataclass
 class GaussianMarginal:
     """A Gaussian perturbation path: x_t = alpha(t) x + (1 - alpha(t)) shift + sigma(t) eps, eps ~ N(0, I).

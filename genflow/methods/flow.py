@@ -8,8 +8,8 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
 - sampling dx/dt = v(x, t) from t = 0 to 1 (Euler / Heun / dopri5 via ``genflow.solvers``)
                                                                           -> ``velocity``, ``time_grid``
 - instantaneous change of variables needs log p_0 = standard normal       -> ``prior_log_prob``
-- research note 1.8, scale-time equivalence of affine paths
-  (flow_matching's ScheduleTransformedModel)                              -> ``RetimedFlow``
+- scale-time equivalence of affine Gaussian paths (Lipman et al. 2024, "Flow Matching Guide and
+  Code", the scheduler change; flow_matching's ScheduleTransformedModel)                              -> ``RetimedFlow``
 - Eqs. 7-8 normalised data: with ``normalize=True`` the method works on z = (x - mean) / scale
   (statistics from ``prepare``); every protocol function still speaks data space, so the prior is
   N(mean, scale^2 I) and the velocity is scale * v_z((x - mean) / scale, t).
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from genflow.cache import cache_dir, cached, content_hash
 from genflow.errors import config_error
+from genflow.knobs import Knob
 from genflow.methods.base import Cond, GaussianMarginal, Generators, Method, randn
 from genflow.methods.kinetic import SeparationFunction, estimate_separation, normalize
 from genflow.methods.paths import CondOT, KineticOptimal, Scheduler, SchedulerOutput, _ResizingBuffers, make_scheduler
@@ -68,6 +69,8 @@ class FlowMatching(_ResizingBuffers, Method):
     """
 
     time_name = "t"
+    knobs = (Knob("path", str, "condot", "the probability path: conditional OT (Lipman et al. 2023), cosine, VP, or "
+                  "kinetic-optimal ko (Shaul et al. 2023): condot | cosine | vp | ko"),)
 
     def __init__(self, path: Scheduler | str = "condot", *, time_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0, sigma_min: float = 0.0, normalize: bool = False,
@@ -187,7 +190,7 @@ class FlowMatching(_ResizingBuffers, Method):
         return {"method": "flow", "path": self.path.name}
 
     def retimed(self, path: Scheduler | str) -> "RetimedFlow":
-        """This trained model sampled along another path, without retraining (note 1.8)."""
+        """This trained model sampled along another path, without retraining (the scale-time equivalence)."""
         return RetimedFlow(self, make_scheduler(path))
 
     def hparams(self) -> dict:

@@ -107,7 +107,7 @@ class SeparationFunction:
         return _gamma(self, theta)
 
     def integral(self) -> Tensor:
-        """int_0^inf (1 - lambda(s)) ds; Cond-OT's kinetic energy is 2 minus this (research note 1.3)."""
+        """int_0^inf (1 - lambda(s)) ds; Cond-OT's kinetic energy is 2 minus this (from Eq. 23)."""
         return _mmse_integral(self)
 
     def state(self) -> dict:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from genflow.errors import config_error
+from genflow.knobs import Knob
 from genflow.methods.base import Generators
 from genflow.methods.edm import EDM
 
@@ -131,6 +132,9 @@ def _parse_D(D) -> float:
 
 class PFGMPP(EDM):
     """PFGM++ with D augmented dimensions on EDM's preconditioning and Heun sampler; D = None/inf is EDM."""
+
+    knobs = (Knob("D", float, 128, "augmented dimensions of PFGM++ (Xu et al. 2023, Section 3); inf gives EDM",
+                  lo=0, lo_open=True),)
 
     def __init__(self, D: float | None = 128, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,

@@ -13,7 +13,7 @@ genflow's ``UNet`` (DDPM++/NCSN++) it differs in:
   GroupNorm-SiLU-conv after the last decoder block.
 
 Initialisation follows ADM's (Kaiming-uniform weights scaled by sqrt(1/3), zero-initialised output
-layers) except that biases start at zero. ``genflow.convert`` maps EDM's ``DhariwalUNet`` pickles onto it.
+layers) except that biases start at zero. ``genflow.apps.convert`` maps EDM's ``DhariwalUNet`` pickles onto it.
 
 Call: ``net(x, noise_label, cond=None)`` like every genflow net.
 """

@@ -7,7 +7,7 @@
 * ``ImageStatsEncoder``: a parameter-free, deliberately lossy encoder for the toy set and tests:
   the mean foreground colour, the foreground fraction and the silhouette's extent and centre (8
   numbers). Per-face colours are averaged away, so a reference view carries information this
-  embedding does not (research note §4.1: with a lossless embedding the reference is useless).
+  embedding does not (with a lossless embedding the reference view would add nothing).
 * ``SmallConvEncoder``: a small frozen convolutional encoder (seeded random weights, or trained
   weights from a file) with global pooling, for image data where hand-made statistics are too crude.
 

@@ -111,8 +111,8 @@ class Conv2d(nn.Module):
 
     ``kernel=0`` means resampling only (no weights). By default the resampling happens before the
     convolution; ``fused_down=True`` convolves first (with extra padding) and filters/decimates after,
-    the order NCSN++'s residual input branch uses. Fused *up*-sampling is not offered (see the
-    research note P10: the PFGM++ fork and EDM disagree on it, and no preset needs it).
+    the order NCSN++'s residual input branch uses. Fused *up*-sampling is not offered (the PFGM++
+    code and EDM's disagree on it, and no preset needs it).
     """
 
     def __init__(

@@ -37,6 +37,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from genflow.errors import config_error
+from genflow.knobs import Knob
 from genflow.nets.layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
 __all__ = ["MultiViewUNet", "flatten_cameras"]
@@ -90,6 +91,9 @@ class MultiViewUNet(nn.Module):
     ``reference`` (B, C, H, W) and ``reference_camera`` (B, 4, 4) used from ``stage=2`` on.
     Any V works at run time (no parameter depends on it); ``data_shape`` fixes C, H, W.
     """
+
+    knobs = (Knob("stage", int, 1, "Isotropic3D training stage: 1 image embedding + cameras, 2 also the noise-free "
+                  "reference view", choices=(1, 2), section="net"),)
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
-from genflow.config import CONFIG_DIR
+from genflow.registry import CONFIG_DIR
 
 NAMED_GROUPS = ("model", "net", "data")
 

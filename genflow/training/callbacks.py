@@ -56,7 +56,7 @@ class EDMEma(WeightAveraging):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint through ``genflow.cache.atomic_write`` (a temporary file, flushed, renamed into
     place), so a run killed while saving never leaves a truncated checkpoint behind; a temporary file orphaned
-    by a kill is removed when the run folder is next used (``genflow.training.runs.remove_stale_temps``)."""
+    by a kill is removed when the run folder is next used (``genflow.apps.run_folder.remove_stale_temps``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
@@ -65,7 +65,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` (and at the end of training) draws a fixed-seed grid from the current
     (EMA, at validation time) weights: ``samples/step_XXXXXX.png`` in the run folder plus TensorBoard.
-    ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``)."""
+    ``precision`` is the network's arithmetic while sampling (``fp32`` or ``bf16``, see ``generate``). With a
+    ``guide`` network (set by ``genflow.apps.train`` from ``sample.guide_ckpt``) the grid is autoguided by it with
+    weight ``guidance``."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, num: int = 64, steps: int = 18,
                  solver: str = "heun", guidance: float | None = None, precision: str = "fp32"):
@@ -74,6 +76,7 @@ class SampleGrid(pl.Callback):
         self.dirpath, self.every_n_steps, self.num = Path(dirpath), every_n_steps, num
         self.steps, self.solver, self.guidance = steps, solver, guidance
         self.precision = check_precision(precision)
+        self.guide = None
         self._last_step = -1
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -84,15 +87,20 @@ class SampleGrid(pl.Callback):
         self.write(trainer, pl_module, self.dirpath / f"step_{step:06d}.png")
 
     def write(self, trainer, pl_module, path: Path) -> Path:
-        from genflow.sampling import save_grid, sample_conditions
+        from genflow.methods.base import autoguided
+        from genflow.sampling import generate, save_grid, sample_conditions
 
         dm = trainer.datamodule
         seeds = list(range(self.num))
         cond = sample_conditions(dm, seeds, pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        images = pl_module.generate(seeds, dm.data_shape, steps=self.steps, solver=self.solver, cond=cond,
-                                    guidance=self.guidance, precision=self.precision, num_classes=dm.num_classes)
+        net, guidance = pl_module.net, self.guidance
+        if self.guide is not None:  # autoguidance replaces classifier-free guidance
+            net, guidance = autoguided(net, self.guide.to(pl_module.device), guidance), None
+        images = generate(pl_module.method, net, seeds, dm.data_shape, steps=self.steps, solver=self.solver,
+                          cond=cond, guidance=guidance, device=pl_module.device, precision=self.precision,
+                          num_classes=dm.num_classes)
         pl_module.train(was_training)
         if trainer.is_global_zero:
             save_grid(images, path)

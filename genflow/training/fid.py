@@ -43,11 +43,12 @@ class FIDCallback(pl.Callback):
                                "use a positive N (e.g. 1000), or drop callbacks=fid")
         if num < 2:
             raise config_error(f"callbacks.fid.num={num}", "FID needs at least two images",
-                               "use e.g. num=1000 while training (50000 for paper numbers with genflow.evaluate)")
+                               "use e.g. num=1000 while training (50000 for paper numbers with genflow.apps.evaluate)")
         self.every_n_steps, self.num, self.steps, self.solver = every_n_steps, num, steps, solver
         self.guidance, self.batch_size, self.seed_start = guidance, batch_size, seed_start
         self.use_ema, self.time_limit, self.at_end, self.monitor = use_ema, time_limit, at_end, monitor
         self.precision = check_precision(precision)
+        self.guide = None  # autoguidance's weaker network, set by genflow.apps.train from sample.guide_ckpt
         self._evaluator_kwargs = dict(extractor=extractor, mode=mode, inception_path=inception_path,
                                       download=download, ref=ref, cache_dir=cache_dir, kid=kid,
                                       kid_subset_size=kid_subset_size, batch_size=batch_size, progress=progress)
@@ -89,8 +90,13 @@ class FIDCallback(pl.Callback):
         net.eval()
         start = time.perf_counter()
         seeds = range(self.seed_start, self.seed_start + self.num)
-        stats = self.evaluator.sample_stats(source.method, net, seeds, tuple(dm.data_shape), steps=self.steps,
-                                            solver=self.solver, guidance=self.guidance, batch_size=self.batch_size,
+        sampled, guidance = net, self.guidance
+        if self.guide is not None:  # autoguidance replaces classifier-free guidance
+            from genflow.methods.base import autoguided
+
+            sampled, guidance = autoguided(net, self.guide.to(pl_module.device), guidance), None
+        stats = self.evaluator.sample_stats(source.method, sampled, seeds, tuple(dm.data_shape), steps=self.steps,
+                                            solver=self.solver, guidance=guidance, batch_size=self.batch_size,
                                             device=pl_module.device, time_limit=self.time_limit,
                                             precision=self.precision)
         scores = self.evaluator.score(stats)

@@ -103,7 +103,7 @@ class GenerativeModule(pl.LightningModule):
             "trainer.precision=bf16-mixed instead of 16-mixed, and resume from the last good checkpoint "
             "(ckpt_path=<run>/checkpoints/step_....ckpt) or start again")
 
-    # --- throughput: timed like genflow.bench train-step (after warm-up steps, synchronised at both ends) ---
+    # --- throughput: timed like genflow.apps.bench train-step (after warm-up steps, synchronised at both ends) ---
     def on_train_start(self) -> None:
         first, last = self.global_step, self._trainer.max_steps
         warmup = min(5, max((last - first) // 4, 0)) if last and last > 0 else 5
@@ -190,7 +190,7 @@ class GenerativeModule(pl.LightningModule):
 def speed_settings(module: GenerativeModule, *, matmul_precision: str = "highest", compile: bool | str = False,
                    channels_last: bool = False) -> None:
     """The GPU levers that keep the maths (train.py's ``trainer.matmul_precision|compile|channels_last`` and
-    ``genflow.bench train-step``): fp32 matmul precision (``highest`` = TF32 off, EDM's protocol), the compiled
+    ``genflow.apps.bench train-step``): fp32 matmul precision (``highest`` = TF32 off, EDM's protocol), the compiled
     training forward, NHWC activations and weights for networks that offer them."""
     torch.set_float32_matmul_precision(matmul_precision)
     torch.backends.cudnn.allow_tf32 = matmul_precision != "highest"

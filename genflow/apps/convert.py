@@ -1,6 +1,6 @@
 """Import NVlabs EDM / PFGM++ network pickles as genflow checkpoints, without running code from them.
 
-    python -m genflow.convert SRC.pkl OUT.ckpt [D=2048] [data=cifar10] [data.root=...]
+    python -m genflow.apps.convert src=SRC.pkl out=OUT.ckpt [D=2048] [data=cifar10] [data.root=...]
 
 EDM (Karras et al. 2022) publishes ``edm-*.pkl`` files and its training loop writes
 ``network-snapshot-*.pkl``: ``pickle.dump(dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...))``
@@ -31,7 +31,7 @@ called. The records are then mapped onto genflow's networks (``SongUNet`` -> ``U
 ``ADMUNet``) and methods (``EDMPrecond`` -> EDM, or PFGM++ when D is known; ``VPPrecond`` -> DDPM with
 the linear schedule), with the attention weights reshaped (1x1 convolutions -> linear layers, EDM's
 per-channel interleaved q/k/v rows -> genflow's stacked [q; k; v]) and the constant resampling filters
-dropped. The result is a checkpoint ``sample.py``, ``genflow.evaluate`` and ``train.py init_from=`` read
+dropped. The result is a checkpoint ``sample.py``, ``genflow.apps.evaluate`` and ``train.py init_from=`` read
 with ``torch.load(weights_only=True)``.
 
 ``converted_checkpoint(src)`` converts once per file content (cached by SHA-256, written atomically), for
@@ -55,13 +55,17 @@ import torch
 from torch import Tensor
 
 from genflow.cache import atomic_write, content_hash, file_sha256
-from genflow.errors import CheckpointError, config_error, exit_on_error
+from genflow.config import Bool, Spec, Str, compose, instantiate, plain_app, target_class, to_container
+from genflow.data.record import checkpoint_hparams, data_record
+from genflow.errors import CheckpointError, config_error, exit_on_error, strip_debug_flag
 from genflow.methods.pfgmpp import _parse_D
 
 #: bump when the conversion changes, so cached conversions are redone
 CONVERTER_VERSION = 1
-USAGE = ("usage: python -m genflow.convert SRC.pkl OUT.ckpt [D=N] [overwrite=true] [data=NAME] [key=value ...]\n"
-         "  D: PFGM++'s augmented dimensions when the pickle does not record them (D=inf: EDM)")
+USAGE = "python -m genflow.apps.convert src=SRC.pkl out=OUT.ckpt [D=N] [overwrite=true] [data=NAME] [key=value ...]"
+# the keys that belong to the stored training config rather than to convert (configs/convert.yaml)
+TRAIN_KEYS = ("data", "net", "model", "sample", "fid", "optim", "ema", "trainer", "seed", "allow_heavy_tails")
+CONVERT_SCHEMA = {"src": Str(null=True), "out": Str(null=True), "D": Spec(object, null=True), "overwrite": Bool()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -622,9 +626,6 @@ def _data_overrides(facts: dict) -> tuple[list[str], str | None]:
 
 def convert_records(data: dict, *, D=None, overrides: Sequence[str] = (), source: str = "") -> dict:
     """A genflow checkpoint dict (state_dict + stored config) from ``read_pickle``'s records."""
-    from genflow.config import compose, instantiate, target_class, to_container
-    from genflow.data.record import checkpoint_hparams, data_record
-
     precond = data["ema"]
     backbone = precond.child("model") if "model" in precond.children else None
     if backbone is None or backbone.class_name not in BACKBONES:
@@ -762,24 +763,13 @@ def published_checkpoint(entry: dict, cache_dir: str | os.PathLike | None = None
 def main(argv: Sequence[str]) -> dict:
     import json
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.split("\n\n")[0] + "\n\n" + USAGE, flush=True)
-        return {}
-    positional = [a for a in argv if "=" not in a]
-    options = [a for a in argv if "=" in a]
-    if len(positional) != 2:
-        raise config_error(f"expected SRC.pkl and OUT.ckpt, got {positional}", "convert reads one pickle and "
-                           "writes one checkpoint", USAGE)
-    D, overwrite, rest = None, False, []
-    for item in options:
-        key, _, value = item.partition("=")
-        if key == "D":
-            D = value
-        elif key == "overwrite":
-            overwrite = value.lower() in ("1", "true", "yes")
-        else:
-            rest.append(item)
-    out = convert(positional[0], positional[1], D=D, overrides=rest, overwrite=overwrite)
+    cfg, train_overrides = plain_app("convert", argv, __doc__.split("\n\n")[0] + "\n\n    " + USAGE,
+                                     schema=CONVERT_SCHEMA, passthrough=TRAIN_KEYS)
+    for key, what in (("src", "SRC.pkl, the network pickle"), ("out", "OUT.ckpt, the checkpoint to write")):
+        if cfg[key] is None:
+            raise config_error(f"{key}= is missing", f"convert reads one pickle and writes one checkpoint: {key} is "
+                               f"{what}", f"usage: {USAGE}")
+    out = convert(cfg.src, cfg.out, D=cfg.D, overrides=train_overrides, overwrite=cfg.overwrite)
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     config = ckpt["hyper_parameters"]["config"]
     from genflow.results.records import absolute, config_names
@@ -793,6 +783,8 @@ def main(argv: Sequence[str]) -> dict:
 
 
 def cli() -> None:
+    """The ``genflow-convert`` console script and ``python -m genflow.apps.convert``."""
+    strip_debug_flag()
     exit_on_error(main, sys.argv[1:])
 
 

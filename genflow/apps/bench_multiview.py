@@ -1,6 +1,6 @@
 """Benchmark: cross-view (3D) vs per-view (2D) attention in MultiViewUNet, train-step time and peak memory.
 
-``python -m genflow.bench multiview [--objects 8] [--views 4,8] [--steps 10] [--stage 2] [--device cpu]``
+``python -m genflow.apps.bench what=multiview [objects=8] [views=[4,8]] [steps=10] [stage=2] [device=cpu]``
 
 Each (attention, V) point builds the stage config (EDM + MultiViewUNet + toy multi-view data, the
 reference frame included at stage 2), then times full training steps (loss, backward, Adam). Peak
@@ -10,7 +10,6 @@ mark of the step itself, approximately).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,16 +18,6 @@ import time
 import torch
 
 from genflow.devices import device_name
-
-
-def _parse(rest) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m genflow.bench multiview")
-    p.add_argument("--objects", type=int, default=8, help="objects per batch (each has V views)")
-    p.add_argument("--views", default="4,8")
-    p.add_argument("--modes", default="3d,2d")
-    p.add_argument("--resolution", type=int, default=16)
-    p.add_argument("--stage", type=int, default=2)
-    return p.parse_args(rest or [])
 
 
 def _rss_mb() -> float:
@@ -95,11 +84,11 @@ def run_point(mode: str, views: int, objects: int, resolution: int, stage: int, 
 
 
 def bench_multiview(args) -> dict:
-    """Entry point used by ``python -m genflow.bench multiview``; returns the JSON-able result."""
+    """Entry point used by ``python -m genflow.apps.bench multiview``; returns the JSON-able result."""
 
-    opts = _parse(getattr(args, "rest", None))
+    opts = args  # objects=, views=, modes=, resolution=, stage= of configs/bench.yaml
     steps, warmup = getattr(args, "steps", 10), getattr(args, "warmup", 2)
-    # the count genflow.bench chose (--threads, OMP_NUM_THREADS or the CPUs free), passed on to each point's process
+    # the count genflow.apps.bench chose (threads=, OMP_NUM_THREADS or the CPUs free), passed on to each point's process
     device, threads = getattr(args, "device", "cpu"), getattr(args, "threads", None) or torch.get_num_threads()
     points = []
     for v in [int(s) for s in opts.views.split(",")]:
@@ -110,7 +99,7 @@ def bench_multiview(args) -> dict:
                 points.append(run_point(**kw))
                 continue
             # a fresh process per point so the CPU peak RSS belongs to that configuration alone
-            code = ("import json,sys; from genflow.bench_multiview import run_point; "
+            code = ("import json,sys; from genflow.apps.bench_multiview import run_point; "
                     "print(json.dumps(run_point(**json.loads(sys.argv[1]))))")
             res = subprocess.run([sys.executable, "-c", code, json.dumps(kw)], capture_output=True, text=True)
             if res.returncode != 0:

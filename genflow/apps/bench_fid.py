@@ -1,6 +1,6 @@
 """Feature-extraction throughput: genflow's extractors vs clean-fid's own loop on the same images.
 
-    python -m genflow.bench fid [--num 256] [--batch 128] [--device cuda] [--inception PATH] [--res 32]
+    python -m genflow.apps.bench fid [--num 256] [--batch 128] [--device cuda] [--inception PATH] [--res 32]
 
 Both sides use the same TorchScript network (clean-fid's ``InceptionV3W``) and resizer; clean-fid's
 ``get_model_features`` resizes image by image in the main thread ('clean' mode) while genflow
@@ -9,7 +9,6 @@ with the same interface is used (the result says so): it measures the pipeline, 
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import tempfile
 import time
@@ -68,10 +67,7 @@ def bench_fid(args) -> dict:
     from genflow.metrics.features import DigitsFeatures, InceptionFeatures, resolve_inception_path
     from genflow.sampling import to_uint8
 
-    p = argparse.ArgumentParser(prog="python -m genflow.bench fid")
-    p.add_argument("--inception", default=None)
-    p.add_argument("--res", type=int, default=32)
-    extra = p.parse_args(getattr(args, "rest", []) or [])
+    extra = args  # inception=, res= of configs/bench.yaml
     device = torch.device(args.device)
     num = int(args.num)
     batch = min(int(args.batch), num)  # clean-fid's loop draws whole batches: none larger than the image count

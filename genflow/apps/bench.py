@@ -1,32 +1,31 @@
-"""Throughput benchmarks, printed as one JSON line each (never timed tests).
+"""Throughput benchmarks, printed as one JSON line each (never timed tests). Options are key=value
+(configs/bench.yaml; ``--help`` lists them all):
 
-    python -m genflow.bench train-step [--model pfgmpp] [--net unet_digits] [--data digits] [--batch 128]
-                                       [--steps 20] [--device cpu|cuda] [--precision fp32|bf16] [--threads N]
-                                       [--shape 3,32,32] [--compile] [--channels-last]
-                                       [--matmul-precision highest|high|medium] [--no-ema]
-    python -m genflow.bench sample     [same options] [--sample-steps 18] [--num 256]
-    python -m genflow.bench gpu-suite  [--device cuda] [--net ddpmpp_cifar10] [--shape 3,32,32] [--batch 256]
-                                       [--ablation]
-    python -m genflow.bench table GPU_SUITE.jsonl   (the suite's lines as a markdown table)
-    python -m genflow.bench fid        (feature extraction vs clean-fid; genflow.bench_fid)
-    python -m genflow.bench multiview  (3D vs 2D attention; genflow.bench_multiview)
+    python -m genflow.apps.bench what=train-step [model=pfgmpp] [net=unet_digits] [data=digits] [batch=128]
+        [steps=20] [device=cpu|cuda] [precision=fp32|bf16] [threads=N] [shape=[3,32,32]] [compile=true]
+        [channels_last=true] [matmul_precision=highest|high|medium] [ema=false]
+    python -m genflow.apps.bench what=sample [same options] [sample_steps=18] [num=256]
+    python -m genflow.apps.bench what=gpu-suite [device=cuda] [net=ddpmpp_cifar10] [shape=[3,32,32]] [ablation=true]
+    python -m genflow.apps.bench what=table table=GPU_SUITE.jsonl   (the suite's lines as a markdown table)
+    python -m genflow.apps.bench what=fid        (feature extraction vs clean-fid; genflow.apps.bench_fid)
+    python -m genflow.apps.bench what=multiview  (3D vs 2D attention; genflow.apps.bench_multiview)
 
-``--shape C,H,W`` benchmarks on random data of that shape (no dataset needed), e.g.
-``--net ddpmpp_cifar10 --shape 3,32,32`` for the CIFAR-10 network.
+``shape=[C,H,W]`` benchmarks on random data of that shape (no dataset needed), e.g.
+``net=ddpmpp_cifar10 shape=[3,32,32]`` for the CIFAR-10 network.
 
 The training step is the one ``train.py`` runs: the method's loss on ``GenerativeModule``'s training
-network (compiled with ``--compile``), bf16 autocast with ``--precision bf16``, backward, the fused
-gradient sanitisation, the module's own optimizer (fused Adam on CUDA) and the EMA update (``--no-ema``
+network (compiled with ``compile=true``), bf16 autocast with ``precision=bf16``, backward, the fused
+gradient sanitisation, the module's own optimizer (fused Adam on CUDA) and the EMA update (``ema=false``
 leaves it out). MFU = (FLOPs of one training step per image, counted once with
 ``torch.utils.flop_counter.FlopCounterMode``, x images/s) / the device's dense bf16 tensor-core peak
 (``PEAK_BF16_FLOPS``; the same denominator for fp32 runs, so the figures compare); null where the
 device is not in the table (any CPU).
 
-``gpu-suite`` measures issue 10's figures on one GPU in a few minutes, one JSON line per figure:
+``gpu-suite`` measures the GPU figures of docs/benchmarks.md on one GPU in a few minutes, one JSON line per figure:
 training step fp32 / bf16 / bf16 with the levers of ``trainer=gpu``; sampling fp32 / bf16 (18 Heun
 steps); the time to generate and score 50 000 images for FID, extrapolated from a measured chunk; the
 feature extractor's throughput (the Inception file when present, else a stand-in network, said so); then
-the levers one at a time on top of bf16 (channels-last alone; with ``--ablation`` the compiled step
+the levers one at a time on top of bf16 (channels-last alone; with ``ablation=true`` the compiled step
 without channels-last too), so one call says which levers ``trainer=gpu`` should keep.
 """
 from __future__ import annotations
@@ -41,7 +40,7 @@ import torch
 from genflow.devices import device_name
 
 #: dense (no sparsity) bf16 tensor-core peak, FLOP/s, by device-name substring (first match wins). The H200
-#: figure is the one issue 10's MFU goal is stated against; H100 SXM is NVIDIA's 989 TFLOP/s.
+#: figure is the one genflow's MFU goal is stated against; H100 SXM is NVIDIA's 989 TFLOP/s.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("H200", 790e12),
     ("H100 PCIe", 756e12),
@@ -199,7 +198,7 @@ def bench_sample(args) -> dict:
 
 def bench_extractor(args, images: torch.Tensor) -> dict:
     """Throughput of the FID feature extractor (clean mode, resizer on CPU threads) on generated images."""
-    from genflow.bench_fid import _standin_folder
+    from genflow.apps.bench_fid import _standin_folder
     from genflow.errors import ConfigError
     from genflow.metrics.features import InceptionFeatures, resolve_inception_path
 
@@ -222,7 +221,7 @@ def bench_extractor(args, images: torch.Tensor) -> dict:
 
 
 def bench_gpu_suite(args) -> list[dict]:
-    """Issue 10's figures, one JSON line each (see the module docstring)."""
+    """The GPU figures, one JSON line each (see the module docstring)."""
     from genflow.sampling import generate
 
     device = torch.device(args.device)
@@ -230,7 +229,7 @@ def bench_gpu_suite(args) -> list[dict]:
         print("error: the GPU suite needs a CUDA device and none is visible\n"
               "  why: it measures training, sampling and FID throughput on the GPU\n"
               "  fix: run it on a machine with a GPU (scripts/gpu_check.sh), or "
-              "`python -m genflow.bench gpu-suite --device cpu` for a small smoke run", file=sys.stderr)
+              "`python -m genflow.apps.bench what=gpu-suite device=cpu` for a small smoke run", file=sys.stderr)
         raise SystemExit(2)
     results = []
 
@@ -274,7 +273,7 @@ def bench_gpu_suite(args) -> list[dict]:
     reps = max(1, args.extractor_num // images.shape[0])
     emit(bench_extractor(args, images.repeat(reps, *[1] * (images.ndim - 1))))
     # 5. each lever of trainer=gpu alone on top of bf16 (last: the figures above are out if time runs short);
-    # channels-last is cheap, a second compilation is not, so that one only with --ablation
+    # channels-last is cheap, a second compilation is not, so that one only with ablation=true
     emit(bench_train_step(variant(precision="bf16", matmul_precision="high", compile=False, channels_last=True,
                                   flops_per_img=flops)))
     if args.ablation:
@@ -283,7 +282,7 @@ def bench_gpu_suite(args) -> list[dict]:
     return results
 
 
-#: issue 10's measurements of NVlabs EDM on one H200 (torch 2.11, DDPM++ CIFAR-10, batch 256): its fp32 step
+#: measurements of NVlabs EDM's train.py on one H200 (torch 2.11, DDPM++ CIFAR-10, batch 256): its fp32 step
 #: (TF32 off), its own --fp16 step (set against our bf16 rows) and generate.py's fp32 sampling, 18 Heun steps
 EDM_H200 = {("train-step", "fp32"): "249", ("train-step", "bf16"): "1652 (its fp16)", ("sample", "fp32"): "12.6"}
 
@@ -308,8 +307,8 @@ def _edm_setting(row: dict) -> bool:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The suite's JSON lines as the README's Benchmarks table (with EDM's figures from issue 10 beside ours)."""
-    lines = ["| figure | settings | img/s | ms/step | MFU | peak MB | EDM, one H200 (issue 10) |",
+    """The suite's JSON lines as the README's Benchmarks table (with the measured figures of NVlabs EDM beside ours)."""
+    lines = ["| figure | settings | img/s | ms/step | MFU | peak MB | EDM, one H200 |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         img_per_s = row.get("img_per_s") or (round(50000 / row["extrapolated_50k_s"], 1)
@@ -324,9 +323,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def print_table(args) -> str:
-    path = args.rest[0] if args.rest else None
+    path = args.table
     if path is None:
-        raise SystemExit("usage: python -m genflow.bench table GPU_SUITE.jsonl")
+        from genflow.errors import config_error
+
+        raise config_error("what=table needs table=GPU_SUITE.jsonl", "the table is made from gpu-suite's JSON lines",
+                           "python -m genflow.apps.bench what=table table=gpu_check/gpu_suite.jsonl")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.startswith("{")]
     table = markdown_table(rows)
@@ -334,42 +336,36 @@ def print_table(args) -> str:
     return table
 
 
-def main(argv=None):
-    from genflow.config import MATMUL_PRECISIONS
+WHAT = ("train-step", "sample", "gpu-suite", "fid", "multiview", "table")
 
-    parser = argparse.ArgumentParser(prog="python -m genflow.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train-step", "sample", "gpu-suite", "fid", "multiview", "table"])
-    parser.add_argument("--model", default=None, help="default pfgmpp (edm in gpu-suite)")
-    parser.add_argument("--net", default=None)
-    parser.add_argument("--data", default="digits")
-    parser.add_argument("--shape", default=None, help="C,H,W: random data of this shape instead of --data")
-    parser.add_argument("--batch", type=int, default=None, help="default 128 (256 in gpu-suite)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--sample-steps", type=int, default=18)
-    parser.add_argument("--solver", default="heun")
-    parser.add_argument("--num", type=int, default=256)
-    parser.add_argument("--device", default=None, help="default cuda when visible, else cpu (gpu-suite: cuda)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--matmul-precision", default="highest", choices=MATMUL_PRECISIONS,
-                        help="highest (TF32 off) | high | medium")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: eager)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC activations and weights")
-    parser.add_argument("--no-ema", dest="ema", action="store_false", help="leave the EMA update out of the step")
-    parser.add_argument("--sample-batch", type=int, default=256, help="gpu-suite: sampling batch")
-    parser.add_argument("--fid-chunk", type=int, default=512, help="gpu-suite: images generated to time FID")
-    parser.add_argument("--extractor-num", type=int, default=4096, help="gpu-suite: images for the extractor")
-    parser.add_argument("--ablation", action="store_true",
-                        help="gpu-suite: also time the compiled step without channels-last (one more compilation)")
-    parser.add_argument("--inception", default=None, help="inception-2015-12-05.pt (file or folder)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available to the process)")
-    parser.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. D=2048")
-    args, rest = parser.parse_known_args(argv)
+
+def options_of(cfg) -> argparse.Namespace:
+    """The benchmark's options as attributes (``args.batch``); lists of the command line as the functions
+    read them (shape "3,32,32", views "4,8")."""
+    from omegaconf import OmegaConf
+
+    opts = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("shape", "views", "modes"):
+        if isinstance(opts.get(key), list):
+            opts[key] = ",".join(str(v) for v in opts[key])
+    return argparse.Namespace(**opts)
+
+
+def main(argv=None):
+    from genflow.config import MATMUL_PRECISIONS, PRECISION, Bool, Int, Spec, Str, plain_app
+
+    schema = {"what": Str(choices=WHAT), "model": Str(null=True), "net": Str(null=True), "data": Str(),
+              "shape": Spec(object, null=True), "batch": Int(1, null=True), "steps": Int(1), "warmup": Int(0),
+              "sample_steps": Int(1), "solver": Str(), "num": Int(1), "device": Str(null=True),
+              "precision": PRECISION, "matmul_precision": Str(choices=MATMUL_PRECISIONS),
+              "compile": Bool(), "compile_backend": Str(), "channels_last": Bool(), "ema": Bool(),
+              "sample_batch": Int(1), "fid_chunk": Int(1), "extractor_num": Int(1), "ablation": Bool(),
+              "inception": Str(null=True), "threads": Int(1, null=True), "override": Spec(object),
+              "table": Str(null=True), "res": Int(8), "objects": Int(1), "views": Spec(object), "modes": Spec(object),
+              "resolution": Int(8), "stage": Int(choices=(1, 2))}
+    cfg, _ = plain_app("bench", sys.argv[1:] if argv is None else argv, __doc__, schema=schema)
+    args = options_of(cfg)
     if args.what == "table":
-        args.rest = rest
         return print_table(args)
     suite = args.what == "gpu-suite"
     if suite and args.net is None:
@@ -381,17 +377,24 @@ def main(argv=None):
 
     print(f"bench: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.what == "fid":
-        from genflow.bench_fid import bench_fid as fn
+        from genflow.apps.bench_fid import bench_fid as fn
     elif args.what == "multiview":
-        from genflow.bench_multiview import bench_multiview as fn
+        from genflow.apps.bench_multiview import bench_multiview as fn
     else:
         fn = {"train-step": bench_train_step, "sample": bench_sample, "gpu-suite": bench_gpu_suite}[args.what]
-    args.rest = rest
     result = fn(args)
     if not suite:
         print(json.dumps(result), flush=True)
     return result
 
 
+def cli() -> None:
+    """The ``genflow-bench`` console script and ``python -m genflow.apps.bench``."""
+    from genflow.errors import exit_on_error, strip_debug_flag
+
+    strip_debug_flag()
+    exit_on_error(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

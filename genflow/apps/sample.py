@@ -1,9 +1,18 @@
-"""The sampling app behind sample.py: a Hydra app with configs/sample.yaml (``python sample.py --help``).
+"""Sample a trained model (a Hydra app with configs/sample.yaml; ``genflow-sample --help``):
+
+    python -m genflow.apps.sample ckpt=PATH num=64 seeds=0-63 steps=18 solver=heun out=DIR [guidance=w] [device=cuda]
+    python -m genflow.apps.sample -m ckpt=PATH guidance=1,1.5,2 out=DIR     # one sub-folder of DIR per guidance
+    python sample.py ...           # the same app, from the repository root
+
+Writes one PNG per seed (images), grid.png and samples.npz, and ends with one JSON line. Image i depends only
+on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled, and its
+stored config may name only genflow's registry of classes (genflow.registry).
 
 Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
 command line is composed, the checkpoint (readable, a genflow checkpoint), the solver and its settings
 (``S_churn=`` ...) against the model, ``sigma_min=``/``sigma_max=``/``rho=`` against the model's method,
-``class=``/``guidance=``/``reference=`` against the model's data, and the output folder. Nothing but the
+``class=``/``guidance=``/``reference=`` against the model's data, ``guide_ckpt=`` (autoguidance) against
+the model's method and data, and the output folder. Nothing but the
 checkpoint is read (its record of the data) unless the job needs the data (multi-view conditions).
 Seeds, labels and sampler noise follow EDM's generate.py, so a converted EDM network gives its images.
 """
@@ -13,19 +22,21 @@ import json
 import time
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genflow.config import (PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device, check_output_dir,
-                            check_schema, check_target, build_method, config_from_checkpoint, data_conditions,
-                            read_checkpoint, sampler_options)
-from genflow.errors import config_error
+from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device,
+                            check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
+                            data_conditions, read_checkpoint, run_app, sampler_options)
+from genflow.errors import config_error, reported
 from genflow.outputs import check_sample_folder, sample_settings, write_sample_manifest
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
-    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "batch": Int(1), "device": Str(null=True),
+    "solver": Str(), "out": Str(), "guidance": Float(0, null=True), "guide_ckpt": Str(null=True), "batch": Int(1),
+    "device": Str(null=True),
     "class": Int(0, null=True, example=0), "reference": Str(null=True), "precision": PRECISION, "progress": Bool(),
     **SAMPLER_SCHEMA, **{key: Float(0, lo_open=True, null=True, example=example) for key, example in
                          (("sigma_min", 0.002), ("sigma_max", 80), ("rho", 7))},
@@ -78,17 +89,26 @@ def validate(cfg: DictConfig) -> None:
     seeds_of(cfg)
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
-    ckpt = read_checkpoint(cfg.ckpt)
+    ckpt = read_checkpoint(cfg.ckpt, mmap=True)  # the check maps the tensors; the job reads the weights once
     check_sample_folder(Path(str(cfg.out)).expanduser(), sample_settings(cfg, cfg.ckpt))
     stored = config_from_checkpoint(ckpt, grid_overrides(cfg))
     if grid_overrides(cfg):  # a method without a sigma grid says so (an unknown key), before anything is built
         check_target(stored.model, "model")
     # each method lists the samplers it offers, and each sampler the settings it takes
     build_method(stored).check_solver(cfg.solver, options=sampler_options(cfg))
-    if cfg.guidance is not None and not data_conditions(stored.data):
+    if cfg.guide_ckpt is not None:  # autoguidance: guidance= is its weight; the guide is compared as trained
+        from genflow.config.guide import check_guide
+
+        check_guide(config_from_checkpoint(ckpt), cfg.guide_ckpt)
+        if cfg.guidance is None:
+            raise config_error(f"guide_ckpt={cfg.guide_ckpt} without guidance=", "autoguidance needs its weight w "
+                               "(D = D_guide + w (D_ckpt - D_guide); w = 1 is the model alone)",
+                               "pass guidance=W, e.g. guidance=2")
+    elif cfg.guidance is not None and not data_conditions(stored.data):
         raise config_error(f"guidance={cfg.guidance} for an unconditional model", "classifier-free guidance mixes "
                            "conditional and unconditional predictions; this checkpoint has no condition",
-                           "drop guidance=, or use a conditional model")
+                           "drop guidance=, use a conditional model, or guide with a weaker model of the same "
+                           "config (guide_ckpt=PATH: autoguidance)")
     if cfg["class"] is not None and not stored.data.get("conditional"):
         raise config_error(f"class={cfg['class']} for a model without class labels",
                            "the checkpoint was trained with data.conditional=false", "drop class=")
@@ -130,9 +150,15 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         raise config_error(f"class={cfg['class']} is out of range", f"the model knows classes 0..{dm.num_classes - 1}",
                            f"use class=0..{dm.num_classes - 1}")
 
+    net = module.net
+    if cfg.guide_ckpt is not None:  # autoguidance replaces classifier-free guidance
+        from genflow.config.guide import load_guide
+        from genflow.methods.base import autoguided
+
+        net, guidance = autoguided(net, load_guide(cfg.guide_ckpt, device), guidance), None
     start, counts, options = time.perf_counter(), {}, sampler_options(cfg)
     # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
-    samples = generate(module.method, module.net, seeds, shape, steps=steps, solver=solver, cond=cond,
+    samples = generate(module.method, net, seeds, shape, steps=steps, solver=solver, cond=cond,
                        guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
                        device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts,
                        solver_options=options, num_classes=dm.num_classes, class_label=cfg["class"])
@@ -164,3 +190,18 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     result["npz"] = str(out / "samples.npz")
     print(json.dumps(result), flush=True)
     return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
+@reported
+def app(cfg: DictConfig) -> None:
+    main(cfg, validated=True)
+
+
+def cli() -> None:
+    """The ``genflow-sample`` console script and ``python -m genflow.apps.sample``."""
+    run_app(app, "sample", validate)
+
+
+if __name__ == "__main__":
+    cli()

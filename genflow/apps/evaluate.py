@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: FID with the EDM / PFGM++ protocol and/or held-out likelihood.
-A Hydra app with configs/evaluate.yaml (``python -m genflow.evaluate --help``):
+A Hydra app with configs/evaluate.yaml (``python -m genflow.apps.evaluate --help``):
 
-    python -m genflow.evaluate ckpt=PATH [fid.num=50000] [fid.seed_sets=3] [fid.steps=18] [fid.solver=heun]
+    python -m genflow.apps.evaluate ckpt=PATH [guide_ckpt=BAD fid.guidance=W] [fid.num=50000] [fid.seed_sets=3]
+        [fid.steps=18] [fid.solver=heun]
         [fid.S_churn=40 fid.S_tmin=0.05 fid.S_tmax=50 fid.S_noise=1.003] (with fid.solver=stochastic)
         [fid.mode=legacy_tensorflow] [fid.ref=train|val|STATS.npz|cleanfid:NAME] [fid.inception_path=FILE]
         [fid.kid=true] [fid.batch_size=256] [fid.time_limit=SECONDS] [fid.download=false] [precision=fp32|bf16]
@@ -12,8 +13,9 @@ FID: image i from seed i (seeds 0..N-1; set k uses kN..(k+1)N-1), the minimum ov
 sets is reported (EDM's "best of three"), against statistics of the full training split (computed
 once and cached) or a given EDM / clean-fid statistics file: with a file, nothing but the checkpoint is
 read (its record of the data gives shape, classes and features; the data set is read only for
-``fid.ref=train|val`` and ``nll=true``). Under ``torchrun`` the seeds are sharded
-over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
+``fid.ref=train|val`` and ``nll=true``); ``guide_ckpt`` scores the model autoguided by a weaker one of the same
+method and data with weight ``fid.guidance`` (``genflow.methods.base.Autoguided``). Under ``torchrun`` the seeds
+are sharded over processes and the statistics all-reduced. NLL (``nll=true``) runs ``genflow.likelihood.evaluate_nll``
 on the held-out split. ``data.*`` arguments override the checkpoint's stored data config (e.g. ``data.root``
 on a machine where the data lives elsewhere). Everything is checked before the model is loaded. Ends with
 one JSON line.
@@ -32,13 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, build_data, build_method,
                             check_device, check_output_dir, check_schema, check_target, config_from_checkpoint,
-                            read_checkpoint, run_app, sampler_options)
+                            read_checkpoint, run_app, sampler_options, target_class)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 from genflow.outputs import check_record
 
 EVALUATE_SCHEMA = {
-    "ckpt": Str(), "precision": PRECISION, "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)},
+    "ckpt": Str(), "guide_ckpt": Str(null=True), "precision": PRECISION,
+    "fid": {**FID_SCHEMA, "num": Int(0, null=True, example=50000)},
     "nll": Bool(),
     "sigma0": Float(0, lo_open=True, null=True, example=0.01),
     "nll_num": Int(1, null=True), "nll_batch": Int(1), "nll_importance": Int(1, null=True),
@@ -77,13 +80,33 @@ def validate(cfg: DictConfig) -> None:
         check_output_dir(out.parent, "out's folder")  # new folders are made; a file on the way is refused
         check_record(out, cfg.ckpt)  # never another run's or checkpoint's file
     check_device(cfg.device)
-    stored = config_from_checkpoint(read_checkpoint(cfg.ckpt), data_overrides(cfg))
+    # the check maps the tensors; the evaluation reads the weights once
+    stored = config_from_checkpoint(read_checkpoint(cfg.ckpt, mmap=True), data_overrides(cfg))
     check_target(stored.data, "data", provided=("seed",))
+    data_cls = target_class(stored.data)
+    if fid_num(cfg) and cfg.fid.extractor is None and getattr(data_cls, "feature_extractor", None) == "none":
+        raise config_error(f"no image FID for a model of {data_cls.__name__} data",
+                           "FID compares Inception (or digits-classifier) features of images; this model's samples "
+                           "are not such images (2-D points, vectors, or multi-view sets)",
+                           "use nll=true fid.num=0 for the held-out likelihood; compare samples of vector data with "
+                           "genflow.metrics.sliced_wasserstein (docs/guide/evaluation.md); for multi-view models run "
+                           "scripts/isotropic3d_consistency.py")
     if (fid_num(cfg) and str(cfg.fid.ref) in ("train", "val")) or cfg.nll:
         build_data(stored)  # this job reads the data set: its root is checked now (the record suffices otherwise)
     if fid_num(cfg):
         solver = cfg.fid.solver or (stored.get("sample") or {}).get("solver", "heun")
         build_method(stored).check_solver(solver, "fid.solver", sampler_options(cfg.fid))
+    if cfg.guide_ckpt is not None:
+        from genflow.config.guide import check_guide
+
+        if not fid_num(cfg):
+            raise config_error(f"guide_ckpt={cfg.guide_ckpt} with no FID to compute", "autoguidance changes "
+                               "sampling only; the likelihood is the model's own", "drop guide_ckpt, or ask for FID")
+        check_guide(stored, cfg.guide_ckpt)
+        if cfg.fid.guidance is None:
+            raise config_error(f"guide_ckpt={cfg.guide_ckpt} without fid.guidance=", "autoguidance needs its weight "
+                               "w (D = D_guide + w (D_ckpt - D_guide); w = 1 is the model alone)",
+                               "pass fid.guidance=W, e.g. fid.guidance=2")
 
 
 def _init_distributed(device_arg):
@@ -106,11 +129,15 @@ def _init_distributed(device_arg):
     return device, rank
 
 
-def run_fid(module, dm, cfg, fid, device, progress: bool) -> dict:
+def run_fid(module, dm, cfg, fid, device, progress: bool, guide=None) -> dict:
+    """FID of ``module``; with ``guide`` (a network), of the model autoguided by it with weight fid.guidance."""
     from genflow.config import fid_options
+    from genflow.methods.base import autoguided
     from genflow.metrics import evaluate_fid
 
     options = fid_options(fid, cfg.get("sample"), device=device)
+    if guide is not None:
+        options["net"], options["guidance"] = autoguided(module.net, guide, options["guidance"]), None
     if options.get("progress") is None:
         options["progress"] = progress
     nfe = module.method.nfe(options["steps"], options["solver"])  # None: adaptive, measured below
@@ -163,7 +190,7 @@ def fid_num(cfg: DictConfig) -> int:
 
 
 def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
-    """Evaluate as ``python -m genflow.evaluate`` does; ``cfg`` is the composed config or its overrides."""
+    """Evaluate as ``python -m genflow.apps.evaluate`` does; ``cfg`` is the composed config or its overrides."""
     from genflow.config import compose, module_from_checkpoint
     from genflow.results.records import absolute, config_names
 
@@ -185,7 +212,13 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     result.update({k: v for k, v in module.method.describe().items() if k != "method"})
     if want_fid:
         # build the extractor first: a missing weight file fails before any sampling
-        result.update(run_fid(module, dm, stored, cfg.fid, device, progress))
+        guide = None
+        if cfg.guide_ckpt is not None:
+            from genflow.config.guide import load_guide
+
+            guide = load_guide(cfg.guide_ckpt, device)
+            result.update(guide_ckpt=str(cfg.guide_ckpt), guidance=float(cfg.fid.guidance))
+        result.update(run_fid(module, dm, stored, cfg.fid, device, progress, guide))
     if want_nll and rank == 0:
         result.update(run_nll(module, dm, cfg, device, progress))
     result["device"] = device_name(device)
@@ -207,5 +240,10 @@ def app(cfg: DictConfig) -> None:
     main(cfg, validated=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``genflow-evaluate`` console script and ``python -m genflow.apps.evaluate``."""
     run_app(app, "evaluate", validate)
+
+
+if __name__ == "__main__":
+    cli()

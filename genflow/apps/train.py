@@ -1,22 +1,50 @@
-"""The training run behind train.py: build, fit, then write the grid, the exports and the JSON line."""
+"""Train a generative model (a Hydra app with configs/train.yaml; ``genflow-train --help``):
+
+    python -m genflow.apps.train model=pfgmpp D=128 data=digits [trainer.max_steps=N] [hydra.run.dir=DIR]
+    python train.py ...            # the same app, from the repository root
+
+Composes configs/train.yaml, builds (module, datamodule) through genflow.config.build, fits with Lightning,
+writes the EMA checkpoint, a sample grid and (where configured) FID, and ends with one JSON line. A bad input
+ends in `error: what / why / fix` and exit 2 before anything is built (--debug: the traceback).
+"""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 
+import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from safetensors.torch import save_file
 
-from genflow.config import GENFLOW_TRAINER_KEYS, build, forget_checkpoints, to_container, validate
+from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, method_settings, prepare_run,
+                                     write_result)
+from genflow.cache import atomic_write
+from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
+                            to_container, validate)
+from genflow.errors import reported
+from genflow.metrics import evaluate_fid
+from genflow.results.records import absolute
+from genflow.progress import say
+from genflow.threads import configure_threads
+from genflow.training import AtomicCheckpointIO, EDMEma, SampleGrid
+from genflow.training.module import speed_settings
+from genflow.training.progress_bar import TrainProgress
+from genflow.training.resume import RunCheckpoint
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     if cfg.get("run_dir"):  # explicit (tests, and the leaderboard, which trains inside its own Hydra app)
         return Path(cfg.run_dir)
     if HydraConfig.initialized():
@@ -24,16 +52,19 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path("outputs/run")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
-    """A Trainer with the callbacks of the `callbacks` group and the loggers of the `logger` group (one config
-    file each); relative folders in them (dirpath, save_dir) are inside ``run_dir``."""
-    from genflow.training import AtomicCheckpointIO
+def make_trainer(cfg: DictConfig, run_dir: Path, *, start_step: int = 0, **overrides) -> pl.Trainer:
+    """A Trainer with the parts every run has (the EMA, the checkpoints, the progress display: ``run_callbacks``),
+    the optional callbacks of the `callbacks` group and the loggers of the `logger` group (one config file each,
+    each removable: ``~callbacks.sample_grid``, ``logger=none``); relative folders in them (dirpath, save_dir) are
+    inside ``run_dir``. ``start_step``: the step a resumed run continues from (TensorBoard drops what a killed
+    session logged after it)."""
 
+    loggers = instantiate_group(cfg.get("logger"), run_dir, start_step=start_step)
     callbacks = instantiate_group(cfg.get("callbacks"), run_dir)
-    loggers = instantiate_group(cfg.get("logger"), run_dir)
     if not loggers:  # logger=none: the learning rate has nowhere to go (Lightning's monitor would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
-    callbacks += run_callbacks(cfg, run_dir)
+    own = run_callbacks(cfg, run_dir)  # EMA and checkpoints first, as before; the progress display last
+    callbacks = own[:2] + callbacks + own[2:]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in GENFLOW_TRAINER_KEYS:  # genflow's own speed settings, applied by training.module.speed_settings
         trainer_kwargs.pop(key, None)
@@ -46,36 +77,53 @@ def make_trainer(cfg: DictConfig, run_dir: Path, **overrides) -> pl.Trainer:
 RUN_DIR_KEYS = ("dirpath", "save_dir")
 
 
-def instantiate_group(group, run_dir: Path) -> list:
-    """Instantiate every ``_target_`` node of a config group (callbacks, logger), in file order."""
-    from genflow.config import instantiate
-
+def instantiate_group(group, run_dir: Path, *, start_step: int = 0) -> list:
+    """Instantiate every ``_target_`` node of a config group (callbacks, logger), in file order. A TensorBoard
+    logger of a resumed run gets ``purge_step=start_step`` (a SummaryWriter argument)."""
     objects = []
     for spec in (group or {}).values():
         if spec is None or "_target_" not in spec:
             continue
-        in_run_dir = {k: str(run_dir / str(spec[k])) for k in RUN_DIR_KEYS
-                      if k in spec and spec[k] is not None and not Path(str(spec[k])).is_absolute()}
-        objects.append(instantiate(spec, **in_run_dir))
+        extra = {k: str(run_dir / str(spec[k])) for k in RUN_DIR_KEYS
+                 if k in spec and spec[k] is not None and not Path(str(spec[k])).is_absolute()}
+        cls = target_class(spec)
+        if start_step and isinstance(cls, type) and issubclass(cls, TensorBoardLogger) and "purge_step" not in spec:
+            extra["purge_step"] = start_step
+        objects.append(instantiate(spec, **extra))
     return objects
 
 
 def run_callbacks(cfg: DictConfig, run_dir: Path) -> list:
-    """The progress display every run gets (a Rich bar, or plain lines when stdout is not a terminal)."""
-    from genflow.training.progress import TrainProgress
+    """The parts of every run, built from its top-level sections rather than the optional `callbacks` group:
+    the EMA of the weights (``ema``: EDM's, or EDM2's post-hoc EMA), the checkpoints (``checkpoint``: periodic, last.ckpt on a wall-clock
+    cadence and on Ctrl-C / SIGTERM) and the progress display (a Rich bar, or plain lines when stdout is not a
+    terminal)."""
 
-    if not cfg.trainer.get("enable_progress_bar", True):
-        return []
-    return [TrainProgress(every_seconds=(cfg.get("progress") or {}).get("every_seconds", 30),
-                          log_path=run_dir / "train.log")]
+    ckpt = cfg.checkpoint
+    parts = [ema_callback(cfg.ema, run_dir),
+             RunCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step_{step:06d}", auto_insert_metric_name=False,
+                           every_n_train_steps=ckpt.every_n_steps, save_top_k=ckpt.keep, save_last=True, monitor="step",
+                           mode="max", every_minutes=ckpt.every_minutes)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        parts.append(TrainProgress(every_seconds=(cfg.get("progress") or {}).get("every_seconds", 30),
+                                   log_path=run_dir / "train.log"))
+    return parts
+
+
+def ema_callback(ema: DictConfig, run_dir: Path):
+    """The run's EMA (the ``ema`` group): EDM's (``ema=edm``: half-life and ramp-up) or EDM2's power-function
+    EMAs with snapshots in ``<run>/posthoc`` (``ema=posthoc``: widths ``sigma_rel``)."""
+    if ema.get("sigma_rel") is not None:
+        from genflow.training import PowerEma
+
+        return PowerEma(sigma_rel=list(ema.sigma_rel), snapshot_kimg=ema.snapshot_kimg, dirpath=str(run_dir / "posthoc"))
+    return EDMEma(halflife_kimg=ema.halflife_kimg, rampup=ema.rampup)
 
 
 def quiet_console() -> None:
     """Silence what carries no information for a genflow user: Lightning's device lines ("GPU available:
     False ..."), its advertisements ("Tip: ... litlogger"), its stop notice, and known third-party
     deprecation warnings that a user cannot act on."""
-    import logging
-    import warnings
 
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -87,10 +135,8 @@ def quiet_console() -> None:
 
 
 def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list[str]:
-    from genflow.training.runs import describe
-
     d = describe(cfg, module.method)
-    model = " ".join([d["model"]] + [f"{k}={d[k]}" for k in ("D", "path", "stage", "T", "schedule") if k in d])
+    model = " ".join([d["model"]] + [f"{k}={v}" for k, v in method_settings(d).items()])
     params = sum(p.numel() for p in module.net.parameters()) / 1e6
     res = f" {d['resolution']}px" if "resolution" in d else ""
     return [f"run {run_dir}",
@@ -103,29 +149,21 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     """Fit, then grid, exports, final metrics and the JSON line. ``validated``: the caller has already run
     ``genflow.config.validate`` on this config (train.py does so before Hydra starts the job), so the
     checkpoints are not read and the images not verified a second time."""
-    from genflow.training.runs import RunFolderLock
 
-    if not validated:
-        validate(cfg)
+    read = {} if validated else validate(cfg)
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
+        from genflow.config.guide import check_guide
+
+        check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
     with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
-        return _train_in(cfg, run_dir, lock.notes)
+        return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"))
 
 
-def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
-    import signal
-    import sys
+def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> dict:
 
-    from pytorch_lightning.utilities import rank_zero_only
 
-    from genflow.progress import say
-    from genflow.threads import configure_threads
-    from genflow.training.module import speed_settings
-    from genflow.training.resume import RunCheckpoint
-    from genflow.training.runs import continue_command, describe, prepare_run, write_result
-
-    start = prepare_run(cfg, run_dir)  # refuses to overwrite a run, before any work
-    forget_checkpoints()
+    start = prepare_run(cfg, run_dir, resume)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     for note in notes + start.notes if rank_zero_only.rank == 0 else ():
@@ -139,14 +177,20 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
     module, dm = build(cfg)
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
-    trainer = make_trainer(cfg, run_dir, enable_model_summary=False)
+    trainer = make_trainer(cfg, run_dir, start_step=start.step, enable_model_summary=False)
     dm.check_batch_size(trainer.world_size)  # before any step: the reported batch is the one that runs
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs (checked against the run in train)
+        from genflow.config.guide import load_guide
+        from genflow.training import FIDCallback
+
+        guide = load_guide(cfg.sample.guide_ckpt, trainer.strategy.root_device)
+        for callback in trainer.callbacks:
+            if isinstance(callback, (SampleGrid, FIDCallback)):
+                callback.guide = guide
     if trainer.is_global_zero:
         for line in settings_lines(cfg, module, run_dir, threads):
             say(line, log)
     for logger in trainer.loggers:
-        if start.step and hasattr(logger, "_kwargs"):  # TensorBoard: hide what a killed session logged after
-            logger._kwargs.setdefault("purge_step", start.step)  # its checkpoint (the CSV logger drops it)
         logger.log_hyperparams(describe(cfg, module.method))
     began = time.perf_counter()
     # prepare_run read the checkpoint with weights_only=True already: Lightning never unpickles code either
@@ -172,9 +216,6 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str]) -> dict:
 def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0) -> dict:
     """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
     so the reported rate counts only the steps trained here, over this process's wall time."""
-    from genflow.results.records import absolute
-    from genflow.training import SampleGrid
-    from genflow.training.runs import describe
 
     ckpt_cb = trainer.checkpoint_callback
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
@@ -185,8 +226,8 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
     # belong on the training device (each rank's own, for the seed-sharded FID)
     device = trainer.strategy.root_device
     module.to(device)
-    grid_cb = next(c for c in trainer.callbacks if isinstance(c, SampleGrid))
-    grid = grid_cb.write(trainer, module, run_dir / "grid.png")
+    grid_cb = next((c for c in trainer.callbacks if isinstance(c, SampleGrid)), None)  # ~callbacks.sample_grid: none
+    grid = grid_cb.write(trainer, module, run_dir / "grid.png") if grid_cb is not None else None
     figures = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()
                if k in ("train/loss", "val/loss") or k.startswith("val/fid")}
     steps = int(trainer.global_step)
@@ -197,11 +238,11 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
         "run_dir": absolute(run_dir),
         "checkpoint": absolute(final_ckpt),
         "last_checkpoint": absolute(ckpt_cb.last_model_path) if ckpt_cb and ckpt_cb.last_model_path else None,
-        "grid": absolute(grid),
+        "grid": absolute(grid),  # None when ~callbacks.sample_grid removed the grid
         **describe(cfg, module.method),
         "steps": steps,
         "steps_this_session": steps - steps_before,
-        # the training loop after its warm-up steps, timed as genflow.bench train-step times a step
+        # the training loop after its warm-up steps, timed as genflow.apps.bench train-step times a step
         "train_img_per_s": round(timed[0] * batch / timed[1], 1) if timed
         else round((steps - steps_before) * batch / max(wall, 1e-9), 1),
         "wall_s": round(wall, 1),
@@ -236,9 +277,6 @@ def log_final(trainer, final: dict) -> None:
 
 def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
     """EMA weights as safetensors + the resolved config as yaml, for use outside genflow (written atomically)."""
-    from safetensors.torch import save_file
-
-    from genflow.cache import atomic_write
 
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     path = atomic_write(run_dir / "ema.safetensors", lambda tmp: save_file(state, str(tmp)))
@@ -250,7 +288,25 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     """FID of the final EMA model where the config asks for it (fid.num > 0)."""
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
-    from genflow.config import fid_options
-    from genflow.metrics import evaluate_fid
 
-    return evaluate_fid(module, dm, device=module.device, **fid_options(cfg.fid, cfg.sample))
+    from genflow.config.guide import sampling_net
+
+    options = fid_options(cfg.fid, cfg.sample)
+    options["net"], options["guidance"] = sampling_net(module.net, options["guidance"],
+                                                       cfg.sample.get("guide_ckpt"), module.device)
+    return evaluate_fid(module, dm, device=module.device, **options)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@reported
+def app(cfg: DictConfig) -> None:
+    train(cfg, validated=True)  # run_app checked this command line (every job of a sweep) before Hydra ran
+
+
+def cli() -> None:
+    """The ``genflow-train`` console script and ``python -m genflow.apps.train``."""
+    run_app(app, "train")
+
+
+if __name__ == "__main__":
+    cli()

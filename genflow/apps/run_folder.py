@@ -23,11 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from genflow.config import check_resume, declared_knobs, explicit_sections, newest_valid, read_resumable
 from genflow.errors import config_error
 from genflow.outputs import (LOCK_NAME, RUN_FILES, _alive, _process_start, check_folder_before_start,  # noqa: F401
                              holds_run, holds_run_error)
+from genflow.results.records import config_names
+
 
 @dataclass
 class Start:
@@ -108,11 +111,11 @@ class RunFolderLock:
 def remove_stale_temps(run_dir: Path) -> list[Path]:
     """Hidden ``.<name>.<random>`` files of the atomic writer whose process died before the rename."""
     stale = []
-    for folder in (run_dir, run_dir / "checkpoints"):
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "posthoc"):
         if folder.is_dir():
             for path in folder.glob(".*"):
                 name = path.name
-                if path.is_file() and (".ckpt." in name or ".safetensors." in name):
+                if path.is_file() and (".ckpt." in name or ".safetensors." in name or ".pt." in name):
                     path.unlink(missing_ok=True)
                     stale.append(path)
     return stale
@@ -154,25 +157,24 @@ def forget_choices(sections) -> None:
 def match_recorded(cfg: DictConfig, recorded: dict, path: Path) -> list[str]:
     """Make ``cfg`` continue the recorded run (``config.check_resume``: explicit changes to model/net/data are
     refused, the recorded values replace defaults). Returns notes on what was adopted."""
-    from genflow.config import check_resume, explicit_sections
-
     overrides = job_overrides()
-    adopted = check_resume(cfg, recorded, path, explicit_sections(overrides) if overrides is not None else None)
+    knobs = declared_knobs(cfg)
+    adopted = check_resume(cfg, recorded, path, explicit_sections(overrides, knobs) if overrides is not None else None)
     if not adopted:
         return []
-    for key in ("D", "path", "stage"):
-        if key in recorded and key in cfg:
-            cfg[key] = recorded[key]
+    for key in knobs:
+        if recorded.get(key) is not None:
+            with open_dict(cfg):
+                cfg[key] = recorded[key]
     for section in adopted:
         cfg[section] = OmegaConf.create(recorded[section])
     forget_choices(adopted)
     return [f"resuming with the run's recorded {', '.join(adopted)}"]
 
 
-def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
-    """Decide how the run in ``run_dir`` starts, refusing anything that would overwrite a run."""
-    from genflow.config import newest_valid, read_resumable
-
+def prepare_run(cfg: DictConfig, run_dir: Path, resume: tuple | None = None) -> Start:
+    """Decide how the run in ``run_dir`` starts, refusing anything that would overwrite a run. ``resume``: the
+    (path, checkpoint) that validation read for ``ckpt_path`` already (read here otherwise)."""
     start = Start()
     stale = remove_stale_temps(run_dir)
     if stale:
@@ -182,13 +184,16 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> Start:
         if holds_run(run_dir):
             raise holds_run_error(run_dir)
         return start
-    if str(requested) == "last":
-        path, ckpt, skipped = newest_valid(run_dir)
+    if str(requested) == "last" and resume is not None and Path(str(resume[0])).parent.parent == run_dir:
+        path, ckpt = Path(str(resume[0])), resume[1]
+        start.notes.append(f"resuming from {path} (step {ckpt.get('global_step', 0)})")
+    elif str(requested) == "last":
+        path, ckpt, skipped = newest_valid(run_dir, mmap=True)
         start.notes += skipped
         start.notes.append(f"resuming from {path} (step {ckpt.get('global_step', 0)})")
     else:
         path = Path(str(requested)).expanduser()
-        ckpt = read_resumable(path)
+        ckpt = resume[1] if resume is not None else read_resumable(path, mmap=True)
         inside = path.resolve().parent == (run_dir / "checkpoints").resolve()
         if holds_run(run_dir) and not inside:
             raise config_error(f"{run_dir} already holds a run, and ckpt_path={path} belongs to another folder",
@@ -230,14 +235,14 @@ def describe(cfg: DictConfig, method=None, choices: dict | None = None) -> dict:
     """The settings that tell runs apart: model and its key parameters (``Method.describe()``: D, path, T,
     ...), net, data, precision, steps, seed. Model, net and data by config name (``genflow.results.records``):
     a fresh run and the same run resumed say the same names."""
-    from genflow.results.records import config_names
-
     names = config_names(cfg, hydra_choices() if choices is None else choices)
     out = {"model": names.get("model", "?")}
     if method is not None:
         out.update({k: v for k, v in method.describe().items() if k != "method"})
-    if cfg.get("stage") is not None:
-        out["stage"] = cfg.stage
+    for name, knob in declared_knobs(cfg).items():  # a knob of the net (or one the method does not describe)
+        if name not in out:
+            value = cfg.get(name)
+            out[name] = knob.default if value is None else value
     out["net"] = names.get("net", "?")
     out["data"] = names.get("data", "?")
     data = cfg.get("data") or {}
@@ -255,8 +260,22 @@ def write_result(run_dir: Path, result: dict) -> None:
 
 
 # --- the end of a multirun ----------------------------------------------------------------------------
-SUMMARY_COLUMNS = ("run", "model", "D", "path", "stage", "net", "data", "steps", "train/loss", "val/loss", "fid",
-                   "nll_bpd", "train_img_per_s", "wall_s")
+SUMMARY_COLUMNS = ("run", "model", "net", "data", "steps", "train/loss", "val/loss", "fid", "nll_bpd",
+                   "train_img_per_s", "wall_s")
+
+
+def method_settings(row: dict) -> dict:
+    """The settings of the model in a ``describe`` dict (or a result.json row): what the method describes and
+    the knobs, which ``describe`` writes right after the model's name."""
+    keys = list(row)
+    if "model" not in keys:
+        return {}
+    settings = {}
+    for key in keys[keys.index("model") + 1:]:
+        if key in SUMMARY_COLUMNS or key in ("resolution", "precision", "max_steps", "batch", "lr", "seed"):
+            break
+        settings[key] = row[key]
+    return settings
 
 
 def summarize(sweep_dir: Path) -> tuple[str, list[dict]]:
@@ -268,7 +287,8 @@ def summarize(sweep_dir: Path) -> tuple[str, list[dict]]:
         result = json.loads(path.read_text())
         result["run"] = name
         rows.append(result)
-    columns = [c for c in SUMMARY_COLUMNS if any(c in r for r in rows)]
+    settings = list(dict.fromkeys(k for r in rows for k in method_settings(r)))
+    columns = [c for c in (*SUMMARY_COLUMNS[:2], *settings, *SUMMARY_COLUMNS[2:]) if any(c in r for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")

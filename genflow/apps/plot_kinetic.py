@@ -1,20 +1,21 @@
 """Plot lambda-hat(s) of a dataset and its kinetic-optimal (alpha_t, sigma_t) against Cond-OT.
 
-    python -m genflow.viz.kinetic --data digits|checkerboard --out DIR
+    python -m genflow.apps.plot_kinetic [data=digits|checkerboard] [out=DIR] [n=N] [queries=1024]
 
 Writes DIR/lambda_<data>.png and DIR/ko_path_<data>.png and prints one JSON line (paths, Phi_1, kinetic
 energies of KO / Cond-OT / cosine / VP on the data's normalisation, estimator time).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from genflow.errors import config_error
+from genflow.config import Int, Str, plain_app
+from genflow.errors import config_error, exit_on_error, strip_debug_flag
 
 
 def load(name: str, n: int | None) -> torch.Tensor:
@@ -38,12 +39,8 @@ def load(name: str, n: int | None) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="digits", choices=["digits", "checkerboard"])
-    p.add_argument("--out", default="outputs/kinetic")
-    p.add_argument("--n", type=int, default=None, help="number of training points (default: all / 8192)")
-    p.add_argument("--queries", type=int, default=1024)
-    args = p.parse_args(argv)
+    schema = {"data": Str(choices=("digits", "checkerboard")), "out": Str(), "n": Int(2, null=True), "queries": Int(1)}
+    args, _ = plain_app("plot_kinetic", sys.argv[1:] if argv is None else argv, __doc__, schema=schema)
 
     from genflow.viz import agg_figure
 
@@ -94,4 +91,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    strip_debug_flag()
+    exit_on_error(main)

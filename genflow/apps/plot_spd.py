@@ -1,7 +1,7 @@
 """Plot SPD's per-frequency schedules for a dataset's estimated spectrum.
 
-    python -m genflow.viz.spd --data digits --out DIR [--source empirical|radial|constants] [--T 1000]
-                              [--set data.resolution=16 ...]
+    python -m genflow.apps.plot_spd out=DIR [data=digits] [source=empirical|radial|constants] [T=1000]
+                              [data.resolution=16 ...]
 
 Writes DIR/spd_schedules.png (radial spectrum with its power-law fit; signal gain sqrt(abar_k(s));
 noise variance 1 - abar_k(s); SNR = 1 crossing times per |k| for SPD and isotropic DDPM linear /
@@ -9,13 +9,14 @@ cosine on the same spectrum) and DIR/spd_schedules.json, and prints one JSON lin
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from genflow.config import Int, Str, build_data, compose, plain_app
+from genflow.errors import config_error, exit_on_error, strip_debug_flag
 from genflow.methods import DDPM, SPD
 from genflow.methods.spectrum import empirical_spectrum, fit_power_law, radial_frequency
 
@@ -100,17 +101,13 @@ def plot(spd: SPD, summary: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m genflow.viz.spd", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="digits", help="a configs/data option (digits, cifar10, imagefolder)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--source", default="empirical", choices=("empirical", "radial", "constants"))
-    p.add_argument("--T", type=int, default=1000)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra config overrides, e.g. data.resolution=16")
-    args = p.parse_args(argv)
-    from genflow.config import build_data, compose
-
-    cfg = compose([f"data={args.data}", *args.set])
+    schema = {"out": Str(null=True), "source": Str(choices=("empirical", "radial", "constants")), "T": Int(2)}
+    args, data = plain_app("plot_spd", sys.argv[1:] if argv is None else argv, __doc__, schema=schema,
+                           passthrough=("data",))
+    if args.out is None:
+        raise config_error("out= is missing", "the plot and its numbers are written into a folder",
+                           "python -m genflow.apps.plot_spd out=DIR")
+    cfg = compose(data)
     dm = build_data(cfg)
     spd = SPD(T=args.T, source=args.source)
     spd.prepare(dm)
@@ -119,7 +116,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     png = plot(spd, summary, out / "spd_schedules.png")
     (out / "spd_schedules.json").write_text(json.dumps(summary, indent=1))
-    line = {"plot": str(png), "json": str(out / "spd_schedules.json"), "data": args.data,
+    line = {"plot": str(png), "json": str(out / "spd_schedules.json"), "data": cfg.data._target_.rsplit(".", 1)[-1],
             "spectrum_shape": summary["spectrum_shape"], "fisher_length": summary["fisher_length"],
             "snr_crossing_spd_range": [min(summary["snr_crossing_spd"][0]), max(summary["snr_crossing_spd"][0])],
             "power_law_fit": summary.get("power_law_fit")}
@@ -128,4 +125,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    strip_debug_flag()
+    exit_on_error(main)

@@ -1,7 +1,7 @@
 """FID leaderboard: train (or load) every entry of a suite, evaluate it, write a table.
-A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.leaderboard --help``):
+A Hydra app with configs/leaderboard/leaderboard.yaml (``python -m genflow.apps.leaderboard --help``):
 
-    python -m genflow.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
+    python -m genflow.apps.leaderboard suite=smoke [out=DIR] [only=[NAME,NAME]] [device=cuda] [num=N]
         [precision=fp32|bf16] [history=PATH] [gate=true|false] [suite.fid.<key>=value]
 
 A suite is ``configs/leaderboard/suite/<suite>.yaml``::
@@ -18,10 +18,12 @@ A suite is ``configs/leaderboard/suite/<suite>.yaml``::
                                             # [9, 17, 35] sweeps NFE on one model (rows <name>-nfe<N>)
         seeds: 0-49999                      # FID seeds (image i from seed i); num = their count
         budget: {steps: 390625}             # or {minutes: 60}; or ckpt: PATH to skip training
+        posthoc: [0.05, 0.08, 0.12]         # optional: one row per post-hoc EMA width (a run with ema=posthoc)
+        guide_ckpt: PATH                    # optional: autoguidance by this checkpoint, weight fid.guidance
         overrides: [experiment=pfgmpp_cifar10_uncond]
       - name: edm-published
         pickle: ${oc.env:GENFLOW_PKL_EDM_CIFAR10_UNCOND,null}   # a published EDM/PFGM++ network pickle,
-        paper_fid: 1.97                     # converted once (genflow.convert); skipped when not given
+        paper_fid: 1.97                     # converted once (genflow.apps.convert); skipped when not given
         nfe: 35
       - name: edm-imagenet64-stochastic     # EDM's Algorithm 2, as generate.py --S_churn=40 ...
         pickle: ${oc.env:GENFLOW_PKL_EDM_IMAGENET64,null}
@@ -59,7 +61,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow import registry
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, Int, Spec, Str, check_device,
-                            check_output_dir, check_schema, options, run_app, sampler_options)
+                            check_output_dir, check_schema, compose_config, declared_knobs, options, run_app,
+                            sampler_options)
 from genflow.devices import device_name
 from genflow.errors import RegressionFound, config_error, reported
 from genflow.results.gate import DEFAULT_K, DEFAULT_TOLERANCE, compare
@@ -69,12 +72,15 @@ from genflow.results.records import absolute, config_names
 
 APP_DIR = CONFIG_DIR / "leaderboard"
 SUITE_DIR = APP_DIR / "suite"
-ENTRY_KEYS = {"name", "method", "D", "path", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
-              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "sweep", *SAMPLER_SCHEMA}
+# an entry's own keys; any other key is a knob of its method (D: 2048 for pfgmpp), checked against the declaration
+ENTRY_KEYS = {"name", "method", "dataset", "nfe", "steps", "solver", "seeds", "seed_sets", "budget",
+              "ckpt", "overrides", "train_seed", "fid", "pickle", "paper_fid", "sweep", "guide_ckpt",
+              "posthoc", *SAMPLER_SCHEMA}
+PICKLE_KEYS = {"D"}  # genflow.apps.convert's: PFGM++'s D where a published pickle does not record it
 SUITE_KEYS = {"name", "fid", "overrides", "entries", "gate"}
 GATE_KEYS = {"k", "tolerance"}
 # the markdown table: (row key, header)
-COLUMNS = [("name", "entry"), ("model", "model"), ("settings", "D/path"), ("dataset", "dataset"), ("nfe", "NFE"),
+COLUMNS = [("name", "entry"), ("model", "model"), ("settings", "settings"), ("dataset", "dataset"), ("nfe", "NFE"),
            ("solver", "solver"), ("fid", "FID"), ("fid_std", "± std"), ("paper_fid", "paper"),
            ("precision", "precision"), ("images", "images"), ("img_per_s", "img/s"), ("wall_s", "wall_s"),
            ("train_steps", "train_steps"), ("commit", "commit"), ("device", "device")]
@@ -117,16 +123,21 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
         raise config_error(f"suite {name!r} has no entries", "the leaderboard evaluates each entry",
                            f"add an entries: list to {path}")
     for i, e in enumerate(entries):
-        unknown = set(e) - ENTRY_KEYS
-        if unknown:
-            raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown)}",
-                               f"entries take {sorted(ENTRY_KEYS)}", f"fix {path}")
+        unknown = set(e) - ENTRY_KEYS - (PICKLE_KEYS if "pickle" in e else set())
+        knobs = set(declared_knobs(compose_config([f"model={e['method']}", f"data={e['dataset']}"]))) \
+            if unknown and "method" in e and "dataset" in e else set()
+        if unknown - knobs:
+            raise config_error(f"suite {name!r} entry {i} has unknown key(s) {sorted(unknown - knobs)}",
+                               f"entries take {sorted(ENTRY_KEYS)} and the knobs of their method "
+                               f"({', '.join(sorted(knobs)) or 'none'})", f"fix {path}")
         if "ckpt" not in e and "pickle" not in e and ("method" not in e or "dataset" not in e):
             raise config_error(f"suite {name!r} entry {i} names neither ckpt nor method+dataset",
                                "an entry is trained from method/dataset/budget or loaded from a checkpoint",
                                f"fix {path}")
         e.setdefault("name", e.get("method", Path(str(e.get("ckpt", f"entry{i}"))).stem))
-    suite["entries"] = [swept for e in entries for swept in expand_sweep(e, name, path)]
+        check_entry_ema_guide(e, suite, name, i, path)
+    suite["entries"] = [width for e in entries for swept in expand_sweep(e, name, path)
+                        for width in expand_posthoc(swept)]
     entries = suite["entries"]
     for i, e in enumerate(entries):  # an entry's sampler settings (solver: stochastic, S_churn: 40, ...)
         check_schema(OmegaConf.create({k: e[k] for k in SAMPLER_SCHEMA if k in e}), SAMPLER_SCHEMA,
@@ -138,6 +149,50 @@ def check_suite(suite: dict, name: str, path: str) -> dict:
     suite["path"] = path
     suite["name"] = suite.get("name", name)
     return suite
+
+
+def check_entry_ema_guide(e: dict, suite: dict, name: str, i: int, path: str) -> None:
+    """``posthoc: [σ_rel, ...]`` (one row per width, reconstructed from the entry's run trained with
+    ema=posthoc) and ``guide_ckpt: PATH`` (autoguidance, weight ``fid.guidance`` of the entry or suite)."""
+    from genflow.training.posthoc import check_sigma_rel
+
+    widths = e.get("posthoc")
+    if widths is not None:
+        e["posthoc"] = [check_sigma_rel(s, f"suite {name!r} entry {i} posthoc") for s in
+                        (widths if isinstance(widths, list) else [widths])]
+    if e.get("guide_ckpt") is not None and {**(suite.get("fid") or {}), **(e.get("fid") or {})}.get("guidance") is None:
+        raise config_error(f"suite {name!r} entry {i} has guide_ckpt but no fid.guidance",
+                           "autoguidance needs its weight w (w = 1 is the model alone)",
+                           f"add fid: {{guidance: 2}} to the entry in {path}")
+
+
+def expand_posthoc(entry: dict) -> list[dict]:
+    """An entry with ``posthoc`` widths becomes one entry per width (``<name>-sigma<σ_rel>``) sharing the
+    entry's training run (``posthoc_of``); each is scored on its reconstruction (``posthoc_ckpt``)."""
+    widths = entry.get("posthoc")
+    if not isinstance(widths, list):
+        return [entry]
+    return [{**entry, "posthoc": s, "name": f"{entry['name']}-sigma{s:.3f}", "posthoc_of": entry["name"]}
+            for s in widths]
+
+
+def run_name(entry: dict) -> str:
+    """The training run an entry is scored from: its own, its NFE sweep's or its post-hoc widths' shared one."""
+    return entry.get("sweep") or entry.get("posthoc_of") or entry["name"]
+
+
+def posthoc_ckpt(ckpt: str, sigma_rel: float, entry: str) -> str:
+    """The reconstruction of width ``sigma_rel`` from the snapshots of the run that wrote ``ckpt`` (written once
+    beside it, atomically, and reused afterwards)."""
+    from genflow.cache import atomic_write
+    from genflow.training.posthoc import posthoc_checkpoint, run_snapshots
+
+    run_dir = Path(ckpt).resolve().parent.parent
+    path = run_dir / "checkpoints" / f"posthoc_sigma{sigma_rel:.3f}.ckpt"
+    if not path.exists():
+        made = posthoc_checkpoint(run_snapshots(run_dir, key=f"entry {entry}: run"), sigma_rel)
+        atomic_write(path, lambda tmp: torch.save(made, tmp))
+    return str(path)
 
 
 def expand_sweep(entry: dict, suite: str, path: str) -> list[dict]:
@@ -174,10 +229,7 @@ def git_revision() -> str:
 
 def entry_overrides(entry: dict, suite: dict, run_dir: Path) -> list[str]:
     ov = [f"model={entry['method']}", f"data={entry['dataset']}"]
-    if entry.get("D") is not None:
-        ov.append(f"D={entry['D']}")
-    if entry.get("path") is not None:
-        ov.append(f"path={entry['path']}")
+    ov += [f"{key}={value}" for key, value in entry.items() if key not in ENTRY_KEYS and value is not None]
     ov += list(suite.get("overrides") or []) + list(entry.get("overrides") or [])
     budget = entry.get("budget") or {}
     if "steps" in budget:
@@ -216,7 +268,7 @@ def check_entry_code(suite: dict) -> None:
 
     for entry in suite["entries"]:
         if "pickle" in entry:
-            continue  # converted by genflow.convert, which writes its own config
+            continue  # converted by genflow.apps.convert, which writes its own config
         if entry.get("ckpt"):
             if Path(str(entry["ckpt"])).expanduser().is_file():
                 read_checkpoint(entry["ckpt"], key=f"suite entry {entry['name']!r} ckpt")
@@ -230,7 +282,7 @@ def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
     entry's model, net and data; otherwise the suite refuses before any work, saying how to go on."""
     from genflow.config import check_resume, newest_valid
     from genflow.errors import CheckpointError
-    from genflow.training.runs import holds_run
+    from genflow.apps.run_folder import holds_run
 
     if not entry.get("budget"):
         raise config_error(f"entry {entry['name']!r} has no budget", "training needs a length",
@@ -253,7 +305,7 @@ def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
 
 
 def train_entry(cfg: DictConfig) -> dict:
-    from genflow.run import train
+    from genflow.apps.train import train
 
     return train(cfg)
 
@@ -305,7 +357,14 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     fid.update(num=count if num is None else int(num), seed_start=start, steps=steps, solver=solver,
                seed_sets=int(entry.get("seed_sets", fid.get("seed_sets", 1))))
     fid.setdefault("progress", False)
-    out = evaluate_fid(module, dm, **fid_options(fid, device=device))
+    options = fid_options(fid, device=device)
+    if entry.get("guide_ckpt") is not None:  # autoguidance: a weaker checkpoint of the same method and data
+        from genflow.config.guide import check_guide, sampling_net
+
+        check_guide(cfg, entry["guide_ckpt"], key=f"entry {entry['name']}: guide_ckpt")
+        options["net"], options["guidance"] = sampling_net(module.net, options["guidance"], entry["guide_ckpt"],
+                                                           device)
+    out = evaluate_fid(module, dm, **options)
     out["nfe"] = module.method.nfe(steps, solver)
     out["steps"] = steps
     out["solver"] = solver
@@ -317,9 +376,10 @@ def evaluate_entry(entry: dict, suite: dict, ckpt: str, device: torch.device, nu
     if grid is not None and _rank_world()[0] == 0 and len(dm.data_shape) == 3:
         seeds = list(range(GRID_IMAGES))
         with torch.no_grad():
-            images = generate(module.method, module.net, seeds, dm.data_shape, steps=steps, solver=solver,
-                              cond=sample_conditions(dm, seeds, device), device=device, precision=precision,
-                              solver_options=out["sampler"] or None, guidance=fid.get("guidance"))
+            images = generate(module.method, options.get("net", module.net), seeds, dm.data_shape, steps=steps,
+                              solver=solver, cond=sample_conditions(dm, seeds, device), device=device,
+                              precision=precision, solver_options=out["sampler"] or None,
+                              guidance=options.get("guidance"))
         out["grid"] = save_grid(images, grid)
     return out
 
@@ -431,7 +491,7 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
     trained = {}
     for entry in entries:
         if "pickle" not in entry and not entry.get("ckpt"):
-            run_dir = out / "runs" / entry.get("sweep", entry["name"])
+            run_dir = out / "runs" / run_name(entry)
             if run_dir not in trained:
                 trained[run_dir] = continued_config(entry, suite, run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -444,8 +504,8 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
     for entry in entries:
         start = time.perf_counter()
         train_steps = None
-        if "pickle" in entry:  # a published EDM/PFGM++ network, converted once (genflow.convert)
-            from genflow.convert import published_checkpoint
+        if "pickle" in entry:  # a published EDM/PFGM++ network, converted once (genflow.apps.convert)
+            from genflow.apps.convert import published_checkpoint
 
             ckpt = published_checkpoint(entry)
             if ckpt is None:
@@ -455,10 +515,12 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
         elif entry.get("ckpt"):
             ckpt = str(entry["ckpt"])
         else:
-            run_dir = out / "runs" / entry.get("sweep", entry["name"])
+            run_dir = out / "runs" / run_name(entry)
             if run_dir not in results:
                 results[run_dir] = train_entry(trained[run_dir])
             ckpt, train_steps = results[run_dir]["checkpoint"], results[run_dir].get("steps")
+        if entry.get("posthoc") is not None:  # a post-hoc EMA width of the entry's run (ema=posthoc)
+            ckpt = posthoc_ckpt(ckpt, entry["posthoc"], entry["name"])
         ev = evaluate_entry(entry, suite, ckpt, device, cfg.num, cfg.precision, grid=out / "grids" / f"{entry['name']}.png")
         names = config_names(ev.pop("config"))
         sets = ev.get("fid_sets") or [ev["fid"]]
@@ -540,5 +602,10 @@ def app(cfg: DictConfig) -> None:
     run(cfg, validated=True)  # run_app validated the command line before Hydra started
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``genflow-leaderboard`` console script and ``python -m genflow.apps.leaderboard``."""
     run_app(app, "leaderboard", validate)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,100 @@
+"""How every app starts: ``run_app`` strips ``--debug``, composes and validates the command line (every job of
+a sweep) so a bad input ends in what / why / fix with exit 2 before anything is built, then lets Hydra run."""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from genflow.config.composing import APPS, compose_config, hydra_error
+from genflow.config.schema import check_schema
+from genflow.config.validation import bare_items, compose, knob_overrides
+from genflow.errors import config_error, exit_on_error, strip_debug_flag
+
+
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
+               "--shell-completion", "-sc", "--version")
+
+
+def sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """For a multirun: every value of every sweep (the other sweeps at their first value)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    base = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
+            for o in parsed]
+    variants = [base]
+    for i, o in enumerate(parsed):
+        if o.is_sweep_override():
+            for value in list(o.sweep_string_iterator())[1:]:
+                variants.append(base[:i] + [f"{o.get_key_element()}={value}"] + base[i + 1:])
+    return variants
+
+
+def preflight(config_name: str, validator=None, argv: Sequence[str] | None = None) -> None:
+    """Before Hydra runs an app: compose the command line's overrides and validate them, so a bad input is
+    reported as what / why / fix with exit 2 before anything is built or written."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=")[0] in HYDRA_FLAGS for a in args):
+        return  # --help / --cfg job / --info: Hydra answers, nothing runs
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        variants = sweep_variants(overrides) if ("-m" in args or "--multirun" in args) else [overrides]
+    except (HydraException, OmegaConfBaseException) as err:
+        raise hydra_error(err, config_name) from err
+    for variant in variants:
+        compose(variant, config_name, return_hydra_config=True, validator=validator)
+
+
+def with_knobs(config_name: str, args: Sequence[str]) -> list[str]:
+    """The command line as Hydra must read it: a bare knob (``D=64``, ``D=64,128`` in a sweep) written ``+D=...``,
+    since the key exists only once the chosen model declares it."""
+    args = list(args)
+    overrides = [a for a in args if not a.startswith("-")]
+    if config_name != "train" or not bare_items(overrides, config_name) or \
+            any(a.split("=")[0] in ("--help", "-h", "--hydra-help") for a in args):
+        return args
+    multirun = "-m" in args or "--multirun" in args
+    try:
+        variant = sweep_variants(overrides)[0] if multirun else overrides
+    except (HydraException, OmegaConfBaseException) as err:
+        raise hydra_error(err, config_name) from err
+    keys = {o.lstrip("+").split("=", 1)[0] for o in knob_overrides(variant, config_name) if o.startswith("+") and o not in variant}
+    return [f"++{a}" if not a.startswith("-") and a.split("=", 1)[0] in keys else a for a in args]
+
+
+def run_app(hydra_main, config_name: str, validator=None) -> None:
+    """The one way every entry point starts: ``--debug`` handled, the command line validated (exit 2 with
+    what / why / fix on a bad input), then the Hydra app runs (its task wrapped in ``errors.reported``)."""
+    strip_debug_flag()
+    exit_on_error(preflight, config_name, validator)
+    sys.argv[1:] = exit_on_error(with_knobs, config_name, sys.argv[1:])
+    hydra_main()
+
+
+def plain_app(config_name: str, argv: Sequence[str], description: str, *, schema: dict | None = None,
+              passthrough: Sequence[str] = ()) -> tuple[DictConfig, list[str]]:
+    """The command line of an app that runs no Hydra job (no run folder, no logging set-up: convert, bench, the
+    plots) in the grammar of the others: Hydra's ``key=value`` overrides of ``configs/<config_name>.yaml``,
+    checked against ``schema``; ``--help`` prints ``description`` and the config. Overrides of a key in
+    ``passthrough`` (e.g. ``data=...``, ``data.root=...`` for convert: the stored training config's) are returned
+    apart, for the training config. Returns (the app's config, the passed-through overrides)."""
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{description.strip()}\n\nEvery key below is set as key=value (Hydra's override grammar); a bad "
+              "value ends in `error: what / why / fix` and exit 2 (--debug: the traceback).\n\n== Config ==\n"
+              f"{OmegaConf.to_yaml(compose_config([], config_name))}", end="", flush=True)
+        raise SystemExit(0)
+    for item in argv:
+        if "=" not in item or item.startswith("-"):
+            raise config_error(f"argument {item!r} is not key=value",
+                               f"{APPS[config_name]} takes Hydra's key=value overrides, like every genflow app",
+                               f"write key=value (e.g. {next(iter(schema or {'out': 0}))}=...); see "
+                               f"`{APPS[config_name]} --help` for the keys")
+    own = [a for a in argv if a.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in passthrough]
+    cfg = compose(own, config_name, validator=False)
+    if schema is not None:
+        check_schema(cfg, schema, app=config_name, open_keys=())
+    return cfg, [a for a in argv if a not in own]
