@@ -18,9 +18,14 @@ from genflow.methods.base import Method
 
 def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
     """'0-63' -> [0..63], '1,5,9-11' -> [1,5,9,10,11], 7 -> [7]."""
-    if isinstance(spec, int):
+    if isinstance(spec, int) and not isinstance(spec, bool):
         return [spec]
     if not isinstance(spec, str):
+        if not isinstance(spec, (list, tuple)):
+            raise ValueError(f"seed {spec!r} is not a whole number")
+        for s in spec:
+            if isinstance(s, bool) or not isinstance(s, (int, str)):
+                raise ValueError(f"seed {s!r} is not a whole number")
         return [int(s) for s in spec]
     seeds: list[int] = []
     for part in str(spec).split(","):

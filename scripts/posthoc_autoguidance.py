@@ -43,7 +43,7 @@ def say(line: str) -> None:
 def train_run(folder: Path, overrides: list[str]) -> dict:
     from genflow.config import compose
     from genflow.apps.train import train
-    from genflow.training.runs import holds_run
+    from genflow.outputs import holds_run
 
     args = [*overrides, "logger=none", "trainer.enable_model_summary=false", "sample.num=16", f"+run_dir={folder}"]
     if holds_run(folder):

@@ -97,6 +97,19 @@ def trained_ckpt(trained_run):
     return trained_run["checkpoint"]
 
 
+@pytest.fixture
+def one_thread():
+    """Per-sample results can only be batch-independent if the net's are: on CPU a convolution split over
+    several threads rounds differently for different batch sizes (~1e-7), which dopri5's error estimate
+    (a difference of nearly equal stages) amplifies to its tolerance. One thread keeps the net bitwise
+    batch-independent, so a test comparing across batch sizes sees genflow's code alone (and a tiny net runs
+    faster on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_writer():
     """``write(path, overrides, data_shape, num_classes=0, seed=None)``: a genflow checkpoint written as train.py

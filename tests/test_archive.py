@@ -92,7 +92,7 @@ def test_resolution_crops_and_resizes_and_unlabelled_folders_write_null(tmp_path
 def test_zip_data_reads_the_archive_without_unpacking(folder, tmp_path):
     source, images = folder
     dataset_main([f"source={source}", f"dest={tmp_path / 'd.zip'}"])
-    dm = ImageZip(path=str(tmp_path / "d.zip"), val_fraction=0.0)
+    dm = ImageZip(path=str(tmp_path / "d.zip"), val_fraction=0.0, batch_size=4)  # a batch within its 5 images
     assert dm.conditional and dm.num_classes == 2 and dm.name == "d"  # labels present: class-conditional
     x, labels = dm._load()
     order = sorted(images, key=lambda n: Path(source / n))

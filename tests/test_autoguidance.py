@@ -73,6 +73,10 @@ def test_guidance_one_is_the_good_model_exactly(trained_ckpt, guide_of, tmp_path
     plain = _samples(cli, tmp_path, "plain", f"ckpt={trained_ckpt}")
     same = _samples(cli, tmp_path, "w1", f"ckpt={trained_ckpt}", f"guide_ckpt={guide_of}", "guidance=1")
     assert np.array_equal(plain, same)
+    # the guide decides the images: samples of another guide are not mixed into this folder (samples.json)
+    code, _, err = cli("sample.py", f"ckpt={trained_ckpt}", f"guide_ckpt={trained_ckpt}", "guidance=1", "num=3",
+                       "steps=2", f"out={tmp_path / 'w1'}", "progress=false")
+    assert code == 2 and "other settings (guide_ckpt)" in err, err
     guided = _samples(cli, tmp_path, "w2", f"ckpt={trained_ckpt}", f"guide_ckpt={guide_of}", "guidance=2")
     assert not np.array_equal(plain, guided)
 

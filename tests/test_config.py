@@ -158,3 +158,21 @@ def test_no_forwarding_configs():
     assert not list((CONFIG_DIR / "net").glob("*_default.yaml"))
     assert "@package _global_" not in (CONFIG_DIR / "model" / "isotropic3d.yaml").read_text()
     assert set(compose(["trainer=gpu"], environment=False).trainer) > set(compose([]).trainer) - {"accelerator"}
+
+
+def test_imagefolder_scales_16_bit_and_composites_alpha_on_white(tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits (not clipped to white); transparency is composited on white."""
+    import numpy as np
+    from PIL import Image
+
+    from genflow.data.images import ImageFolder
+
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "a_grey16.png")
+    rgba = np.zeros((4, 4, 4), np.uint8)          # black, transparent except an opaque and a half-covered pixel
+    rgba[0, 0, 3], rgba[0, 1, 3] = 255, 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b_alpha.png")
+    x, _ = ImageFolder(root=str(tmp_path), resolution=4, channels=3)._load()
+    levels = ((x + 1) * 127.5).round()
+    assert (levels[0] == 128).all()                                   # 32768 / 65535 * 255 = 127.5 -> 128
+    assert levels[1, :, 0, 0].tolist() == [0] * 3 and levels[1, :, 0, 1].tolist() == [127] * 3
+    assert (levels[1, :, 1:] == 255).all()                            # transparent: the white background

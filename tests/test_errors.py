@@ -75,6 +75,15 @@ CASES = [
     # python -m genflow.apps.evaluate
     (E, "ckpt={weights} fid.num=abc", "fid.num='abc'"), (E, "ckpt={weights} fid.num=1", "fid.num=1"),
     (E, "ckpt={weights} out={adir}", "adir is a folder"),
+    (T, "model=pfgmpp D=1e300", "D=1e+300 is beyond 1e+12"),
+    (S, "ckpt={weights} out=/tmp/grün", "out=/tmp/grün"),   # fix: the quoting (test_non_ascii_path_...)
+    (S, "ckpt={weights} seeds=[3,3,3]", "more than once"), (S, "ckpt={weights} seeds=1.5", "seeds=1.5"),
+    (S, "ckpt={weights} seeds=18446744073709551616", "above 2^64 - 1"),
+    (S, "ckpt={weights} seeds=[1,2.5]", "seeds=[1, 2.5]"),
+    # outputs never replace another command's: a run's folder and result.json, a folder of other samples
+    (S, "ckpt={weights} out={run}", "holds a training run"),
+    (S, "ckpt={weights} out={others}", "already holds 3 images from another command"),
+    (E, "ckpt={weights} out={run_result}", "already exists and is not a record of this checkpoint"),
     (E, "ckpt={weights} data.foo=1", "Could not override 'data.foo'"),
     (E, "ckpt={weights} +data.foo=1", "unknown key data.foo"),
     (E, "ckpt={weights} +data.batch_size=abc", "data.batch_size='abc'"),
@@ -129,7 +138,16 @@ def files(tmp_path_factory):
     png = (root / "images" / "a" / "1.png").read_bytes()
     (root / "images" / "a" / "1.png").write_bytes(png[: len(png) // 2])
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "ref.png")
-    return {"weights": root / "final.ckpt", "conditional": root / "conditional.ckpt", "resumable": root / "last.ckpt", "truncated": root / "truncated.ckpt",
+    (root / "run" / "checkpoints").mkdir(parents=True)             # a finished training run's folder
+    (root / "run" / "checkpoints" / "final.ckpt").write_bytes(data)
+    (root / "run" / "result.json").write_text('{"run_dir": "run", "checkpoint": "run/checkpoints/final.ckpt"}\n')
+    (root / "run" / "grid.png").write_bytes(png)
+    (root / "others").mkdir()                                        # samples of another checkpoint, no record
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 9 * i, dtype=np.uint8)).save(root / "others" / f"{i:06d}.png")
+    np.savez(root / "others" / "samples.npz", images=np.zeros((3, 3, 8, 8), dtype=np.uint8))
+    return {"run": root / "run", "run_result": root / "run" / "result.json", "others": root / "others",
+            "weights": root / "final.ckpt", "conditional": root / "conditional.ckpt", "resumable": root / "last.ckpt", "truncated": root / "truncated.ckpt",
             "empty": root / "empty.ckpt", "text": root / "text.ckpt", "afile": root / "afile", "adir": root / "adir",
             "images": root / "images", "png": root / "ref.png", "missing": root / "missing.ckpt",
             "out": root / "out", "root": root}
@@ -195,3 +213,10 @@ def test_sample_multirun_writes_one_folder_per_value(files, cli, tmp_path, monke
     assert [line["steps"] for line in lines] == [1, 2] and {line["precision"] for line in lines} == {"fp32"}
     assert [Path(line["out"]).name for line in lines] == ["num=2,steps=1", "num=2,steps=2"]
     assert all((Path(line["out"]) / "000001.png").is_file() for line in lines)
+
+
+def test_non_ascii_path_gets_a_quoting_hint(files, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("sample.py", f"ckpt={files['weights']}", f"out={tmp_path}/gr\u00fcn")
+    assert code == 2 and f"""fix: quote the value inside the argument: 'out="{tmp_path}/gr\u00fcn"'""" in err, err
+

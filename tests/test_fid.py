@@ -92,7 +92,7 @@ def test_callback_logs_fid_and_keeps_best_checkpoint(digits, trained):
     assert len(list((root / "refs").glob("digits_train_1x8x8_digits-*.npz"))) == 1
 
 
-def test_fid_independent_of_batch_size_and_seed_sets(digits, trained):
+def test_fid_independent_of_batch_size_and_seed_sets(digits, trained, one_thread):
     module, *_, root = trained
     kw = dict(num=40, steps=3, cache_dir=str(root / "refs"))
     a = evaluate_fid(module, digits, batch_size=40, **kw)
@@ -153,7 +153,7 @@ def _ddp_worker(rank, world, port, state, queue):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(digits, trained, monkeypatch):
+def test_ddp_two_processes_equal_one(digits, trained, monkeypatch, one_thread):
     import torch.multiprocessing as mp
 
     module, *_, root = trained

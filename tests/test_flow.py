@@ -88,8 +88,9 @@ def test_analytic_likelihood_exact_divergence(name):
     expected = gauss_logpdf(x, shift.to(F64), (scale ** 2).to(F64) * VAR)
     torch.testing.assert_close(logp, expected, atol=2e-4, rtol=0)
 
-    from genflow.likelihood import log_likelihood      # the project's engine agrees
-    torch.testing.assert_close(log_likelihood(method, net, x, atol=1e-7, rtol=1e-7), expected, atol=2e-4, rtol=0)
+    from genflow.likelihood import log_likelihood      # the project's engine agrees (at the same tolerance:
+    # KO's start, theta ~ sqrt(t), is hard on a step-size controller, 1e-7 leaves ~5e-4 of error there)
+    torch.testing.assert_close(log_likelihood(method, net, x, atol=1e-8, rtol=1e-8), expected, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("target", ["ko", "cosine"])

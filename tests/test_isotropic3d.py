@@ -196,7 +196,7 @@ def test_inference_cond_and_side_by_side_writer(tmp_path, toy):
 def _compose(stage):
     from genflow.config import compose
 
-    return compose([f"experiment=isotropic3d_stage{stage}", "data.num_objects=8", "data.resolution=8",
+    return compose([f"experiment=isotropic3d_stage{stage}", "data.num_objects=8", "data.batch_size=4", "data.resolution=8",
                     "net.model_channels=16", "net.attn_resolutions=[8,4]", "net.channels_per_head=8"])
 
 

@@ -216,3 +216,33 @@ def test_dimension_trend():
     # KO approaches Cond-OT as n / sqrt(d) falls (Cor. 4.3); on this cloud the d = 16 path still turns
     # sharply at the start (gamma ~ 0 at low SNR), so the trend is checked from d = 16 on
     assert gaps[1] > gaps[2] > gaps[3] and gaps[3] < gaps[0]
+
+
+def _toy_and_digits():
+    from sklearn.datasets import load_digits
+
+    from genflow.data.toy import sample_toy2d
+
+    sets = {k: sample_toy2d(k, 2000, torch.Generator().manual_seed(0)) for k in ("moons", "checkerboard", "circle")}
+    sets["digits"] = torch.tensor(load_digits().data, dtype=torch.float32)
+    return {k: normalize(x)[0] for k, x in sets.items()}
+
+
+def test_fitted_ko_path_has_the_closed_form_energy_on_toy_data_and_digits():
+    """After fitting on 2-D moons, checkerboard and circle (isotropic covariance: lambda-hat sits on the
+    Gaussian bound at low SNR, where Monte-Carlo noise used to drop below it) and on digits, the path's
+    kinetic energy equals the straight segment's 2 (1 - cos Phi_1); lambda-hat is admissible and its
+    lambda(0) = 0 exactly for query counts that are not multiples of n."""
+    from genflow.methods.kinetic import admissible_floor
+
+    for name, z in _toy_and_digits().items():
+        for queries in (301, 1000):
+            sep = estimate_separation(z, queries=queries, generator=torch.Generator().manual_seed(queries))
+            assert float(sep.lam[0]) == 0.0, (name, queries)
+            assert (sep.lam >= admissible_floor(sep.s).clamp(0, 1)).all() and (sep.lam[1:] >= sep.lam[:-1]).all()
+            ko = KineticOptimal.from_separation(sep.s, sep.lam)
+            energy, closed = float(kinetic_energy(ko, sep)), float(ko_energy(ko.phi1))
+            assert energy == pytest.approx(closed, rel=0.01), (name, queries, energy, closed)
+            assert energy < float(kinetic_energy(CondOT(), sep)), name
+            # the start stays short: theta(t_eps) is small (no jump across a flat Phi at t = 0)
+            assert float(torch.atan2(*(lambda o: (o.alpha_t, o.sigma_t))(ko(ko.t_eps.reshape(1))))) < 0.3, name

@@ -62,12 +62,44 @@ def test_final_fid_reaches_csv_and_tensorboard(finished):
     assert "D: 128" in (run_dir / "tb" / "hparams.yaml").read_text()
 
 
+def _checksums(folder: Path) -> dict:
+    """Every file of the folder (Hydra's .hydra/ and the log included) by its content's SHA-256."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_training_into_a_run_is_refused_before_any_work(finished, cli):
     run_dir = Path(finished["run_dir"])
-    before = _snapshot(run_dir)
+    hydra_dir = run_dir / ".hydra"            # what Hydra left there when the run was started by train.py
+    hydra_dir.mkdir(exist_ok=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        if not (hydra_dir / name).exists():
+            (hydra_dir / name).write_text(f"# the run's own {name}\n")
+    before, times = _checksums(run_dir), _snapshot(run_dir)
     code, out, err = cli("train.py", *TINY, f"hydra.run.dir={run_dir}")
     assert code == 2 and "already holds a run" in err and "fix:" in err and "Traceback" not in err
-    assert _snapshot(run_dir) == before
+    assert _checksums(run_dir) == before and _snapshot(run_dir) == times   # .hydra/ and train.log included
+
+
+def test_resume_after_training_makes_the_missing_outputs(finished, tmp_path):
+    """Stopped while writing the grid or the exports (SIGTERM after final.ckpt): ckpt_path=last makes them."""
+    import shutil
+
+    run_dir = tmp_path / "stopped"
+    shutil.copytree(finished["run_dir"], run_dir)
+    for name in ("ema.safetensors", "grid.png", "result.json"):
+        (run_dir / name).unlink()
+    result = train(cfg_for(run_dir, "ckpt_path=last", "fid.num=32"))
+    assert not result.get("already_finished") and result["steps"] == 6 and result["steps_this_session"] == 0
+    assert all((run_dir / name).is_file() for name in ("ema.safetensors", "grid.png", "result.json"))
+    from safetensors.torch import load_file
+
+    made, kept = load_file(run_dir / "ema.safetensors"), load_file(Path(finished["run_dir"]) / "ema.safetensors")
+    assert all(torch.equal(made[k], kept[k]) for k in kept)               # final.ckpt's EMA weights, exported
+    assert result["fid"] == pytest.approx(finished["fid"], rel=1e-4)     # the same EMA weights were scored
+    assert "are missing (stopped while writing them): making them" in (run_dir / "train.log").read_text()
 
 
 def test_resuming_a_finished_run_is_a_no_op(finished):
@@ -223,6 +255,25 @@ def test_signal_saves_and_resume_keeps_history_and_true_rate(tmp_path):
         f"continue with: python train.py trainer.max_steps=8 ckpt_path=last hydra.run.dir={run_dir}" in log
 
 
+class SignalTwiceAt(SignalAt):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_status_130_and_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "twice"
+    kill = [f"+callbacks.kill._target_={__name__}.SignalTwiceAt", "+callbacks.kill.step=2",
+            f"+callbacks.kill.signum={int(signal.SIGINT)}"]
+    with pytest.raises(SystemExit) as stop:
+        train(cfg_for(run_dir, "trainer.max_steps=8", *kill))
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "SIGINT again: stopped at once, without saving this step; ckpt_path=last continues" in err
+    assert "Traceback" not in err and not (run_dir / ".genflow.lock").exists()   # the folder's lock released
+
+
 def test_the_continue_command_repeats_the_runs_own_overrides():
     from genflow.apps.run_folder import continue_command
 
@@ -372,6 +423,16 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
     first, later = capsys.readouterr().out.strip().splitlines()
     assert first == "step 1/101 | first step 1m 40s (start-up, compilation)"
     assert later.startswith("step 11/101 | 1.00 it/s, 8 img/s | ETA 1m 30s")
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_any_step(tmp_path):
+    """Not trained on a silently smaller batch while the settings and the JSON line report the requested one."""
+    run_dir = tmp_path / "big"
+    cfg = compose(["model=flow", "data=toy2d", "data.n=64", "data.batch_size=128", "trainer.max_steps=1",
+                   "trainer.enable_progress_bar=false", f"+run_dir={run_dir}"])
+    with pytest.raises(ConfigError, match=r"data.batch_size=128 is larger than the training set: \d+ points"):
+        train(cfg)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "result.json").exists()
 
 
 def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):

@@ -77,7 +77,8 @@ def tiny_ckpt(trained_ckpt):
     return trained_ckpt  # the session's shared tiny model (conditional PFGM++ on digits, tests/conftest.py)
 
 
-def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path):
+def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path, one_thread):
+    """Bitwise across batch sizes where the net is (one thread: see the ``one_thread`` fixture)."""
     from genflow.apps.sample import main
 
     a = main([f"ckpt={tiny_ckpt}", "seeds=0-5", "steps=3", f"out={tmp_path / 'a'}", "batch=6", "progress=false"])
@@ -91,6 +92,14 @@ def test_sample_cli_is_batch_invariant(tiny_ckpt, tmp_path):
     ic = np.load(Path(c["out"]) / "samples.npz")["images"]
     assert (ia == ib).all() and (ia[3:] == ic).all()
     assert (Path(a["out"]) / "000005.png").is_file() and (Path(a["out"]) / "grid.png").is_file()
+    # the same command may write into its own folder again; other settings may not mix into it
+    from genflow.errors import ConfigError
+
+    main([f"ckpt={tiny_ckpt}", "seeds=0-5", "steps=3", f"out={tmp_path / 'a'}", "batch=3", "progress=false"])
+    before = {p.name: p.read_bytes() for p in Path(a["out"]).iterdir()}
+    with pytest.raises(ConfigError, match=r"already holds 6 images from another command \(other settings \(steps\)\)"):
+        main([f"ckpt={tiny_ckpt}", "seeds=0-5", "steps=2", f"out={tmp_path / 'a'}", "progress=false"])
+    assert {p.name: p.read_bytes() for p in Path(a["out"]).iterdir()} == before
 
 
 def test_sample_cli_guidance_and_json_line(tiny_ckpt, tmp_path, cli, monkeypatch):

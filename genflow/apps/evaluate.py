@@ -37,6 +37,7 @@ from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int,
                             read_checkpoint, run_app, sampler_options, target_class)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
+from genflow.outputs import check_record
 
 EVALUATE_SCHEMA = {
     "ckpt": Str(), "guide_ckpt": Str(null=True), "precision": PRECISION,
@@ -77,6 +78,7 @@ def validate(cfg: DictConfig) -> None:
             raise config_error(f"out={cfg.out} is a folder", "out is the file the JSON line is written to",
                                "pass out=FILE.json (a file name)")
         check_output_dir(out.parent, "out's folder")  # new folders are made; a file on the way is refused
+        check_record(out, cfg.ckpt)  # never another run's or checkpoint's file
     check_device(cfg.device)
     # the check maps the tensors; the evaluation reads the weights once
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt, mmap=True), data_overrides(cfg))
@@ -231,6 +233,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         if cfg.out:
             from genflow.cache import atomic_write
 
+            check_record(Path(str(cfg.out)).expanduser(), cfg.ckpt)  # written meanwhile by another command?
             atomic_write(Path(str(cfg.out)).expanduser(), lambda tmp: tmp.write_text(line + "\n"))
     return result
 

@@ -27,11 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genflow.config import check_resume, declared_knobs, explicit_sections, newest_valid, read_resumable
 from genflow.errors import config_error
+from genflow.outputs import (LOCK_NAME, RUN_FILES, _alive, _process_start, check_folder_before_start,  # noqa: F401
+                             holds_run, holds_run_error)
 from genflow.results.records import config_names
-
-# what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
-# they do not count)
-RUN_FILES = ("ema.safetensors", "config.yaml", "result.json", "grid.png")
 
 
 @dataclass
@@ -41,23 +39,13 @@ class Start:
     ckpt_path: str | None = None
     step: int = 0
     finished: dict | None = None    # the finished run's result when resuming it is a no-op
+    complete: bool = False          # trained to the end, outputs missing: make them from final.ckpt's weights
     notes: list[str] = field(default_factory=list)
-
-
-LOCK_NAME = ".genflow.lock"
 
 
 def primary_process() -> bool:
     """Whether this process is rank 0 of its job (Lightning's DDP children, torchrun and SLURM set these)."""
     return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (so a reused pid is not taken for the lock's owner)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 class RunFolderLock:
@@ -120,16 +108,6 @@ class RunFolderLock:
                 self.run_dir.rmdir()  # a run refused before it wrote anything leaves no empty folder
 
 
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return start is None or _process_start(pid) in (None, start)
-
-
 def remove_stale_temps(run_dir: Path) -> list[Path]:
     """Hidden ``.<name>.<random>`` files of the atomic writer whose process died before the rename."""
     stale = []
@@ -141,11 +119,6 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
                     path.unlink(missing_ok=True)
                     stale.append(path)
     return stale
-
-
-def holds_run(run_dir: Path) -> bool:
-    ckpts = run_dir / "checkpoints"
-    return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
 def job_overrides() -> list[str] | None:
@@ -209,10 +182,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path, resume: tuple | None = None) -> 
     requested = cfg.get("ckpt_path")
     if requested is None:
         if holds_run(run_dir):
-            raise config_error(
-                f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
-                "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
-                "fresh timestamped one)")
+            raise holds_run_error(run_dir)
         return start
     if str(requested) == "last" and resume is not None and Path(str(resume[0])).parent.parent == run_dir:
         path, ckpt = Path(str(resume[0])), resume[1]
@@ -235,7 +205,14 @@ def prepare_run(cfg: DictConfig, run_dir: Path, resume: tuple | None = None) -> 
     start.ckpt_path, start.step = str(path), int(ckpt.get("global_step", 0))
     max_steps = int(cfg.trainer.get("max_steps", -1))
     final = run_dir / "checkpoints" / "final.ckpt"
-    if final.is_file() and 0 <= max_steps <= start.step:
+    missing = [name for name in ("ema.safetensors", "grid.png", "result.json") if not (run_dir / name).is_file()]
+    if final.is_file() and 0 <= max_steps <= start.step and missing:
+        # stopped after training, while writing its outputs: fit restores the state and ends at once,
+        # then the grid, the exports, the final metrics and result.json are made as at the end of any run
+        start.notes.append(f"the run trained to step {start.step} but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} missing (stopped while writing them): making them")
+        start.complete = True
+    elif final.is_file() and 0 <= max_steps <= start.step:
         previous = run_dir / "result.json"
         result = json.loads(previous.read_text()) if previous.is_file() else {"run_dir": str(run_dir)}
         result.update(already_finished=True, steps=start.step, steps_this_session=0)

@@ -31,6 +31,7 @@ from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, 
                             check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
                             data_conditions, read_checkpoint, run_app, sampler_options)
 from genflow.errors import config_error, reported
+from genflow.outputs import check_sample_folder, sample_settings, write_sample_manifest
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
@@ -56,7 +57,7 @@ def seeds_of(cfg: DictConfig) -> list[int]:
     if cfg.seeds is None:
         return list(range(64 if cfg.num is None else int(cfg.num)))
     spec = cfg.seeds
-    spec = OmegaConf.to_container(spec) if not isinstance(spec, (str, int)) else spec
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
     try:
         seeds = parse_seeds(spec)
     except (ValueError, TypeError) as err:
@@ -65,6 +66,14 @@ def seeds_of(cfg: DictConfig) -> list[int]:
     if min(seeds) < 0:
         raise config_error(f"seeds={cfg.seeds} holds a negative seed", "seeds index the noise generators from 0",
                            "use seeds >= 0, e.g. seeds=0-63")
+    if max(seeds) > 2 ** 64 - 1:
+        raise config_error(f"seeds={cfg.seeds} holds a seed above 2^64 - 1", "a noise generator's seed is a "
+                           "64-bit unsigned integer", "use seeds from 0 to 18446744073709551615")
+    if len(set(seeds)) != len(seeds):
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})[:5]
+        raise config_error(f"seeds={cfg.seeds} names seed {', '.join(map(str, twice))} more than once",
+                           "image i comes from seed i: a repeated seed repeats its image and one PNG file",
+                           "list each seed once")
     if cfg.num is not None and int(cfg.num) != len(seeds):
         raise config_error(f"num={cfg.num} but seeds={cfg.seeds} holds {len(seeds)} seeds",
                            "each image comes from one seed", "drop num= or make it match the seed range")
@@ -81,6 +90,7 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
     ckpt = read_checkpoint(cfg.ckpt, mmap=True)  # the check maps the tensors; the job reads the weights once
+    check_sample_folder(Path(str(cfg.out)).expanduser(), sample_settings(cfg, cfg.ckpt))
     stored = config_from_checkpoint(ckpt, grid_overrides(cfg))
     if grid_overrides(cfg):  # a method without a sigma grid says so (an unknown key), before anything is built
         check_target(stored.model, "model")
@@ -123,6 +133,8 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
         out = Path(HydraConfig.get().runtime.output_dir)  # <out>/<overrides of this job>
 
+    settings = sample_settings(cfg, cfg.ckpt)
+    check_sample_folder(out, settings)  # again: a multirun job's own folder, or one written meanwhile
     module, dm, stored = module_from_checkpoint(cfg.ckpt, grid_overrides(cfg), device=device)
     check_finite_weights(module, f"checkpoint {cfg.ckpt}")
     shape = tuple(dm.data_shape)
@@ -154,6 +166,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured
     nfe = nfe if nfe is not None else nfe_per_image(counts)
     out.mkdir(parents=True, exist_ok=True)
+    write_sample_manifest(out, settings, seeds)  # first: what the images in this folder come from
     result = {"out": str(out), "num": len(seeds), "nfe": nfe, "steps": steps,
               "solver": solver, **options, **{key: float(cfg[key]) for key in GRID_KEYS if cfg[key] is not None}, **({} if cfg["class"] is None else {"class": int(cfg["class"])}),
               "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),

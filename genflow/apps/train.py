@@ -178,6 +178,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, start_step=start.step, enable_model_summary=False)
+    dm.check_batch_size(trainer.world_size)  # before any step: the reported batch is the one that runs
     if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs (checked against the run in train)
         from genflow.config.guide import load_guide
         from genflow.training import FIDCallback
@@ -202,6 +203,9 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
             f"{continue_command(cfg, run_dir)}", log)
         sys.exit(128 + int(stop.stopped_by))
     # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
+    if start.complete:  # outputs of a finished run are made from the weights its final.ckpt already holds
+        final = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
+        module.load_state_dict(final["state_dict"])
     result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step)
     if trainer.is_global_zero:
         write_result(run_dir, result)

@@ -145,6 +145,9 @@ def hydra_error(err: Exception, app: str = "train") -> ConfigError:
     elif "Ambiguous value" in text:
         return config_error(what, "a comma separates the values of a multirun sweep", "quote a value that holds "
                             "commas (e.g. 'seeds=\"1,5,9\"'), or add -m to run one job per value")
+    elif quoting_hint(text):
+        return config_error(what, "Hydra's override grammar does not take non-ASCII letters, some symbols or "
+                            "(in places) spaces in an unquoted value", quoting_hint(text))
     elif "Error parsing override" in text:
         return config_error(what, "arguments are key=value (Hydra's override grammar)",
                             f"write key=value; see `{APPS.get(app, app)} --help` for the keys")
@@ -158,6 +161,21 @@ def hydra_error(err: Exception, app: str = "train") -> ConfigError:
     else:
         why = "Hydra could not compose the configuration from these overrides"
     return config_error(what, why, f"see `{APPS.get(app, app)} --help` (or --cfg job) for the keys and their values")
+
+
+def quoting_hint(text: str) -> str | None:
+    """For an override whose value needs Hydra's quotes (a path with spaces or non-ASCII letters): the fix."""
+    if "Error parsing override '" in text:
+        override = text.split("Error parsing override '", 1)[1].split("'\n", 1)[0].rstrip("'")
+    elif text.startswith("LexerNoViableAltException: "):
+        override = text.splitlines()[0].split(": ", 1)[1]
+    else:
+        return None
+    key, sep, value = override.partition("=")
+    if not sep or not (any(c.isspace() for c in value) or not value.isascii()
+                       or ("/" in value and any(c in value for c in "()[]{}:"))):
+        return None
+    return f"quote the value inside the argument: '{key}=\"{value}\"' (the outer quotes are for the shell)"
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train", *,

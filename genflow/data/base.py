@@ -192,12 +192,25 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
             self._fit.x = x + self.instance_noise * eps
         return self._fit
 
+    def check_batch_size(self, world: int = 1) -> None:
+        """Refuse a batch larger than each process's share of the training set (rather than train on a
+        smaller one while the settings, the JSON line and ``train_img_per_s`` report the requested size)."""
+        self.setup()
+        per_process = len(self.fit_dataset()) // world
+        if self.batch_size > per_process:
+            share = f" ({per_process} per process of {world})" if world > 1 else ""
+            raise config_error(
+                f"data.batch_size={self.batch_size} is larger than the training set: {len(self.fit_dataset())} "
+                f"points{share}", "a batch is drawn without replacement from one pass over the data",
+                f"use data.batch_size={max(per_process, 1)} or less, or more training data")
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         fit = self.fit_dataset()
         trainer = self.trainer
         rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
-        batch = min(self.batch_size, len(fit) // world)
+        self.check_batch_size(world)
+        batch = self.batch_size
         sampler = ResumableSampler(len(fit), batch, self.seed, start_step=step, rank=rank, world_size=world)
         data, workers = fit, self.num_workers
         if self.on_device and trainer is not None and trainer.strategy.root_device.type == "cuda":

@@ -98,6 +98,25 @@ def _open_image(path: Path, verify: bool = False):
                            "remove or replace the file (data.root is read recursively)") from err
 
 
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")   # PIL's modes of 16-bit greyscale PNGs
+
+
+def _to_mode(img, mode: str):
+    """``img`` as 8-bit ``mode`` ("L" or "RGB"): 16-bit greyscale scaled to 8 bits (PIL's ``convert`` would
+    clip it, nearly all white), and transparency composited on white (as the multi-view data does) instead
+    of dropped."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in SIXTEEN_BIT:
+        levels = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(levels * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert(mode)
+
+
 class ImageFolder(GenerativeDataModule):
     """Every image under ``root`` (recursively), centre-cropped to a square and resized to
     ``resolution``; labels from sub-folder names when ``conditional=true``."""
@@ -133,7 +152,7 @@ class ImageFolder(GenerativeDataModule):
         mode = {1: "L", 3: "RGB"}[self.channels]
         images = []
         for path in self.files:
-            img = _open_image(path).convert(mode)
+            img = _to_mode(_open_image(path), mode)
             side = min(img.size)
             img = TF.center_crop(img, [side, side]).resize((self.resolution, self.resolution), Image.BICUBIC)
             images.append(TF.pil_to_tensor(img))

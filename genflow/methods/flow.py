@@ -57,7 +57,7 @@ def cached_separation(z: Tensor, *, queries: int = 1024, max_points: int = 50000
         state = torch.load(path, weights_only=True)
         return SeparationFunction(state["s"], state["lam"])
 
-    path = cache_dir() / f"lambda_{content_hash('separation-v2', z, f'q={queries}')}.pt"
+    path = cache_dir() / f"lambda_{content_hash('separation-v3', z, f'q={queries}')}.pt"
     return cached(path, compute, load=load, save=lambda sep, f: torch.save(sep.state(), f))
 
 

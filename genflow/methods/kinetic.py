@@ -2,8 +2,9 @@
 
 Shaul et al., "On Kinetic Optimal Probability Paths for Generative Models" (ICML 2023). Paper -> code:
 
-- Eq. 23 lambda(s) = (1/d) E ||E[x1 | x1 + eps/s]||^2, in MMSE form 1 - lambda(s) = (1/d) E ||x1 - E[x1|x]||^2
-  (Shaul et al. 2023, "On Kinetic Optimal Probability Paths")             -> ``estimate_separation``
+- Eq. 23 lambda(s) = (1/d) E ||E[x1 | x1 + eps/s]||^2, in MMSE form 1 - lambda(s) = (1/d) E ||x1 - E[x1|x]||^2,
+  never below the linear-MMSE bound s^2/(1+s^2)                          -> ``estimate_separation``,
+                                                                            ``admissible_floor``
 - Eqs. 36/39 posterior over training points, a softmax with temperature s^2; the Gram matrix
   ||x_j - x_i||^2 and the projections <eps, x_j - x_i> are computed once and reused on the s-grid
   (logits = -s^2 G / 2 - s E)                                              -> ``estimate_separation``
@@ -151,16 +152,44 @@ def default_s_grid(points: int = 64) -> Tensor:
     return torch.tan(torch.linspace(0, 0.5 * math.pi, points + 1, dtype=F64)[:-1])
 
 
+ADMISSIBLE_MARGIN = 0.01
+
+
+def admissible_floor(s: Tensor, margin: float = ADMISSIBLE_MARGIN) -> Tensor:
+    """The least lambda-hat accepted at SNR s: s^2/(1+s^2) + margin s^2/(1+s^2)^2, i.e. gamma(theta) >=
+    margin sin^2(theta).
+
+    Every normalised data set has lambda(s) >= s^2/(1+s^2) (the linear-MMSE bound, equality only for an
+    isotropic Gaussian), so gamma >= 0. Monte-Carlo noise can push lambda-hat below it at low SNR, where
+    the exact lambda exceeds the bound by O(s^4) only; gamma is then 0 over a range of angles, Phi is
+    flat there and the KO path jumps across it at t = 0 (free in kinetic energy, but the conditional
+    target of training becomes unbounded). The margin keeps Phi strictly increasing, so the path crosses
+    those angles over a finite time; it is 0 at s = 0 and at most margin / 4 (s = 1).
+    """
+    s2 = s * s
+    return s2 / (1 + s2) + margin * s2 / (1 + s2) ** 2
+
+
 @torch.no_grad()
 def estimate_separation(x: Tensor, *, s: Tensor | None = None, queries: int = 1024,
                         generator: torch.Generator | None = None, device=None, max_block: int = 2 ** 22,
-                        check: bool = True) -> SeparationFunction:
+                        check: bool = True, margin: float = ADMISSIBLE_MARGIN) -> SeparationFunction:
     """lambda-hat of the empirical distribution of x (n, ...), normalised (see ``check_normalized``).
 
-    ``queries`` noisy points x_j + eps/s (anchors cycle through a random permutation of the data, eps
-    fixed across the s-grid: common random numbers keep the curve smooth). For each s the posterior
-    over all n points is a log-sum-exp softmax, 1 - lambda-hat is the mean squared denoising error, and
-    the curve is made monotone. Cost O(queries * n * (d + len(s))), in blocks of ``max_block`` entries.
+    ``queries`` noisy points x_j + eps/s: anchors x_j cycle through a random permutation of the data
+    (stratified: every point is used equally often, up to one), noise comes in antithetic pairs
+    (eps, -eps) sharing an anchor, and the same eps serve the whole s-grid (common random numbers keep
+    the curve smooth). For each s the posterior over all n points is a log-sum-exp softmax and
+
+        lambda-hat(s) = P - (1/(k d)) sum_q [ ||x_j(q) - E[x1|x_q]||^2 - c(s) (||x_j(q)||^2 - d P) ],
+
+    the MMSE form (P = (1/d) E||x1||^2 over the data, 1 when normalised) with the anchors' mean square as
+    a control variate, c(s) its regression coefficient over the queries: at low SNR the error is mostly
+    the anchor itself (c -> 1), so the luck of which points were drawn cancels and lambda-hat(0) = 0
+    exactly (the posterior is then the uniform prior over the centred data, whose mean is 0); at high SNR
+    c -> 0 and the plain estimator remains. The antithetic pairs cancel the O(s) term of the posterior
+    mean at low SNR. The curve is made nondecreasing and admissible
+    (``admissible_floor``). Cost O(queries * n * (d + len(s))), in blocks of ``max_block`` entries.
     """
     if check:
         check_normalized(x)
@@ -168,18 +197,22 @@ def estimate_separation(x: Tensor, *, s: Tensor | None = None, queries: int = 10
         raise config_error(f"lambda-hat queries={queries}", "it is the number of Monte-Carlo noise samples",
                            "use a positive number (2048 is plenty, the paper's Fig. 4 shows little change)")
     device = torch.device(device) if device is not None else x.device
-    data = x.reshape(x.shape[0], -1).to(device=device, dtype=torch.float32)
+    data64 = x.reshape(x.shape[0], -1).to(device=device, dtype=F64)
+    data64 = data64 - data64.mean(0)            # exactly centred: the posterior mean at s = 0 is 0
+    data = data64.to(torch.float32)
     n, d = data.shape
     s = default_s_grid() if s is None else torch.as_tensor(s, dtype=F64).flatten()
     gen_device = generator.device if generator is not None else device
     perm = torch.randperm(n, generator=generator, device=gen_device).to(device)
-    anchors = perm[torch.arange(queries, device=device) % n]
-    eps = torch.randn(queries, d, generator=generator, device=gen_device).to(device)
+    pairs = (queries + 1) // 2
+    anchors = perm[torch.arange(pairs, device=device) % n].repeat_interleave(2)[:queries]
+    half = torch.randn(pairs, d, generator=generator, device=gen_device).to(device)
+    eps = torch.stack([half, -half], 1).reshape(2 * pairs, d)[:queries]
 
-    data64 = data.to(F64)
     sq = data64.pow(2).sum(1)
+    power = float(sq.mean()) / d                 # (1/d) E||x1||^2 over the whole data set (1 when normalised)
     s_dev = s.to(device=device, dtype=torch.float32)
-    total = torch.zeros(s.numel(), dtype=F64, device=device)
+    err2 = torch.zeros(queries, s.numel(), dtype=F64, device=device)   # ||x_q's anchor - E[x1|x_q]||^2
     block = max(1, min(queries, max_block // n))
     for start in range(0, queries, block):
         idx = anchors[start:start + block]
@@ -190,14 +223,25 @@ def estimate_separation(x: Tensor, *, s: Tensor | None = None, queries: int = 10
         proj = (ea * xa).sum(1, keepdim=True) - ea @ data64.T
         gram, proj, xa32 = gram.to(torch.float32), proj.to(torch.float32), xa.to(torch.float32)
         for k in range(s.numel()):
+            if s[k] == 0:
+                err2[start:start + idx.numel(), k] = sq[idx]   # uniform posterior: E[x1|x] = the mean, 0
+                continue
             sk = s_dev[k]
             w = torch.softmax(-0.5 * sk * sk * gram - sk * proj, dim=1)
-            err = xa32 - w @ data
-            total[k] += err.to(F64).pow(2).sum()
-    mmse = (total / (queries * d)).cpu()
-    # MMSE is nonincreasing in s; a running minimum removes Monte-Carlo wiggles
-    mmse = torch.cummin(mmse, 0).values
-    return SeparationFunction(s, 1 - mmse)
+            err2[start:start + idx.numel(), k] = (xa32 - w @ data).to(F64).pow(2).sum(1)
+    # control variate: the anchors' mean square, whose population value is known; its regression
+    # coefficient on the error is 1 at s = 0 (the error is the anchor itself) and falls to 0 at high SNR
+    own = sq[anchors]
+    own_c = own - own.mean()
+    var = own_c.pow(2).sum()
+    coef = (own_c @ (err2 - err2.mean(0))) / var if var > 0 else torch.zeros(s.numel(), dtype=F64, device=device)
+    mmse = (err2.mean(0) - coef * (own.mean() - power * d)) / d
+    lam = (power - mmse).cpu()
+    lam[s == 0] = 0.0                # exactly: the error is the anchor itself and the control variate cancels it
+    # lambda is nondecreasing in s (MMSE falls as SNR rises): a running maximum removes Monte-Carlo
+    # wiggles; then the admissibility floor (itself increasing, 0 at s = 0)
+    lam = torch.maximum(torch.cummax(lam.clamp(0, 1), 0).values, admissible_floor(s, margin).clamp(0, 1))
+    return SeparationFunction(s, lam)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +254,8 @@ def ko_table(sep, size: int = 4097) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     it is 0/0), then limited so the cubic Hermite table stays monotone.
 
     Phi(theta) = int_0^theta sqrt(gamma) by the trapezoid rule on a uniform theta-grid; gamma is
-    floored at 1e-14 so Phi is strictly increasing (where gamma = 0 every path costs the same and
-    the table simply crosses that angle quickly).
+    floored at 1e-14 so Phi is strictly increasing even for a lambda given by hand (an estimated
+    lambda-hat is admissible, ``admissible_floor``, so the floor does not act there).
     """
     if size < 16:
         raise config_error(f"KO table_size={size}", "the table must resolve theta in [0, pi/2]",

@@ -17,9 +17,13 @@ written (a_t, m_t) there, (alpha_t, sigma_t) here):
 noise end Phi ~ theta^2 for centred data, so theta(Phi) has a square-root singularity while
 theta(u) is smooth. Monotone interpolation keeps alpha/sigma = tan(theta) strictly increasing (so
 ``snr_inverse`` is well defined) and the returned derivatives are those of the interpolant. The
-exact path has alpha_t ~ sqrt(t) at t -> 0, whose conditional target is not
-square-integrable; we replace [0, t_eps] by the chord from (0, 1) to (alpha, sigma)(t_eps), which keeps
-the boundary values exact and changes the kinetic energy by O(t_eps).
+exact path has alpha_t ~ sqrt(t) at t -> 0 (theta_t ~ sqrt(t) where gamma ~ theta^2), whose
+conditional target is not square-integrable; on [0, t_eps] we keep the segment's radius r_t exact and
+let theta grow linearly to theta(t_eps). The boundary values stay exact, and the kinetic energy changes
+by at most (4/3 - 1) sin^2(Phi_1) t_eps where gamma ~ theta^2 near 0 (the energy over [0, t_eps] is
+int r'^2 + r^2 theta'^2 gamma). A chord in (alpha, sigma) instead would leave the circle and add a radial
+cost ~ theta(t_eps)^4 / t_eps, which is large wherever gamma is nearly flat and theta(t_eps) is not small;
+``genflow.methods.kinetic.admissible_floor`` keeps Phi strictly increasing so theta(t_eps) stays small.
 """
 from __future__ import annotations
 
@@ -172,7 +176,7 @@ class KineticOptimal(_ResizingBuffers, Scheduler):
     Build with ``KineticOptimal.from_separation(s, lam)`` or ``KineticOptimal.from_data(x)``; an
     empty instance (``KineticOptimal()``) is filled by ``fit(s, lam)`` or by loading a state_dict.
     Buffers: ``phi1`` = Phi_1 (b = 2 (1 - cos Phi_1)), ``knots_u`` / ``knots_theta`` / ``slopes`` the
-    monotone table theta(u), ``t_eps`` the end of the start chord, ``ready`` whether it was fitted.
+    monotone table theta(u), ``t_eps`` the end of the start arc, ``ready`` whether it was fitted.
     """
 
     name = "ko"
@@ -236,16 +240,20 @@ class KineticOptimal(_ResizingBuffers, Scheduler):
                                "FlowMatching.prepare(datamodule), or load a checkpoint")
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _exact(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The straight segment in (r, Phi) polar coordinates mapped back through theta(Phi)."""
+    def _radius(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Point (px, py) of the straight segment in the (r, Phi) plane at t, its r and dr/dt."""
         c, s1 = torch.cos(self.phi1), torch.sin(self.phi1)
         b = 2 * (1 - c)
         px, py = 1 - t + t * c, t * s1
         r2 = px * px + py * py
         r = torch.sqrt(r2)
+        return px, py, r2, r, b * (2 * t - 1) / (2 * r)
+
+    def _exact(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The straight segment in (r, Phi) polar coordinates mapped back through theta(Phi)."""
+        px, py, r2, r, d_r = self._radius(t)
         phi = torch.atan2(py, px)
-        d_phi = s1 / r2
-        d_r = b * (2 * t - 1) / (2 * r)
+        d_phi = torch.sin(self.phi1) / r2
         u = torch.sqrt((phi / self.phi1).clamp(0, 1))
         theta, d_theta_du = hermite(self.knots_u, self.knots_theta, self.slopes, u)
         d_theta = d_theta_du * d_phi / (2 * self.phi1 * u.clamp_min(1e-300))
@@ -258,14 +266,17 @@ class KineticOptimal(_ResizingBuffers, Scheduler):
         tt = t.to(torch.float64).clamp(0, 1)
         eps = self.t_eps
         a, m, da, dm = self._exact(torch.maximum(tt, eps))
-        # start chord (module docstring); with t_eps = 0 the mask is empty and the chord unused
+        # start arc (module docstring): r exact, theta linear in t up to theta(t_eps); with t_eps = 0 the
+        # mask is empty and the arc unused
         ae, me, _, _ = self._exact(eps.reshape(1))
-        chord = tt < eps
-        frac = tt / eps
-        a = torch.where(chord, ae * frac, a)
-        m = torch.where(chord, 1 - (1 - me) * frac, m)
-        da = torch.where(chord, ae / eps, da)
-        dm = torch.where(chord, -(1 - me) / eps, dm)
+        rate = torch.atan2(ae, me) / eps.clamp_min(1e-300)          # d theta / dt on the arc
+        _, _, _, r, d_r = self._radius(tt)
+        st, ct = torch.sin(rate * tt), torch.cos(rate * tt)
+        arc = tt < eps
+        a = torch.where(arc, r * st, a)
+        m = torch.where(arc, r * ct, m)
+        da = torch.where(arc, d_r * st + r * ct * rate, da)
+        dm = torch.where(arc, d_r * ct - r * st * rate, dm)
         return SchedulerOutput(*(v.to(t.dtype) for v in (a, m, da, dm)))
 
     def extra_repr(self) -> str:

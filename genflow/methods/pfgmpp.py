@@ -102,6 +102,9 @@ def sample_gamma(concentration: float, batch: int, *, generator: Generators = No
     return out
 
 
+MAX_FINITE_D = 1e12
+
+
 def _parse_D(D) -> float:
     if D is None:
         return math.inf
@@ -119,6 +122,11 @@ def _parse_D(D) -> float:
         raise config_error(f"D={D!r} is not positive",
                            "D counts augmented dimensions; the kernel has D degrees of freedom",
                            "pass D > 2 (the paper uses 64, 128, 2048), or D=inf for EDM")
+    if math.isfinite(value) and value > MAX_FINITE_D:
+        raise config_error(f"D={value:g} is beyond {MAX_FINITE_D:g}",
+                           "PFGM++ differs from EDM (D = inf) by O(1/D), below float32 rounding (the network's "
+                           "precision) from D ~ 1e8 on; a larger finite D only risks overflow in D^2 and D-degree "
+                           "Beta draws", "use D=inf (EDM), or a D up to 1e12")
     return value
 
 

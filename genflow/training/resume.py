@@ -44,9 +44,12 @@ class RunCheckpoint(ModelCheckpoint):
         return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stopped_by is not None:  # the second one: stop now
+        if self.stopped_by is not None:  # the second one: stop now, with the shell's exit status for it
             self._restore()
-            raise KeyboardInterrupt
+            print(f"{signal.Signals(signum).name} again: stopped at once, without saving this step; ckpt_path=last "
+                  "continues from the newest checkpoint", file=sys.stderr, flush=True)
+            # not KeyboardInterrupt: Lightning turns that into exit status 1 without a word
+            raise SystemExit(128 + int(signum))
         self.stopped_by = signum
         print(f"\n{signal.Signals(signum).name}: saving {self.last_path} at the end of this step, then stopping "
               "(send it again to stop at once)", file=sys.stderr, flush=True)

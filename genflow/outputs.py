@@ -1,0 +1,144 @@
+"""What an app may write where: outputs never replace what another command wrote.
+
+- ``holds_run(folder)``, ``check_folder_before_start(folder, resuming=...)``: a training run's folder (its
+  exports, result or checkpoints) and its lock; train.py refuses a folder holding a run, or one a live
+  process trains in, before Hydra starts the job and writes ``.hydra/`` there.
+
+- ``check_record(path, ckpt)``: ``evaluate out=FILE`` replaces a file only if it is an earlier record of
+  the same checkpoint's evaluation (one JSON line with that ``ckpt``); a run's ``result.json``, another
+  checkpoint's record or any other file is refused.
+- ``check_sample_folder(out, settings)`` / ``write_sample_manifest(out, settings, seeds)``: ``sample.py``
+  records what made the images of a folder in ``samples.json``; a folder holding a training run, or images,
+  ``samples.npz`` or ``grid.png`` without a manifest of the same settings (checkpoint, solver, steps, ...),
+  is refused. The same command again may write there (it produces the same images).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from genflow.errors import config_error
+
+# what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
+# they do not count)
+RUN_FILES = ("ema.safetensors", "config.yaml", "result.json", "grid.png")
+
+
+LOCK_NAME = ".genflow.lock"
+
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (so a reused pid is not taken for the lock's owner)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+def check_folder_before_start(run_dir: Path, *, resuming: bool) -> None:
+    """What can be refused before Hydra starts the job (and writes ``.hydra/`` and the log into the folder):
+    a run already there without ``ckpt_path``, or a live process training there. ``prepare_run`` and
+    ``RunFolderLock`` check the same again once the job runs (another process may have started meanwhile)."""
+    if not resuming and holds_run(run_dir):
+        raise holds_run_error(run_dir)
+    lock = run_dir / LOCK_NAME
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return  # no lock, or one being written: RunFolderLock decides when the job starts
+    pid, host = owner.get("pid"), owner.get("host")
+    if host == socket.gethostname() and pid is not None and _alive(pid, owner.get("start")):
+        raise config_error(
+            f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
+            "two processes training into one folder would overwrite each other's checkpoints and logs",
+            f"wait for that run to end or stop it; if it no longer runs, remove {lock}")
+
+
+def holds_run_error(run_dir: Path):
+    return config_error(
+        f"{run_dir} already holds a run", "training there again would overwrite its checkpoints and exports",
+        "resume it with ckpt_path=last, or choose a new folder (hydra.run.dir=..., or omit it for a "
+        "fresh timestamped one)")
+
+
+def holds_run(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
+
+
+MANIFEST = "samples.json"
+SAMPLE_FILES = ("samples.npz", "grid.png")
+
+
+def check_record(path: Path, ckpt) -> None:
+    """Refuse to replace ``path`` unless it is an evaluation record of ``ckpt``."""
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        record = None
+    if isinstance(record, dict) and record.get("ckpt") == str(ckpt) and "run_dir" not in record:
+        return
+    raise config_error(f"out={path} already exists and is not a record of this checkpoint's evaluation",
+                       "evaluate never replaces a file it did not write (a run's result.json, another "
+                       "checkpoint's record, any other file)",
+                       "choose a new file name for out=, or move that file away")
+
+
+def sample_settings(cfg, ckpt_path) -> dict:
+    """What decides the images of a seed: the checkpoint (path, size, modification time) and the sampler."""
+    p = Path(str(ckpt_path)).expanduser().resolve()
+    stat = p.stat() if p.is_file() else None
+    keys = ("steps", "solver", "guidance", "class", "reference", "precision", "sigma_min", "sigma_max", "rho",
+            "S_churn", "S_tmin", "S_tmax", "S_noise")
+    guide = cfg.get("guide_ckpt")  # autoguidance: the guiding checkpoint decides the images as much
+    return {"ckpt": str(p), "ckpt_bytes": stat and stat.st_size, "ckpt_mtime_ns": stat and stat.st_mtime_ns,
+            "guide_ckpt": None if guide is None else str(Path(str(guide)).expanduser().resolve()),
+            **{k: (None if cfg.get(k) is None else str(cfg.get(k))) for k in keys}}
+
+
+def check_sample_folder(out: Path, settings: dict) -> None:
+    """Refuse a folder that holds a training run or samples of other settings (see the module docstring)."""
+    if not out.is_dir():
+        return
+    ckpts = out / "checkpoints"
+    if any((out / name).exists() for name in RUN_FILES if name != "grid.png") or \
+            (ckpts.is_dir() and any(ckpts.glob("*.ckpt"))):
+        raise config_error(f"out={out} holds a training run", "sample.py would replace the run's grid.png and "
+                           "mix its images into the run's folder", "choose another out= folder")
+    images = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
+    present = [p.name for p in images] + [n for n in SAMPLE_FILES if (out / n).exists()]
+    if not present:
+        return
+    try:
+        recorded = json.loads((out / MANIFEST).read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded == settings:
+        return
+    differ = sorted(k for k in settings if recorded is None or recorded.get(k) != settings[k])
+    what = "no record of what made them" if recorded is None else f"other settings ({', '.join(differ)})"
+    raise config_error(f"out={out} already holds {len(images)} images from another command ({what})",
+                       "new images beside old ones, a new grid.png and samples.npz would mix two sets without a "
+                       "trace", "choose a new out= folder, or move the old images away")
+
+
+def write_sample_manifest(out: Path, settings: dict, seeds) -> None:
+    from genflow.cache import atomic_write
+
+    text = json.dumps({"settings": settings, "seeds": [int(s) for s in seeds]})
+    atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(text + "\n"))
