@@ -1,5 +1,7 @@
 """Reading genflow checkpoints: always ``weights_only=True`` (no code is unpickled), with what / why / fix
-errors for a missing, corrupt, foreign or weights-only file. Each function returns what it read; nothing is
+errors for a missing, corrupt, foreign or weights-only file; a checkpoint's tensors are verified against the
+sha256 stored when it was written (``genflow.cache.save_checkpoint``; files written before checksums load
+unverified). Each function returns what it read; nothing is
 kept between calls (``mmap=True`` maps the tensors instead of reading them, for checks before a run)."""
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow import registry
+from genflow.cache import checksum_mismatch
 from genflow.errors import CheckpointError, checkpoint_error, config_error
 
 
@@ -30,6 +33,10 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt", mmap: bool = False) 
                                "the file is empty, truncated, corrupt, or holds objects other than tensors and "
                                "plain containers (genflow never unpickles code)",
                                "use a checkpoint written by genflow's train.py") from err
+    if why := checksum_mismatch(ckpt):
+        raise checkpoint_error(f"checkpoint {key}={path} is corrupt", why,
+                               "use another checkpoint of the run (e.g. an earlier step's in <run_dir>/checkpoints/) "
+                               "or copy the file again from where it was made")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
         raise checkpoint_error(f"{key}={path} is not a genflow checkpoint",
                                "it has no state_dict and no stored training config",
