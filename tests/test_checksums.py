@@ -120,6 +120,11 @@ def test_checkpoint_written_before_checksums_still_samples(trained_run, cli, tmp
                          f"out={tmp_path / 's'}")
     assert code == 0, err
     assert (tmp_path / "s" / "000001.png").is_file()
+    # without the stored sha256, the zip records' CRC-32s still catch damaged tensor data
+    _zero_tensor_region(tmp_path / "old.ckpt")
+    code, out, err = cli("sample.py", f"ckpt={tmp_path / 'old.ckpt'}", "num=2", "steps=1", "progress=false",
+                         f"out={tmp_path / 's2'}")
+    assert code == 2 and str(tmp_path / "old.ckpt") in err and "CRC-32" in err and "Traceback" not in err, err
 
 
 def test_resume_skips_a_corrupt_last_checkpoint(trained_run, tmp_path):
