@@ -139,3 +139,19 @@ def test_resume_skips_a_corrupt_last_checkpoint(trained_run, tmp_path):
     path, ckpt, skipped = newest_valid(run, mmap=True)
     assert path != last and path.name != "final.ckpt"
     assert len(skipped) == 1 and "last.ckpt" in skipped[0] and "is corrupt" in skipped[0]
+
+
+def test_missing_outputs_are_not_made_from_a_corrupt_final_checkpoint(trained_run, cli, tmp_path):
+    """A run stopped after final.ckpt makes its grid and exports from it on ckpt_path=last: not if it is damaged."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run)
+    (run / "grid.png").unlink()
+    final = run / "checkpoints" / "final.ckpt"
+    _zero_tensor_region(final)
+    code, out, err = cli("train.py", "model=pfgmpp", "data=digits", "net=unet_tiny", "data.batch_size=16",
+                         "data.conditional=true", "++net.label_dropout=0.2", "trainer.max_steps=6",
+                         "trainer.val_check_interval=3", "checkpoint.every_n_steps=3", "sample.num=4",
+                         "sample.steps=2", "optim.warmup_steps=2", "trainer.enable_progress_bar=false",
+                         "ckpt_path=last", f"hydra.run.dir={run}")
+    assert code == 2 and str(final) in err and "is corrupt" in err and "Traceback" not in err, err
+    assert not (run / "grid.png").exists()
