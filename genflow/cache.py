@@ -191,6 +191,18 @@ def archive_damage(path: str | os.PathLike, *, tensors: bool) -> str:
     return ""
 
 
+def cached_checkpoint_problem(path: str | os.PathLike) -> str:
+    """Why a checkpoint kept as a cache (a conversion, a post-hoc reconstruction) must be made again: it cannot
+    be read, has no checksum or fails it ("" when it is intact)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated, empty, not an archive
+        return f"it cannot be read ({type(err).__name__})"
+    if not isinstance(ckpt, dict) or CHECKSUM_KEY not in ckpt:
+        return "it has no checksum"
+    return checksum_mismatch(ckpt) or archive_damage(path, tensors=False)
+
+
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
     """``torch.save`` ``ckpt`` atomically, with the sha256 of its tensors under ``CHECKSUM_KEY``."""
     ckpt = {**ckpt, CHECKSUM_KEY: tensor_checksum(ckpt)}

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genflow.cache import CHECKSUM_KEY, checksum_mismatch, content_hash, file_sha256, save_checkpoint
+from genflow.cache import cached_checkpoint_problem, content_hash, file_sha256, save_checkpoint
 from genflow.config import Bool, Spec, Str, compose, instantiate, plain_app, target_class, to_container
 from genflow.data.record import checkpoint_hparams, data_record
 from genflow.errors import CheckpointError, config_error, exit_on_error, strip_debug_flag
@@ -741,24 +741,13 @@ def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.
     sha256 = file_sha256(src)  # read once: published pickles reach a gigabyte
     folder = Path(cache_dir).expanduser() if cache_dir else metrics_home() / "converted"
     out = folder / f"{src.stem}-{content_hash(sha256, f'D={D}', f'v{CONVERTER_VERSION}', length=16)}.ckpt"
-    why = _unusable_conversion(out) if out.is_file() else ""
+    why = cached_checkpoint_problem(out) if out.is_file() else ""
     if why:
         print(f"genflow: cached conversion {out} not used, {why}; converting again", file=sys.stderr, flush=True)
     if why or not out.is_file():
         # several processes (DDP ranks) may convert at once: each writes atomically the same content
         convert(src, out, D=D, overwrite=True, sha256=sha256)
     return out
-
-
-def _unusable_conversion(path: Path) -> str:
-    """Why a cached conversion cannot be used ("" when its tensors match the sha256 stored in it)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        return f"it cannot be read ({type(err).__name__})"
-    if not isinstance(ckpt, dict) or CHECKSUM_KEY not in ckpt:
-        return "it has no checksum"
-    return checksum_mismatch(ckpt)
 
 
 def published_checkpoint(entry: dict, cache_dir: str | os.PathLike | None = None) -> str | None:
