@@ -1,8 +1,9 @@
 """Reading genflow checkpoints: always ``weights_only=True`` (no code is unpickled), with what / why / fix
 errors for a missing, corrupt, foreign or weights-only file; a checkpoint's tensors are verified against the
 sha256 stored when it was written (``genflow.cache.save_checkpoint``) and the archive's other records against
-their CRC-32s; a file written before checksums has all its records' CRC-32s checked. Each function returns what it read; nothing is
-kept between calls (``mmap=True`` maps the tensors instead of reading them, for checks before a run)."""
+their CRC-32s; a file written before checksums has all its records' CRC-32s checked. Each function returns
+what it read; nothing is kept between calls (``mmap=True`` maps the tensors instead of reading them into
+memory, for checks before a run)."""
 from __future__ import annotations
 
 from pathlib import Path
