@@ -174,7 +174,8 @@ def save_grid(samples: Tensor, path: str | Path, nrow: int | None = None) -> Pat
             nrow = samples.shape[1]
             samples = samples.flatten(0, 1)
         nrow = nrow or max(1, int(len(samples) ** 0.5))
-        grid = torchvision.utils.make_grid(samples if samples.dtype == torch.uint8 else to_uint8(samples), nrow=nrow, padding=1, pad_value=255)
+        images = samples if samples.dtype == torch.uint8 else to_uint8(samples)
+        grid = torchvision.utils.make_grid(images, nrow=nrow, padding=1, pad_value=255)
         if grid.shape[-1] < 512:  # tiny images (8x8 digits) are upscaled so a person can see them
             scale = max(1, 512 // grid.shape[-1])
             grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)

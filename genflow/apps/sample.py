@@ -5,7 +5,9 @@
     python sample.py ...           # the same app, from the repository root
 
 Writes one PNG per seed (images), grid.png and samples.npz, and ends with one JSON line. Image i depends only
-on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled, and its
+on seed i, never on the batch size. An image model's PNGs are written batch by batch; the same command again
+(after Ctrl-C, SIGTERM or a full disk) samples only the seeds whose PNG is missing or does not decode.
+The checkpoint is read with weights_only=True: no code is unpickled, and its
 stored config may name only genflow's registry of classes (genflow.registry).
 
 Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
