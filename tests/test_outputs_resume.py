@@ -152,3 +152,25 @@ def test_sample_continues_where_it_stopped(cli, trained_ckpt, tmp_path, monkeypa
     code, stdout, err = cli("sample.py", f"ckpt={trained_ckpt}", *args, f"out={out}")
     assert code == 0, err
     assert asked == [[4]] and files_of(out)["000004.png"] == files_of(whole)["000004.png"]
+
+
+def test_sigterm_stops_sample_with_what_is_kept(cli, trained_ckpt, tmp_path, monkeypatch):
+    import signal
+
+    import genflow.sampling
+
+    real = genflow.sampling.generate
+
+    def terminated_after_one_batch(*a, on_batch=None, **kw):
+        def once(seeds, x):
+            on_batch(seeds, x)
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered to this (the in-process app's) process
+
+        return real(*a, on_batch=once, **kw)
+
+    monkeypatch.setattr(genflow.sampling, "generate", terminated_after_one_batch)
+    out, before = tmp_path / "out", signal.getsignal(signal.SIGTERM)
+    code, _, err = cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-3", "batch=2", "steps=2", "progress=false",
+                       f"out={out}")
+    assert code == 143 and "stopped: 2 of 4 images" in err and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGTERM) is before  # the app's handler is gone with the app

@@ -259,11 +259,13 @@ def _stop(signum, frame):
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 @reported
 def app(cfg: DictConfig) -> None:
-    signal.signal(signal.SIGTERM, _stop)
+    before = signal.signal(signal.SIGTERM, _stop)
     try:
         main(cfg, validated=True)
     except KeyboardInterrupt as stop:  # main said what is kept and how to go on: no traceback
         sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def cli() -> None:
