@@ -13,6 +13,7 @@ re-raises instead, so the traceback is shown.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -50,6 +51,25 @@ def checkpoint_error(what: str, why: str, fix: str) -> CheckpointError:
     return CheckpointError(f"{what}\n  why: {why}\n  fix: {fix}")
 
 
+#: the failures of writing a file that a user fixes outside genflow (space, permission, a read-only disk)
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+
+
+def os_error(err: OSError, path=None) -> GenflowError | None:
+    """A disk-full, read-only or permission ``OSError`` as ``error: what / why / fix`` naming the file; None
+    for any other ``OSError`` (a bug or a failure genflow cannot explain)."""
+    why = DISK_ERRNOS.get(err.errno)
+    if why is None:
+        return None
+    where = path or err.filename or "a file"
+    fix = ("free space on that disk (or write elsewhere), then run the same command again" if err.errno in
+           (errno.ENOSPC, errno.EDQUOT) else "make that folder writable or choose another output folder, then run "
+           "the same command again")
+    return GenflowError(f"could not write {where}\n  why: {why} ({err.strerror or err})\n  fix: {fix}")
+
+
 def debug_requested() -> bool:
     """``--debug`` (removed from ``sys.argv`` by ``strip_debug_flag``) or ``GENFLOW_DEBUG=1``."""
     return os.environ.get("GENFLOW_DEBUG", "") not in ("", "0")
@@ -80,6 +100,11 @@ def exit_on_error(main, *args, **kwargs):
         if debug_requested():
             raise
         report(err)
+    except OSError as err:  # a full disk or a refused write anywhere: what and where, not a traceback
+        known = os_error(err)
+        if known is None or debug_requested():
+            raise
+        report(known)
 
 
 def reported(task):

@@ -10,12 +10,18 @@
 - ``check_sample_folder(out, settings)`` / ``write_sample_manifest(out, settings, seeds)``: ``sample.py``
   records what made the images of a folder in ``samples.json``; a folder holding a training run, or images,
   ``samples.npz`` or ``grid.png`` without a manifest of the same settings (checkpoint, solver, steps, ...),
-  is refused. The same command again may write there (it produces the same images).
+  is refused. The same command again may write there (it produces the same images) and continues: the seeds
+  whose PNG is already there and decodes are not sampled again.
+- ``check_writable(path, key, ...)``: a destination that cannot be written (no write permission on the folder
+  or its nearest existing parent, or less free space than the job needs) is refused before the work;
+  ``write_output(path, write)``: an atomic write whose disk-full or permission failure is an error naming
+  the file.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -142,3 +148,33 @@ def write_sample_manifest(out: Path, settings: dict, seeds) -> None:
 
     text = json.dumps({"settings": settings, "seeds": [int(s) for s in seeds]})
     atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def check_writable(path, key: str, fix: str | None = None, *, need_bytes: int = 0) -> None:
+    """Refuse, before any work, a destination folder ``path`` (made later if missing) that cannot be written:
+    its nearest existing folder must grant write and search permission, and hold ``need_bytes`` free."""
+    p = Path(str(path)).expanduser()
+    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # a file on the way is check_output_dir's error
+    fix = fix or f"choose a folder you can write for {key}=, or make {existing} writable"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise config_error(f"{key}={path} cannot be written: {existing} is not writable by this user",
+                           "the outputs would be lost at the end of the work", fix)
+    free = shutil.disk_usage(existing).free if need_bytes else 0
+    if need_bytes and free < need_bytes:
+        raise config_error(f"{key}={path}: {existing} has {free / 2 ** 20:.1f} MiB free, the job needs about "
+                           f"{need_bytes / 2 ** 20:.1f} MiB", "the disk would fill before the outputs are written",
+                           f"free space there or choose another {key}=")
+
+
+def write_output(path: Path, write) -> Path:
+    """``cache.atomic_write(path, write)``; a full disk or a refused write ends in an error naming ``path``
+    (the file under that name is left as it was)."""
+    from genflow.cache import atomic_write
+    from genflow.errors import os_error
+
+    try:
+        return atomic_write(path, write)
+    except OSError as err:
+        raise (os_error(err, path) or err) from err

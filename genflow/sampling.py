@@ -85,7 +85,8 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
              solver: str = "heun", cond: dict | None = None, guidance: float | None = None,
              batch_size: int = 256, device=None, progress: bool = False, precision: str = "fp32",
              solver_options: dict | None = None, counts: dict | None = None, num_classes: int = 0,
-             class_label: int | None = None) -> Tensor:
+             class_label: int | None = None, on_batch: Callable[[Sequence[int], Tensor], None] | None = None
+             ) -> Tensor | None:
     """Generate ``len(seeds)`` samples of ``shape`` (no batch dim); returns them on ``device``.
 
     ``precision`` is the network's arithmetic: ``fp32`` (EDM's protocol, the default wherever numbers are
@@ -96,6 +97,8 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
     ``num_classes``: a class-conditional network's classes; where ``cond`` gives no "class", each image's
     class is drawn from its generator right after its prior sample (``draw_labels``: generate.py's order of
     latents, label, sampler noise), or is ``class_label`` for every image.
+    ``on_batch(seeds, samples)``, if given, receives each batch as it is done (to write it as it goes) and
+    nothing is kept: ``generate`` then returns None.
     ``counts``, if given, accumulates ``images`` and ``evaluations`` (network evaluations the solves ran,
     ``Solution.nfe`` per image: a batch of an adaptive solver steps until its slowest image is done).
     """
@@ -119,11 +122,14 @@ def generate(method: Method, net: Callable, seeds: Sequence[int], shape: Sequenc
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast), full_fp32(not use_autocast):
             solution = method.solve(net, noise, steps=steps, solver=solver, cond=batch_cond,
                                     guidance=guidance, generator=gens, **(solver_options or {}))
-        out.append(solution.x.float())
         if counts is not None:
             counts["images"] = counts.get("images", 0) + len(batch)
             counts["evaluations"] = counts.get("evaluations", 0) + solution.nfe * len(batch)
-    return torch.cat(out)
+        if on_batch is not None:
+            on_batch(batch, solution.x.float())
+        else:
+            out.append(solution.x.float())
+    return None if on_batch is not None else torch.cat(out)
 
 
 def nfe_per_image(counts: dict) -> float | None:
@@ -159,7 +165,8 @@ def save_grid(samples: Tensor, path: str | Path, nrow: int | None = None) -> Pat
     (N, V, C, H, W), a scatter plot for 2-D vectors, pairwise projections for other vectors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    samples = samples.detach().float().cpu()
+    samples = samples.detach().cpu()  # uint8 images (read back from PNGs) are drawn as they are
+    samples = samples if samples.dtype == torch.uint8 else samples.float()
     if samples.ndim in (4, 5):
         import torchvision
 
@@ -167,7 +174,8 @@ def save_grid(samples: Tensor, path: str | Path, nrow: int | None = None) -> Pat
             nrow = samples.shape[1]
             samples = samples.flatten(0, 1)
         nrow = nrow or max(1, int(len(samples) ** 0.5))
-        grid = torchvision.utils.make_grid(to_uint8(samples), nrow=nrow, padding=1, pad_value=255)
+        images = samples if samples.dtype == torch.uint8 else to_uint8(samples)
+        grid = torchvision.utils.make_grid(images, nrow=nrow, padding=1, pad_value=255)
         if grid.shape[-1] < 512:  # tiny images (8x8 digits) are upscaled so a person can see them
             scale = max(1, 512 // grid.shape[-1])
             grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)

@@ -37,7 +37,7 @@ from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int,
                             read_checkpoint, run_app, sampler_options, target_class)
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
-from genflow.outputs import check_record
+from genflow.outputs import check_record, check_writable, write_output
 
 EVALUATE_SCHEMA = {
     "ckpt": Str(), "guide_ckpt": Str(null=True), "precision": PRECISION,
@@ -79,6 +79,12 @@ def validate(cfg: DictConfig) -> None:
                                "pass out=FILE.json (a file name)")
         check_output_dir(out.parent, "out's folder")  # new folders are made; a file on the way is refused
         check_record(out, cfg.ckpt)  # never another run's or checkpoint's file
+        check_writable(out.parent, "out", "choose out= in a folder you can write, or make that folder writable")
+    if fid_num(cfg):  # reference statistics and features are cached there during the evaluation
+        from genflow.metrics.features import METRICS_HOME_ENV, metrics_home
+
+        check_writable(metrics_home(), METRICS_HOME_ENV, f"set {METRICS_HOME_ENV} to a folder you can write "
+                       "(FID reference statistics are cached there; the default is ~/.cache/genflow)")
     check_device(cfg.device)
     # the check maps the tensors; the evaluation reads the weights once
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt, mmap=True), data_overrides(cfg))
@@ -231,10 +237,8 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         line = json.dumps(result)
         print(line, flush=True)  # first: the result of a long evaluation is never only in a file that failed
         if cfg.out:
-            from genflow.cache import atomic_write
-
             check_record(Path(str(cfg.out)).expanduser(), cfg.ckpt)  # written meanwhile by another command?
-            atomic_write(Path(str(cfg.out)).expanduser(), lambda tmp: tmp.write_text(line + "\n"))
+            write_output(Path(str(cfg.out)).expanduser(), lambda tmp: tmp.write_text(line + "\n"))
     return result
 
 

@@ -5,7 +5,9 @@
     python sample.py ...           # the same app, from the repository root
 
 Writes one PNG per seed (images), grid.png and samples.npz, and ends with one JSON line. Image i depends only
-on seed i, never on the batch size. The checkpoint is read with weights_only=True: no code is unpickled, and its
+on seed i, never on the batch size. An image model's PNGs are written batch by batch; the same command again
+(after Ctrl-C, SIGTERM or a full disk) samples only the seeds whose PNG is missing or does not decode.
+The checkpoint is read with weights_only=True: no code is unpickled, and its
 stored config may name only genflow's registry of classes (genflow.registry).
 
 Every argument is checked before a checkpoint is sampled or a file is written: types and ranges when the
@@ -19,6 +21,9 @@ Seeds, labels and sampler noise follow EDM's generate.py, so a converted EDM net
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -30,8 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device,
                             check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
                             data_conditions, read_checkpoint, run_app, sampler_options)
-from genflow.errors import config_error, reported
-from genflow.outputs import check_sample_folder, sample_settings, write_sample_manifest
+from genflow.errors import config_error, os_error, reported
+from genflow.outputs import check_sample_folder, check_writable, sample_settings, write_output, write_sample_manifest
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
@@ -89,6 +94,7 @@ def validate(cfg: DictConfig) -> None:
     seeds_of(cfg)
     check_device(cfg.device)
     check_output_dir(cfg.out, "out")
+    check_writable(cfg.out, "out")
     ckpt = read_checkpoint(cfg.ckpt, mmap=True)  # the check maps the tensors; the job reads the weights once
     check_sample_folder(Path(str(cfg.out)).expanduser(), sample_settings(cfg, cfg.ckpt))
     stored = config_from_checkpoint(ckpt, grid_overrides(cfg))
@@ -138,14 +144,17 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     module, dm, stored = module_from_checkpoint(cfg.ckpt, grid_overrides(cfg), device=device)
     check_finite_weights(module, f"checkpoint {cfg.ckpt}")
     shape = tuple(dm.data_shape)
+    per_seed_png = len(shape) == 3  # an image per seed: written as it goes, kept by a re-run of the command
+    done = set() if not per_seed_png else {s for s in seeds if png_ok(out / f"{s:06d}.png", shape)}
+    todo = [s for s in seeds if s not in done]
     if cfg.reference is not None:
         if not hasattr(dm, "reference_cond"):
             raise config_error(f"reference={cfg.reference} for a model trained on {getattr(dm, 'name', 'this data')}",
                                "only multi-view models are conditioned on a reference image",
                                "drop reference=, or sample a multi-view (Isotropic3D) checkpoint")
-        cond = dm.reference_cond(cfg.reference, seeds, device)
+        cond = dm.reference_cond(cfg.reference, todo, device)
     else:
-        cond = sample_conditions(dm, seeds, device)
+        cond = sample_conditions(dm, todo, device)
     if cfg["class"] is not None and not 0 <= int(cfg["class"]) < dm.num_classes:
         raise config_error(f"class={cfg['class']} is out of range", f"the model knows classes 0..{dm.num_classes - 1}",
                            f"use class=0..{dm.num_classes - 1}")
@@ -157,31 +166,48 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
 
         net, guidance = autoguided(net, load_guide(cfg.guide_ckpt, device), guidance), None
     start, counts, options = time.perf_counter(), {}, sampler_options(cfg)
-    # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
-    samples = generate(module.method, net, seeds, shape, steps=steps, solver=solver, cond=cond,
-                       guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
-                       device=module.device, progress=bool(cfg.progress), precision=cfg.precision, counts=counts,
-                       solver_options=options, num_classes=dm.num_classes, class_label=cfg["class"])
-    wall = time.perf_counter() - start
-    nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured
-    nfe = nfe if nfe is not None else nfe_per_image(counts)
     out.mkdir(parents=True, exist_ok=True)
     write_sample_manifest(out, settings, seeds)  # first: what the images in this folder come from
-    result = {"out": str(out), "num": len(seeds), "nfe": nfe, "steps": steps,
-              "solver": solver, **options, **{key: float(cfg[key]) for key in GRID_KEYS if cfg[key] is not None}, **({} if cfg["class"] is None else {"class": int(cfg["class"])}),
-              "precision": cfg.precision, "img_per_s": round(len(seeds) / max(wall, 1e-9), 2),
+
+    def write_batch(batch_seeds, batch):
+        for seed, img in zip(batch_seeds, to_uint8(batch).cpu()):
+            write_png(out / f"{seed:06d}.png", img)
+
+    try:
+        # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
+        samples = generate(module.method, net, todo, shape, steps=steps, solver=solver, cond=cond,
+                           guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
+                           device=module.device, progress=bool(cfg.progress), precision=cfg.precision,
+                           counts=counts, solver_options=options, num_classes=dm.num_classes,
+                           class_label=cfg["class"], on_batch=write_batch if per_seed_png else None)
+    except KeyboardInterrupt:
+        if per_seed_png:
+            kept = sum(png_ok(out / f"{s:06d}.png", shape) for s in seeds)
+            print(f"stopped: {kept} of {len(seeds)} images are in {out}; run the same command again to sample "
+                  "the rest", file=sys.stderr, flush=True)
+        raise
+    wall = time.perf_counter() - start
+    nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured (none when nothing was sampled)
+    nfe = nfe if nfe is not None else nfe_per_image(counts)
+    result = {"out": str(out), "num": len(seeds), "sampled": len(todo), "kept": len(done), "nfe": nfe,
+              "steps": steps, "solver": solver, **options,
+              **{key: float(cfg[key]) for key in GRID_KEYS if cfg[key] is not None},
+              **({} if cfg["class"] is None else {"class": int(cfg["class"])}),
+              "precision": cfg.precision, "img_per_s": round(len(todo) / max(wall, 1e-9), 2),
               "device": str(device)}
-    if samples.ndim == 4 or samples.ndim == 5:
+    if per_seed_png:  # the set, read back from the PNGs (the bytes a continued run and a whole run share)
+        samples = torch.stack([read_png(out / f"{s:06d}.png") for s in seeds])
+        write_output(out / "samples.npz", lambda tmp: savez(tmp, images=samples.numpy(), seeds=np.asarray(seeds)))
+    elif samples.ndim == 5:
         import torchvision
 
         images = to_uint8(samples).cpu()
-        for seed, img in zip(seeds, images):
-            if img.ndim == 4:  # multi-view: views side by side
-                img = torch.cat(list(img), dim=-1)
-            torchvision.io.write_png(img, str(out / f"{seed:06d}.png"))
-        np.savez(out / "samples.npz", images=images.numpy(), seeds=np.asarray(seeds))
+        for seed, img in zip(seeds, images):  # multi-view: views side by side
+            write_png(out / f"{seed:06d}.png", torch.cat(list(img), dim=-1))
+        write_output(out / "samples.npz", lambda tmp: savez(tmp, images=images.numpy(), seeds=np.asarray(seeds)))
     else:
-        np.savez(out / "samples.npz", samples=samples.cpu().numpy(), seeds=np.asarray(seeds))
+        write_output(out / "samples.npz",
+                     lambda tmp: savez(tmp, samples=samples.cpu().numpy(), seeds=np.asarray(seeds)))
     if cfg.reference is not None and Path(str(cfg.reference)).suffix.lower() not in (".pt", ".pth", ".npy"):
         # one row per seed: the reference image, then the generated views
         result["grid"] = str(dm.save_reference_grid(out / "grid.png", samples, cfg.reference))
@@ -192,10 +218,54 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
     return result
 
 
+def savez(path: Path, **arrays) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary file's name
+        np.savez(f, **arrays)
+
+
+def read_png(path: Path) -> torch.Tensor:
+    import torchvision
+
+    return torchvision.io.decode_png(torchvision.io.read_file(str(path)))
+
+
+def png_ok(path: Path, shape) -> bool:
+    """A PNG of a seed that an earlier run of the command wrote completely (it decodes to the model's shape)."""
+    if not path.is_file():
+        return False
+    try:
+        return tuple(read_png(path).shape) == tuple(shape)
+    except (RuntimeError, OSError):
+        return False
+
+
+def write_png(path: Path, img: torch.Tensor) -> None:
+    """One image, under its name only once it is complete (a stop never leaves half a PNG)."""
+    import torchvision
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torchvision.io.write_png(img, str(tmp))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise (os_error(err, path) or err) from err
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM stops as Ctrl-C does: the images written are kept
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 @reported
 def app(cfg: DictConfig) -> None:
-    main(cfg, validated=True)
+    before = signal.signal(signal.SIGTERM, _stop)
+    try:
+        main(cfg, validated=True)
+    except KeyboardInterrupt as stop:  # main said what is kept and how to go on: no traceback
+        sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def cli() -> None:

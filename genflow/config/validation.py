@@ -249,10 +249,13 @@ def check_files(cfg: DictConfig) -> dict:
             check_resume(cfg, ckpt["hyper_parameters"]["config"], path,
                          explicit_sections(overrides, declared_knobs(cfg)) if overrides is not None else None)
     check_output_dir(cfg.get("run_dir"), "run_dir")
+    from genflow.outputs import check_folder_before_start, check_writable
     folder = None if cfg.get("run_dir") else OmegaConf.select(cfg, "hydra.run.dir")
     if folder is not None:  # before Hydra writes .hydra/ there (a library run_dir: prepare_run checks it)
-        from genflow.outputs import check_folder_before_start
         check_folder_before_start(Path(str(folder)), resuming=cfg.get("ckpt_path") is not None)
+    for key in ("run_dir", "hydra.run.dir"):  # checkpoints and exports must be writable before the first step
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            check_writable(OmegaConf.select(cfg, key), key)
     if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
         build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts
     if cfg.get("hydra") is not None:
