@@ -679,6 +679,17 @@ def test_leaderboard_scores_a_published_pickle(edm_format, tmp_path, monkeypatch
     stamp = cached.stat().st_mtime_ns
     entry = {"pickle": os.environ["GENFLOW_TEST_PUBLISHED_PKL"]}
     assert published_checkpoint(entry) == str(cached) and cached.stat().st_mtime_ns == stamp  # converted once
+    # a damaged cached conversion is converted again, with one line saying so
+    good = torch.load(cached, map_location="cpu", weights_only=True)["state_dict"]
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    cached.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert published_checkpoint(entry) == str(cached)
+    again = torch.load(cached, map_location="cpu", weights_only=True)["state_dict"]
+    assert again.keys() == good.keys() and all(torch.equal(again[k], good[k]) for k in good)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and str(cached) in lines[0] and "converting again" in lines[0]
     assert published_checkpoint({"pickle": None}) is None
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,28 @@ def test_snapshots_and_averages_survive_kill_and_resume_bit_exactly(runs):
     for xa, xb in zip(la["posthoc_ema"]["averages"], lb["posthoc_ema"]["averages"]):
         assert all(torch.equal(xa[k], xb[k]) for k in xa)
     assert all(torch.equal(la["state_dict"][k], lb["state_dict"][k]) for k in la["state_dict"])
+
+
+def test_leaderboard_remakes_a_damaged_reconstruction(runs, tmp_path, capsys):
+    import shutil
+
+    from genflow.apps.leaderboard import posthoc_ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    path = Path(posthoc_ckpt(str(run / "checkpoints" / "final.ckpt"), 0.12, "e"))
+    made = torch.load(path, weights_only=True)["state_dict"]
+    stamp = path.stat().st_mtime_ns
+    assert posthoc_ckpt(str(run / "checkpoints" / "final.ckpt"), 0.12, "e") == str(path)
+    assert path.stat().st_mtime_ns == stamp and capsys.readouterr().err == ""     # reused while intact
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    posthoc_ckpt(str(run / "checkpoints" / "final.ckpt"), 0.12, "e")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "reconstructing it" in lines[0]
+    again = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(again[k], made[k]) for k in made)
 
 
 def test_posthoc_app_writes_checkpoints_that_sample(runs, tmp_path, cli):

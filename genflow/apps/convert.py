@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genflow.cache import atomic_write, content_hash, file_sha256
+from genflow.cache import cached_checkpoint_problem, content_hash, file_sha256, save_checkpoint
 from genflow.config import Bool, Spec, Str, compose, instantiate, plain_app, target_class, to_container
 from genflow.data.record import checkpoint_hparams, data_record
 from genflow.errors import CheckpointError, config_error, exit_on_error, strip_debug_flag
@@ -725,7 +725,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: S
                            "write the checkpoint to another path, e.g. edm-cifar10.ckpt")
     ckpt = convert_records(read_pickle(src), D=D, overrides=overrides, source=str(src))
     ckpt["converted_from"]["sha256"] = sha256 or file_sha256(src)
-    return atomic_write(Path(out).expanduser(), lambda tmp: torch.save(ckpt, tmp))
+    return save_checkpoint(ckpt, Path(out).expanduser())
 
 
 def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -741,7 +741,10 @@ def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.
     sha256 = file_sha256(src)  # read once: published pickles reach a gigabyte
     folder = Path(cache_dir).expanduser() if cache_dir else metrics_home() / "converted"
     out = folder / f"{src.stem}-{content_hash(sha256, f'D={D}', f'v{CONVERTER_VERSION}', length=16)}.ckpt"
-    if not out.is_file():
+    why = cached_checkpoint_problem(out) if out.is_file() else ""
+    if why:
+        print(f"genflow: cached conversion {out} not used, {why}; converting again", file=sys.stderr, flush=True)
+    if why or not out.is_file():
         # several processes (DDP ranks) may convert at once: each writes atomically the same content
         convert(src, out, D=D, overwrite=True, sha256=sha256)
     return out

@@ -183,15 +183,18 @@ def run_name(entry: dict) -> str:
 
 def posthoc_ckpt(ckpt: str, sigma_rel: float, entry: str) -> str:
     """The reconstruction of width ``sigma_rel`` from the snapshots of the run that wrote ``ckpt`` (written once
-    beside it, atomically, and reused afterwards)."""
-    from genflow.cache import atomic_write
+    beside it, atomically, and reused afterwards while it matches its checksum)."""
+    from genflow.cache import cached_checkpoint_problem, save_checkpoint
     from genflow.training.posthoc import posthoc_checkpoint, run_snapshots
 
     run_dir = Path(ckpt).resolve().parent.parent
     path = run_dir / "checkpoints" / f"posthoc_sigma{sigma_rel:.3f}.ckpt"
-    if not path.exists():
+    why = cached_checkpoint_problem(path) if path.exists() else ""
+    if why:
+        print(f"genflow: reconstruction {path} not used, {why}; reconstructing it", file=sys.stderr, flush=True)
+    if why or not path.exists():
         made = posthoc_checkpoint(run_snapshots(run_dir, key=f"entry {entry}: run"), sigma_rel)
-        atomic_write(path, lambda tmp: torch.save(made, tmp))
+        save_checkpoint(made, path)
     return str(path)
 
 

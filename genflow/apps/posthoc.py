@@ -71,9 +71,7 @@ def plan(cfg: DictConfig) -> tuple[list[dict], list[tuple[float, Path]]]:
 
 def main(cfg: DictConfig | list[str]) -> dict:
     """Reconstruct as ``python -m genflow.apps.posthoc`` does; ``cfg`` is the composed config or its overrides."""
-    import torch
-
-    from genflow.cache import atomic_write
+    from genflow.cache import save_checkpoint
     from genflow.config import compose
     from genflow.training.module import check_finite_weights
     from genflow.training.posthoc import posthoc_checkpoint
@@ -85,7 +83,7 @@ def main(cfg: DictConfig | list[str]) -> dict:
     for sigma_rel, path in files:
         ckpt = posthoc_checkpoint(snaps, sigma_rel, cfg.step)
         check_finite_weights(ckpt["state_dict"], f"the reconstruction at sigma_rel={sigma_rel}")
-        atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        save_checkpoint(ckpt, path)
         info = ckpt["posthoc"]
         written.append({"sigma_rel": sigma_rel, "gamma": round(info["gamma"], 4), "step": info["step"],
                         "residual": float(f"{info['residual']:.3g}"), "averages_used": info["averages_used"],

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genflow.config import check_resume, declared_knobs, explicit_sections, newest_valid, read_resumable
+from genflow.config import (check_resume, declared_knobs, explicit_sections, newest_valid, read_checkpoint,
+                            read_resumable)
 from genflow.errors import config_error
 from genflow.outputs import (LOCK_NAME, RUN_FILES, _alive, _process_start, check_folder_before_start,  # noqa: F401
                              holds_run, holds_run_error)
@@ -207,6 +208,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path, resume: tuple | None = None) -> 
     final = run_dir / "checkpoints" / "final.ckpt"
     missing = [name for name in ("ema.safetensors", "grid.png", "result.json") if not (run_dir / name).is_file()]
     if final.is_file() and 0 <= max_steps <= start.step and missing:
+        read_checkpoint(final, key="final.ckpt", mmap=True)  # the outputs are made from it: verified first
         # stopped after training, while writing its outputs: fit restores the state and ends at once,
         # then the grid, the exports, the final metrics and result.json are made as at the end of any run
         start.notes.append(f"the run trained to step {start.step} but {', '.join(missing)} "

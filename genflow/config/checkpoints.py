@@ -1,6 +1,9 @@
 """Reading genflow checkpoints: always ``weights_only=True`` (no code is unpickled), with what / why / fix
-errors for a missing, corrupt, foreign or weights-only file. Each function returns what it read; nothing is
-kept between calls (``mmap=True`` maps the tensors instead of reading them, for checks before a run)."""
+errors for a missing, corrupt, foreign or weights-only file; a checkpoint's tensors are verified against the
+sha256 stored when it was written (``genflow.cache.save_checkpoint``) and the archive's other records against
+their CRC-32s; a file written before checksums has all its records' CRC-32s checked. Each function returns
+what it read; nothing is kept between calls (``mmap=True`` maps the tensors instead of reading them into
+memory, for checks before a run)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,13 +13,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow import registry
+from genflow.cache import CHECKSUM_KEY, archive_damage, checksum_mismatch
 from genflow.errors import CheckpointError, checkpoint_error, config_error
 
 
 def read_checkpoint(path: str | Path, *, key: str = "ckpt", mmap: bool = False) -> dict:
     """Load a Lightning checkpoint with ``weights_only=True`` (never unpickles code). ``mmap``: map the tensors
-    from the file instead of reading them (checks before a run: a training state can hold gigabytes of
-    optimizer moments that the check never touches)."""
+    from the file instead of reading them into memory (checks before a run: a training state can hold
+    gigabytes of optimizer moments, which the checksum streams through without keeping)."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
         raise checkpoint_error(f"{key}={path} does not exist" + (" (it is a folder)" if path.is_dir() else ""),
@@ -30,6 +34,11 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt", mmap: bool = False) 
                                "the file is empty, truncated, corrupt, or holds objects other than tensors and "
                                "plain containers (genflow never unpickles code)",
                                "use a checkpoint written by genflow's train.py") from err
+    unsealed = not (isinstance(ckpt, dict) and CHECKSUM_KEY in ckpt)  # written before checksums: CRC-32s only
+    if why := checksum_mismatch(ckpt) or archive_damage(path, tensors=unsealed):
+        raise checkpoint_error(f"checkpoint {key}={path} is corrupt", why,
+                               "use another checkpoint of the run (e.g. an earlier step's in <run_dir>/checkpoints/) "
+                               "or copy the file again from where it was made")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
         raise checkpoint_error(f"{key}={path} is not a genflow checkpoint",
                                "it has no state_dict and no stored training config",

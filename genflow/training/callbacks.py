@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from genflow.cache import atomic_write
+from genflow.cache import save_checkpoint
 
 
 class EDMEma(WeightAveraging):
@@ -54,12 +54,12 @@ class EDMEma(WeightAveraging):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint through ``genflow.cache.atomic_write`` (a temporary file, flushed, renamed into
-    place), so a run killed while saving never leaves a truncated checkpoint behind; a temporary file orphaned
-    by a kill is removed when the run folder is next used (``genflow.apps.run_folder.remove_stale_temps``)."""
+    """Writes each checkpoint through ``genflow.cache.save_checkpoint``: the sha256 of its tensors is stored
+    inside (readers verify it), and the file is a temporary one, flushed, renamed into place, so a run killed
+    while saving never leaves a truncated checkpoint behind; a temporary file orphaned by a kill is removed when the run folder is next used (``genflow.apps.run_folder.remove_stale_temps``)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+        save_checkpoint(checkpoint, path)
 
 
 class SampleGrid(pl.Callback):

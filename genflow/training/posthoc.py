@@ -121,6 +121,7 @@ def list_snapshots(folder: Path) -> list[tuple[int, Path]]:
 
 def read_snapshot(path: Path, *, mmap: bool = True) -> dict:
     """A snapshot written by ``PowerEma``, checked: weights only, with its step, σ_rel and state dicts."""
+    from genflow.cache import checksum_mismatch
     from genflow.errors import checkpoint_error
 
     try:
@@ -129,6 +130,9 @@ def read_snapshot(path: Path, *, mmap: bool = True) -> dict:
         raise checkpoint_error(f"cannot read post-hoc EMA snapshot {path} ({type(err).__name__})",
                                "the file is empty, truncated or not a snapshot written by train.py with ema=posthoc",
                                "remove it (the other snapshots still reconstruct, with a coarser fit)") from err
+    if why := checksum_mismatch(snap):
+        raise checkpoint_error(f"post-hoc EMA snapshot {path} is corrupt", why,
+                               "remove it (the other snapshots still reconstruct, with a coarser fit)")
     keys = ("step", "sigma_rel", "state_dicts", "hyper_parameters")
     if not isinstance(snap, dict) or any(k not in snap for k in keys) or \
             len(snap["sigma_rel"]) != len(snap["state_dicts"]):
@@ -252,7 +256,7 @@ class PowerEma(WeightAveraging):
         return [self._average_model, *self._extra]
 
     def write_snapshot(self, trainer, pl_module, step: int) -> Path | None:
-        from genflow.cache import atomic_write
+        from genflow.cache import save_checkpoint
 
         if not trainer.is_global_zero:
             return None
@@ -264,7 +268,7 @@ class PowerEma(WeightAveraging):
                 "hyper_parameters": dict(pl_module.hparams)}
         folder = self.dirpath
         folder.mkdir(parents=True, exist_ok=True)
-        return atomic_write(snapshot_path(folder, step), lambda tmp: torch.save(snap, tmp))
+        return save_checkpoint(snap, snapshot_path(folder, step))
 
     # exact resume: the other averages travel in the Lightning checkpoint beside the first (state_dict)
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
