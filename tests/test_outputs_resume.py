@@ -74,6 +74,20 @@ def test_read_only_run_folder_is_refused_before_hydra_writes(cli, read_only):
     assert not run.exists() and files_of(read_only) == {}
 
 
+def test_training_refuses_unwritable_caches_before_the_run(cli, read_only, tmp_path, monkeypatch):
+    """A method that caches a data-derived estimate (SPD's spectrum) needs GENFLOW_CACHE, and a run with a final
+    FID needs GENFLOW_METRICS_HOME: both refused before any work, nothing written."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("GENFLOW_CACHE", str(read_only / "cache"))
+    refused(cli("train.py", "model=spd", "data=digits", "trainer.max_steps=1", f"hydra.run.dir={run}"),
+            "GENFLOW_CACHE", "cannot be written")
+    monkeypatch.setenv("GENFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(read_only / "metrics"))
+    refused(cli("train.py", "data=digits", "net=unet_tiny", "trainer.max_steps=1", "fid.num=8",
+                f"hydra.run.dir={run}"), "GENFLOW_METRICS_HOME", "cannot be written")
+    assert not run.exists() and files_of(read_only) == {}
+
+
 def test_too_little_free_space_is_refused(tmp_path, monkeypatch):
     import shutil
 

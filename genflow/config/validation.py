@@ -17,7 +17,10 @@ from genflow.config.composing import (CONFIG_DIR, GROUPS, app_defaults, compose_
 from genflow.config.resume import check_resume, explicit_sections
 from genflow.config.schema import (GENFLOW_TRAINER_KEYS, MATMUL_PRECISIONS, OPEN, OPTIM_SCHEMA, TRAIN_SCHEMA, check_schema,
                                    check_target, sampler_options, target_class)
+from genflow.cache import cache_dir
 from genflow.errors import config_error
+from genflow.methods.base import Method
+from genflow.metrics.features import METRICS_HOME_ENV, metrics_home
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train", *, return_hydra_config: bool = False,
@@ -256,6 +259,13 @@ def check_files(cfg: DictConfig) -> dict:
     for key in ("run_dir", "hydra.run.dir"):  # checkpoints and exports must be writable before the first step
         if OmegaConf.select(cfg, key, default=None) is not None:
             check_writable(OmegaConf.select(cfg, key), key)
+    # the caches a run writes into, checked now rather than after the estimate or the training they follow
+    if cfg.get("model") is not None and type(build_method(cfg)).prepare is not Method.prepare:
+        check_writable(cache_dir(), "GENFLOW_CACHE", "set GENFLOW_CACHE to a folder you can write (data-derived "
+                       "estimates such as SPD's spectrum are cached there; the default is ~/.cache/genflow)")
+    if (cfg.get("fid") or {}).get("num"):
+        check_writable(metrics_home(), METRICS_HOME_ENV, f"set {METRICS_HOME_ENV} to a folder you can write "
+                       "(FID reference statistics are cached there; the default is ~/.cache/genflow)")
     if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
         build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts
     if cfg.get("hydra") is not None:
