@@ -54,13 +54,13 @@ def test_readme_is_a_short_front_page():
         assert page in links, f"the README does not link {page}"
 
 
-def test_no_issue_numbers_or_research_note_citations():
+def test_no_tracker_numbers_or_outside_note_citations():
     """Papers are cited by name, section and equation; issue trackers and notes outside the repository are not."""
-    pattern = re.compile(r"\bissues? ?#?\d+|research note|research/\w+\.md|note §|§ ?\d", re.I)
+    # each word is spelled with a character class, so this line does not match itself and the file is scanned too
+    pattern = re.compile(r"\biss[u]es? ?#?\d+|resea[r]ch not[e]|resea[r]ch/\w+\.md|not[e] [§]|[§] ?\d", re.I)
     files = [*_markdown(), *(ROOT / "docs").rglob("*.md"), *ROOT.glob("genflow/**/*.py"), *ROOT.glob("tests/*.py"),
              *ROOT.glob("scripts/*"), *ROOT.glob("configs/**/*.yaml"), *ROOT.glob(".github/workflows/*.yml"),
              ROOT / "Makefile", ROOT / "train.py", ROOT / "sample.py"]
-    this = Path(__file__).resolve()
-    offenders = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files if p.is_file() and p.resolve() != this
+    offenders = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files if p.is_file()
                  for m in [pattern.search(p.read_text(errors="ignore"))] if m]
     assert not offenders, offenders
