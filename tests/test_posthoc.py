@@ -257,3 +257,35 @@ def test_resuming_with_other_widths_is_refused(runs, tmp_path):
     with pytest.raises(ConfigError, match="resume with ema.sigma_rel"):
         train(compose([*BASE, "ema.sigma_rel=[0.05,0.2]", "trainer.max_steps=30", "ckpt_path=last",
                        f"+run_dir={tmp_path / 'run'}"]))
+
+
+EDM2_DIR = __import__("os").environ.get("EDM2_DIR")
+
+
+@pytest.mark.skipif(not EDM2_DIR, reason="EDM2_DIR (an extract of NVlabs/edm2) is not set")
+def test_equations_agree_with_edm2s_own_phema():
+    """σ_rel ↔ γ, the per-step β, the profiles' inner products and the reconstruction weights against EDM2's own
+    training/phema.py (loaded from the extract by file, never copied), in float64."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edm2_phema", Path(EDM2_DIR) / "training" / "phema.py")
+    phema = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phema)
+    stds = np.array([0.01, 0.05, 0.08, 0.10, 0.2])
+    gammas = np.array([gamma_of(s) for s in stds])
+    np.testing.assert_allclose(gammas, phema.std_to_exp(stds), rtol=1e-12)
+    np.testing.assert_allclose([sigma_rel_of(g) for g in gammas], phema.exp_to_std(gammas), rtol=1e-12)
+    for step in (1, 2, 10, 4096):
+        np.testing.assert_allclose(power_beta(step, gamma_of(0.05)), phema.power_function_beta(0.05, step, 1),
+                                   rtol=1e-12, atol=1e-300)
+    # snapshots of the 0.05 and 0.10 EMAs every 512 steps up to 8192, a target 0.08 at step 8192
+    ofs = np.arange(512, 8193, 512, dtype=np.float64)
+    in_ofs, in_std = np.concatenate([ofs, ofs]), np.repeat([0.05, 0.10], ofs.size)
+    in_gamma = np.array([gamma_of(s) for s in in_std])
+    ours = profile_dot(in_ofs[:, None], in_gamma[:, None], in_ofs[None, :], in_gamma[None, :])
+    np.testing.assert_allclose(ours, phema.power_function_correlation(in_ofs[:, None], in_std[:, None],
+                                                                      in_ofs[None, :], in_std[None, :]), rtol=1e-10)
+    weights = solve_weights(in_ofs, in_gamma, 8192.0, gamma_of(0.08)).weights
+    theirs = phema.solve_posthoc_coefficients(in_ofs, in_std, 8192.0, 0.08)[:, 0]
+    # a least-squares solve against EDM2's direct solve of the same (ill-conditioned) normal equations
+    np.testing.assert_allclose(weights, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
