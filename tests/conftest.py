@@ -137,3 +137,49 @@ def checkpoint_writer():
         return path
 
     return write
+
+
+class _StandInLayers(torch.nn.Module):
+    """Cheap network with Inception's output shape: (B, 3, 299, 299) -> (B, 2048, 1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+        self.fc = torch.nn.Linear(8 * 16, 2048)
+
+    def forward(self, x):
+        h = torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4)
+        return self.fc(h.flatten(1)).reshape(x.shape[0], 2048, 1, 1)
+
+
+class _StandInInception(torch.nn.Module):
+    """The interface of the TF-Inception TorchScript file: forward(x in [0, 255], return_features) with
+    the resize inside, and ``layers`` for already-resized, normalised input."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = _StandInLayers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        feats = self.layers((x - 128) / 128).reshape(x.shape[0], 2048)
+        if return_features:
+            return feats
+        return feats[:, :1008]
+
+
+@pytest.fixture(scope="session")
+def standin_inception(tmp_path_factory):
+    """A TorchScript file with the TF-Inception interface (cheap weights), saved under its real file name:
+    (path, scripted module). The FID code paths that read the real file run on it."""
+    import warnings
+
+    from genflow.metrics.features import INCEPTION_FILE
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("inception")
+    with warnings.catch_warnings():  # torch.jit.script is deprecated, but the real file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(_StandInInception().eval())
+    scripted.save(str(folder / INCEPTION_FILE))
+    return folder / INCEPTION_FILE, scripted

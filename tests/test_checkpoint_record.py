@@ -4,12 +4,10 @@ only by the jobs that need images."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from genflow.errors import CheckpointError, ConfigError
 
@@ -28,42 +26,6 @@ def no_data(tmp_path, monkeypatch):
     for var in ("GENFLOW_METRICS_HOME", "GENFLOW_INCEPTION", "TORCH_HOME"):
         monkeypatch.delenv(var, raising=False)
     return empty
-
-
-class _StandInLayers(nn.Module):
-    """(B, 3, 299, 299) normalised -> (B, 2048, 1, 1), like Inception's ``layers``, but cheap."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3 * 8 * 8, 2048)
-
-    def forward(self, x):
-        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)).reshape(x.shape[0], 2048, 1, 1)
-
-
-class _StandInInception(nn.Module):
-    """The interface of the TF-Inception TorchScript file (forward(x in [0, 255], return_features) with the
-    resize inside, ``layers`` for resized, normalised input), cheap."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = _StandInLayers()
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        feats = self.layers((x - 128) / 128).reshape(x.shape[0], 2048)
-        return feats if return_features else feats[:, :1008]
-
-
-@pytest.fixture
-def standin_inception(tmp_path):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(_StandInInception().eval())
-    path = tmp_path / "inception-2015-12-05.pt"
-    scripted.save(str(path))
-    return path
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
@@ -86,7 +48,7 @@ def test_sample_and_evaluate_a_cifar10_checkpoint_without_the_data(tmp_path, che
     ref = tmp_path / "cifar10-32x32.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     line = evaluate([f"ckpt={ckpt}", "fid.num=4", "fid.batch_size=4", "fid.steps=2", f"fid.ref={ref}",
-                     f"fid.inception_path={standin_inception}", "fid.mode=legacy_tensorflow", "progress=false"])
+                     f"fid.inception_path={standin_inception[0]}", "fid.mode=legacy_tensorflow", "progress=false"])
     assert line["data"] == "cifar10" and line["fid_images"] == 4 and np.isfinite(line["fid"])
     assert line["fid_ref"] == str(ref)
     assert list(no_data.iterdir()) == []  # nothing looked for or downloaded the data
@@ -99,7 +61,7 @@ def test_a_job_that_needs_the_images_says_so(tmp_path, checkpoint_writer, no_dat
     ckpt = checkpoint_writer(tmp_path / "c.ckpt", CIFAR, (3, 32, 32))
     for job in (["fid.num=4", "fid.steps=2", "fid.ref=train"], ["fid.num=0", "nll=true"]):
         with pytest.raises(ConfigError, match="CIFAR-10 not found under"):
-            evaluate([f"ckpt={ckpt}", f"fid.inception_path={standin_inception}", *job])
+            evaluate([f"ckpt={ckpt}", f"fid.inception_path={standin_inception[0]}", *job])
     assert "generating" not in capsys.readouterr().err
 
 
@@ -152,7 +114,7 @@ def test_json_lines_record_the_sampler(tmp_path, checkpoint_writer, no_data, sta
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     line = evaluate([f"ckpt={ckpt}", "fid.num=2", "fid.steps=2", "fid.solver=stochastic", "fid.S_churn=40",
-                     "fid.S_noise=1.003", f"fid.ref={ref}", f"fid.inception_path={standin_inception}",
+                     "fid.S_noise=1.003", f"fid.ref={ref}", f"fid.inception_path={standin_inception[0]}",
                      "fid.mode=legacy_tensorflow", "progress=false"])
     assert (line["solver"], line["S_churn"], line["S_noise"], line["nfe"]) == ("stochastic", 40.0, 1.003, 3)
     assert "S_tmin" not in line  # not given: the model's own (0), not reported as a choice

@@ -1,5 +1,4 @@
 """Fréchet distance, running statistics, KID, feature extractors and reference-statistics caching."""
-import warnings
 
 import numpy as np
 import pytest
@@ -129,46 +128,6 @@ def test_kid_matches_cleanfid_and_separates_distributions():
     assert ours == pytest.approx(cleanfid_kid(f1, f2, num_subsets=1, max_subset_size=200), rel=1e-10)
     same = kernel_distance(f1[:100], f1[100:], num_subsets=20, max_subset_size=100)
     assert abs(same) < ours / 5
-
-
-class _StandInLayers(nn.Module):
-    """Cheap network with Inception's output shape: (B, 3, 299, 299) -> (B, 2048, 1, 1)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 5, stride=4)
-        self.fc = nn.Linear(8 * 16, 2048)
-
-    def forward(self, x):
-        h = torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4)
-        return self.fc(h.flatten(1)).reshape(x.shape[0], 2048, 1, 1)
-
-
-class _StandInInception(nn.Module):
-    """The interface of the TF-Inception TorchScript file: forward(x in [0, 255], return_features) with
-    the resize inside, and ``layers`` for already-resized, normalised input."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = _StandInLayers()
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        feats = self.layers((x - 128) / 128).reshape(x.shape[0], 2048)
-        if return_features:
-            return feats
-        return feats[:, :1008]
-
-
-@pytest.fixture(scope="module")
-def standin_inception(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("inception")
-    with warnings.catch_warnings():  # torch.jit.script is deprecated, but the real file is TorchScript
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(_StandInInception().eval())
-    scripted.save(str(folder / INCEPTION_FILE))
-    return folder / INCEPTION_FILE, scripted
 
 
 def _images(n=6, c=3, seed=0):
