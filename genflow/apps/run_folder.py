@@ -28,8 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from genflow.config import (check_resume, declared_knobs, explicit_sections, newest_valid, read_checkpoint,
                             read_resumable)
 from genflow.errors import config_error
-from genflow.outputs import (LOCK_NAME, RUN_FILES, _alive, _process_start, check_folder_before_start,  # noqa: F401
-                             holds_run, holds_run_error)
+from genflow.outputs import LOCK_NAME, _alive, _process_start, holds_run, holds_run_error
 from genflow.results.records import config_names
 
 

@@ -199,8 +199,6 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         samples = torch.stack([read_png(out / f"{s:06d}.png") for s in seeds])
         write_output(out / "samples.npz", lambda tmp: savez(tmp, images=samples.numpy(), seeds=np.asarray(seeds)))
     elif samples.ndim == 5:
-        import torchvision
-
         images = to_uint8(samples).cpu()
         for seed, img in zip(seeds, images):  # multi-view: views side by side
             write_png(out / f"{seed:06d}.png", torch.cat(list(img), dim=-1))

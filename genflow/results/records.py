@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import OmegaConf
