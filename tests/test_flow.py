@@ -7,7 +7,7 @@ from scipy.stats import wasserstein_distance
 from torchdiffeq import odeint
 
 from genflow.errors import ConfigError
-from genflow.methods import VP, CondOT, Cosine, FlowMatching, KineticOptimal
+from genflow.methods import CondOT, Cosine, FlowMatching, KineticOptimal
 from genflow.solvers import integrate
 from genflow.metrics.sliced import sliced_wasserstein, wasserstein_1d
 
@@ -191,15 +191,13 @@ def test_target_scale_weight_is_one_on_cond_ot_and_bounds_the_ko_loss():
     assert ratio["target_scale"] < 15 and ratio["none"] > 100, ratio
     assert compose(["model=flow", "path=ko", "data=toy2d"]).model.loss_weight == "path"     # the path's own:
     assert FlowMatching("ko").loss_weight == "target_scale" and FlowMatching("vp").loss_weight == "none"
-    t = torch.linspace(0, 1, 1001, dtype=F64)
-    assert float(FlowMatching.target_weight(VP()(t)).max()) == 1.0       # never up-weights a slow stretch
     with pytest.raises(ConfigError, match="loss_weight"):
         FlowMatching("ko", loss_weight="snr")
 
 
 def test_ko_trains_on_moons_with_the_weighted_loss():
     """300 steps of a small MLP on the KO path of toy2d moons: with the target-scale weight the Euler-8
-    samples are within energy distance 0.008 of fresh data (measured 0.0040-0.0071 over seeds 0-2; data
+    samples are within energy distance 0.008 of fresh data (measured 0.0045-0.0058 over seeds 0-2; data
     against data 0.0043), with Eq. 41 unweighted they are not (0.0107-0.0123: the 1/t target at small t
     swamps Adam's steps)."""
     from genflow.data.toy import sample_toy2d

@@ -5,9 +5,8 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
 - Eq. 41 CFM loss || v(x_t, t) - (alpha'_t x1 + sigma'_t x0) ||^2          -> ``FlowMatching.loss``
   (t ~ U[0, 1] or logit-normal; optional sigma_min: sigma_t + sigma_min alpha_t, Lipman et al.'s
   sigma_t = 1 - (1 - sigma_min) t for Cond-OT), weighted per time by ``loss_weight``: ``target_scale``
-  multiplies it by w(t) = min(1, 2 / (alpha'_t^2 + sigma'_t^2)), the mean square of Cond-OT's target over
-  the path's own where the path's is larger (on normalised data E||alpha'_t x1 + sigma'_t x0||^2 =
-  d (alpha'^2 + sigma'^2)); ``none`` is Eq. 41 as printed; ``path`` (the default) takes the path's
+  multiplies it by w(t) = 2 / (alpha'_t^2 + sigma'_t^2), the mean square of Cond-OT's target over the
+  path's own (on normalised data E||alpha'_t x1 + sigma'_t x0||^2 = d (alpha'^2 + sigma'^2)); ``none`` is Eq. 41 as printed; ``path`` (the default) takes the path's
   ``Scheduler.loss_weight``: target_scale for KO, none for the others
 - sampling dx/dt = v(x, t) from t = 0 to 1 (Euler / Heun / dopri5 via ``genflow.solvers``)
                                                                           -> ``velocity``, ``time_grid``
@@ -23,15 +22,15 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
 Why the weight, where the paper trains with uniform t: a weight that depends on t alone leaves the
 minimiser unchanged (at every t the regression's minimiser is the marginal field E[target | x_t]; the
 weight only trades accuracy between times), and it is exactly 1 on Cond-OT (alpha' = 1, sigma' = -1) and
-a constant on cosine. It is capped at 1 because up-weighting a slow stretch of a path (VP near t = 0,
-where the target almost vanishes) lets that stretch rule the loss instead; on VP even the capped weight
-trains the toy checkerboard less well than Eq. 41 (measured), so only KO takes it by default. It matters
-where the path's speed varies: a kinetic-optimal path on centred data starts like alpha_t ~ sqrt(t) (gamma(theta) ~
-theta^2 near theta = 0), so E||target||^2 ~ 1/t is not integrable under uniform t while the marginal
-velocity stays bounded; the unweighted loss is then ruled by a few samples at tiny t (on toy2d moons
-~20 % of the target's energy on t < 1e-4), Adam's step follows their noise and 1000 steps learn almost
-nothing (the "blob"). Weighted, every time contributes a bounded, comparable amount, at most Cond-OT's
-(docs/methods.md has the measurements).
+a constant on cosine. Only KO takes it by default: on VP it up-weights the slow start (alpha'(0) ~ 0.06,
+where the target almost vanishes) ~500-fold, that stretch rules the loss instead and VP learns nothing;
+capped at 1 it still trains VP's checkerboard less well than Eq. 41 and costs KO ~0.5 FID on digits
+(measured, docs/methods.md). It matters where the path's speed varies: a kinetic-optimal path on centred
+data starts like alpha_t ~ sqrt(t) (gamma(theta) ~ theta^2 near theta = 0), so E||target||^2 ~ 1/t is not
+integrable under uniform t while the marginal velocity stays bounded; the unweighted loss is then ruled
+by a few samples at tiny t (on toy2d moons ~20 % of the target's energy on t < 1e-4), Adam's step follows
+their noise and 1000 steps learn almost nothing (the "blob"). Weighted, every time contributes a bounded, comparable amount (docs/methods.md has
+the measurements).
 
 ``path="ko"`` builds an empty ``KineticOptimal`` that ``prepare(datamodule)`` fills from the training
 data's lambda-hat (``genflow.cache``: keyed by a hash of the data; ``$GENFLOW_CACHE`` or ~/.cache/genflow).
@@ -174,9 +173,8 @@ class FlowMatching(_ResizingBuffers, Method):
 
     @staticmethod
     def target_weight(sch: SchedulerOutput) -> Tensor:
-        """w(t) = min(1, 2 / (alpha'_t^2 + sigma'_t^2)): Cond-OT's target mean square over this path's where
-        the path's is larger, else 1 (a slow stretch, VP near t = 0, is never up-weighted)."""
-        return (2 / (sch.d_alpha_t ** 2 + sch.d_sigma_t ** 2)).clamp(max=1)
+        """w(t) = 2 / (alpha'_t^2 + sigma'_t^2): Cond-OT's target mean square over this path's (1 on Cond-OT)."""
+        return 2 / (sch.d_alpha_t ** 2 + sch.d_sigma_t ** 2)
 
     # -- sampling / likelihood ------------------------------------------------------------------
     def prior_sample(self, shape: Sequence[int], *, generator: Generators = None, device=None) -> Tensor:
