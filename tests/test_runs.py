@@ -428,11 +428,26 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
 def test_a_batch_larger_than_the_data_is_refused_before_any_step(tmp_path):
     """Not trained on a silently smaller batch while the settings and the JSON line report the requested one."""
     run_dir = tmp_path / "big"
-    cfg = compose(["model=flow", "data=toy2d", "data.n=64", "data.batch_size=128", "trainer.max_steps=1",
-                   "trainer.enable_progress_bar=false", f"+run_dir={run_dir}"])
-    with pytest.raises(ConfigError, match=r"data.batch_size=128 is larger than the training set: \d+ points"):
-        train(cfg)
+    with pytest.raises(ConfigError, match=r"data.batch_size=128 is larger than the training set: 58 points"):
+        train(compose(["model=flow", "data=toy2d", "data.n=64", "data.batch_size=128", "trainer.max_steps=1",
+                       "trainer.enable_progress_bar=false", f"+run_dir={run_dir}"], validator=False))
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "result.json").exists()
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_hydra_writes(cli, tmp_path):
+    """The refusal comes before Hydra starts the job: no .hydra/, no log; a folder's own files untouched."""
+    run_dir = tmp_path / "big"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("a user's file\n")
+    before = _checksums(run_dir)
+    code, out, err = cli("train.py", "model=flow", "data=toy2d", "data.n=64", "data.batch_size=128",
+                         "trainer.max_steps=1", f"hydra.run.dir={run_dir}")
+    assert code == 2 and "data.batch_size=128 is larger than the training set: 58 points" in err, err
+    assert "Traceback" not in err and _checksums(run_dir) == before   # no .hydra/, no train.log
+    # the same for a data set known by its files (digits: 1797, a tenth held out -> 1617 for training)
+    code, out, err = cli("train.py", "data=digits", "net=unet_tiny", "data.batch_size=2000", "trainer.max_steps=1",
+                         f"hydra.run.dir={run_dir}")
+    assert code == 2 and "training set: 1617 points" in err and _checksums(run_dir) == before, err
 
 
 def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):

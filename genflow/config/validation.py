@@ -266,8 +266,13 @@ def check_files(cfg: DictConfig) -> dict:
     if (cfg.get("fid") or {}).get("num"):
         check_writable(metrics_home(), METRICS_HOME_ENV, f"set {METRICS_HOME_ENV} to a folder you can write "
                        "(FID reference statistics are cached there; the default is ~/.cache/genflow)")
-    if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
-        build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts
+    if cfg.get("data") is not None:
+        data = build_data(cfg)
+        if hasattr(data, "verify"):
+            data.verify()  # data files decodable (a bad image is named) before the run starts
+        # a batch larger than the data, from the data set's size where it is known without loading it
+        if hasattr(data, "check_batch_size"):
+            data.check_batch_size(loaded=False)
     if cfg.get("hydra") is not None:
         check_output_dir(OmegaConf.select(cfg, "hydra.run.dir"), "hydra.run.dir")
     return read
