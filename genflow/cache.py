@@ -204,6 +204,13 @@ def cached_checkpoint_problem(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` ``ckpt`` atomically, with the sha256 of its tensors under ``CHECKSUM_KEY``."""
+    """``torch.save`` ``ckpt`` atomically, with the sha256 of its tensors under ``CHECKSUM_KEY``. A failed write
+    (a full disk, a refused folder) leaves any file under that name as it was and raises
+    ``genflow.errors.WriteFailed`` naming the file."""
+    from genflow.errors import os_error
+
     ckpt = {**ckpt, CHECKSUM_KEY: tensor_checksum(ckpt)}
-    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    try:
+        return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    except (OSError, RuntimeError) as err:  # a full disk: torch's writer says "unexpected pos", errno lost
+        raise (os_error(err, path) or err) from err

@@ -33,8 +33,9 @@ from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, 
 from genflow.cache import atomic_write
 from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
                             to_container, validate)
-from genflow.errors import reported
+from genflow.errors import WriteFailed, reported
 from genflow.metrics import evaluate_fid
+from genflow.outputs import check_writable
 from genflow.results.records import absolute
 from genflow.progress import say
 from genflow.threads import configure_threads
@@ -157,7 +158,11 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
         check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
     with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
-        return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"))
+        try:
+            return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"))
+        except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
+            err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
+            raise
 
 
 def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> dict:
@@ -175,6 +180,8 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
     threads = configure_threads()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, dm = build(cfg)
+    if rank_zero_only.rank == 0:  # room for a checkpoint beside the previous one and a periodic one, before step 1
+        check_writable(run_dir, "hydra.run.dir", need_bytes=3 * checkpoint_bytes(module))
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, start_step=start.step, enable_model_summary=False)
@@ -211,6 +218,14 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
         write_result(run_dir, result)
         say(json.dumps(result), log)
     return result
+
+
+def checkpoint_bytes(module) -> int:
+    """About the size of a resumable checkpoint: the weights, their EMA and the optimizer's two moments (Adam),
+    and the buffers twice."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return 4 * params + 2 * buffers + (1 << 20)
 
 
 def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0) -> dict:
