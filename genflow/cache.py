@@ -72,14 +72,15 @@ def output_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, suffix: str = ".tmp") -> Path:
     """``write(tmp)`` to a unique temporary file beside ``path``, flush it to disk, give it the mode of any
     other output (``mkstemp`` makes it private) and rename it over ``path``: a kill or a crash never leaves a
     half-written file under that name. Every file genflow writes for later use (checkpoints, exports,
-    cache entries) goes through here."""
+    cache entries) goes through here. ``suffix``: the temporary file's ending, for writers that choose the format
+    by it (``.tmp.png`` for a picture)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))

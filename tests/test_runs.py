@@ -460,3 +460,65 @@ def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["grid"] is None and not (run / "grid.png").exists() and not (run / "samples").exists()
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "ema.safetensors").is_file()
+
+
+def _signal_during(monkeypatch, phase: str, signum=signal.SIGTERM):
+    """Send ``signum`` to this process from inside a phase of the end of a run (a real signal, delivered while
+    that phase's code runs)."""
+    import genflow.apps.train as train_app
+    import genflow.training.callbacks as callbacks
+
+    def kill_then(real):
+        def wrapped(*args, **kwargs):
+            os.kill(os.getpid(), signum)
+            return real(*args, **kwargs)
+        return wrapped
+
+    if phase == "final.ckpt":
+        real = callbacks.save_checkpoint
+        monkeypatch.setattr(callbacks, "save_checkpoint",
+                            lambda ckpt, path: (kill_then(real) if Path(path).name == "final.ckpt" else real)(ckpt, path))
+    elif phase == "grid":  # the final grid (not the grids of the validation steps)
+        import genflow.sampling
+
+        real_grid = genflow.sampling.save_grid
+        monkeypatch.setattr(genflow.sampling, "save_grid", lambda images, path, *a: (
+            kill_then(real_grid) if "grid.png" in Path(path).name else real_grid)(images, path, *a))
+    elif phase == "exports":
+        monkeypatch.setattr(train_app, "save_file", kill_then(train_app.save_file))
+    elif phase == "fid":
+        monkeypatch.setattr(train_app, "evaluate_fid", kill_then(train_app.evaluate_fid))
+
+
+@pytest.mark.parametrize("phase, says", [("final.ckpt", "writing final.ckpt"), ("grid", "drawing the final grid"),
+                                         ("exports", "exporting ema.safetensors"), ("fid", "computing the final FID")])
+def test_a_signal_at_the_end_of_a_run_leaves_what_ckpt_path_last_completes(finished, tmp_path, monkeypatch, capsys,
+                                                                          phase, says):
+    """SIGTERM while final.ckpt, the grid, the exports or the final FID are written: exit 143 with the line that
+    says where and the command that continues, no lock, no temporary file; ckpt_path=last then makes what is
+    missing from the trained weights (the same EMA weights and FID as the run that never stopped) and replaces
+    nothing that was there."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _signal_during(m, phase)
+        with pytest.raises(SystemExit) as stop:
+            train(cfg_for(run_dir, "fid.num=32"))
+    assert stop.value.code == 143
+    out = capsys.readouterr().out
+    assert f"stopped by SIGTERM while {says}" in out and "training is complete (step 6" in out, out
+    assert f"continue with: python train.py trainer.max_steps=6 ckpt_path=last hydra.run.dir={run_dir}" in out
+    assert not (run_dir / ".genflow.lock").exists() and not (run_dir / "result.json").exists()
+    assert not [p for p in run_dir.rglob(".*") if p.is_file()]  # no temporary file of a write cut short
+    there = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.parent.name != "csv"
+             and p.parent.name != "tb" and p.name != "train.log" and p.name != "last.ckpt"}
+
+    result = train(cfg_for(run_dir, "ckpt_path=last", "fid.num=32"))
+    assert result["steps"] == 6 and not result.get("already_finished")
+    assert all((run_dir / name).is_file() for name in ("ema.safetensors", "config.yaml", "grid.png", "result.json"))
+    assert all(path.read_bytes() == data for path, data in there.items())  # nothing that was there replaced
+    made, kept = load_file(run_dir / "ema.safetensors"), load_file(Path(finished["run_dir"]) / "ema.safetensors")
+    assert all(torch.equal(made[k], kept[k]) for k in kept)
+    assert result["fid"] == pytest.approx(finished["fid"], rel=1e-4)
+    assert (run_dir / "grid.png").read_bytes() == (Path(finished["run_dir"]) / "grid.png").read_bytes()

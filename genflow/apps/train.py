@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -157,15 +158,61 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
 
         check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
-    with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
+    with RunFolderLock(run_dir) as lock, StopOnSignal() as stop:  # one process per folder, released however it ends
         try:
-            return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"))
+            return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"), stop)
         except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
             err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
             raise
+        except Stopped as signal_:  # outside the training steps: what is kept and the command that goes on
+            name = signal.Signals(signal_.signum).name
+            trained = any((run_dir / "checkpoints").glob("*.ckpt"))
+            how = f"continue with: {continue_command(cfg, run_dir)}" if trained else "run the same command again"
+            say(f"stopped by {name} while {stop.phase}: {stop.kept}; {how}",
+                run_dir / "train.log" if run_dir.is_dir() else None)
+            sys.exit(128 + signal_.signum)
 
 
-def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> dict:
+class Stopped(BaseException):
+    """SIGINT or SIGTERM outside the training steps (start-up, final checkpoint, grid, exports, final FID). Not a
+    KeyboardInterrupt, which Lightning would turn into exit status 1 without a word."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """Ctrl-C and SIGTERM stop the run at once where no step is in progress (``RunCheckpoint`` takes them over
+    during the steps and hands them back), each write being atomic: what is written stays, ``ckpt_path=last``
+    makes the rest. A second signal stops even the clean-up, with one line. ``phase`` and ``kept`` say where it
+    stopped and what is there."""
+
+    def __init__(self):
+        self.phase, self.kept, self.signals, self.before = "starting", "nothing was trained yet", [], {}
+
+    def at(self, phase: str, kept: str | None = None) -> None:
+        self.phase, self.kept = phase, kept or self.kept
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        if len(self.signals) > 1:
+            print(f"{signal.Signals(signum).name} again: stopped at once", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        raise Stopped(signum)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self.before = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+
+
+def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, stopper: StopOnSignal | None = None) -> dict:
+    stopper = stopper or StopOnSignal()
 
 
     start = prepare_run(cfg, run_dir, resume)  # refuses to overwrite a run, before any work
@@ -200,6 +247,8 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
     for logger in trainer.loggers:
         logger.log_hyperparams(describe(cfg, module.method))
     began = time.perf_counter()
+    if start.ckpt_path is not None:
+        stopper.at("resuming", f"the checkpoints in {run_dir / 'checkpoints'} are kept")
     # prepare_run read the checkpoint with weights_only=True already: Lightning never unpickles code either
     trainer.fit(module, datamodule=dm, ckpt_path=start.ckpt_path, weights_only=True)
     wall = time.perf_counter() - began
@@ -210,11 +259,14 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
             f"{continue_command(cfg, run_dir)}", log)
         sys.exit(128 + int(stop.stopped_by))
     # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
-    if start.complete:  # outputs of a finished run are made from the weights its final.ckpt already holds
-        final = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
+    if start.complete:  # outputs of a finished run are made from its final (EMA) weights
+        final = torch.load(start.final_weights, map_location="cpu", weights_only=True)
         module.load_state_dict(final["state_dict"])
-    result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step)
+    stopper.at("finishing", f"training is complete (step {trainer.global_step}, {run_dir / 'checkpoints'})")
+    result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step, keep=start.complete,
+                    phase=stopper.at)
     if trainer.is_global_zero:
+        stopper.at("writing result.json")
         write_result(run_dir, result)
         say(json.dumps(result), log)
     return result
@@ -228,21 +280,31 @@ def checkpoint_bytes(module) -> int:
     return 4 * params + 2 * buffers + (1 << 20)
 
 
-def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0) -> dict:
+def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0, keep: bool = False,
+           phase=lambda name: None) -> dict:
     """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
-    so the reported rate counts only the steps trained here, over this process's wall time."""
+    so the reported rate counts only the steps trained here, over this process's wall time. ``keep``: the outputs
+    of a run trained to the end before (stopped while writing them): those already there are kept as they are,
+    the missing ones made. ``phase(name)`` is told what is being done (for the line a stop prints)."""
 
     ckpt_cb = trainer.checkpoint_callback
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
     # EMA weights and the config as plain containers, no optimizer state: final.ckpt is for sampling and
     # evaluation; last.ckpt resumes training
-    trainer.save_checkpoint(final_ckpt, weights_only=True)
+    if not (keep and final_ckpt.is_file()):
+        phase("writing final.ckpt")
+        trainer.save_checkpoint(final_ckpt, weights_only=True)
     # Lightning moves the module back to the CPU when fit ends; the grid, the final FID/NLL and the exports
     # belong on the training device (each rank's own, for the seed-sharded FID)
     device = trainer.strategy.root_device
     module.to(device)
     grid_cb = next((c for c in trainer.callbacks if isinstance(c, SampleGrid)), None)  # ~callbacks.sample_grid: none
-    grid = grid_cb.write(trainer, module, run_dir / "grid.png") if grid_cb is not None else None
+    grid = None
+    if grid_cb is not None and keep and (run_dir / "grid.png").is_file():
+        grid = run_dir / "grid.png"
+    elif grid_cb is not None:
+        phase("drawing the final grid")
+        grid = grid_cb.write(trainer, module, run_dir / "grid.png")
     figures = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()
                if k in ("train/loss", "val/loss") or k.startswith("val/fid")}
     steps = int(trainer.global_step)
@@ -264,8 +326,11 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
         **figures,
     }
     if trainer.is_global_zero:
-        result.update(export_ema(cfg, module, run_dir))
+        phase("exporting ema.safetensors and config.yaml")
+        result.update(export_ema(cfg, module, run_dir, keep=keep))
     # every rank takes part: the FID shards its seeds over ranks and all-reduces the statistics
+    if cfg.get("fid") and cfg.fid.get("num"):
+        phase("computing the final FID")
     final = final_metrics(cfg, module, dm)
     if trainer.is_global_zero:
         result.update(final)
@@ -290,12 +355,17 @@ def log_final(trainer, final: dict) -> None:
         logger.save()
 
 
-def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
-    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow (written atomically)."""
+def export_ema(cfg: DictConfig, module, run_dir: Path, keep: bool = False) -> dict:
+    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow (written atomically;
+    ``keep``: files already there are kept)."""
 
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    path = atomic_write(run_dir / "ema.safetensors", lambda tmp: save_file(state, str(tmp)))
-    OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
+    path = run_dir / "ema.safetensors"
+    if not (keep and path.is_file()):
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    if not (keep and (run_dir / "config.yaml").is_file()):
+        config = OmegaConf.create(to_container(cfg))
+        atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(config, tmp))
     return {"ema_safetensors": os.path.abspath(path)}
 
 
