@@ -350,3 +350,21 @@ def test_training_refuses_a_disk_without_room_for_its_checkpoints(cli, tmp_path,
     code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
     refused((code, "", err), "hydra.run.dir=", "MiB free, the job needs about", "free space there")
     assert not (run / "checkpoints").exists()
+
+
+def test_sample_and_evaluate_refuse_a_disk_without_room_before_the_work(cli, trained_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    import genflow.config
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the free space was checked")
+
+    monkeypatch.setattr(genflow.config, "module_from_checkpoint", no_loading)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 5, 10 ** 5))
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    refused(cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-999", f"out={tmp_path / 's'}"), "out=",
+            "MiB free, the job needs about")
+    refused(cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", "fid.num=8", f"out={tmp_path / 'fid.json'}"),
+            "out=", "MiB free, the job needs about")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

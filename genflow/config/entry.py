@@ -69,9 +69,17 @@ def run_app(hydra_main, config_name: str, validator=None) -> None:
     """The one way every entry point starts: ``--debug`` handled, the command line validated (exit 2 with
     what / why / fix on a bad input), then the Hydra app runs (its task wrapped in ``errors.reported``)."""
     strip_debug_flag()
-    exit_on_error(preflight, config_name, validator)
-    sys.argv[1:] = exit_on_error(with_knobs, config_name, sys.argv[1:])
-    hydra_main()
+    try:
+        exit_on_error(preflight, config_name, validator)
+        sys.argv[1:] = exit_on_error(with_knobs, config_name, sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C while the command line is checked: one line, not a traceback
+        print("stopped by SIGINT while checking the command line; nothing was written", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # where an app does not stop on its own terms (each says what it keeps)
+        print("stopped by SIGINT", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def plain_app(config_name: str, argv: Sequence[str], description: str, *, schema: dict | None = None,
