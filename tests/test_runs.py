@@ -522,3 +522,38 @@ def test_a_signal_at_the_end_of_a_run_leaves_what_ckpt_path_last_completes(finis
     assert all(torch.equal(made[k], kept[k]) for k in kept)
     assert result["fid"] == pytest.approx(finished["fid"], rel=1e-4)
     assert (run_dir / "grid.png").read_bytes() == (Path(finished["run_dir"]) / "grid.png").read_bytes()
+
+
+def test_a_signal_during_the_final_fid_keeps_its_batches(finished, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the final FID generates: the batch in progress ends, its progress is written to
+    <run>/fid.partial, and ckpt_path=last generates only the missing seeds (then removes the file)."""
+    import genflow.metrics.partial as partial_module
+    import genflow.sampling
+
+    run_dir = tmp_path / "stopped"
+    real = partial_module.PartialFID.after_batch
+
+    def signal_in_batch_two(self, seed_set, batches, images, stats):
+        if batches == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, seed_set, batches, images, stats)
+
+    with monkeypatch.context() as m:
+        m.setattr(partial_module.PartialFID, "after_batch", signal_in_batch_two)
+        with pytest.raises(SystemExit) as stop:
+            train(cfg_for(run_dir, "fid.num=32", "fid.batch_size=8"))
+    assert stop.value.code == 143
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM while computing the final FID" in out, out
+    assert f"of the final FID, 16 of 32 images are kept in {run_dir / 'fid.partial'}" in out, out
+    real_generate, asked = genflow.sampling.generate, []
+
+    def recorded(method, net, seeds, *a, **kw):
+        asked.extend(seeds)
+        return real_generate(method, net, seeds, *a, **kw)
+
+    monkeypatch.setattr(genflow.sampling, "generate", recorded)
+    result = train(cfg_for(run_dir, "ckpt_path=last", "fid.num=32", "fid.batch_size=8"))
+    assert [s for s in asked if s >= 4] == list(range(16, 32))  # beside the grid's 4 seeds: only the missing ones
+    assert result["fid_images"] == 32 and result["fid"] == pytest.approx(finished["fid"], rel=1e-4)
+    assert not (run_dir / "fid.partial").exists()

@@ -164,13 +164,16 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
         except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
             err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
             raise
-        except Stopped as signal_:  # outside the training steps: what is kept and the command that goes on
-            name = signal.Signals(signal_.signum).name
+        except (Stopped, KeyboardInterrupt) as signal_:  # outside the steps: what is kept and how to go on
+            signum = signal_.args[0] if signal_.args and isinstance(signal_.args[0], int) else int(signal.SIGINT)
             trained = any((run_dir / "checkpoints").glob("*.ckpt"))
             how = f"continue with: {continue_command(cfg, run_dir)}" if trained else "run the same command again"
-            say(f"stopped by {name} while {stop.phase}: {stop.kept}; {how}",
+            kept = stop.kept
+            if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
+                kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
+            say(f"stopped by {signal.Signals(signum).name} while {stop.phase}: {kept}; {how}",
                 run_dir / "train.log" if run_dir.is_dir() else None)
-            sys.exit(128 + signal_.signum)
+            sys.exit(128 + signum)
 
 
 class Stopped(BaseException):
@@ -190,15 +193,21 @@ class StopOnSignal:
 
     def __init__(self):
         self.phase, self.kept, self.signals, self.before = "starting", "nothing was trained yet", [], {}
+        self.partial = None  # the final FID's PartialFID while it runs: a stop waits for its batch in progress
 
-    def at(self, phase: str, kept: str | None = None) -> None:
-        self.phase, self.kept = phase, kept or self.kept
+    def at(self, phase: str, kept: str | None = None, partial=None) -> None:
+        self.phase, self.kept, self.partial = phase, kept or self.kept, partial
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.append(signum)
+        name = signal.Signals(signum).name
         if len(self.signals) > 1:
-            print(f"{signal.Signals(signum).name} again: stopped at once", file=sys.stderr, flush=True)
+            print(f"{name} again: stopped at once", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
+        if self.partial is not None and self.partial.stop_or_defer(signum):
+            print(f"\n{name}: stopping after the FID batch in progress, keeping what is done (send it again to stop "
+                  "at once)", file=sys.stderr, flush=True)
+            return
         raise Stopped(signum)
 
     def __enter__(self) -> "StopOnSignal":
@@ -268,6 +277,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, sto
     if trainer.is_global_zero:
         stopper.at("writing result.json")
         write_result(run_dir, result)
+        (run_dir / "fid.partial").unlink(missing_ok=True)  # the final FID is in result.json
         say(json.dumps(result), log)
     return result
 
@@ -281,7 +291,7 @@ def checkpoint_bytes(module) -> int:
 
 
 def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0, keep: bool = False,
-           phase=lambda name: None) -> dict:
+           phase=lambda name, **kw: None) -> dict:
     """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
     so the reported rate counts only the steps trained here, over this process's wall time. ``keep``: the outputs
     of a run trained to the end before (stopped while writing them): those already there are kept as they are,
@@ -329,9 +339,10 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
         phase("exporting ema.safetensors and config.yaml")
         result.update(export_ema(cfg, module, run_dir, keep=keep))
     # every rank takes part: the FID shards its seeds over ranks and all-reduces the statistics
+    partial = final_fid_partial(cfg, run_dir, trainer.world_size)
     if cfg.get("fid") and cfg.fid.get("num"):
-        phase("computing the final FID")
-    final = final_metrics(cfg, module, dm)
+        phase("computing the final FID", partial=partial)
+    final = final_metrics(cfg, module, dm, partial)
     if trainer.is_global_zero:
         result.update(final)
         log_final(trainer, final)
@@ -369,8 +380,9 @@ def export_ema(cfg: DictConfig, module, run_dir: Path, keep: bool = False) -> di
     return {"ema_safetensors": os.path.abspath(path)}
 
 
-def final_metrics(cfg: DictConfig, module, dm) -> dict:
-    """FID of the final EMA model where the config asks for it (fid.num > 0)."""
+def final_metrics(cfg: DictConfig, module, dm, partial=None) -> dict:
+    """FID of the final EMA model where the config asks for it (fid.num > 0); ``partial``: a
+    ``genflow.metrics.partial.PartialFID`` that keeps it as it goes."""
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
 
@@ -379,7 +391,30 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     options = fid_options(cfg.fid, cfg.sample)
     options["net"], options["guidance"] = sampling_net(module.net, options["guidance"],
                                                        cfg.sample.get("guide_ckpt"), module.device)
-    return evaluate_fid(module, dm, device=module.device, **options)
+    return evaluate_fid(module, dm, device=module.device, partial=partial, **options)
+
+
+def final_fid_partial(cfg: DictConfig, run_dir: Path, world_size: int):
+    """Where the final FID is kept as it goes (``<run>/fid.partial``, one process only), taken up when it belongs
+    to this run's final weights and FID settings (else started over, with one line)."""
+    from genflow.errors import ConfigError
+    from genflow.metrics.partial import PartialFID
+
+    if not cfg.get("fid") or not cfg.fid.get("num") or world_size > 1 or cfg.fid.get("time_limit") is not None:
+        return None
+    final = run_dir / "checkpoints" / "final.ckpt"
+    stat = final.stat()
+    settings = {"final.ckpt": [stat.st_size, stat.st_mtime_ns],
+                **{f"fid.{k}": v for k, v in sorted(to_container(cfg.fid).items())
+                   if k not in ("progress", "download", "time_limit")},
+                "sample": to_container(cfg.sample)}
+    partial = PartialFID(run_dir / "fid.partial", settings, every_s=30.0)
+    try:
+        return partial.load()
+    except ConfigError:  # the FID of earlier final weights (the run trained further since): not this one's
+        say(f"{partial.path} belongs to earlier final weights: computing the final FID anew", None)
+        partial.remove()
+        return PartialFID(run_dir / "fid.partial", settings, every_s=30.0)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
