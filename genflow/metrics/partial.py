@@ -28,6 +28,9 @@ from genflow.errors import config_error
 
 
 class PartialFID:
+    """The kept progress of one FID evaluation at ``path``, for the evaluation described by ``settings`` (JSON
+    values: what decides its numbers); ``command`` is named in the refusal of another command's file."""
+
     def __init__(self, path, settings: dict, *, every_s: float = 30.0, command: str | None = None):
         self.path, self.every_s, self.command = Path(path), float(every_s), command
         self.settings = json.loads(json.dumps(settings))  # plain JSON values, compared as such
@@ -59,6 +62,8 @@ class PartialFID:
             differ = sorted(k for k in set(recorded) | set(self.settings) if recorded.get(k) != self.settings.get(k))
             shown = ", ".join(f"{k}={recorded.get(k)}" for k in differ)
             before = json.loads(state.get("command", "null"))
+            if before == self.command:  # the same command: the checkpoint it scored was replaced since
+                before = None
             raise config_error(
                 f"{self.path} holds a stopped evaluation of other settings ({shown})",
                 "continuing it with these settings would mix images of two evaluations in one score",
