@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -95,8 +96,11 @@ def os_error(err: BaseException, path=None) -> WriteFailed | None:
         why = f"the file system refused a write, as a full disk or a used-up quota does (torch: {detail}" + \
               (f"; {space} there now)" if space else ")")
         return WriteFailed(where, why, "free space on that disk (or write elsewhere), then run the same command again")
-    if not isinstance(err, OSError):
-        return None
+    if not isinstance(err, OSError):  # a Rust writer (safetensors) names the errno in its message
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found is None or int(found.group(1)) not in DISK_ERRNOS:
+            return None
+        err = OSError(int(found.group(1)), os.strerror(int(found.group(1))))
     why = DISK_ERRNOS.get(err.errno)
     if why is None:
         return None

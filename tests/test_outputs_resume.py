@@ -368,3 +368,18 @@ def test_sample_and_evaluate_refuse_a_disk_without_room_before_the_work(cli, tra
     refused(cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", "fid.num=8", f"out={tmp_path / 'fid.json'}"),
             "out=", "MiB free, the job needs about")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_write_failures_of_other_writers_name_the_file():
+    """safetensors (Rust) reports the errno only in its message; torch's zip writer not at all."""
+    from safetensors import SafetensorError
+
+    from genflow.errors import WriteFailed, os_error
+
+    err = os_error(SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)'),
+                   "/tmp/x/ema.safetensors")
+    assert isinstance(err, WriteFailed) and str(err).startswith("could not write /tmp/x/ema.safetensors\n  why: the disk "
+                                                                "is full")
+    assert os_error(SafetensorError("Error while serializing: I/O error: No such file (os error 2)")) is None
+    assert os_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert isinstance(os_error(RuntimeError(TORCH_FULL), "/tmp/x/last.ckpt"), WriteFailed)

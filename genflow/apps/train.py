@@ -34,7 +34,7 @@ from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, 
 from genflow.cache import atomic_write
 from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
                             to_container, validate)
-from genflow.errors import WriteFailed, reported
+from genflow.errors import WriteFailed, os_error, reported
 from genflow.metrics import evaluate_fid
 from genflow.outputs import check_writable
 from genflow.results.records import absolute
@@ -373,7 +373,10 @@ def export_ema(cfg: DictConfig, module, run_dir: Path, keep: bool = False) -> di
     path = run_dir / "ema.safetensors"
     if not (keep and path.is_file()):
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+        try:
+            atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+        except Exception as err:  # safetensors' own error names the errno of a full disk in its message
+            raise (os_error(err, path) or err) from err
     if not (keep and (run_dir / "config.yaml").is_file()):
         config = OmegaConf.create(to_container(cfg))
         atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(config, tmp))
