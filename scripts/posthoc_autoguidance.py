@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 METHODS = {"EDM": ["model=edm"], "PFGM++ D=128": ["model=pfgmpp", "D=128"], "flow KO": ["model=flow", "path=ko"]}
 
 
+CODE_PATHS = ("genflow", "configs", "scripts", "train.py", "sample.py", "pyproject.toml")
 SETTINGS_THAT_MATTER = ("steps", "batch", "snapshot_kimg", "sigma_rel", "w", "fid_num", "fid_steps")
 
 
@@ -54,8 +55,9 @@ def commit_of_tree() -> str:
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        # "+dirty" when code that decides the numbers differs from the commit (not docs or assets)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out + ("+dirty" if dirty else "")
