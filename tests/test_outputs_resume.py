@@ -343,13 +343,27 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_says_how_to_go
 
 
 def test_training_refuses_a_disk_without_room_for_its_checkpoints(cli, tmp_path, monkeypatch):
+    """The free space is checked once the network is built (its size decides the checkpoints'), after Hydra wrote
+    .hydra/ and the log: the refusal undoes them. A fresh folder (and the parents it needed) is gone again; a
+    folder that held other files, a log and an earlier .hydra/ keeps each byte of them, and nothing new."""
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 6, 10 ** 6))
-    run = tmp_path / "run"
-    code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
-    refused((code, "", err), "hydra.run.dir=", "MiB free, the job needs about", "free space there")
-    assert not (run / "checkpoints").exists()
+    fresh = tmp_path / "new" / "deeper" / "run"
+    existing = tmp_path / "existing"
+    (existing / ".hydra").mkdir(parents=True)
+    (existing / ".hydra" / "config.yaml").write_text("# an earlier command's config\n")
+    (existing / "train.log").write_text("an earlier command's log\n")
+    (existing / "notes" ).mkdir()
+    (existing / "notes" / "plan.txt").write_text("kept\n")
+    listing, before = sorted(p.name for p in tmp_path.iterdir()), files_of(existing)
+    times = {p: p.stat().st_mtime_ns for p in existing.rglob("*") if p.is_file()}
+    for run in (fresh, existing):
+        code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
+        refused((code, "", err), "hydra.run.dir=", "MiB free, the job needs about", "free space there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing and not (tmp_path / "new").exists()
+    assert files_of(existing) == before and sorted(p.name for p in existing.iterdir()) == [".hydra", "notes", "train.log"]
+    assert {p: p.stat().st_mtime_ns for p in existing.rglob("*") if p.is_file()} == times
 
 
 def test_sample_and_evaluate_refuse_a_disk_without_room_before_the_work(cli, trained_ckpt, tmp_path, monkeypatch):

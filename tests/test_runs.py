@@ -83,6 +83,18 @@ def test_training_into_a_run_is_refused_before_any_work(finished, cli):
     assert _checksums(run_dir) == before and _snapshot(run_dir) == times   # .hydra/ and train.log included
 
 
+def test_resuming_a_finished_run_from_the_command_line_changes_no_file(finished, cli):
+    """Nothing to do: what Hydra wrote (.hydra/ with this command's overrides, the log's notes) is undone."""
+    run_dir = Path(finished["run_dir"])
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("# the run's own overrides\n")
+    before = _checksums(run_dir)
+    code, out, err = cli("train.py", *TINY, "ckpt_path=last", f"hydra.run.dir={run_dir}")
+    assert code == 0 and json.loads(out.splitlines()[-1])["already_finished"], err
+    assert "the run already finished" in err + out
+    assert _checksums(run_dir) == before
+
+
 def test_resume_after_training_makes_the_missing_outputs(finished, tmp_path):
     """Stopped while writing the grid or the exports (SIGTERM after final.ckpt): ckpt_path=last makes them."""
     import shutil

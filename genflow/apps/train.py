@@ -29,8 +29,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from safetensors.torch import save_file
 
-from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, method_settings, prepare_run,
-                                     write_result)
+from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, folder_before, method_settings,
+                                     prepare_run, primary_process, write_result)
 from genflow.cache import atomic_write
 from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
                             to_container, validate)
@@ -153,27 +153,57 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
     checkpoints are not read and the images not verified a second time."""
 
     read = {} if validated else validate(cfg)
-    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
-        from genflow.config.guide import check_guide
-
-        check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
-    with RunFolderLock(run_dir) as lock, StopOnSignal() as stop:  # one process per folder, released however it ends
-        try:
-            return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"), stop)
-        except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
-            err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
-            raise
-        except (Stopped, KeyboardInterrupt) as signal_:  # outside the steps: what is kept and how to go on
-            signum = signal_.args[0] if signal_.args and isinstance(signal_.args[0], int) else int(signal.SIGINT)
-            trained = any((run_dir / "checkpoints").glob("*.ckpt"))
-            how = f"continue with: {continue_command(cfg, run_dir)}" if trained else "run the same command again"
-            kept = stop.kept
-            if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
-                kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
-            say(f"stopped by {signal.Signals(signum).name} while {stop.phase}: {kept}; {how}",
-                run_dir / "train.log" if run_dir.is_dir() else None)
-            sys.exit(128 + signum)
+    undo = UndoUnlessStarted(folder_before(run_dir) if primary_process() else None)
+    try:
+        with RunFolderLock(run_dir) as lock, StopOnSignal() as stop, undo:  # one process per folder, however it ends
+            return _stopped_or_failed(cfg, run_dir, lambda: _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"),
+                                                                      stop, undo.started), stop)
+    finally:
+        undo.remove_made_folders(run_dir)  # once the lock file is gone
+
+
+def _stopped_or_failed(cfg: DictConfig, run_dir: Path, run, stop: "StopOnSignal") -> dict:
+    """``run()``; a full disk or a signal outside the steps ends in what is kept and the command that goes on."""
+    try:
+        return run()
+    except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
+        err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
+        raise
+    except (Stopped, KeyboardInterrupt) as signal_:  # outside the steps: what is kept and how to go on
+        signum = signal_.args[0] if signal_.args and isinstance(signal_.args[0], int) else int(signal.SIGINT)
+        trained = any((run_dir / "checkpoints").glob("*.ckpt"))
+        how = f"continue with: {continue_command(cfg, run_dir)}" if trained else "run the same command again"
+        kept = stop.kept
+        if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
+            kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
+    say(f"stopped by {signal.Signals(signum).name} while {stop.phase}: {kept}; {how}",
+        run_dir / "train.log" if run_dir.is_dir() else None)
+    sys.exit(128 + signum)
+
+
+class UndoUnlessStarted:
+    """A run refused (or stopped) before its first step, or found finished already, leaves its folder as it was
+    before this command (``FolderState``: Hydra's ``.hydra/`` and log, the notes, a logger's folder are undone);
+    ``started()`` marks the point from which what is written is the run's. ``began``: whether it did."""
+
+    def __init__(self, before):
+        self.before, self.began, self.undone = before, False, False
+
+    def started(self) -> None:
+        self.began = True
+
+    def __enter__(self) -> "UndoUnlessStarted":  # entered once this process holds the folder's lock
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None and not self.began:
+            self.before.restore()  # inside the lock, whose file is left for the lock to remove
+            self.undone = True
+
+    def remove_made_folders(self, run_dir: Path) -> None:
+        if self.undone:  # never where another process holds the folder (the lock refused this one)
+            self.before.remove_made_folders(run_dir)
 
 
 class Stopped(BaseException):
@@ -220,10 +250,15 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, stopper: StopOnSignal | None = None) -> dict:
+def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, stopper: StopOnSignal | None = None,
+              started=lambda: None) -> dict:
+    """The run in its folder; ``started()`` is called once every check has passed, before the first step (what
+    was written before it is undone if the run is refused or stopped)."""
     stopper = stopper or StopOnSignal()
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
+        from genflow.config.guide import check_guide
 
-
+        check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     start = prepare_run(cfg, run_dir, resume)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
@@ -255,6 +290,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, sto
             say(line, log)
     for logger in trainer.loggers:
         logger.log_hyperparams(describe(cfg, module.method))
+    started()  # from here on, what is written is the run's
     began = time.perf_counter()
     if start.ckpt_path is not None:
         stopper.at("resuming", f"the checkpoints in {run_dir / 'checkpoints'} are kept")
