@@ -143,7 +143,7 @@ def test_sample_continues_where_it_stopped(cli, trained_ckpt, tmp_path, monkeypa
     out = tmp_path / "continued"
     code, _, err = cli("sample.py", f"ckpt={trained_ckpt}", *args, f"out={out}")
     assert code == 130 and "Traceback" not in err, err
-    assert "stopped: 2 of 6 images" in err and "run the same command again" in err, err
+    assert "stopped by SIGINT while sampling: 2 of 6 images" in err and "run the same command again" in err, err
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
 
     def recorded(method, net, seeds, *a, **kw):
@@ -187,8 +187,41 @@ def test_sigterm_stops_sample_with_what_is_kept(cli, trained_ckpt, tmp_path, mon
     out, before = tmp_path / "out", signal.getsignal(signal.SIGTERM)
     code, _, err = cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-3", "batch=2", "steps=2", "progress=false",
                        f"out={out}")
-    assert code == 143 and "stopped: 2 of 4 images" in err and "Traceback" not in err, err
+    assert code == 143 and "stopped by SIGTERM while sampling: 2 of 4 images" in err and "Traceback" not in err, err
     assert signal.getsignal(signal.SIGTERM) is before  # the app's handler is gone with the app
+
+
+INTERRUPTED_WHILE_LOADING = """
+import os, runpy, signal, sys, time
+import genflow.config
+
+def loading(*args, **kwargs):  # a real Ctrl-C (SIGINT to this process) while the checkpoint is being loaded
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+
+genflow.config.module_from_checkpoint = loading
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("app,args", [("genflow.apps.sample", ["seeds=0-3", "steps=2"]),
+                                      ("genflow.apps.evaluate", ["fid.num=8", "fid.steps=2"])])
+def test_ctrl_c_while_the_model_loads_ends_in_one_line(trained_ckpt, tmp_path, app, args):
+    import subprocess
+    import sys
+
+    out = tmp_path / ("s" if app.endswith("sample") else "fid.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENFLOW_METRICS_HOME": str(tmp_path / "metrics")}
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_WHILE_LOADING, app, f"ckpt={trained_ckpt}", *args,
+                           "progress=false", f"out={out}"], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("stopped by SIGINT while loading the model: ") and "Traceback" not in proc.stderr
+    assert ("nothing was written; run the same command again" if app.endswith("sample") else
+            "no images were kept yet; continue with: python -m genflow.apps.evaluate") in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 
 FID_ARGS = ["fid.num=100", "fid.batch_size=4", "fid.seed_sets=2", "fid.steps=2", "fid.kid=true", "progress=false",
@@ -223,7 +256,7 @@ def test_evaluate_stopped_by_sigterm_continues_to_the_same_numbers(cli, trained_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "Traceback" not in err and "stopped by SIGTERM: " in err and f"are kept in {partial}" in err, err
+    assert "Traceback" not in err and "stopped by SIGTERM while computing the FID: " in err and f"are kept in {partial}" in err, err
     assert "continue with: python -m genflow.apps.evaluate" in err and f"out={out}" in err, err
     assert sorted(p.name for p in folder.iterdir()) == ["fid.json.partial"]  # no result, no temporary file
 
@@ -263,7 +296,7 @@ def test_evaluate_refuses_another_commands_partial_and_redoes_a_damaged_one(cli,
 
     monkeypatch.setattr(partial_module.PartialFID, "after_batch", stop_after_three)
     code, _, err = cli("genflow.apps.evaluate", *args)
-    assert code == 130 and "stopped by SIGINT: 12 of 100 images of seed set 1 of 2 are kept" in err, err
+    assert code == 130 and "stopped by SIGINT while computing the FID: 12 of 100 images of seed set 1 of 2 are kept" in err, err
     monkeypatch.setattr(partial_module.PartialFID, "after_batch", real)
 
     # another command on the same out=: refused before any work, the partial file untouched

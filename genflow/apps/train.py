@@ -38,7 +38,7 @@ from genflow.errors import WriteFailed, os_error, reported
 from genflow.metrics import evaluate_fid
 from genflow.outputs import check_writable
 from genflow.results.records import absolute
-from genflow.progress import say
+from genflow.progress import Phase, say
 from genflow.threads import configure_threads
 from genflow.training import AtomicCheckpointIO, EDMEma, SampleGrid
 from genflow.training.module import speed_settings
@@ -177,8 +177,7 @@ def _stopped_or_failed(cfg: DictConfig, run_dir: Path, run, stop: "StopOnSignal"
         kept = stop.kept
         if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
             kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
-    say(f"stopped by {signal.Signals(signum).name} while {stop.phase}: {kept}; {how}",
-        run_dir / "train.log" if run_dir.is_dir() else None)
+    say(stop.line(signum, kept, how), run_dir / "train.log" if run_dir.is_dir() else None)
     sys.exit(128 + signum)
 
 
@@ -215,18 +214,20 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-class StopOnSignal:
+class StopOnSignal(Phase):
     """Ctrl-C and SIGTERM stop the run at once where no step is in progress (``RunCheckpoint`` takes them over
     during the steps and hands them back), each write being atomic: what is written stays, ``ckpt_path=last``
     makes the rest. A second signal stops even the clean-up, with one line. ``phase`` and ``kept`` say where it
     stopped and what is there."""
 
     def __init__(self):
-        self.phase, self.kept, self.signals, self.before = "starting", "nothing was trained yet", [], {}
+        super().__init__("starting", "nothing was trained yet")
+        self.signals, self.before = [], {}
         self.partial = None  # the final FID's PartialFID while it runs: a stop waits for its batch in progress
 
     def at(self, phase: str, kept: str | None = None, partial=None) -> None:
-        self.phase, self.kept, self.partial = phase, kept or self.kept, partial
+        super().at(phase, kept)
+        self.partial = partial
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.append(signum)

@@ -17,6 +17,7 @@ from genflow.config.composing import APPS, compose_config, hydra_error
 from genflow.config.schema import check_schema
 from genflow.config.validation import bare_items, compose, knob_overrides
 from genflow.errors import config_error, exit_on_error, strip_debug_flag
+from genflow.progress import Phase
 
 
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
@@ -76,7 +77,7 @@ def run_app(hydra_main, config_name: str, validator=None) -> None:
         exit_on_error(preflight, config_name, validator)
         sys.argv[1:] = exit_on_error(with_knobs, config_name, sys.argv[1:])
     except KeyboardInterrupt:  # Ctrl-C while the command line is checked: one line, not a traceback
-        print("stopped by SIGINT while checking the command line; nothing was written", file=sys.stderr, flush=True)
+        print(Phase("checking the command line").line(signal.SIGINT), file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     try:
         hydra_main()
