@@ -195,9 +195,11 @@ INTERRUPTED_WHILE_LOADING = """
 import os, runpy, signal, sys, time
 import genflow.config
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job starts with it ignored)
+
 def loading(*args, **kwargs):  # a real Ctrl-C (SIGINT to this process) while the checkpoint is being loaded
     os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(30)
+    time.sleep(10)
 
 genflow.config.module_from_checkpoint = loading
 sys.argv = sys.argv[1:]

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import CONFIG_DIR, Int, Spec, Str, check_output_dir, check_schema, run_app
 from genflow.errors import config_error, reported
+from genflow.outputs import check_writable
 
 POSTHOC_SCHEMA = {"run": Str(), "sigma_rel": Spec(object), "step": Int(1, null=True), "out": Str(null=True)}
 
@@ -61,6 +62,7 @@ def plan(cfg: DictConfig) -> tuple[list[dict], list[tuple[float, Path]]]:
     check_step(snaps, cfg.step)
     out = Path(str(cfg.out)).expanduser() if cfg.out else run / "checkpoints"
     check_output_dir(out, "out")
+    check_writable(out, "out")  # before any snapshot is combined (a full disk while writing: an error naming the file)
     files = [(s, output_path(out, s, cfg.step)) for s in asked]
     existing = [str(p) for _, p in files if p.exists()]
     if existing:

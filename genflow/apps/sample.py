@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device,
                             check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
                             data_conditions, read_checkpoint, run_app, sampler_options)
+from genflow.config.entry import interrupt
 from genflow.errors import config_error, os_error, reported
 from genflow.data.record import read_record
 from genflow.outputs import (check_sample_folder, check_writable, sample_bytes, sample_settings, write_output,
@@ -259,14 +260,10 @@ def write_png(path: Path, img: torch.Tensor) -> None:
         raise (os_error(err, path) or err) from err
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM stops as Ctrl-C does: the images written are kept
-
-
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 @reported
 def app(cfg: DictConfig) -> None:
-    before = signal.signal(signal.SIGTERM, _stop)
+    before = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM stops as Ctrl-C does: the images written are kept
     phase = Phase()
     try:
         main(cfg, validated=True, phase=phase)

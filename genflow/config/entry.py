@@ -91,6 +91,32 @@ def run_app(hydra_main, config_name: str, validator=None) -> None:
         raise
 
 
+def interrupt(signum, frame):
+    """A SIGTERM handler: stop as Ctrl-C does (``KeyboardInterrupt(signum)``), so what an app keeps is kept."""
+    raise KeyboardInterrupt(signum)
+
+
+def run_plain(main, *args, phase: Phase) -> None:
+    """How an app that runs no Hydra job starts (convert, dataset, bench, the plots): ``--debug`` handled, a genflow
+    error is what / why / fix with exit 2, and Ctrl-C or SIGTERM end it with one line (``phase``: what it was
+    doing and what it keeps), exit 130/143, every output written whole or not at all."""
+    import threading
+
+    strip_debug_flag()
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+    try:
+        exit_on_error(main, *args)
+    except KeyboardInterrupt as stop:
+        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+        print(phase.line(signum), file=sys.stderr, flush=True)
+        exit_quietly_on_signals()
+        raise SystemExit(128 + signum) from None
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
 def exit_quietly_on_signals() -> None:
     """Once an app has stopped on a signal and said what it keeps, the process only ends (Lightning, torch and
     logging may take a moment to shut down): one more Ctrl-C or SIGTERM ends it at once with one line, rather
