@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, build_data, build_method,
                             check_device, check_output_dir, check_schema, check_target, config_from_checkpoint,
                             read_checkpoint, run_app, sampler_options, target_class)
+from genflow.config.entry import one_line_on_stop
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 from genflow.outputs import check_record, check_writable, write_output
@@ -343,11 +344,8 @@ def app(cfg: DictConfig) -> None:
     phase = Phase("starting", kept, f"continue with: {this_command()}")
     before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        main(cfg, validated=True, partial=partial, phase=phase)
-    except KeyboardInterrupt as stop:  # one line, no traceback: what is kept and the command that continues
-        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
-        print(phase.line(signum), file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
+        with one_line_on_stop(phase, sigterm=False):  # one line, no traceback: what is kept, the command that continues
+            main(cfg, validated=True, partial=partial, phase=phase)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

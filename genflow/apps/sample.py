@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device,
                             check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
                             data_conditions, read_checkpoint, run_app, sampler_options)
-from genflow.config.entry import interrupt
+from genflow.config.entry import one_line_on_stop
 from genflow.errors import config_error, os_error, reported
 from genflow.data.record import read_record
 from genflow.outputs import (check_sample_folder, check_writable, sample_bytes, sample_settings, write_output,
@@ -263,16 +261,8 @@ def write_png(path: Path, img: torch.Tensor) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 @reported
 def app(cfg: DictConfig) -> None:
-    before = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM stops as Ctrl-C does: the images written are kept
-    phase = Phase()
-    try:
+    with one_line_on_stop(Phase()) as phase:  # Ctrl-C or SIGTERM: what is kept and how to go on, no traceback
         main(cfg, validated=True, phase=phase)
-    except KeyboardInterrupt as stop:  # one line, no traceback: what is kept and how to go on
-        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
-        print(phase.line(signum), file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def cli() -> None:

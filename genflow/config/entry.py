@@ -3,6 +3,7 @@ a sweep) so a bad input ends in what / why / fix with exit 2 before anything is 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -96,25 +97,37 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def run_plain(main, *args, phase: Phase) -> None:
-    """How an app that runs no Hydra job starts (convert, dataset, bench, the plots): ``--debug`` handled, a genflow
-    error is what / why / fix with exit 2, and Ctrl-C or SIGTERM end it with one line (``phase``: what it was
-    doing and what it keeps), exit 130/143, every output written whole or not at all."""
+@contextlib.contextmanager
+def one_line_on_stop(phase: Phase, *, sigterm: bool = True):
+    """Ctrl-C (and SIGTERM, made to stop as Ctrl-C does, unless the app handles it: ``sigterm=False``) ends the
+    block with ``phase``'s one line (what the app was doing, what it keeps, how to go on) and exit 128 + signal."""
     import threading
 
-    strip_debug_flag()
     main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+    before = signal.signal(signal.SIGTERM, interrupt) if sigterm and main_thread else None
     try:
-        exit_on_error(main, *args)
+        yield phase
     except KeyboardInterrupt as stop:
         signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
         print(phase.line(signum), file=sys.stderr, flush=True)
-        exit_quietly_on_signals()
         raise SystemExit(128 + signum) from None
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
+
+
+def run_plain(main, *args, phase: Phase) -> None:
+    """How an app that runs no Hydra job starts (convert, dataset, bench): ``--debug`` handled, a genflow error
+    is what / why / fix with exit 2, and Ctrl-C or SIGTERM end it with one line (``phase``: what it was doing and
+    what it keeps), exit 130/143, every output written whole or not at all."""
+    strip_debug_flag()
+    try:
+        with one_line_on_stop(phase):
+            exit_on_error(main, *args)
+    except SystemExit as done:
+        if done.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped: the process only ends
+            exit_quietly_on_signals()
+        raise
 
 
 def exit_quietly_on_signals() -> None:
