@@ -309,9 +309,16 @@ def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
 
 
 def train_entry(cfg: DictConfig) -> dict:
+    """Train (or continue) an entry's run; stopped, it is continued by the same leaderboard command."""
+    import shlex
+
+    from genflow.apps.run_folder import job_overrides
     from genflow.apps.train import train
 
-    return train(cfg)
+    overrides = job_overrides()
+    again = " ".join(["python -m genflow.apps.leaderboard",
+                      *map(shlex.quote, overrides if overrides is not None else sys.argv[1:])])
+    return train(cfg, continue_with=again)
 
 
 def resolve_steps(method, entry: dict, solver: str) -> int:

@@ -147,33 +147,35 @@ def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list
             f"{cfg.trainer.get('accelerator', 'cpu')}, {threads}"]
 
 
-def train(cfg: DictConfig, *, validated: bool = False) -> dict:
+def train(cfg: DictConfig, *, validated: bool = False, continue_with: str | None = None) -> dict:
     """Fit, then grid, exports, final metrics and the JSON line. ``validated``: the caller has already run
     ``genflow.config.validate`` on this config (train.py does so before Hydra starts the job), so the
-    checkpoints are not read and the images not verified a second time."""
+    checkpoints are not read and the images not verified a second time. ``continue_with``: the command that
+    continues a stopped run, where not train.py's (the leaderboard's own)."""
 
     read = {} if validated else validate(cfg)
     run_dir = run_dir_of(cfg)
     undo = UndoUnlessStarted(folder_before(run_dir) if primary_process() else None)
     try:
         with RunFolderLock(run_dir) as lock, StopOnSignal() as stop, undo:  # one process per folder, however it ends
+            how = continue_with or continue_command(cfg, run_dir)
             return _stopped_or_failed(cfg, run_dir, lambda: _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"),
-                                                                      stop, undo.started), stop)
+                                                                      stop, undo.started, how), stop, how)
     finally:
         undo.remove_made_folders(run_dir)  # once the lock file is gone
 
 
-def _stopped_or_failed(cfg: DictConfig, run_dir: Path, run, stop: "StopOnSignal") -> dict:
-    """``run()``; a full disk or a signal outside the steps ends in what is kept and the command that goes on."""
+def _stopped_or_failed(cfg: DictConfig, run_dir: Path, run, stop: "StopOnSignal", how: str) -> dict:
+    """``run()``; a full disk or a signal outside the steps ends in what is kept and ``how`` to go on."""
     try:
         return run()
     except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
-        err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
+        err.fix = err.fix.replace("run the same command again", f"continue with: {how}")
         raise
     except (Stopped, KeyboardInterrupt) as signal_:  # outside the steps: what is kept and how to go on
         signum = signal_.args[0] if signal_.args and isinstance(signal_.args[0], int) else int(signal.SIGINT)
         trained = any((run_dir / "checkpoints").glob("*.ckpt"))
-        how = f"continue with: {continue_command(cfg, run_dir)}" if trained else "run the same command again"
+        how = f"continue with: {how}" if trained else "run the same command again"
         kept = stop.kept
         if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
             kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
@@ -252,7 +254,7 @@ class StopOnSignal(Phase):
 
 
 def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, stopper: StopOnSignal | None = None,
-              started=lambda: None) -> dict:
+              started=lambda: None, how: str | None = None) -> dict:
     """The run in its folder; ``started()`` is called once every check has passed, before the first step (what
     was written before it is undone if the run is refused or stopped)."""
     stopper = stopper or StopOnSignal()
@@ -302,7 +304,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, sto
     if stop.stopped_by is not None:
         name = signal.Signals(stop.stopped_by).name
         say(f"stopped by {name} at step {trainer.global_step}: the state is in {stop.last_path}; continue with: "
-            f"{continue_command(cfg, run_dir)}", log)
+            f"{how or continue_command(cfg, run_dir)}", log)
         sys.exit(128 + int(stop.stopped_by))
     # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
     if start.complete:  # outputs of a finished run are made from its final (EMA) weights
