@@ -64,8 +64,11 @@ def test_unwritable_outputs_are_refused_before_any_work(cli, trained_ckpt, read_
     monkeypatch.setenv("HOME", str(read_only))  # the default metrics home is ~/.cache/genflow
     refused(cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", "fid.num=4"), "GENFLOW_METRICS_HOME",
             str(read_only / ".cache"))
+    refused(cli("genflow.apps.leaderboard", "suite=smoke", f"out={read_only / 'board'}"), "out=", "cannot be written")
+    refused(cli("genflow.apps.leaderboard", "suite=smoke", f"out={read_only.parent / 'board'}",
+                f"history={read_only / 'history.jsonl'}"), "history=", "cannot be written")
     monkeypatch.undo()
-    assert files_of(read_only) == {}
+    assert files_of(read_only) == {} and not (read_only.parent / "board").exists()
 
 
 def test_read_only_run_folder_is_refused_before_hydra_writes(cli, read_only):
