@@ -404,6 +404,27 @@ def test_training_refuses_a_disk_without_room_for_its_checkpoints(cli, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in existing.rglob("*") if p.is_file()} == times
 
 
+def test_a_refused_job_of_a_sweep_undoes_its_own_folder_only(cli, tmp_path, monkeypatch):
+    """The second job of a sweep is refused once built: its folder goes, the first job's finished run and the
+    sweep's multirun.yaml stay as they are."""
+    import genflow.apps.train as train_app
+
+    real, built = train_app.checkpoint_bytes, []
+
+    def second_too_big(module):
+        built.append(module)
+        return real(module) if len(built) == 1 else 10 ** 18
+
+    monkeypatch.setattr(train_app, "checkpoint_bytes", second_too_big)
+    sweep = tmp_path / "sweep"
+    code, _, err = cli("train.py", "-m", *TRAIN_ARGS, "trainer.max_steps=1", "logger=none", "~callbacks.sample_grid",
+                       "seed=1,2", f"hydra.sweep.dir={sweep}")
+    refused((code, "", err[err.index("error: "):]), "MiB free, the job needs about")
+    first = [p for p in sweep.iterdir() if p.name.startswith("0_")]
+    assert sorted(p.name for p in sweep.iterdir()) == sorted([first[0].name, "multirun.yaml"])
+    assert (first[0] / "result.json").is_file() and (first[0] / ".hydra" / "config.yaml").is_file()
+
+
 def test_sample_and_evaluate_refuse_a_disk_without_room_before_the_work(cli, trained_ckpt, tmp_path, monkeypatch):
     import shutil
 

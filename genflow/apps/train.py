@@ -155,14 +155,14 @@ def train(cfg: DictConfig, *, validated: bool = False, continue_with: str | None
 
     read = {} if validated else validate(cfg)
     run_dir = run_dir_of(cfg)
-    undo = UndoUnlessStarted(folder_before(run_dir) if primary_process() else None)
+    undo = UndoUnlessStarted(folder_before(run_dir) if primary_process() else None, run_dir)
     try:
         with RunFolderLock(run_dir) as lock, StopOnSignal() as stop, undo:  # one process per folder, however it ends
             how = continue_with or continue_command(cfg, run_dir)
             return _stopped_or_failed(cfg, run_dir, lambda: _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"),
                                                                       stop, undo.started, how), stop, how)
     finally:
-        undo.remove_made_folders(run_dir)  # once the lock file is gone
+        undo.remove_made_folders()  # once the lock file is gone
 
 
 def _stopped_or_failed(cfg: DictConfig, run_dir: Path, run, stop: "StopOnSignal", how: str) -> dict:
@@ -188,8 +188,8 @@ class UndoUnlessStarted:
     before this command (``FolderState``: Hydra's ``.hydra/`` and log, the notes, a logger's folder are undone);
     ``started()`` marks the point from which what is written is the run's. ``began``: whether it did."""
 
-    def __init__(self, before):
-        self.before, self.began, self.undone = before, False, False
+    def __init__(self, before, run_dir: Path):
+        self.before, self.run_dir, self.began, self.undone = before, run_dir, False, False
 
     def started(self) -> None:
         self.began = True
@@ -199,12 +199,13 @@ class UndoUnlessStarted:
 
     def __exit__(self, *exc) -> None:
         if self.before is not None and not self.began:
-            self.before.restore()  # inside the lock, whose file is left for the lock to remove
+            # only the run's folder (a sweep's other runs are theirs), inside the lock, whose file the lock removes
+            self.before.restore(self.run_dir)
             self.undone = True
 
-    def remove_made_folders(self, run_dir: Path) -> None:
+    def remove_made_folders(self) -> None:
         if self.undone:  # never where another process holds the folder (the lock refused this one)
-            self.before.remove_made_folders(run_dir)
+            self.before.remove_made_folders(self.run_dir)
 
 
 class Stopped(BaseException):
