@@ -965,6 +965,17 @@ def test_convert_stops_refuses_unwritable_and_full_destinations_and_never_replac
         "run the same command again"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
+    import signal
+
+    def terminated(*args, **kwargs):  # a real SIGTERM, delivered to this (the in-process app's) process
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", terminated)
+        code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={out}")
+    assert code == 143 and "stopped by SIGTERM while converting: nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
     real_access, read = os.access, convert_app.read_pickle
 
     def not_writable(path, mode, *args, **kwargs):
