@@ -253,6 +253,22 @@ class FolderState:
             except OSError:
                 pass
 
+    def put_back_unchanged(self, written: "FolderState", within=None) -> None:
+        """Where another process holds the folder (a run that started at the same moment): only the small files
+        that still hold what this command wrote (``written``: the folder as this command found it once Hydra had
+        written) get their earlier bytes back; nothing is removed, another process's writes are kept."""
+        within = self.root if within is None else Path(str(within)).expanduser().absolute()
+        for path, mine in written.saved.items():
+            earlier = self.saved.get(path)
+            if earlier is None or earlier == mine or not (path == within or within in path.parents):
+                continue
+            try:
+                if path.read_bytes() == mine:
+                    path.write_bytes(earlier)
+                    os.utime(path, ns=self.entries[path][2:])
+            except OSError:
+                pass
+
     def remove_made_folders(self, within=None) -> None:
         """After ``restore`` (and once the lock file is gone): the folders from ``within`` up that did not exist
         before, each only if empty, then the modification times of the folders that did."""

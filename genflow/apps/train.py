@@ -36,7 +36,7 @@ from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options
                             to_container, validate)
 from genflow.errors import WriteFailed, os_error, reported
 from genflow.metrics import evaluate_fid
-from genflow.outputs import check_writable
+from genflow.outputs import FolderState, check_writable
 from genflow.results.records import absolute
 from genflow.progress import Phase, say
 from genflow.threads import configure_threads
@@ -156,13 +156,17 @@ def train(cfg: DictConfig, *, validated: bool = False, continue_with: str | None
     read = {} if validated else validate(cfg)
     run_dir = run_dir_of(cfg)
     undo = UndoUnlessStarted(folder_before(run_dir) if primary_process() else None, run_dir)
+    written = FolderState(run_dir) if undo.before is not None else None  # as Hydra left it
     try:
         with RunFolderLock(run_dir) as lock, StopOnSignal() as stop, undo:  # one process per folder, however it ends
             how = continue_with or continue_command(cfg, run_dir)
             return _stopped_or_failed(cfg, run_dir, lambda: _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"),
                                                                       stop, undo.started, how), stop, how)
     finally:
-        undo.remove_made_folders()  # once the lock file is gone
+        if undo.entered:
+            undo.remove_made_folders()  # once the lock file is gone
+        elif written is not None:  # refused by another process's lock: its files are its own
+            undo.before.put_back_unchanged(written, run_dir)
 
 
 def _stopped_or_failed(cfg: DictConfig, run_dir: Path, run, stop: "StopOnSignal", how: str) -> dict:
@@ -189,12 +193,13 @@ class UndoUnlessStarted:
     ``started()`` marks the point from which what is written is the run's. ``began``: whether it did."""
 
     def __init__(self, before, run_dir: Path):
-        self.before, self.run_dir, self.began, self.undone = before, run_dir, False, False
+        self.before, self.run_dir, self.began, self.undone, self.entered = before, run_dir, False, False, False
 
     def started(self) -> None:
         self.began = True
 
     def __enter__(self) -> "UndoUnlessStarted":  # entered once this process holds the folder's lock
+        self.entered = True
         return self
 
     def __exit__(self, *exc) -> None:
