@@ -333,11 +333,15 @@ class RecordFolders(_HydraCallback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._record(config.hydra.sweep.dir)
 
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        FOLDERS_BEFORE.clear()
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        FOLDERS_BEFORE.pop(Path(str(config.hydra.sweep.dir)).expanduser().absolute(), None)
+        FOLDERS_BEFORE.clear()
 
     @staticmethod
     def _record(folder) -> None:
+        FOLDERS_BEFORE.clear()  # one Hydra run at a time: nothing older is what its folder held
         if primary_process():
             state = FolderState(str(folder))
             FOLDERS_BEFORE[state.root] = state
