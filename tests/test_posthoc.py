@@ -277,6 +277,13 @@ def test_posthoc_stops_with_one_line_and_refuses_an_unwritable_folder(runs, tmp_
         m.setattr(posthoc, "posthoc_checkpoint", lambda *a, **k: pytest.fail("combined before the check"))
         code, _, err = cli("genflow.apps.posthoc", str(runs[0]), "sigma_rel=0.08", f"out={out}")
     assert code == 2 and err.startswith(f"error: out={out} cannot be written"), err
+    import shutil
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 5, 10 ** 5))
+        m.setattr(posthoc, "posthoc_checkpoint", lambda *a, **k: pytest.fail("combined before the check"))
+        code, _, err = cli("genflow.apps.posthoc", str(runs[0]), "sigma_rel=0.08", f"out={out}")
+    assert code == 2 and "MiB free, the job needs about" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["posthoc_sigma0.050.ckpt"]
 
 

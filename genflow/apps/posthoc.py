@@ -64,8 +64,10 @@ def plan(cfg: DictConfig) -> tuple[list[dict], list[tuple[float, Path]]]:
     check_step(snaps, cfg.step)
     out = Path(str(cfg.out)).expanduser() if cfg.out else run / "checkpoints"
     check_output_dir(out, "out")
-    check_writable(out, "out")  # before any snapshot is combined (a full disk while writing: an error naming the file)
     files = [(s, output_path(out, s, cfg.step)) for s in asked]
+    # before any snapshot is combined: each checkpoint holds one average's tensors (the snapshots are memory-mapped)
+    average = sum(t.numel() * t.element_size() for t in snaps[-1]["state_dicts"][0].values())
+    check_writable(out, "out", need_bytes=len(files) * (average + (1 << 20)))
     existing = [str(p) for _, p in files if p.exists()]
     if existing:
         raise config_error(f"{', '.join(existing)} already exist(s)", "posthoc never overwrites a checkpoint",
