@@ -404,6 +404,24 @@ def test_training_refuses_a_disk_without_room_for_its_checkpoints(cli, tmp_path,
     assert {p: p.stat().st_mtime_ns for p in existing.rglob("*") if p.is_file()} == times
 
 
+def test_a_run_stopped_while_it_builds_leaves_no_folder(cli, tmp_path, monkeypatch):
+    """A real SIGTERM while the network is built (after Hydra wrote .hydra/): one line, exit 143, and the new folder
+    is gone again."""
+    import signal
+
+    import genflow.apps.train as train_app
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_app, "build", terminated)
+    run = tmp_path / "run"
+    code, out, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
+    assert code == 143 and "stopped by SIGTERM while starting: nothing was trained yet; run the same command again" \
+        in out, out + err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_refused_job_of_a_sweep_undoes_its_own_folder_only(cli, tmp_path, monkeypatch):
     """The second job of a sweep is refused once built: its folder goes, the first job's finished run and the
     sweep's multirun.yaml stay as they are."""
