@@ -432,7 +432,10 @@ def unipc(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, 
     alpha, sigma = zip(*(_path(method, t) for t in grid))
     lam = [_log_snr(a, s) for a, s in zip(alpha, sigma)]
     finite = torch.stack([torch.isfinite(v).all() for v in lam]).tolist()  # one sync, before the net runs
-    lower = lower_order_final and n < LOWER_ORDER_FINAL_BELOW
+    # the last point with finite lambda: a step from it to sigma = 0 is the plain prediction there (the authors'
+    # denoise_to_zero), so the order lowers towards that point and the steps before it are counted
+    end = max((j for j, f in enumerate(finite) if f), default=n)
+    lower = lower_order_final and end < LOWER_ORDER_FINAL_BELOW
     history: list[tuple[Tensor, Tensor]] = []  # (lambda, D) of earlier points with finite lambda, newest last
     denoised = method.data_prediction(net, x.to(dtype), grid[0], cond).to(torch.float64)
     for i in range(n):
@@ -442,7 +445,7 @@ def unipc(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, 
         if not (finite[i] and finite[i + 1]):  # h = inf: alpha_next (1 - e^-h) = alpha_next, first order
             x_next = method.combine((x, ratio), (denoised, a))
         else:
-            p = min(order, len(history) + 1, n - i if lower else order)
+            p = min(order, len(history) + 1, end - i if lower else order)
             h = lam[i + 1] - lam[i]
             e, B, b = unipc_b(h, p, variant)
             earlier = history[len(history) - (p - 1):][::-1] if p > 1 else []  # D_1 .. D_(p-1), newest first
