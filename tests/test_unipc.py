@@ -120,7 +120,7 @@ def test_spd_order_per_frequency():
         return m._combine((x0, (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()))
 
     for order in (1, 2, 3):
-        grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in (64, 128, 256) if order == 3 else STEPS[order]]
+        grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in ((64, 128, 256) if order == 3 else STEPS[order])]
         assert_order(unipc_errors(m, SPDNet(m), x0, grids, exact, order=order), order + 1)
 
 
