@@ -30,6 +30,9 @@ Two layers:
   x_next = (sigma_next/sigma_cur) x - alpha_next expm1(-h) D, where D is the current prediction (first
   step, and a step to sigma = 0) or (1 + 1/(2r)) D_cur - 1/(2r) D_prev with r = h_prev/h. Coefficients
   may be per frequency (SPD), applied by ``method.combine``.                      (NFE = steps)
+
+- ``unipc``: UniPC (Zhao, Bai, Rao, Zhou, Lu 2023), the multistep predictor UniP-p and the corrector UniC on
+  the same data prediction and path; the corrector reuses the evaluation the next step needs.  (NFE = steps)
 """
 from __future__ import annotations
 
