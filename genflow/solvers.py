@@ -399,7 +399,7 @@ def _solve_rows(r: list[Tensor], b: list[Tensor]) -> Tensor:
 @register("unipc", nfe=lambda steps, **_: steps,
           options=("schedule", "rho", "grid", "order", "variant", "lower_order_final"))
 def unipc(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
-          schedule: str = "model", rho: float = 7.0, grid: Tensor | None = None, order: int = 3,
+          schedule: str = "model", rho: float = 7.0, grid: Tensor | None = None, order: int = 2,
           variant: str = "bh2", lower_order_final: bool = True) -> Solution:
     """UniPC (Zhao, Bai, Rao, Zhou, Lu, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
     Diffusion Models", NeurIPS 2023, Algorithm 2 with data prediction): the multistep predictor UniP-p and the
