@@ -180,18 +180,19 @@ def model_rows(name: str, args, out: Path) -> list[dict]:
 
 
 def goal(rows: list[dict]) -> dict:
-    """Per model: each exponential solver's FID at NFE 10 against Heun's best FID at NFE >= 20 (NFE 19 for
-    EDM's Heun, whose NFE is odd)."""
+    """Per model: each exponential solver's FID at NFE 10 against Heun's at NFE 20 (19 for EDM's Heun, whose NFE
+    is odd) and against Heun's best at NFE >= 20: [fid, no worse than Heun at 20, no worse than its best]."""
     out = {}
     for name in dict.fromkeys(r["model"] for r in rows):
         heun = [r for r in rows if r["model"] == name and r["solver"] == "heun" and r["nfe"] >= 19]
         if not heun:
             continue
-        ref = min(heun, key=lambda r: r["fid"])
-        out[name] = {"heun_best_nfe_ge_20": [ref["nfe"], ref["fid"]]}
+        at20 = min(heun, key=lambda r: r["nfe"])
+        best = min(heun, key=lambda r: r["fid"])
+        out[name] = {"heun_nfe_20": [at20["nfe"], at20["fid"]], "heun_best_nfe_ge_20": [best["nfe"], best["fid"]]}
         for r in rows:
             if r["model"] == name and r["solver"].split("/")[0] in EXPONENTIAL_SOLVERS and r["nfe"] == 10:
-                out[name][r["solver"]] = [r["fid"], r["fid"] <= ref["fid"]]
+                out[name][r["solver"]] = [r["fid"], r["fid"] <= at20["fid"], r["fid"] <= best["fid"]]
     return out
 
 
