@@ -366,10 +366,9 @@ def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=Non
     return Solution(x.to(dtype), grid.numel() - 1)
 
 
-
 # ------------------------------------------------------------------------------------------ UniPC
-#: B(h) of UniPC's coefficients (Zhao et al., Section 3.3): bh1 B(h) = h, bh2 B(h) = e^h - 1 (both in the
-#: data-prediction sign convention, h -> -h)
+#: the two B(h) of UniPC's coefficients (Zhao et al. 2023): bh1 B(h) = h, bh2 B(h) = e^h - 1 (written with
+#: h -> -h for the data prediction)
 UNIPC_VARIANTS = ("bh1", "bh2")
 UNIPC_ORDERS = (1, 2, 3)
 #: with fewer steps than this the last steps lower their order (order <= steps left), as DPM-Solver++ and
@@ -380,7 +379,7 @@ LOWER_ORDER_FINAL_BELOW = 15
 
 def unipc_b(h: Tensor, p: int, variant: str) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(e^z - 1, B, [b_1 .. b_p]) for a step of h in lambda, z = -h (data prediction): b_k = k! g_k / B with
-    g_k = (e^z - sum_{j<=k} z^j/j!) / z^k = z phi_(k+1)(z) (UniPC Eq. 8's h phi_(k+1)(h) k!/B(h)), by the
+    g_k = (e^z - sum_{j<=k} z^j/j!) / z^k = z phi_(k+1)(z) (UniPC's h phi_(k+1)(h) k!/B(h)), by the
     recursion g_k = g_(k-1)/z - 1/k! from g_0 = e^z - 1; B = z (bh1) or e^z - 1 (bh2)."""
     z = -h
     e = torch.expm1(z)
@@ -417,7 +416,7 @@ def unipc(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, 
           schedule: str = "model", rho: float = 7.0, grid: Tensor | None = None, order: int = 2,
           variant: str = "bh2", lower_order_final: bool = True) -> Solution:
     """UniPC (Zhao, Bai, Rao, Zhou, Lu, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
-    Diffusion Models", NeurIPS 2023, Algorithm 2 with data prediction): the multistep predictor UniP-p and the
+    Diffusion Models", NeurIPS 2023, multistep, data prediction): the multistep predictor UniP-p and the
     corrector UniC along ``exponential_grid(method, steps, schedule, rho)`` (or the times ``grid``), one data
     prediction per step.
 
