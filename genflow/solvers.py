@@ -269,9 +269,6 @@ def _log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
 
 #: time grids of the exponential integrator: the model's own, uniform in log-SNR, or EDM's rho-spacing
 SCHEDULES = ("model", "logsnr", "karras")
-#: EDM's noise levels (Karras et al. 2022, Table 1): the finite part of a log-SNR or rho grid next to an
-#: infinite end of the path spans sigma/alpha from 80 to 0.002 there
-EDM_SIGMA_MAX, EDM_SIGMA_MIN = 80.0, 0.002
 
 
 def mean_log_snr(method, t: Tensor) -> Tensor:
@@ -286,8 +283,7 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
     ``model``: ``method.time_grid(steps)``. ``logsnr``: uniform in the (mean) log-SNR lambda, and
     ``karras``: Karras et al.'s rho-spacing of e^-lambda (= sigma/alpha; EDM's sigma), both between the
     first and last times of the method's own grid where lambda is finite; an end where lambda is infinite
-    (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end, and the
-    finite point next to it is at least as far as EDM's sigma/alpha = 80 (noise end) or 0.002 (data end)."""
+    (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     own = method.time_grid(steps, device=device)
@@ -300,32 +296,21 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
     if n < 1:
         return own
     lo, hi = lam[first], lam[last]
-    # next to an infinite end the finite part spans at least EDM's noise levels: the own grid's neighbour of
-    # that end depends on the steps (a flow's t = 1/N) and may be far from it (KO: alpha/sigma = 0.34 at
-    # t = 0.1), and the step across the infinite end is first order
-    if first > 0:
-        lo = torch.clamp(lo, max=-math.log(EDM_SIGMA_MAX))
-    if last < own.numel() - 1:
-        hi = torch.clamp(hi, min=-math.log(EDM_SIGMA_MIN))
     u = torch.linspace(0, 1, n + 1, dtype=torch.float64, device=own.device)
     if schedule == "logsnr":
         targets = lo + u * (hi - lo)
     else:
         a, b = (-lo).exp() ** (1 / rho), (-hi).exp() ** (1 / rho)
         targets = -((a + u * (b - a)) ** rho).log()
-    # bisection on lambda(t), monotone between the two ends whichever way time runs (between the own grid's
-    # infinite ends where there are any)
-    t0 = own[max(first - 1, 0)].expand(n + 1).clone()
-    t1 = own[min(last + 1, own.numel() - 1)].expand(n + 1).clone()
-    for _ in range(100):
+    # bisection on lambda(t), monotone between the two ends whichever way time runs
+    t0 = own[first].expand(n + 1).clone()
+    t1 = own[last].expand(n + 1).clone()
+    for _ in range(60):
         mid = 0.5 * (t0 + t1)
         below = mean_log_snr(method, mid) < targets
         t0, t1 = torch.where(below, mid, t0), torch.where(below, t1, mid)
     inner = 0.5 * (t0 + t1)
-    if first == 0:
-        inner[0] = own[0]
-    if last == own.numel() - 1:
-        inner[-1] = own[-1]
+    inner[0], inner[-1] = own[first], own[last]
     return torch.cat([own[:first], inner, own[last + 1:]])
 
 
