@@ -62,7 +62,8 @@ def test_edm_lambda_uniform_third_order_start():
     m = EDM()
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
     grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in STEPS[3]]
-    assert_order(unipc_errors(m, EDMNet(m, gaussian_denoiser), x0, grids, lambda g: gaussian_flow(m, x0, g), order=3), 4)
+    errors = unipc_errors(m, EDMNet(m, gaussian_denoiser), x0, grids, lambda g: gaussian_flow(m, x0, g), order=3)
+    assert_order(errors, 4)
 
 
 @pytest.mark.parametrize("D", [8, 128, math.inf])
