@@ -72,14 +72,15 @@ def output_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, suffix: str = ".tmp") -> Path:
     """``write(tmp)`` to a unique temporary file beside ``path``, flush it to disk, give it the mode of any
     other output (``mkstemp`` makes it private) and rename it over ``path``: a kill or a crash never leaves a
     half-written file under that name. Every file genflow writes for later use (checkpoints, exports,
-    cache entries) goes through here."""
+    cache entries) goes through here. ``suffix``: the temporary file's ending, for writers that choose the format
+    by it (``.tmp.png`` for a picture)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -204,6 +205,13 @@ def cached_checkpoint_problem(path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` ``ckpt`` atomically, with the sha256 of its tensors under ``CHECKSUM_KEY``."""
+    """``torch.save`` ``ckpt`` atomically, with the sha256 of its tensors under ``CHECKSUM_KEY``. A failed write
+    (a full disk, a refused folder) leaves any file under that name as it was and raises
+    ``genflow.errors.WriteFailed`` naming the file."""
+    from genflow.errors import os_error
+
     ckpt = {**ckpt, CHECKSUM_KEY: tensor_checksum(ckpt)}
-    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    try:
+        return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    except (OSError, RuntimeError) as err:  # a full disk: torch's writer says "unexpected pos", errno lost
+        raise (os_error(err, path) or err) from err

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -55,19 +56,59 @@ def checkpoint_error(what: str, why: str, fix: str) -> CheckpointError:
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                errno.EPERM: "operation not permitted"}
+#: what torch's zip writer says when the file system refuses a write (the errno is lost on the way)
+TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed writing")
 
 
-def os_error(err: OSError, path=None) -> GenflowError | None:
-    """A disk-full, read-only or permission ``OSError`` as ``error: what / why / fix`` naming the file; None
-    for any other ``OSError`` (a bug or a failure genflow cannot explain)."""
+class WriteFailed(GenflowError):
+    """A file could not be written (a full disk, a quota, a read-only or unwritable folder): error / why / fix,
+    naming the file. ``fix`` may be replaced by the caller that knows how to continue (train.py's command)."""
+
+    def __init__(self, path, why: str, fix: str):
+        self.path, self.why, self.fix = path, why, fix
+        super().__init__(path, why, fix)
+
+    def __str__(self) -> str:
+        return f"could not write {self.path}\n  why: {self.why}\n  fix: {self.fix}"
+
+
+def free_space(path) -> str:
+    """"N MB free" on the file system of ``path`` (its nearest existing folder), or "" when unknown."""
+    import shutil
+    from pathlib import Path
+
+    p = Path(str(path)).expanduser().absolute()
+    folder = next((q for q in (p, *p.parents) if q.is_dir()), None)
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free" if folder is not None else ""
+    except OSError:
+        return ""
+
+
+def os_error(err: BaseException, path=None) -> WriteFailed | None:
+    """A disk-full, read-only or permission ``OSError`` (or torch's zip writer failing: its message has lost the
+    errno) as ``error: could not write <file> / why / fix``; None for any other error (a bug or a failure
+    genflow cannot explain)."""
+    where = path or getattr(err, "filename", None) or "a file"
+    space = free_space(where) if where != "a file" else ""
+    if isinstance(err, RuntimeError) and any(mark in str(err) for mark in TORCH_WRITE_FAILURES):
+        detail = str(err).strip().splitlines()[0]
+        why = f"the file system refused a write, as a full disk or a used-up quota does (torch: {detail}" + \
+              (f"; {space} there now)" if space else ")")
+        return WriteFailed(where, why, "free space on that disk (or write elsewhere), then run the same command again")
+    if not isinstance(err, OSError):  # a Rust writer (safetensors) names the errno in its message
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found is None or int(found.group(1)) not in DISK_ERRNOS:
+            return None
+        err = OSError(int(found.group(1)), os.strerror(int(found.group(1))))
     why = DISK_ERRNOS.get(err.errno)
     if why is None:
         return None
-    where = path or err.filename or "a file"
-    fix = ("free space on that disk (or write elsewhere), then run the same command again" if err.errno in
-           (errno.ENOSPC, errno.EDQUOT) else "make that folder writable or choose another output folder, then run "
-           "the same command again")
-    return GenflowError(f"could not write {where}\n  why: {why} ({err.strerror or err})\n  fix: {fix}")
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = f"{why} ({space})" if full and space else f"{why} ({err.strerror or err})"
+    fix = ("free space on that disk (or write elsewhere), then run the same command again" if full else
+           "make that folder writable or choose another output folder, then run the same command again")
+    return WriteFailed(where, why, fix)
 
 
 def debug_requested() -> bool:
@@ -100,7 +141,7 @@ def exit_on_error(main, *args, **kwargs):
         if debug_requested():
             raise
         report(err)
-    except OSError as err:  # a full disk or a refused write anywhere: what and where, not a traceback
+    except (OSError, RuntimeError) as err:  # a full disk or a refused write anywhere: what and where, no traceback
         known = os_error(err)
         if known is None or debug_requested():
             raise

@@ -143,6 +143,15 @@ def check_sample_folder(out: Path, settings: dict) -> None:
                        "trace", "choose a new out= folder, or move the old images away")
 
 
+def sample_bytes(data_shape, num: int) -> int:
+    """About the disk ``num`` samples of ``data_shape`` take: a PNG per image (at most its raw bytes plus the
+    format's overhead), ``samples.npz`` (the raw bytes) and the grid."""
+    import math
+
+    raw = math.prod(int(s) for s in data_shape)
+    return num * (2 * raw + 1024) + min(num, 64) * raw * 16 + (1 << 20)
+
+
 def write_sample_manifest(out: Path, settings: dict, seeds) -> None:
     from genflow.cache import atomic_write
 

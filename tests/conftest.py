@@ -43,6 +43,10 @@ def run_cli(entry: str, *args: str):
     # a Hydra app configures the root logger and may leave its HydraConfig set (--cfg, --help): undo both
     # afterwards, or later tests would log into this call's buffers and train() would take its output dir
     root_handlers, root_level = logging.root.handlers[:], logging.root.level
+    import signal
+
+    # an app stopped by a signal leaves handlers that end the process on the next one (it is exiting): not pytest's
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
     code = 0
@@ -62,6 +66,8 @@ def run_cli(entry: str, *args: str):
         for handler in set(logging.root.handlers) - set(root_handlers):
             handler.close()
         logging.root.handlers[:], logging.root.level = root_handlers, root_level
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from genflow.errors import GenflowError
 
@@ -188,3 +189,197 @@ def test_sigterm_stops_sample_with_what_is_kept(cli, trained_ckpt, tmp_path, mon
                        f"out={out}")
     assert code == 143 and "stopped: 2 of 4 images" in err and "Traceback" not in err, err
     assert signal.getsignal(signal.SIGTERM) is before  # the app's handler is gone with the app
+
+
+FID_ARGS = ["fid.num=100", "fid.batch_size=4", "fid.seed_sets=2", "fid.steps=2", "fid.kid=true", "progress=false",
+            "keep_every_s=0"]
+SAME = ("fid", "fid_sets", "kid", "fid_images", "fid_nfe")  # what the numbers are; times and paths differ
+
+
+def test_evaluate_stopped_by_sigterm_continues_to_the_same_numbers(cli, trained_ckpt, tmp_path, monkeypatch):
+    """A real SIGTERM to a real process once its partial file holds some batches; the same command again
+    generates only the rest and ends with the numbers of an uninterrupted run, bit for bit (the float64 sums
+    continue from their stored values in the same order); nothing is left beside the result."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    code, stdout, err = cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", *FID_ARGS, f"out={tmp_path / 'whole.json'}")
+    assert code == 0, err
+    whole = json.loads(stdout.splitlines()[-1])
+
+    folder = tmp_path / "stopped"
+    folder.mkdir()
+    out, partial = folder / "fid.json", folder / "fid.json.partial"
+    args = [f"ckpt={trained_ckpt}", *FID_ARGS, f"out={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "genflow.apps.evaluate", *args], cwd=Path(__file__).parents[1],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "stopped by SIGTERM: " in err and f"are kept in {partial}" in err, err
+    assert "continue with: python -m genflow.apps.evaluate" in err and f"out={out}" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["fid.json.partial"]  # no result, no temporary file
+
+    kept = torch.load(partial, weights_only=True)
+    assert 0 < kept["batches"] < 25 and kept["set"] == 0, kept["batches"]  # stopped early in the first set
+
+    import genflow.sampling
+
+    real, asked = genflow.sampling.generate, []
+
+    def recorded(method, net, seeds, *a, **kw):
+        asked.extend(seeds)
+        return real(method, net, seeds, *a, **kw)
+
+    monkeypatch.setattr(genflow.sampling, "generate", recorded)
+    code, stdout, err = cli("genflow.apps.evaluate", *args)
+    assert code == 0, err
+    assert "continuing a stopped evaluation" in err
+    assert asked == list(range(4 * kept["batches"], 200))  # only the seeds that were missing
+    continued = json.loads(stdout.splitlines()[-1])
+    assert {k: continued[k] for k in SAME} == {k: whole[k] for k in SAME}
+    assert sorted(p.name for p in folder.iterdir()) == ["fid.json"]  # the partial file is gone
+
+
+def test_evaluate_refuses_another_commands_partial_and_redoes_a_damaged_one(cli, trained_ckpt, tmp_path, monkeypatch):
+    import genflow.metrics.partial as partial_module
+
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    out = tmp_path / "fid.json"
+    args = [f"ckpt={trained_ckpt}", *FID_ARGS, f"out={out}"]
+    real = partial_module.PartialFID.after_batch
+
+    def stop_after_three(self, seed_set, batches, images, stats):
+        if batches == 3:
+            self.stop_signal = 2  # Ctrl-C asked for during batch 3
+        return real(self, seed_set, batches, images, stats)
+
+    monkeypatch.setattr(partial_module.PartialFID, "after_batch", stop_after_three)
+    code, _, err = cli("genflow.apps.evaluate", *args)
+    assert code == 130 and "stopped by SIGINT: 12 of 100 images of seed set 1 of 2 are kept" in err, err
+    monkeypatch.setattr(partial_module.PartialFID, "after_batch", real)
+
+    # another command on the same out=: refused before any work, the partial file untouched
+    before = files_of(tmp_path)
+    code, _, err = cli("genflow.apps.evaluate", *[a.replace("fid.steps=2", "fid.steps=3") for a in args])
+    refused((code, "", err), "holds a stopped evaluation of other settings (fid.steps=2)", "delete")
+    assert files_of(tmp_path) == before
+
+    # a damaged partial file is not used: one line, and the evaluation starts over
+    path = tmp_path / "fid.json.partial"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    code, stdout, err = cli("genflow.apps.evaluate", *args)
+    assert code == 0 and f"{path} not used" in err and "starting the evaluation over" in err, err
+    assert json.loads(stdout.splitlines()[-1])["fid_images"] == 100
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["fid.json"]
+
+
+def test_evaluate_second_signal_stops_at_once_with_one_line(cli, trained_ckpt, tmp_path, monkeypatch):
+    import signal
+
+    import genflow.metrics.partial as partial_module
+
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    real = partial_module.PartialFID.after_batch
+
+    def twice(self, seed_set, batches, images, stats):
+        if batches == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second one arrives before the batch is done
+        return real(self, seed_set, batches, images, stats)
+
+    monkeypatch.setattr(partial_module.PartialFID, "after_batch", twice)
+    before = signal.getsignal(signal.SIGINT)
+    code, _, err = cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", *FID_ARGS, f"out={tmp_path / 'fid.json'}")
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("SIGINT again: stopped at once; continue with: "), err
+    assert signal.getsignal(signal.SIGINT) is before
+    # the file holds its last write (batch 1: keep_every_s=0) and continues from it
+    assert torch.load(tmp_path / "fid.json.partial", weights_only=True)["batches"] == 1
+
+
+TRAIN_ARGS = ["data=digits", "net=unet_tiny", "data.batch_size=8", "trainer.val_check_interval=2", "sample.num=4",
+              "sample.steps=2", "optim.warmup_steps=1", "checkpoint.every_n_steps=2", "trainer.enable_progress_bar=false"]
+TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch.save on a full disk
+
+
+def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_says_how_to_go_on(cli, tmp_path, monkeypatch):
+    """The checkpoint writer fails (ENOSPC, or torch's own "unexpected pos" that has lost the errno): error / why /
+    fix with the command that continues, exit 2; last.ckpt byte for byte as before, no temporary file, no lock."""
+    import shutil
+
+    run = tmp_path / "run"
+    code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
+    assert code == 0, err[-2000:]
+    last = run / "checkpoints" / "last.ckpt"
+    kept = last.read_bytes()
+    for failure, why in ((OSError(errno.ENOSPC, "No space left on device"), "the disk is full (20.0 MB free)"),
+                         (RuntimeError(TORCH_FULL), "unexpected pos 704 vs 598; 20.0 MB free there now)")):
+        with monkeypatch.context() as m:
+            def full(*args, **kwargs):
+                raise failure
+
+            m.setattr(torch, "save", full)
+            m.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 20 * 10 ** 6,
+                                                                                     20 * 10 ** 6))
+            code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=4", "ckpt_path=last", f"hydra.run.dir={run}")
+        refused((code, "", err[err.index("error: "):]), f"could not write {run / 'checkpoints'}", why,
+                "continue with: python train.py", f"ckpt_path=last hydra.run.dir={run}")
+        assert last.read_bytes() == kept
+        assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+        assert not (run / ".genflow.lock").exists()
+    # room made: the same command continues from the kept checkpoint
+    code, out, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=4", "ckpt_path=last", f"hydra.run.dir={run}")
+    assert code == 0 and json.loads(out.splitlines()[-1])["steps"] == 4, err[-2000:]
+
+
+def test_training_refuses_a_disk_without_room_for_its_checkpoints(cli, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 6, 10 ** 6))
+    run = tmp_path / "run"
+    code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
+    refused((code, "", err), "hydra.run.dir=", "MiB free, the job needs about", "free space there")
+    assert not (run / "checkpoints").exists()
+
+
+def test_sample_and_evaluate_refuse_a_disk_without_room_before_the_work(cli, trained_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    import genflow.config
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the free space was checked")
+
+    monkeypatch.setattr(genflow.config, "module_from_checkpoint", no_loading)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 5, 10 ** 5))
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    refused(cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-999", f"out={tmp_path / 's'}"), "out=",
+            "MiB free, the job needs about")
+    refused(cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", "fid.num=8", f"out={tmp_path / 'fid.json'}"),
+            "out=", "MiB free, the job needs about")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_write_failures_of_other_writers_name_the_file():
+    """safetensors (Rust) reports the errno only in its message; torch's zip writer not at all."""
+    from safetensors import SafetensorError
+
+    from genflow.errors import WriteFailed, os_error
+
+    err = os_error(SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)'),
+                   "/tmp/x/ema.safetensors")
+    assert isinstance(err, WriteFailed) and str(err).startswith("could not write /tmp/x/ema.safetensors\n  why: the disk "
+                                                                "is full")
+    assert os_error(SafetensorError("Error while serializing: I/O error: No such file (os error 2)")) is None
+    assert os_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert isinstance(os_error(RuntimeError(TORCH_FULL), "/tmp/x/last.ckpt"), WriteFailed)

@@ -428,11 +428,26 @@ def test_plain_rate_and_eta_start_after_the_first_step(monkeypatch, capsys):
 def test_a_batch_larger_than_the_data_is_refused_before_any_step(tmp_path):
     """Not trained on a silently smaller batch while the settings and the JSON line report the requested one."""
     run_dir = tmp_path / "big"
-    cfg = compose(["model=flow", "data=toy2d", "data.n=64", "data.batch_size=128", "trainer.max_steps=1",
-                   "trainer.enable_progress_bar=false", f"+run_dir={run_dir}"])
-    with pytest.raises(ConfigError, match=r"data.batch_size=128 is larger than the training set: \d+ points"):
-        train(cfg)
+    with pytest.raises(ConfigError, match=r"data.batch_size=128 is larger than the training set: 58 points"):
+        train(compose(["model=flow", "data=toy2d", "data.n=64", "data.batch_size=128", "trainer.max_steps=1",
+                       "trainer.enable_progress_bar=false", f"+run_dir={run_dir}"], validator=False))
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "result.json").exists()
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_hydra_writes(cli, tmp_path):
+    """The refusal comes before Hydra starts the job: no .hydra/, no log; a folder's own files untouched."""
+    run_dir = tmp_path / "big"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("a user's file\n")
+    before = _checksums(run_dir)
+    code, out, err = cli("train.py", "model=flow", "data=toy2d", "data.n=64", "data.batch_size=128",
+                         "trainer.max_steps=1", f"hydra.run.dir={run_dir}")
+    assert code == 2 and "data.batch_size=128 is larger than the training set: 58 points" in err, err
+    assert "Traceback" not in err and _checksums(run_dir) == before   # no .hydra/, no train.log
+    # the same for a data set known by its files (digits: 1797, a tenth held out -> 1617 for training)
+    code, out, err = cli("train.py", "data=digits", "net=unet_tiny", "data.batch_size=2000", "trainer.max_steps=1",
+                         f"hydra.run.dir={run_dir}")
+    assert code == 2 and "training set: 1617 points" in err and _checksums(run_dir) == before, err
 
 
 def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):
@@ -445,3 +460,100 @@ def test_a_run_without_the_optional_callbacks_trains_cleanly(cli, tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["grid"] is None and not (run / "grid.png").exists() and not (run / "samples").exists()
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "ema.safetensors").is_file()
+
+
+def _signal_during(monkeypatch, phase: str, signum=signal.SIGTERM):
+    """Send ``signum`` to this process from inside a phase of the end of a run (a real signal, delivered while
+    that phase's code runs)."""
+    import genflow.apps.train as train_app
+    import genflow.training.callbacks as callbacks
+
+    def kill_then(real):
+        def wrapped(*args, **kwargs):
+            os.kill(os.getpid(), signum)
+            return real(*args, **kwargs)
+        return wrapped
+
+    if phase == "final.ckpt":
+        real = callbacks.save_checkpoint
+        monkeypatch.setattr(callbacks, "save_checkpoint",
+                            lambda ckpt, path: (kill_then(real) if Path(path).name == "final.ckpt" else real)(ckpt, path))
+    elif phase == "grid":  # the final grid (not the grids of the validation steps)
+        import genflow.sampling
+
+        real_grid = genflow.sampling.save_grid
+        monkeypatch.setattr(genflow.sampling, "save_grid", lambda images, path, *a: (
+            kill_then(real_grid) if "grid.png" in Path(path).name else real_grid)(images, path, *a))
+    elif phase == "exports":
+        monkeypatch.setattr(train_app, "save_file", kill_then(train_app.save_file))
+    elif phase == "fid":
+        monkeypatch.setattr(train_app, "evaluate_fid", kill_then(train_app.evaluate_fid))
+
+
+@pytest.mark.parametrize("phase, says", [("final.ckpt", "writing final.ckpt"), ("grid", "drawing the final grid"),
+                                         ("exports", "exporting ema.safetensors"), ("fid", "computing the final FID")])
+def test_a_signal_at_the_end_of_a_run_leaves_what_ckpt_path_last_completes(finished, tmp_path, monkeypatch, capsys,
+                                                                          phase, says):
+    """SIGTERM while final.ckpt, the grid, the exports or the final FID are written: exit 143 with the line that
+    says where and the command that continues, no lock, no temporary file; ckpt_path=last then makes what is
+    missing from the trained weights (the same EMA weights and FID as the run that never stopped) and replaces
+    nothing that was there."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _signal_during(m, phase)
+        with pytest.raises(SystemExit) as stop:
+            train(cfg_for(run_dir, "fid.num=32"))
+    assert stop.value.code == 143
+    out = capsys.readouterr().out
+    assert f"stopped by SIGTERM while {says}" in out and "training is complete (step 6" in out, out
+    assert f"continue with: python train.py trainer.max_steps=6 ckpt_path=last hydra.run.dir={run_dir}" in out
+    assert not (run_dir / ".genflow.lock").exists() and not (run_dir / "result.json").exists()
+    assert not [p for p in run_dir.rglob(".*") if p.is_file()]  # no temporary file of a write cut short
+    there = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.parent.name != "csv"
+             and p.parent.name != "tb" and p.name != "train.log"}
+
+    result = train(cfg_for(run_dir, "ckpt_path=last", "fid.num=32"))
+    assert result["steps"] == 6 and not result.get("already_finished")
+    assert all((run_dir / name).is_file() for name in ("ema.safetensors", "config.yaml", "grid.png", "result.json"))
+    assert all(path.read_bytes() == data for path, data in there.items())  # nothing that was there replaced
+    made, kept = load_file(run_dir / "ema.safetensors"), load_file(Path(finished["run_dir"]) / "ema.safetensors")
+    assert all(torch.equal(made[k], kept[k]) for k in kept)
+    assert result["fid"] == pytest.approx(finished["fid"], rel=1e-4)
+    assert (run_dir / "grid.png").read_bytes() == (Path(finished["run_dir"]) / "grid.png").read_bytes()
+
+
+def test_a_signal_during_the_final_fid_keeps_its_batches(finished, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the final FID generates: the batch in progress ends, its progress is written to
+    <run>/fid.partial, and ckpt_path=last generates only the missing seeds (then removes the file)."""
+    import genflow.metrics.partial as partial_module
+    import genflow.sampling
+
+    run_dir = tmp_path / "stopped"
+    real = partial_module.PartialFID.after_batch
+
+    def signal_in_batch_two(self, seed_set, batches, images, stats):
+        if batches == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, seed_set, batches, images, stats)
+
+    with monkeypatch.context() as m:
+        m.setattr(partial_module.PartialFID, "after_batch", signal_in_batch_two)
+        with pytest.raises(SystemExit) as stop:
+            train(cfg_for(run_dir, "fid.num=32", "fid.batch_size=8"))
+    assert stop.value.code == 143
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM while computing the final FID" in out, out
+    assert f"of the final FID, 16 of 32 images are kept in {run_dir / 'fid.partial'}" in out, out
+    real_generate, asked = genflow.sampling.generate, []
+
+    def recorded(method, net, seeds, *a, **kw):
+        asked.extend(seeds)
+        return real_generate(method, net, seeds, *a, **kw)
+
+    monkeypatch.setattr(genflow.sampling, "generate", recorded)
+    result = train(cfg_for(run_dir, "ckpt_path=last", "fid.num=32", "fid.batch_size=8"))
+    assert [s for s in asked if s >= 4] == list(range(16, 32))  # beside the grid's 4 seeds: only the missing ones
+    assert result["fid_images"] == 32 and result["fid"] == pytest.approx(finished["fid"], rel=1e-4)
+    assert not (run_dir / "fid.partial").exists()

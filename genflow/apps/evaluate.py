@@ -19,11 +19,19 @@ are sharded over processes and the statistics all-reduced. NLL (``nll=true``) ru
 on the held-out split. ``data.*`` arguments override the checkpoint's stored data config (e.g. ``data.root``
 on a machine where the data lives elsewhere). Everything is checked before the model is loaded. Ends with
 one JSON line.
+
+The FID is kept as it goes (``genflow.metrics.partial``): in ``<out>.partial`` beside ``out=``, or without
+``out=`` in ``$GENFLOW_METRICS_HOME/partial/`` under a name made from the settings. After Ctrl-C, SIGTERM or a
+full disk the same command continues where it stopped and gives the same numbers as a run that never
+stopped; the file is removed once the result is written. (Not under torchrun or with ``fid.time_limit``,
+whose results depend on each process and on the clock.)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,7 +55,7 @@ EVALUATE_SCHEMA = {
     "nll_num": Int(1, null=True), "nll_batch": Int(1), "nll_importance": Int(1, null=True),
     "nll_divergence": Str(null=True), "nll_solver": Str(null=True), "nll_steps": Int(1, null=True),
     "nll_bits": Spec(object, null=True), "device": Str(null=True),
-    "progress": Bool(null=True), "out": Str(null=True),
+    "progress": Bool(null=True), "out": Str(null=True), "keep_every_s": Float(0),
 }
 
 
@@ -85,6 +93,13 @@ def validate(cfg: DictConfig) -> None:
 
         check_writable(metrics_home(), METRICS_HOME_ENV, f"set {METRICS_HOME_ENV} to a folder you can write "
                        "(FID reference statistics are cached there; the default is ~/.cache/genflow)")
+    partial = partial_of(cfg)
+    if partial is not None:  # room for the kept progress (and its next write beside it); another command's refused
+        from genflow.metrics.partial import estimated_bytes
+
+        check_writable(partial.path.parent, "out" if cfg.out else "GENFLOW_METRICS_HOME",
+                       need_bytes=2 * estimated_bytes(2048, 10000 * bool(cfg.fid.kid or cfg.fid.pr)))
+        partial.load(say=False)
     check_device(cfg.device)
     # the check maps the tensors; the evaluation reads the weights once
     stored = config_from_checkpoint(read_checkpoint(cfg.ckpt, mmap=True), data_overrides(cfg))
@@ -139,7 +154,7 @@ def _init_distributed(device_arg):
     return device, rank
 
 
-def run_fid(module, dm, cfg, fid, device, progress: bool, guide=None) -> dict:
+def run_fid(module, dm, cfg, fid, device, progress: bool, guide=None, partial=None) -> dict:
     """FID of ``module``; with ``guide`` (a network), of the model autoguided by it with weight fid.guidance."""
     from genflow.config import fid_options
     from genflow.methods.base import autoguided
@@ -155,7 +170,10 @@ def run_fid(module, dm, cfg, fid, device, progress: bool, guide=None) -> dict:
         print(f"FID: generating {options['num']} images x {options['seed_sets']} seed set(s) with "
               f"{options['steps']} {options['solver']} steps (NFE {nfe or 'adaptive'}), "
               f"batch {options['batch_size']}, {options['precision']}, on {device}", file=sys.stderr, flush=True)
-    out = evaluate_fid(module, dm, **options)
+    if partial is not None and (partial.sets or partial.current is not None):
+        print(f"FID: continuing a stopped evaluation: {partial.kept_line(options['seed_sets'], options['num'])}",
+              file=sys.stderr, flush=True)
+    out = evaluate_fid(module, dm, partial=partial, **options)
     out.update(steps=options["steps"], solver=options["solver"], **options["solver_options"],
                nfe=nfe if nfe is not None else out["fid_nfe"])
     return out
@@ -194,13 +212,62 @@ def run_nll(module, dm, args: DictConfig, device, progress: bool) -> dict:
     return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in result.items()}
 
 
+def evaluation_settings(cfg: DictConfig) -> dict:
+    """What decides an evaluation's FID numbers: the checkpoints (path, size, modification time), every fid.*
+    setting but the display and the clock, the network's precision and the data overrides."""
+    def file(path):
+        if path is None:
+            return None
+        p = Path(str(path)).expanduser().resolve()
+        stat = p.stat() if p.is_file() else None
+        return [str(p), stat and stat.st_size, stat and stat.st_mtime_ns]
+
+    fid = OmegaConf.to_container(cfg.fid, resolve=True)
+    return {"ckpt": file(cfg.ckpt), "guide_ckpt": file(cfg.get("guide_ckpt")), "precision": cfg.precision,
+            **{f"fid.{k}": v for k, v in sorted(fid.items()) if k not in ("progress", "download", "time_limit")},
+            "fid.num": fid_num(cfg), **dict(sorted(o.split("=", 1) for o in data_overrides(cfg)))}
+
+
+def partial_of(cfg: DictConfig):
+    """Where this command keeps its FID as it goes (``genflow.metrics.partial.PartialFID``), or None: no FID,
+    several processes (torchrun), or a time limit."""
+    from genflow.metrics.partial import PartialFID
+
+    if not fid_num(cfg) or int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.fid.get("time_limit") is not None:
+        return None
+    settings = evaluation_settings(cfg)
+    if cfg.out:
+        out = Path(str(cfg.out)).expanduser()
+        path = out.with_name(out.name + ".partial")
+    else:
+        from genflow.metrics.features import metrics_home
+
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+        path = metrics_home() / "partial" / f"evaluate-{key}.partial"
+    return PartialFID(path, settings, every_s=float(cfg.get("keep_every_s", 30)), command=this_command())
+
+
+def this_command() -> str:
+    """The command line that runs this evaluation again (to continue it)."""
+    import shlex
+
+    from genflow.apps.run_folder import job_overrides
+
+    overrides = job_overrides()
+    if overrides is None:
+        overrides = [a for a in sys.argv[1:] if "=" in a]
+    return " ".join(["python -m genflow.apps.evaluate", *map(shlex.quote, overrides)])
+
+
 def fid_num(cfg: DictConfig) -> int:
     """Images per FID seed set: fid.num, or by default 50000 (none when only nll=true is asked for)."""
     return int(cfg.fid.num) if cfg.fid.num is not None else (0 if cfg.nll else 50000)
 
 
-def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
-    """Evaluate as ``python -m genflow.apps.evaluate`` does; ``cfg`` is the composed config or its overrides."""
+def main(cfg: DictConfig | list[str], *, validated: bool = False, partial=None) -> dict:
+    """Evaluate as ``python -m genflow.apps.evaluate`` does; ``cfg`` is the composed config or its overrides.
+    ``partial``: the ``PartialFID`` to keep the FID in (the app's, which its signal handler sees); by default
+    ``partial_of(cfg)``."""
     from genflow.config import compose, module_from_checkpoint
     from genflow.results.records import absolute, config_names
 
@@ -208,6 +275,9 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         cfg = compose(list(cfg), "evaluate", validator=False)
     if not validated:  # the command line was checked by run_app before Hydra started the job
         validate(cfg)
+    partial = partial if partial is not None else partial_of(cfg)
+    if partial is not None:
+        partial.load()
     cfg.fid.num = fid_num(cfg)
     want_fid, want_nll = bool(cfg.fid.num), bool(cfg.nll)
     device, rank = _init_distributed(cfg.device)
@@ -228,7 +298,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
 
             guide = load_guide(cfg.guide_ckpt, device)
             result.update(guide_ckpt=str(cfg.guide_ckpt), guidance=float(cfg.fid.guidance))
-        result.update(run_fid(module, dm, stored, cfg.fid, device, progress, guide))
+        result.update(run_fid(module, dm, stored, cfg.fid, device, progress, guide, partial))
     if want_nll and rank == 0:
         result.update(run_nll(module, dm, cfg, device, progress))
     result["device"] = device_name(device)
@@ -239,13 +309,41 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         if cfg.out:
             check_record(Path(str(cfg.out)).expanduser(), cfg.ckpt)  # written meanwhile by another command?
             write_output(Path(str(cfg.out)).expanduser(), lambda tmp: tmp.write_text(line + "\n"))
+        if partial is not None:  # the result is out: nothing is left to continue
+            partial.remove()
     return result
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 @reported
 def app(cfg: DictConfig) -> None:
-    main(cfg, validated=True)
+    partial = partial_of(cfg)
+    stops = []
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        stops.append(signum)
+        if len(stops) > 1:  # the second one: at once (the file keeps its last write)
+            print(f"{name} again: stopped at once; continue with: {this_command()}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        if partial is not None and partial.stop_or_defer(signum):
+            print(f"\n{name}: stopping after the batch in progress, keeping what is done (send it again to stop at "
+                  "once)", file=sys.stderr, flush=True)
+        else:
+            raise KeyboardInterrupt(signum)
+
+    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        main(cfg, validated=True, partial=partial)
+    except KeyboardInterrupt as stop:  # no traceback: what is kept and the command that continues
+        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+        kept = partial.kept_line(int(cfg.fid.seed_sets), fid_num(cfg)) if partial is not None else "nothing is kept"
+        print(f"stopped by {signal.Signals(signum).name}: {kept}; continue with: {this_command()}",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def cli() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ class Start:
     ckpt_path: str | None = None
     step: int = 0
     finished: dict | None = None    # the finished run's result when resuming it is a no-op
-    complete: bool = False          # trained to the end, outputs missing: make them from final.ckpt's weights
+    complete: bool = False          # trained to the end, outputs missing: make them from the final weights
+    final_weights: str | None = None  # where they are: final.ckpt, or the last checkpoint's (EMA) state_dict
     notes: list[str] = field(default_factory=list)
 
 
@@ -108,14 +110,20 @@ class RunFolderLock:
                 self.run_dir.rmdir()  # a run refused before it wrote anything leaves no empty folder
 
 
+#: the temporary files of ``genflow.cache.atomic_write``: ``.<name>.<8 random characters>.tmp[.<ending>]``
+ATOMIC_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?")
+
+
 def remove_stale_temps(run_dir: Path) -> list[Path]:
-    """Hidden ``.<name>.<random>`` files of the atomic writer whose process died before the rename."""
+    """Hidden temporary files of the atomic writer (checkpoints, exports, grid, result) whose process died
+    before the rename."""
     stale = []
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "posthoc"):
         if folder.is_dir():
             for path in folder.glob(".*"):
                 name = path.name
-                if path.is_file() and (".ckpt." in name or ".safetensors." in name or ".pt." in name):
+                if path.is_file() and (ATOMIC_TEMP.fullmatch(name) or any(f".{kind}." in name for kind in
+                                                                           ("ckpt", "safetensors", "pt"))):
                     path.unlink(missing_ok=True)
                     stale.append(path)
     return stale
@@ -205,11 +213,19 @@ def prepare_run(cfg: DictConfig, run_dir: Path, resume: tuple | None = None) -> 
     start.ckpt_path, start.step = str(path), int(ckpt.get("global_step", 0))
     max_steps = int(cfg.trainer.get("max_steps", -1))
     final = run_dir / "checkpoints" / "final.ckpt"
-    missing = [name for name in ("ema.safetensors", "grid.png", "result.json") if not (run_dir / name).is_file()]
-    if final.is_file() and 0 <= max_steps <= start.step and missing:
-        read_checkpoint(final, key="final.ckpt", mmap=True)  # the outputs are made from it: verified first
+    grid = (cfg.get("callbacks") or {}).get("sample_grid") is not None  # ~callbacks.sample_grid: no grid.png
+    missing = [name for name in ("ema.safetensors", "config.yaml", "grid.png", "result.json")
+               if not (run_dir / name).is_file() and (grid or name != "grid.png")]
+    trained = 0 <= max_steps <= start.step
+    if trained and (missing or not final.is_file()):
+        if final.is_file():
+            read_checkpoint(final, key="final.ckpt", mmap=True)  # the outputs are made from it: verified first
+            start.final_weights = str(final)
+        else:  # stopped while writing final.ckpt: the EMA weights are also the state_dict of the last checkpoint
+            missing.insert(0, final.name)
+            start.final_weights = str(path)
         # stopped after training, while writing its outputs: fit restores the state and ends at once,
-        # then the grid, the exports, the final metrics and result.json are made as at the end of any run
+        # then what is missing of final.ckpt, the grid, the exports, the final metrics and result.json is made
         start.notes.append(f"the run trained to step {start.step} but {', '.join(missing)} "
                            f"{'is' if len(missing) == 1 else 'are'} missing (stopped while writing them): making them")
         start.complete = True
@@ -256,8 +272,9 @@ def describe(cfg: DictConfig, method=None, choices: dict | None = None) -> dict:
 
 
 def write_result(run_dir: Path, result: dict) -> None:
-    path = run_dir / "result.json"
-    path.write_text(json.dumps(result) + "\n")
+    from genflow.cache import atomic_write
+
+    atomic_write(run_dir / "result.json", lambda tmp: tmp.write_text(json.dumps(result) + "\n"))
 
 
 # --- the end of a multirun ----------------------------------------------------------------------------

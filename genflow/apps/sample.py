@@ -36,7 +36,9 @@ from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, 
                             check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
                             data_conditions, read_checkpoint, run_app, sampler_options)
 from genflow.errors import config_error, os_error, reported
-from genflow.outputs import check_sample_folder, check_writable, sample_settings, write_output, write_sample_manifest
+from genflow.data.record import read_record
+from genflow.outputs import (check_sample_folder, check_writable, sample_bytes, sample_settings, write_output,
+                             write_sample_manifest)
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
@@ -96,6 +98,9 @@ def validate(cfg: DictConfig) -> None:
     check_output_dir(cfg.out, "out")
     check_writable(cfg.out, "out")
     ckpt = read_checkpoint(cfg.ckpt, mmap=True)  # the check maps the tensors; the job reads the weights once
+    record = read_record(ckpt, cfg.ckpt)
+    if record is not None:  # room for the images, samples.npz and the grid, before any is sampled
+        check_writable(cfg.out, "out", need_bytes=sample_bytes(record["data_shape"], len(seeds_of(cfg))))
     check_sample_folder(Path(str(cfg.out)).expanduser(), sample_settings(cfg, cfg.ckpt))
     stored = config_from_checkpoint(ckpt, grid_overrides(cfg))
     if grid_overrides(cfg):  # a method without a sigma grid says so (an unknown key), before anything is built

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,8 +34,9 @@ from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, 
 from genflow.cache import atomic_write
 from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
                             to_container, validate)
-from genflow.errors import reported
+from genflow.errors import WriteFailed, os_error, reported
 from genflow.metrics import evaluate_fid
+from genflow.outputs import check_writable
 from genflow.results.records import absolute
 from genflow.progress import say
 from genflow.threads import configure_threads
@@ -156,11 +158,70 @@ def train(cfg: DictConfig, *, validated: bool = False) -> dict:
 
         check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
-    with RunFolderLock(run_dir) as lock:  # one training process per folder, released however the run ends
-        return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"))
+    with RunFolderLock(run_dir) as lock, StopOnSignal() as stop:  # one process per folder, released however it ends
+        try:
+            return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"), stop)
+        except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
+            err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
+            raise
+        except (Stopped, KeyboardInterrupt) as signal_:  # outside the steps: what is kept and how to go on
+            signum = signal_.args[0] if signal_.args and isinstance(signal_.args[0], int) else int(signal.SIGINT)
+            trained = any((run_dir / "checkpoints").glob("*.ckpt"))
+            how = f"continue with: {continue_command(cfg, run_dir)}" if trained else "run the same command again"
+            kept = stop.kept
+            if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
+                kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
+            say(f"stopped by {signal.Signals(signum).name} while {stop.phase}: {kept}; {how}",
+                run_dir / "train.log" if run_dir.is_dir() else None)
+            sys.exit(128 + signum)
 
 
-def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> dict:
+class Stopped(BaseException):
+    """SIGINT or SIGTERM outside the training steps (start-up, final checkpoint, grid, exports, final FID). Not a
+    KeyboardInterrupt, which Lightning would turn into exit status 1 without a word."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """Ctrl-C and SIGTERM stop the run at once where no step is in progress (``RunCheckpoint`` takes them over
+    during the steps and hands them back), each write being atomic: what is written stays, ``ckpt_path=last``
+    makes the rest. A second signal stops even the clean-up, with one line. ``phase`` and ``kept`` say where it
+    stopped and what is there."""
+
+    def __init__(self):
+        self.phase, self.kept, self.signals, self.before = "starting", "nothing was trained yet", [], {}
+        self.partial = None  # the final FID's PartialFID while it runs: a stop waits for its batch in progress
+
+    def at(self, phase: str, kept: str | None = None, partial=None) -> None:
+        self.phase, self.kept, self.partial = phase, kept or self.kept, partial
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        name = signal.Signals(signum).name
+        if len(self.signals) > 1:
+            print(f"{name} again: stopped at once", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        if self.partial is not None and self.partial.stop_or_defer(signum):
+            print(f"\n{name}: stopping after the FID batch in progress, keeping what is done (send it again to stop "
+                  "at once)", file=sys.stderr, flush=True)
+            return
+        raise Stopped(signum)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self.before = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+
+
+def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, stopper: StopOnSignal | None = None) -> dict:
+    stopper = stopper or StopOnSignal()
 
 
     start = prepare_run(cfg, run_dir, resume)  # refuses to overwrite a run, before any work
@@ -175,6 +236,8 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
     threads = configure_threads()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module, dm = build(cfg)
+    if rank_zero_only.rank == 0:  # room for a checkpoint beside the previous one and a periodic one, before step 1
+        check_writable(run_dir, "hydra.run.dir", need_bytes=3 * checkpoint_bytes(module))
     # checked when composed (genflow.config.check_trainer / check_compile)
     speed_settings(module, **{key: cfg.trainer[key] for key in GENFLOW_TRAINER_KEYS if key in cfg.trainer})
     trainer = make_trainer(cfg, run_dir, start_step=start.step, enable_model_summary=False)
@@ -193,6 +256,8 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
     for logger in trainer.loggers:
         logger.log_hyperparams(describe(cfg, module.method))
     began = time.perf_counter()
+    if start.ckpt_path is not None:
+        stopper.at("resuming", f"the checkpoints in {run_dir / 'checkpoints'} are kept")
     # prepare_run read the checkpoint with weights_only=True already: Lightning never unpickles code either
     trainer.fit(module, datamodule=dm, ckpt_path=start.ckpt_path, weights_only=True)
     wall = time.perf_counter() - began
@@ -203,31 +268,53 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None) -> 
             f"{continue_command(cfg, run_dir)}", log)
         sys.exit(128 + int(stop.stopped_by))
     # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
-    if start.complete:  # outputs of a finished run are made from the weights its final.ckpt already holds
-        final = torch.load(run_dir / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
+    if start.complete:  # outputs of a finished run are made from its final (EMA) weights
+        final = torch.load(start.final_weights, map_location="cpu", weights_only=True)
         module.load_state_dict(final["state_dict"])
-    result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step)
+    stopper.at("finishing", f"training is complete (step {trainer.global_step}, {run_dir / 'checkpoints'})")
+    result = finish(cfg, trainer, module, dm, run_dir, wall, steps_before=start.step, keep=start.complete,
+                    phase=stopper.at)
     if trainer.is_global_zero:
+        stopper.at("writing result.json")
         write_result(run_dir, result)
+        (run_dir / "fid.partial").unlink(missing_ok=True)  # the final FID is in result.json
         say(json.dumps(result), log)
     return result
 
 
-def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0) -> dict:
+def checkpoint_bytes(module) -> int:
+    """About the size of a resumable checkpoint: the weights, their EMA and the optimizer's two moments (Adam),
+    and the buffers twice."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return 4 * params + 2 * buffers + (1 << 20)
+
+
+def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: int = 0, keep: bool = False,
+           phase=lambda name, **kw: None) -> dict:
     """Exports, grid, final metrics and the result dict. ``steps_before``: the step this process resumed from,
-    so the reported rate counts only the steps trained here, over this process's wall time."""
+    so the reported rate counts only the steps trained here, over this process's wall time. ``keep``: the outputs
+    of a run trained to the end before (stopped while writing them): those already there are kept as they are,
+    the missing ones made. ``phase(name)`` is told what is being done (for the line a stop prints)."""
 
     ckpt_cb = trainer.checkpoint_callback
     final_ckpt = run_dir / "checkpoints" / "final.ckpt"
     # EMA weights and the config as plain containers, no optimizer state: final.ckpt is for sampling and
     # evaluation; last.ckpt resumes training
-    trainer.save_checkpoint(final_ckpt, weights_only=True)
+    if not (keep and final_ckpt.is_file()):
+        phase("writing final.ckpt")
+        trainer.save_checkpoint(final_ckpt, weights_only=True)
     # Lightning moves the module back to the CPU when fit ends; the grid, the final FID/NLL and the exports
     # belong on the training device (each rank's own, for the seed-sharded FID)
     device = trainer.strategy.root_device
     module.to(device)
     grid_cb = next((c for c in trainer.callbacks if isinstance(c, SampleGrid)), None)  # ~callbacks.sample_grid: none
-    grid = grid_cb.write(trainer, module, run_dir / "grid.png") if grid_cb is not None else None
+    grid = None
+    if grid_cb is not None and keep and (run_dir / "grid.png").is_file():
+        grid = run_dir / "grid.png"
+    elif grid_cb is not None:
+        phase("drawing the final grid")
+        grid = grid_cb.write(trainer, module, run_dir / "grid.png")
     figures = {k: finite_or_none(v) for k, v in trainer.callback_metrics.items()
                if k in ("train/loss", "val/loss") or k.startswith("val/fid")}
     steps = int(trainer.global_step)
@@ -249,9 +336,13 @@ def finish(cfg, trainer, module, dm, run_dir: Path, wall: float, steps_before: i
         **figures,
     }
     if trainer.is_global_zero:
-        result.update(export_ema(cfg, module, run_dir))
+        phase("exporting ema.safetensors and config.yaml")
+        result.update(export_ema(cfg, module, run_dir, keep=keep))
     # every rank takes part: the FID shards its seeds over ranks and all-reduces the statistics
-    final = final_metrics(cfg, module, dm)
+    partial = final_fid_partial(cfg, run_dir, trainer.world_size)
+    if cfg.get("fid") and cfg.fid.get("num"):
+        phase("computing the final FID", partial=partial)
+    final = final_metrics(cfg, module, dm, partial)
     if trainer.is_global_zero:
         result.update(final)
         log_final(trainer, final)
@@ -275,17 +366,26 @@ def log_final(trainer, final: dict) -> None:
         logger.save()
 
 
-def export_ema(cfg: DictConfig, module, run_dir: Path) -> dict:
-    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow (written atomically)."""
+def export_ema(cfg: DictConfig, module, run_dir: Path, keep: bool = False) -> dict:
+    """EMA weights as safetensors + the resolved config as yaml, for use outside genflow (written atomically;
+    ``keep``: files already there are kept)."""
 
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    path = atomic_write(run_dir / "ema.safetensors", lambda tmp: save_file(state, str(tmp)))
-    OmegaConf.save(OmegaConf.create(to_container(cfg)), run_dir / "config.yaml")
+    path = run_dir / "ema.safetensors"
+    if not (keep and path.is_file()):
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        try:
+            atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+        except Exception as err:  # safetensors' own error names the errno of a full disk in its message
+            raise (os_error(err, path) or err) from err
+    if not (keep and (run_dir / "config.yaml").is_file()):
+        config = OmegaConf.create(to_container(cfg))
+        atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(config, tmp))
     return {"ema_safetensors": os.path.abspath(path)}
 
 
-def final_metrics(cfg: DictConfig, module, dm) -> dict:
-    """FID of the final EMA model where the config asks for it (fid.num > 0)."""
+def final_metrics(cfg: DictConfig, module, dm, partial=None) -> dict:
+    """FID of the final EMA model where the config asks for it (fid.num > 0); ``partial``: a
+    ``genflow.metrics.partial.PartialFID`` that keeps it as it goes."""
     if not cfg.get("fid") or not cfg.fid.get("num"):
         return {}
 
@@ -294,7 +394,30 @@ def final_metrics(cfg: DictConfig, module, dm) -> dict:
     options = fid_options(cfg.fid, cfg.sample)
     options["net"], options["guidance"] = sampling_net(module.net, options["guidance"],
                                                        cfg.sample.get("guide_ckpt"), module.device)
-    return evaluate_fid(module, dm, device=module.device, **options)
+    return evaluate_fid(module, dm, device=module.device, partial=partial, **options)
+
+
+def final_fid_partial(cfg: DictConfig, run_dir: Path, world_size: int):
+    """Where the final FID is kept as it goes (``<run>/fid.partial``, one process only), taken up when it belongs
+    to this run's final weights and FID settings (else started over, with one line)."""
+    from genflow.errors import ConfigError
+    from genflow.metrics.partial import PartialFID
+
+    if not cfg.get("fid") or not cfg.fid.get("num") or world_size > 1 or cfg.fid.get("time_limit") is not None:
+        return None
+    final = run_dir / "checkpoints" / "final.ckpt"
+    stat = final.stat()
+    settings = {"final.ckpt": [stat.st_size, stat.st_mtime_ns],
+                **{f"fid.{k}": v for k, v in sorted(to_container(cfg.fid).items())
+                   if k not in ("progress", "download", "time_limit")},
+                "sample": to_container(cfg.sample)}
+    partial = PartialFID(run_dir / "fid.partial", settings, every_s=30.0)
+    try:
+        return partial.load()
+    except ConfigError:  # the FID of earlier final weights (the run trained further since): not this one's
+        say(f"{partial.path} belongs to earlier final weights: computing the final FID anew", None)
+        partial.remove()
+        return PartialFID(run_dir / "fid.partial", settings, every_s=30.0)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

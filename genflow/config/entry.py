@@ -2,6 +2,9 @@
 a sweep) so a bad input ends in what / why / fix with exit 2 before anything is built, then lets Hydra run."""
 from __future__ import annotations
 
+import atexit
+import os
+import signal
 import sys
 from typing import Sequence
 
@@ -69,9 +72,45 @@ def run_app(hydra_main, config_name: str, validator=None) -> None:
     """The one way every entry point starts: ``--debug`` handled, the command line validated (exit 2 with
     what / why / fix on a bad input), then the Hydra app runs (its task wrapped in ``errors.reported``)."""
     strip_debug_flag()
-    exit_on_error(preflight, config_name, validator)
-    sys.argv[1:] = exit_on_error(with_knobs, config_name, sys.argv[1:])
-    hydra_main()
+    try:
+        exit_on_error(preflight, config_name, validator)
+        sys.argv[1:] = exit_on_error(with_knobs, config_name, sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C while the command line is checked: one line, not a traceback
+        print("stopped by SIGINT while checking the command line; nothing was written", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # where an app does not stop on its own terms (each says what it keeps)
+        print("stopped by SIGINT", file=sys.stderr, flush=True)
+        exit_quietly_on_signals()
+        raise SystemExit(130) from None
+    except SystemExit as done:
+        if done.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped by a signal: the process ends
+            exit_quietly_on_signals()
+        raise
+
+
+def exit_quietly_on_signals() -> None:
+    """Once an app has stopped on a signal and said what it keeps, the process only ends (Lightning, torch and
+    logging may take a moment to shut down): one more Ctrl-C or SIGTERM ends it at once with one line, rather
+    than a KeyboardInterrupt traceback from the interpreter's shutdown."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def at_once(signum, frame):
+        print(f"{signal.Signals(signum).name} again: stopped at once", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def ignore_from_now() -> None:  # at exit, before the interpreter resets its own handlers to the default
+        for sig in (signal.SIGINT, signal.SIGTERM):  # (which would kill it silently mid-shutdown)
+            if signal.getsignal(sig) is at_once:
+                signal.signal(sig, signal.SIG_IGN)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, at_once)
+    atexit.register(ignore_from_now)
 
 
 def plain_app(config_name: str, argv: Sequence[str], description: str, *, schema: dict | None = None,

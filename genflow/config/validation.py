@@ -18,7 +18,7 @@ from genflow.config.resume import check_resume, explicit_sections
 from genflow.config.schema import (GENFLOW_TRAINER_KEYS, MATMUL_PRECISIONS, OPEN, OPTIM_SCHEMA, TRAIN_SCHEMA, check_schema,
                                    check_target, sampler_options, target_class)
 from genflow.cache import cache_dir
-from genflow.errors import config_error
+from genflow.errors import ConfigError, config_error
 from genflow.methods.base import Method
 from genflow.metrics.features import METRICS_HOME_ENV, metrics_home
 
@@ -266,8 +266,18 @@ def check_files(cfg: DictConfig) -> dict:
     if (cfg.get("fid") or {}).get("num"):
         check_writable(metrics_home(), METRICS_HOME_ENV, f"set {METRICS_HOME_ENV} to a folder you can write "
                        "(FID reference statistics are cached there; the default is ~/.cache/genflow)")
-    if cfg.get("data") is not None and hasattr(target_class(cfg.data), "verify"):
-        build_data(cfg).verify()  # data files decodable (a bad image is named) before the run starts
+    data_cls = target_class(cfg.data) if cfg.get("data") is not None else None
+    if hasattr(data_cls, "verify"):
+        data = build_data(cfg)
+        data.verify()  # data files decodable (a bad image is named) before the run starts
+        data.check_batch_size(loaded=False)  # a batch larger than the data, known from its files
+    elif data_cls is not None and hasattr(data_cls, "check_batch_size"):
+        try:  # the data set's size from its settings (a data set that is not there: the run says so when built)
+            data = build_data(cfg)
+        except ConfigError:
+            data = None
+        if data is not None:
+            data.check_batch_size(loaded=False)
     if cfg.get("hydra") is not None:
         check_output_dir(OmegaConf.select(cfg, "hydra.run.dir"), "hydra.run.dir")
     return read

@@ -153,6 +153,9 @@ class ImageZip(GenerativeDataModule):
         # known before setup, so a conditional net is built with its classes
         self._num_classes = max(self.archive.labels) + 1 if labelled else 0
 
+    def examples(self) -> int:
+        return len(self.archive.members)
+
     def verify(self) -> None:
         """Every image decodable and of one layout; a bad image is named. Run by train.py before the run."""
         self.archive.check_layout()

@@ -192,15 +192,28 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
             self._fit.x = x + self.instance_noise * eps
         return self._fit
 
-    def check_batch_size(self, world: int = 1) -> None:
+    def examples(self) -> int | None:
+        """How many examples the data set holds, known without loading it (None when it must be loaded to
+        tell): lets the batch size be checked before a run starts."""
+        return None
+
+    def check_batch_size(self, world: int = 1, *, loaded: bool = True) -> None:
         """Refuse a batch larger than each process's share of the training set (rather than train on a
-        smaller one while the settings, the JSON line and ``train_img_per_s`` report the requested size)."""
-        self.setup()
-        per_process = len(self.fit_dataset()) // world
+        smaller one while the settings, the JSON line and ``train_img_per_s`` report the requested size).
+        ``loaded=False``: from ``examples()`` alone, before anything is loaded (nothing checked if unknown)."""
+        if loaded:
+            self.setup()
+            train = len(self.fit_dataset())
+        else:
+            total = self.examples()
+            if total is None:
+                return
+            train = total - int(round(self.val_fraction * total))  # the split setup() makes
+        per_process = train // world
         if self.batch_size > per_process:
             share = f" ({per_process} per process of {world})" if world > 1 else ""
             raise config_error(
-                f"data.batch_size={self.batch_size} is larger than the training set: {len(self.fit_dataset())} "
+                f"data.batch_size={self.batch_size} is larger than the training set: {train} "
                 f"points{share}", "a batch is drawn without replacement from one pass over the data",
                 f"use data.batch_size={max(per_process, 1)} or less, or more training data")
 

@@ -129,6 +129,9 @@ class Circle(GenerativeDataModule):
                                "use e.g. data.n=1000")
         self.n, self.D, self.a, self.b, self.noise, self.frame_seed = int(n), int(D), float(a), float(b), float(noise), frame_seed
 
+    def examples(self) -> int:
+        return self.n
+
     def _load(self):
         return sample_circle(self.n, D=self.D, a=self.a, b=self.b, noise=self.noise, seed=self.seed,
                              frame_seed=self.frame_seed), None

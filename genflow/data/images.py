@@ -37,6 +37,9 @@ class Digits(GenerativeDataModule):
         # 16 grey levels + white = 17 values at native size; bilinear upscaling makes them continuous
         self.levels = 17 if resolution == 8 else None
 
+    def examples(self) -> int:
+        return 1797
+
     def _load(self):
         from sklearn.datasets import load_digits
 
@@ -66,6 +69,9 @@ class CIFAR10(GenerativeDataModule):
             raise config_error(f"CIFAR-10 not found under {self.root}", "expected the folder cifar-10-batches-py there",
                                "point data.root at the folder that contains cifar-10-batches-py, "
                                "or add data.download=true to download it (170 MB)")
+
+    def examples(self) -> int:
+        return 50000  # the training batches
 
     def _load(self):
         from torchvision.datasets import CIFAR10 as TV
@@ -138,6 +144,9 @@ class ImageFolder(GenerativeDataModule):
                                "check data.root")
         # known before setup, so a conditional net (e.g. a converted ImageNet network) is built with its classes
         self._num_classes = len({p.parent.name for p in self.files})
+
+    def examples(self) -> int:
+        return len(self.files)
 
     def verify(self) -> None:
         """Every image file is readable (PIL's structural check, no full decode); a bad file is named.

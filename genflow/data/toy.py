@@ -48,5 +48,8 @@ class Toy2D(GenerativeDataModule):
                                f"use data.shape=one of {', '.join(SHAPES)}")
         self.shape, self.n = shape, n
 
+    def examples(self) -> int:
+        return int(self.n)
+
     def _load(self):
         return sample_toy2d(self.shape, self.n, torch.Generator().manual_seed(self.seed)), None

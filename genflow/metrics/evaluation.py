@@ -128,14 +128,16 @@ class FIDEvaluator:
     def sample_stats(self, method, net, seeds: Sequence[int], shape: Sequence[int], *, steps: int = 18,
                      solver: str = "heun", guidance: float | None = None, batch_size: int | None = None,
                      device=None, time_limit: float | None = None, precision: str = "fp32",
-                     counts: dict | None = None, solver_options: dict | None = None) -> FeatureStats:
+                     counts: dict | None = None, solver_options: dict | None = None, partial=None,
+                     seed_set: int = 0) -> FeatureStats:
         """Generate images for this rank's share of ``seeds`` and accumulate their feature statistics
         (all-reduced over ranks); ``precision`` is the network's arithmetic (fp32, the papers' protocol,
         or bf16). With ``time_limit`` (seconds) generation stops early on every rank
         once it is exceeded; the statistics then cover the images made so far. ``counts`` accumulates this
         rank's images and network evaluations and ``solver_options`` are the sampler's settings
         (``genflow.sampling.generate``). A class-conditional model's labels are drawn from each seed's
-        generator, as EDM's generate.py draws them."""
+        generator, as EDM's generate.py draws them. ``partial`` (a ``PartialFID``, one process only) keeps the
+        progress of seed set ``seed_set`` as it goes and continues it from the batches already done."""
         from genflow.sampling import generate, sample_conditions
 
         device = torch.device(device or self.device or "cpu")
@@ -146,12 +148,14 @@ class FIDEvaluator:
         num_batches = math.ceil(math.ceil(len(seeds) / world) / batch)  # equal on every rank
         keep = self.kept_count()
         stats = FeatureStats(getattr(self.extractor, "dim", None), keep_features=keep, device=device)
+        done = partial.resume(seed_set, stats) if partial is not None else 0
         start = time.perf_counter()
-        chunks = range(num_batches)
+        chunks = range(done, num_batches)
         if self.progress and rank == 0:
             from genflow.progress import track
 
-            chunks = track(chunks, description=f"FID: generating {len(seeds)} images")
+            chunks = track(chunks, description=f"FID: generating {len(seeds) - min(done * batch, len(seeds))} "
+                           f"images" + (f" ({done * batch} kept from before)" if done else ""))
         for b in chunks:
             part = mine[b * batch:(b + 1) * batch]
             if part:
@@ -162,6 +166,8 @@ class FIDEvaluator:
                                   counts=counts, solver_options=solver_options,
                                   num_classes=getattr(dm, "num_classes", 0) or 0)
                 stats.update(self.extractor(images))
+            if partial is not None:
+                partial.after_batch(seed_set, b + 1, min((b + 1) * batch, len(mine)), stats)
             if time_limit is not None:
                 over = torch.tensor([float(time.perf_counter() - start > time_limit)], device=device)
                 if dist is not None:
@@ -188,7 +194,7 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
                  seed_sets: int = 1, steps: int = 18, solver: str = "heun", guidance: float | None = None,
                  batch_size: int = 256, device=None, time_limit: float | None = None, evaluator: FIDEvaluator | None = None,
                  prefix: str = "fid", shape: Sequence[int] | None = None, precision: str = "fp32",
-                 solver_options: dict | None = None, **evaluator_kwargs) -> dict:
+                 solver_options: dict | None = None, partial=None, **evaluator_kwargs) -> dict:
     """FID (min over ``seed_sets`` sets of ``num`` seeds each) of ``module`` (a GenerativeModule, or
     ``method`` + ``net``) against the reference; returns a flat dict for the final JSON line.
 
@@ -196,7 +202,8 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     kid, pr, pr_num, dinov2_path, progress). ``precision`` (fp32 | bf16) is the network's arithmetic while generating: fp32 is
     EDM's protocol and the default wherever a number is compared with a paper; it is part of the result.
     ``solver_options``: the sampler's settings (e.g. EDM's churn, dpmpp_2m's ``schedule``), checked against the
-    solver before any work.
+    solver before any work. ``partial``: a ``genflow.metrics.partial.PartialFID`` that keeps the progress in
+    a file as it goes and continues from it (one process; the caller removes the file once the result is out).
     """
     from genflow.sampling import check_precision, nfe_per_image
 
@@ -226,16 +233,26 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
     was_training = net.training
     net.eval()
     values, extra, counts, generated = [], [], [], {}
+    if partial is not None:  # seed sets finished before a stop, and the generator's counts of them
+        generated = partial.counts
+        for done in partial.sets:
+            values.append(done["fid"])
+            counts.append(done["images"])
+            extra.append({k: v for k, v in done.items() if k not in ("fid", "images")})
+    made_before = sum(counts) + (partial.images_kept if partial is not None else 0)
     start = time.perf_counter()
-    for s in range(seed_sets):
+    for s in range(len(values), seed_sets):
         seeds = range(seed_start + s * num, seed_start + (s + 1) * num)
         stats = evaluator.sample_stats(method, net, seeds, shape, steps=steps, solver=solver, guidance=guidance,
                                        batch_size=batch_size, device=device, time_limit=time_limit,
-                                       precision=precision, counts=generated, solver_options=solver_options)
+                                       precision=precision, counts=generated, solver_options=solver_options,
+                                       partial=partial, seed_set=s)
         scored = evaluator.score(stats)
         values.append(scored["fid"])
         counts.append(stats.n)
         extra.append({k: v for k, v in scored.items() if k != "fid"})
+        if partial is not None:
+            partial.after_set(scored, stats.n)
     wall = time.perf_counter() - start
     net.train(was_training)
     best = min(range(seed_sets), key=lambda i: values[i])
@@ -245,7 +262,8 @@ def evaluate_fid(module=None, datamodule=None, *, method=None, net=None, num: in
         f"{prefix}_extractor": getattr(evaluator.extractor, "name", type(evaluator.extractor).__name__),
         f"{prefix}_precision": precision,
         f"{prefix}_ref": evaluator.ref if evaluator.ref in ("train", "val") else evaluator.reference.source,
-        f"{prefix}_img_per_s": round(sum(counts) / max(wall, 1e-9), 2),
+        # the images generated by this call (a continued evaluation's share), over its wall time
+        f"{prefix}_img_per_s": round((sum(counts) - made_before) / max(wall, 1e-9), 2),
         # measured (this process's share): an adaptive solver's NFE is known only after the solves
         f"{prefix}_nfe": nfe_per_image(generated),
         f"{prefix}_wall_s": round(wall, 2),

@@ -167,6 +167,27 @@ class FeatureStats(Metric):
             self.kept, self._num_kept = [gathered.to(home)], gathered.shape[0]
         return self
 
+    def sums(self) -> dict:
+        """The running sums (count, sum f, sum f f^T) and the kept raw features: what ``load_sums`` restores."""
+        kept = dim_zero_cat(self.kept) if (not isinstance(self.kept, list) or self.kept) else None
+        return {"count": self.count, "feature_sum": getattr(self, "feature_sum", None),
+                "outer_sum": getattr(self, "outer_sum", None), "kept": kept}
+
+    def load_sums(self, count: Tensor, feature_sum: Tensor | None, outer_sum: Tensor | None,
+                  kept: Tensor | None) -> None:
+        """Continue from sums saved by ``sums()`` (their exact values: the same later updates give the same
+        statistics bit for bit)."""
+        if feature_sum is not None:
+            if self.dim is None:
+                if self._follow_features:
+                    self.to(feature_sum.device)
+                self._alloc(feature_sum.shape[0])
+            self.feature_sum.copy_(feature_sum)
+            self.outer_sum.copy_(outer_sum)
+        self.count.copy_(count)
+        self.kept = [] if kept is None else [kept.to(self.device)]
+        self._num_kept = 0 if kept is None else kept.shape[0]
+
     @property
     def n(self) -> int:
         return int(self.count.item())

@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from genflow.cache import save_checkpoint
+from genflow.cache import atomic_write, save_checkpoint
 
 
 class EDMEma(WeightAveraging):
@@ -102,8 +102,8 @@ class SampleGrid(pl.Callback):
                           cond=cond, guidance=guidance, device=pl_module.device, precision=self.precision,
                           num_classes=dm.num_classes)
         pl_module.train(was_training)
-        if trainer.is_global_zero:
-            save_grid(images, path)
+        if trainer.is_global_zero:  # under its name only once complete (a stop never leaves half a picture)
+            atomic_write(path, lambda tmp: save_grid(images, tmp), suffix=f".tmp{Path(path).suffix}")
             logger = trainer.logger
             if logger is not None and hasattr(getattr(logger, "experiment", None), "add_image") and images.ndim == 4:
                 import torchvision
