@@ -269,6 +269,9 @@ def _log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
 
 #: time grids of the exponential integrator: the model's own, uniform in log-SNR, or EDM's rho-spacing
 SCHEDULES = ("model", "logsnr", "karras")
+#: EDM's largest noise level (Karras et al. 2022): after a noise end at alpha = 0 the log-SNR and rho grids
+#: start at least as far out as sigma/alpha = 80
+EDM_SIGMA_MAX = 80.0
 
 
 def mean_log_snr(method, t: Tensor) -> Tensor:
@@ -283,7 +286,8 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
     ``model``: ``method.time_grid(steps)``. ``logsnr``: uniform in the (mean) log-SNR lambda, and
     ``karras``: Karras et al.'s rho-spacing of e^-lambda (= sigma/alpha; EDM's sigma), both between the
     first and last times of the method's own grid where lambda is finite; an end where lambda is infinite
-    (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end."""
+    (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end, and after
+    a noise end at alpha = 0 the first finite point is at sigma/alpha >= EDM's sigma_max = 80."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     own = method.time_grid(steps, device=device)
@@ -296,6 +300,11 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
     if n < 1:
         return own
     lo, hi = lam[first], lam[last]
+    if first > 0:
+        # after a noise end at alpha = 0 the first finite point lies at least as far out as EDM's sigma_max: the
+        # step out of pure noise is first order on the prediction there (the data mean), and the own grid's
+        # neighbour depends on the steps and the path (a kinetic-optimal path has alpha/sigma = 0.34 at t = 0.1)
+        lo = torch.clamp(lo, max=-math.log(EDM_SIGMA_MAX))
     u = torch.linspace(0, 1, n + 1, dtype=torch.float64, device=own.device)
     if schedule == "logsnr":
         targets = lo + u * (hi - lo)
@@ -303,14 +312,16 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
         a, b = (-lo).exp() ** (1 / rho), (-hi).exp() ** (1 / rho)
         targets = -((a + u * (b - a)) ** rho).log()
     # bisection on lambda(t), monotone between the two ends whichever way time runs
-    t0 = own[first].expand(n + 1).clone()
+    t0 = own[first - 1 if first > 0 else first].expand(n + 1).clone()
     t1 = own[last].expand(n + 1).clone()
-    for _ in range(60):
+    for _ in range(100):
         mid = 0.5 * (t0 + t1)
         below = mean_log_snr(method, mid) < targets
         t0, t1 = torch.where(below, mid, t0), torch.where(below, t1, mid)
     inner = 0.5 * (t0 + t1)
-    inner[0], inner[-1] = own[first], own[last]
+    if first == 0:
+        inner[0] = own[first]
+    inner[-1] = own[last]
     return torch.cat([own[:first], inner, own[last + 1:]])
 
 

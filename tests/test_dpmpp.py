@@ -381,16 +381,18 @@ def test_training_grid_and_fid_callback_accept_it(model):
 
 def test_time_grids():
     """model: the method's own grid (EDM's rho-grid, and so k-diffusion's); logsnr: equal steps of the mean
-    lambda between the grid's finite ends, an infinite end kept; the VP methods default to it, flow matching to
-    karras."""
+    lambda between the grid's finite ends, an infinite end kept (after alpha = 0 the finite part starts at
+    sigma/alpha = 80 at least); the VP methods default to it, flow matching to karras."""
     edm, flow, ddpm = EDM(), FlowMatching("condot"), DDPM()
     torch.testing.assert_close(solvers.exponential_grid(edm, 6, "karras"), edm.time_grid(6), rtol=1e-9, atol=0)
     for m, ends in ((edm, (0, 6)), (flow, (1, 6)), (ddpm, (0, 7))):
         g = solvers.exponential_grid(m, 7 if m is flow else (6 if m is edm else 7), "logsnr")
         lam = solvers.mean_log_snr(m, g[ends[0]:ends[1]])
         torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(lam.numel() - 1), rtol=1e-7, atol=1e-9)
-    g = solvers.exponential_grid(flow, 7, "logsnr")
-    assert float(g[0]) == 0.0 and float(g[-1]) == 1.0 and float(g[1]) == float(flow.time_grid(7)[1])
+    g = solvers.exponential_grid(flow, 7, "logsnr")  # after alpha = 0 the finite part starts at EDM's sigma_max
+    assert float(g[0]) == 0.0 and float(g[-1]) == 1.0 and float(g[-2]) == float(flow.time_grid(7)[-2])
+    torch.testing.assert_close(solvers.mean_log_snr(flow, g[1:2]), torch.tensor([-math.log(80)], dtype=F64),
+                               rtol=0, atol=1e-9)
     for solver in solvers.EXPONENTIAL_SOLVERS:
         assert ddpm.solver_options(solver) == {"schedule": "logsnr"}
         assert flow.solver_options(solver) == {"schedule": "karras"}
