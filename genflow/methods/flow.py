@@ -213,9 +213,9 @@ class FlowMatching(_ResizingBuffers, Method):
 
     def solver_options(self, solver: str) -> dict:
         """The exponential integrators step on EDM's rho-spacing of sigma/alpha: the uniform t grid wastes its
-        first and last steps where lambda runs to -inf/+inf (digits, NFE 10, Cond-OT: dpmpp_2m FID 3.49 against
-        3.65 uniform in log-SNR and 4.00 uniform in t, unipc 3.41 against 3.55 and 3.61; KO: 6.30 / 6.67 /
-        7.04 and 6.25 / 6.52 / 6.56)."""
+        first and last steps where lambda runs to -inf/+inf (digits, NFE 10, Cond-OT: dpmpp_2m FID 3.69 against
+        3.78 uniform in log-SNR and 4.00 uniform in t, unipc 3.56 against 3.63 and 3.61; KO: 2.97 / 3.06 /
+        7.04 and 2.82 / 2.96 / 6.56)."""
         return {"schedule": "karras"} if solver in solvers.EXPONENTIAL_SOLVERS else {}
 
     def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
