@@ -4,20 +4,10 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
 
 - Eq. 41 CFM loss || v(x_t, t) - (alpha'_t x1 + sigma'_t x0) ||^2          -> ``FlowMatching.loss``
   (t ~ U[0, 1] or logit-normal; optional sigma_min: sigma_t + sigma_min alpha_t, Lipman et al.'s
-  sigma_t = 1 - (1 - sigma_min) t for Cond-OT), weighted per time by ``loss_weight``:
-  ``target_scale`` (the default) multiplies it by w(t) = 2 / (alpha'_t^2 + sigma'_t^2), the mean square of
-  Cond-OT's target over the path's own (on normalised data E||alpha'_t x1 + sigma'_t x0||^2 = d (alpha'^2 +
-  sigma'^2)); ``none`` is Eq. 41 as printed.
-
-Why the weight, where the paper trains with uniform t: a weight that depends on t alone leaves the
-minimiser unchanged (at every t the regression's minimiser is the marginal field E[target | x_t]; the
-weight only trades accuracy between times), and it is exactly 1 on Cond-OT (alpha' = 1, sigma' = -1) and
-a constant on cosine. It matters where the path's speed varies: a kinetic-optimal path on centred data
-starts like alpha_t ~ sqrt(t) (gamma(theta) ~ theta^2 near theta = 0), so E||target||^2 ~ 1/t is not
-integrable under uniform t while the marginal velocity stays bounded; the unweighted loss is then ruled
-by a few samples at tiny t (on toy2d moons ~20 % of the target's energy on t < 1e-4), Adam's step follows
-their noise and 1000 steps learn almost nothing (the "blob"). Weighted, every time contributes a bounded,
-comparable amount (docs/methods.md has the measurements).
+  sigma_t = 1 - (1 - sigma_min) t for Cond-OT), weighted per time by ``loss_weight``: ``target_scale``
+  multiplies it by w(t) = 2 / (alpha'_t^2 + sigma'_t^2), the mean square of Cond-OT's target over the
+  path's own (on normalised data E||alpha'_t x1 + sigma'_t x0||^2 = d (alpha'^2 + sigma'^2)); ``none`` is Eq. 41 as printed; ``path`` (the default) takes the path's
+  ``Scheduler.loss_weight``: target_scale for KO, none for the others
 - sampling dx/dt = v(x, t) from t = 0 to 1 (Euler / Heun / dopri5 via ``genflow.solvers``)
                                                                           -> ``velocity``, ``time_grid``
 - data prediction x1 = (sigma v - sigma' x) / (sigma alpha' - alpha sigma') for DPM-Solver++ in
@@ -28,6 +18,19 @@ comparable amount (docs/methods.md has the measurements).
 - Eqs. 7-8 normalised data: with ``normalize=True`` the method works on z = (x - mean) / scale
   (statistics from ``prepare``); every protocol function still speaks data space, so the prior is
   N(mean, scale^2 I) and the velocity is scale * v_z((x - mean) / scale, t).
+
+Why the weight, where the paper trains with uniform t: a weight that depends on t alone leaves the
+minimiser unchanged (at every t the regression's minimiser is the marginal field E[target | x_t]; the
+weight only trades accuracy between times), and it is exactly 1 on Cond-OT (alpha' = 1, sigma' = -1) and
+a constant on cosine. Only KO takes it by default: on VP it up-weights the slow start (alpha'(0) ~ 0.06,
+where the target almost vanishes) ~500-fold, that stretch rules the loss instead and VP learns nothing;
+capped at 1 it still trains VP's checkerboard less well than Eq. 41 and costs KO ~0.5 FID on digits
+(measured, docs/methods.md). It matters where the path's speed varies: a kinetic-optimal path on centred
+data starts like alpha_t ~ sqrt(t) (gamma(theta) ~ theta^2 near theta = 0), so E||target||^2 ~ 1/t is not
+integrable under uniform t while the marginal velocity stays bounded; the unweighted loss is then ruled
+by a few samples at tiny t (on toy2d moons ~20 % of the target's energy on t < 1e-4), Adam's step follows
+their noise and 1000 steps learn almost nothing (the "blob"). Weighted, every time contributes a bounded, comparable amount (docs/methods.md has
+the measurements).
 
 ``path="ko"`` builds an empty ``KineticOptimal`` that ``prepare(datamodule)`` fills from the training
 data's lambda-hat (``genflow.cache``: keyed by a hash of the data; ``$GENFLOW_CACHE`` or ~/.cache/genflow).
@@ -51,7 +54,7 @@ from genflow.methods.kinetic import SeparationFunction, estimate_separation, nor
 from genflow.methods.paths import CondOT, KineticOptimal, Scheduler, SchedulerOutput, _ResizingBuffers, make_scheduler
 
 TIME_SAMPLING = ("uniform", "logit_normal")
-LOSS_WEIGHTS = ("target_scale", "none")
+LOSS_WEIGHTS = ("path", "target_scale", "none")
 
 
 def cached_separation(z: Tensor, *, queries: int = 1024, max_points: int = 50000, device=None) -> SeparationFunction:
@@ -91,7 +94,7 @@ class FlowMatching(_ResizingBuffers, Method):
 
     def __init__(self, path: Scheduler | str = "condot", *, time_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0, sigma_min: float = 0.0, normalize: bool = False,
-                 ko_queries: int = 1024, ko_max_points: int = 50000, loss_weight: str = "target_scale"):
+                 ko_queries: int = 1024, ko_max_points: int = 50000, loss_weight: str = "path"):
         super().__init__()
         self.path = make_scheduler(path)
         if time_sampling not in TIME_SAMPLING:
@@ -99,9 +102,9 @@ class FlowMatching(_ResizingBuffers, Method):
                                f"use one of {', '.join(TIME_SAMPLING)}")
         if loss_weight not in LOSS_WEIGHTS:
             raise config_error(f"unknown loss_weight {loss_weight!r}", "the flow-matching loss is weighted per time "
-                               "by the path's target scale (target_scale) or not at all (none)",
-                               f"use one of {', '.join(LOSS_WEIGHTS)}")
-        self.loss_weight = loss_weight
+                               "by the path's target scale (target_scale), not at all (none), or as the path "
+                               "prescribes (path)", f"use one of {', '.join(LOSS_WEIGHTS)}")
+        self.loss_weight = self.path.loss_weight if loss_weight == "path" else loss_weight
         if not 0.0 <= sigma_min < 1.0:
             raise config_error(f"sigma_min={sigma_min}", "it is the noise left at t = 1", "use 0 <= sigma_min < 1")
         if logit_std <= 0:
