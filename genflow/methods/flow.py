@@ -4,7 +4,10 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
 
 - Eq. 41 CFM loss || v(x_t, t) - (alpha'_t x1 + sigma'_t x0) ||^2          -> ``FlowMatching.loss``
   (t ~ U[0, 1] or logit-normal; optional sigma_min: sigma_t + sigma_min alpha_t, Lipman et al.'s
-  sigma_t = 1 - (1 - sigma_min) t for Cond-OT)
+  sigma_t = 1 - (1 - sigma_min) t for Cond-OT), weighted per time by ``loss_weight``: ``target_scale``
+  multiplies it by w(t) = 2 / (alpha'_t^2 + sigma'_t^2), the mean square of Cond-OT's target over the
+  path's own (on normalised data E||alpha'_t x1 + sigma'_t x0||^2 = d (alpha'^2 + sigma'^2)); ``none`` is Eq. 41 as printed; ``path`` (the default) takes the path's
+  ``Scheduler.loss_weight``: target_scale for KO, none for the others
 - sampling dx/dt = v(x, t) from t = 0 to 1 (Euler / Heun / dopri5 via ``genflow.solvers``)
                                                                           -> ``velocity``, ``time_grid``
 - data prediction x1 = (sigma v - sigma' x) / (sigma alpha' - alpha sigma') for DPM-Solver++ in
@@ -15,6 +18,19 @@ Paper -> code (Shaul et al. numbering; t = 0 noise, t = 1 data, x_t = alpha_t x1
 - Eqs. 7-8 normalised data: with ``normalize=True`` the method works on z = (x - mean) / scale
   (statistics from ``prepare``); every protocol function still speaks data space, so the prior is
   N(mean, scale^2 I) and the velocity is scale * v_z((x - mean) / scale, t).
+
+Why the weight, where the paper trains with uniform t: a weight that depends on t alone leaves the
+minimiser unchanged (at every t the regression's minimiser is the marginal field E[target | x_t]; the
+weight only trades accuracy between times), and it is exactly 1 on Cond-OT (alpha' = 1, sigma' = -1) and
+a constant on cosine. Only KO takes it by default: on VP it up-weights the slow start (alpha'(0) ~ 0.06,
+where the target almost vanishes) ~500-fold, that stretch rules the loss instead and VP learns nothing;
+capped at 1 it still trains VP's checkerboard less well than Eq. 41 and costs KO ~0.5 FID on digits
+(measured, docs/methods.md). It matters where the path's speed varies: a kinetic-optimal path on centred
+data starts like alpha_t ~ sqrt(t) (gamma(theta) ~ theta^2 near theta = 0), so E||target||^2 ~ 1/t is not
+integrable under uniform t while the marginal velocity stays bounded; the unweighted loss is then ruled
+by a few samples at tiny t (on toy2d moons ~20 % of the target's energy on t < 1e-4), Adam's step follows
+their noise and 1000 steps learn almost nothing (the "blob"). Weighted, every time contributes a bounded, comparable amount (docs/methods.md has
+the measurements).
 
 ``path="ko"`` builds an empty ``KineticOptimal`` that ``prepare(datamodule)`` fills from the training
 data's lambda-hat (``genflow.cache``: keyed by a hash of the data; ``$GENFLOW_CACHE`` or ~/.cache/genflow).
@@ -38,6 +54,7 @@ from genflow.methods.kinetic import SeparationFunction, estimate_separation, nor
 from genflow.methods.paths import CondOT, KineticOptimal, Scheduler, SchedulerOutput, _ResizingBuffers, make_scheduler
 
 TIME_SAMPLING = ("uniform", "logit_normal")
+LOSS_WEIGHTS = ("path", "target_scale", "none")
 
 
 def cached_separation(z: Tensor, *, queries: int = 1024, max_points: int = 50000, device=None) -> SeparationFunction:
@@ -77,12 +94,17 @@ class FlowMatching(_ResizingBuffers, Method):
 
     def __init__(self, path: Scheduler | str = "condot", *, time_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0, sigma_min: float = 0.0, normalize: bool = False,
-                 ko_queries: int = 1024, ko_max_points: int = 50000):
+                 ko_queries: int = 1024, ko_max_points: int = 50000, loss_weight: str = "path"):
         super().__init__()
         self.path = make_scheduler(path)
         if time_sampling not in TIME_SAMPLING:
             raise config_error(f"unknown time_sampling {time_sampling!r}", "flow matching draws t from a fixed law",
                                f"use one of {', '.join(TIME_SAMPLING)}")
+        if loss_weight not in LOSS_WEIGHTS:
+            raise config_error(f"unknown loss_weight {loss_weight!r}", "the flow-matching loss is weighted per time "
+                               "by the path's target scale (target_scale), not at all (none), or as the path "
+                               "prescribes (path)", f"use one of {', '.join(LOSS_WEIGHTS)}")
+        self.loss_weight = self.path.loss_weight if loss_weight == "path" else loss_weight
         if not 0.0 <= sigma_min < 1.0:
             raise config_error(f"sigma_min={sigma_min}", "it is the noise left at t = 1", "use 0 <= sigma_min < 1")
         if logit_std <= 0:
@@ -146,7 +168,13 @@ class FlowMatching(_ResizingBuffers, Method):
         sch = self.schedule(t)
         a, s, da, ds = (_per_sample(v, z1) for v in (sch.alpha_t, sch.sigma_t, sch.d_alpha_t, sch.d_sigma_t))
         pred = net(a * z1 + s * x0, t, self.net_cond(cond))
-        return (pred - (da * z1 + ds * x0)).pow(2).flatten(1).sum(1)
+        err = (pred - (da * z1 + ds * x0)).pow(2).flatten(1).sum(1)
+        return err if self.loss_weight == "none" else err * self.target_weight(sch)
+
+    @staticmethod
+    def target_weight(sch: SchedulerOutput) -> Tensor:
+        """w(t) = 2 / (alpha'_t^2 + sigma'_t^2): Cond-OT's target mean square over this path's (1 on Cond-OT)."""
+        return 2 / (sch.d_alpha_t ** 2 + sch.d_sigma_t ** 2)
 
     # -- sampling / likelihood ------------------------------------------------------------------
     def prior_sample(self, shape: Sequence[int], *, generator: Generators = None, device=None) -> Tensor:
@@ -187,9 +215,11 @@ class FlowMatching(_ResizingBuffers, Method):
         return self.from_normalized((sch.sigma_t / det).to(x.dtype) * v - (sch.d_sigma_t / det).to(x.dtype) * z)
 
     def solver_options(self, solver: str) -> dict:
-        """dpmpp_2m steps uniformly in log-SNR: the uniform t grid wastes its first and last steps where lambda
-        runs to -inf/+inf (digits, Cond-OT, NFE 10: FID 3.65 against 4.00)."""
-        return {"schedule": "logsnr"} if solver == "dpmpp_2m" else {}
+        """The exponential integrators step on EDM's rho-spacing of sigma/alpha: the uniform t grid wastes its
+        first and last steps where lambda runs to -inf/+inf (digits, NFE 10, Cond-OT: dpmpp_2m FID 3.69 against
+        3.78 uniform in log-SNR and 4.00 uniform in t, unipc 3.56 against 3.63 and 3.61; KO: 2.97 / 3.06 /
+        7.04 and 2.82 / 2.96 / 6.56)."""
+        return {"schedule": "karras"} if solver in solvers.EXPONENTIAL_SOLVERS else {}
 
     def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
         """shift + sum_i c_i (x_i - shift): the path is affine around the data mean ``shift``."""
@@ -224,8 +254,8 @@ class FlowMatching(_ResizingBuffers, Method):
         return RetimedFlow(self, make_scheduler(path))
 
     def hparams(self) -> dict:
-        return {"path": self.path.name, "time_sampling": self.time_sampling, "sigma_min": self.sigma_min,
-                "normalize": self.normalize}
+        return {"path": self.path.name, "time_sampling": self.time_sampling, "loss_weight": self.loss_weight,
+                "sigma_min": self.sigma_min, "normalize": self.normalize}
 
 
 def retime_velocity(v_source: Callable[[Tensor, Tensor], Tensor], source: Scheduler, target: Scheduler,

@@ -62,6 +62,9 @@ class Scheduler(nn.Module, ABC):
     name: str = "scheduler"
     t_min: float = 0.0
     t_max: float = 1.0
+    # the flow-matching loss weight this path trains with by default (``FlowMatching(loss_weight="path")``):
+    # none (Eq. 41 as printed) unless the path's target scale makes the uniform-t loss ill-posed
+    loss_weight: str = "none"
 
     @abstractmethod
     def forward(self, t: Tensor) -> SchedulerOutput:
@@ -180,6 +183,8 @@ class KineticOptimal(_ResizingBuffers, Scheduler):
     """
 
     name = "ko"
+    # alpha_t ~ sqrt(t) at the start: the conditional target's mean square ~ 1/t rules the unweighted loss
+    loss_weight = "target_scale"
 
     def __init__(self, t_eps: float = 1e-4):
         super().__init__()
