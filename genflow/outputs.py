@@ -187,3 +187,103 @@ def write_output(path: Path, write) -> Path:
         return atomic_write(path, write)
     except OSError as err:
         raise (os_error(err, path) or err) from err
+
+
+class FolderState:
+    """What a folder (and every file under it) held before a command wrote anything, to put it back when the
+    command is refused after it has begun writing (Hydra writes ``.hydra/`` and the log before train.py's job
+    runs; a check that needs the built network comes after). ``restore(within)`` removes what is new under
+    ``within`` (never anything that was there), writes back the bytes of small files that changed, cuts a grown
+    log back to its length, and sets their modification times back; ``remove_made_folders()`` then removes the
+    folders this command made, only where they are empty (never another process's files). ``within``: a part of
+    the recorded folder (one job's folder of a sweep)."""
+
+    SMALL = 64 << 10     # files up to this size are kept whole (Hydra's .hydra/*.yaml, a sweep's multirun.yaml)
+    BUDGET = 16 << 20    # at most this much kept in memory
+
+    def __init__(self, root):
+        self.root = Path(str(root)).expanduser().absolute()
+        self.made = [q for q in (self.root, *self.root.parents) if not q.exists()]  # folders a write would make
+        self.entries: dict[Path, tuple] = {}   # path -> (is_dir, size, atime_ns, mtime_ns)
+        self.saved: dict[Path, bytes] = {}
+        if not self.root.is_dir():
+            return
+        budget = self.BUDGET
+        for path in [self.root, *self.root.rglob("*")]:
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            is_dir = path.is_dir() and not path.is_symlink()
+            self.entries[path] = (is_dir, st.st_size, st.st_atime_ns, st.st_mtime_ns)
+            if not is_dir and path.is_file() and not path.is_symlink() and st.st_size <= min(self.SMALL, budget):
+                try:
+                    self.saved[path] = path.read_bytes()
+                    budget -= st.st_size
+                except OSError:
+                    pass
+
+    def restore(self, within=None, *, keep=(LOCK_NAME,)) -> None:
+        within = self.root if within is None else Path(str(within)).expanduser().absolute()
+        if not within.is_dir():
+            return
+        new = [p for p in within.rglob("*") if p not in self.entries and p.name not in keep]
+        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):  # files before their folders
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()  # emptied just before (its files are deeper, so removed first)
+                else:
+                    path.unlink()
+            except OSError:
+                pass
+        for path, (is_dir, size, atime, mtime) in self.entries.items():
+            if is_dir or not (path == within or within in path.parents):
+                continue
+            try:
+                st = path.stat()
+                if (st.st_size, st.st_mtime_ns) == (size, mtime):
+                    continue
+                if path in self.saved:
+                    path.write_bytes(self.saved[path])
+                elif st.st_size > size:  # a log appended to
+                    os.truncate(path, size)
+                else:
+                    continue
+                os.utime(path, ns=(atime, mtime))
+            except OSError:
+                pass
+
+    def put_back_unchanged(self, written: "FolderState", within=None) -> None:
+        """Where another process holds the folder (a run that started at the same moment): only the small files
+        that still hold what this command wrote (``written``: the folder as this command found it once Hydra had
+        written) get their earlier bytes back; nothing is removed, another process's writes are kept."""
+        within = self.root if within is None else Path(str(within)).expanduser().absolute()
+        for path, mine in written.saved.items():
+            earlier = self.saved.get(path)
+            if earlier is None or earlier == mine or not (path == within or within in path.parents):
+                continue
+            try:
+                if path.read_bytes() == mine:
+                    path.write_bytes(earlier)
+                    os.utime(path, ns=self.entries[path][2:])
+            except OSError:
+                pass
+
+    def remove_made_folders(self, within=None) -> None:
+        """After ``restore`` (and once the lock file is gone): the folders from ``within`` up that did not exist
+        before, each only if empty, then the modification times of the folders that did."""
+        within = self.root if within is None else Path(str(within)).expanduser().absolute()
+        for folder in (within, *within.parents):
+            inside = folder == self.root or self.root in folder.parents
+            if (folder in self.entries) or (not inside and folder not in self.made):
+                break  # it was there before
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        for path, (is_dir, size, atime, mtime) in self.entries.items():
+            if is_dir and (path == within or within in path.parents) and path.is_dir():
+                try:
+                    os.utime(path, ns=(atime, mtime))
+                except OSError:
+                    pass

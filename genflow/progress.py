@@ -3,6 +3,7 @@ one plain line every ``every_seconds`` otherwise (logs, ``> file``, CI), and aft
 of the whole job, so a long evaluation never runs silently."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,22 @@ def duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
     return f"{seconds:.1f}s"
+
+
+class Phase:
+    """Where a command is and what it has kept so far, for the one line it ends with when Ctrl-C or SIGTERM stops
+    it (exit 128 + the signal): ``stopped by SIGINT while loading the model: nothing was written; run the same
+    command again``. ``kept`` may be a function (counted when the stop comes)."""
+
+    def __init__(self, phase: str = "starting", kept="nothing was written", how: str = "run the same command again"):
+        self.phase, self.kept, self.how = phase, kept, how
+
+    def at(self, phase: str, kept=None, how: str | None = None) -> None:
+        self.phase, self.kept, self.how = phase, kept or self.kept, how or self.how
+
+    def line(self, signum: int, kept: str | None = None, how: str | None = None) -> str:
+        kept = kept or (self.kept() if callable(self.kept) else self.kept)
+        return f"stopped by {signal.Signals(signum).name} while {self.phase}: {kept}; {how or self.how}"
 
 
 def say(line: str, log_path: str | Path | None = None, stream=None) -> None:

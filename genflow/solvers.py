@@ -30,6 +30,9 @@ Two layers:
   x_next = (sigma_next/sigma_cur) x - alpha_next expm1(-h) D, where D is the current prediction (first
   step, and a step to sigma = 0) or (1 + 1/(2r)) D_cur - 1/(2r) D_prev with r = h_prev/h. Coefficients
   may be per frequency (SPD), applied by ``method.combine``.                      (NFE = steps)
+
+- ``unipc``: UniPC (Zhao, Bai, Rao, Zhou, Lu 2023), the multistep predictor UniP-p and the corrector UniC on
+  the same data prediction and path; the corrector reuses the evaluation the next step needs.  (NFE = steps)
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from torch import Tensor
 Velocity = Callable[[Tensor, Tensor], Tensor]
 ODE_SOLVERS = ("euler", "heun", "dopri5")
 #: samplers of a method's data prediction along its Gaussian path (``Method.alpha_sigma``)
-EXPONENTIAL_SOLVERS = ("dpmpp_2m",)
+EXPONENTIAL_SOLVERS = ("dpmpp_2m", "unipc")
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,9 @@ def _log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
 
 #: time grids of the exponential integrator: the model's own, uniform in log-SNR, or EDM's rho-spacing
 SCHEDULES = ("model", "logsnr", "karras")
+#: EDM's largest noise level (Karras et al. 2022): after a noise end at alpha = 0 the log-SNR and rho grids
+#: start at least as far out as sigma/alpha = 80
+EDM_SIGMA_MAX = 80.0
 
 
 def mean_log_snr(method, t: Tensor) -> Tensor:
@@ -280,7 +286,8 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
     ``model``: ``method.time_grid(steps)``. ``logsnr``: uniform in the (mean) log-SNR lambda, and
     ``karras``: Karras et al.'s rho-spacing of e^-lambda (= sigma/alpha; EDM's sigma), both between the
     first and last times of the method's own grid where lambda is finite; an end where lambda is infinite
-    (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end."""
+    (alpha = 0 at a flow's noise end, sigma = 0 at EDM's or a flow's data end) stays the grid's end, and after
+    a noise end at alpha = 0 the first finite point is at sigma/alpha >= EDM's sigma_max = 80."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     own = method.time_grid(steps, device=device)
@@ -293,6 +300,11 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
     if n < 1:
         return own
     lo, hi = lam[first], lam[last]
+    if first > 0:
+        # after a noise end at alpha = 0 the first finite point lies at least as far out as EDM's sigma_max: the
+        # step out of pure noise is first order on the prediction there (the data mean), and the own grid's
+        # neighbour depends on the steps and the path (a kinetic-optimal path has alpha/sigma = 0.34 at t = 0.1)
+        lo = torch.clamp(lo, max=-math.log(EDM_SIGMA_MAX))
     u = torch.linspace(0, 1, n + 1, dtype=torch.float64, device=own.device)
     if schedule == "logsnr":
         targets = lo + u * (hi - lo)
@@ -300,14 +312,16 @@ def exponential_grid(method, steps: int, schedule: str = "model", rho: float = 7
         a, b = (-lo).exp() ** (1 / rho), (-hi).exp() ** (1 / rho)
         targets = -((a + u * (b - a)) ** rho).log()
     # bisection on lambda(t), monotone between the two ends whichever way time runs
-    t0 = own[first].expand(n + 1).clone()
+    t0 = own[first - 1 if first > 0 else first].expand(n + 1).clone()
     t1 = own[last].expand(n + 1).clone()
-    for _ in range(60):
+    for _ in range(100):
         mid = 0.5 * (t0 + t1)
         below = mean_log_snr(method, mid) < targets
         t0, t1 = torch.where(below, mid, t0), torch.where(below, t1, mid)
     inner = 0.5 * (t0 + t1)
-    inner[0], inner[-1] = own[first], own[last]
+    if first == 0:
+        inner[0] = own[first]
+    inner[-1] = own[last]
     return torch.cat([own[:first], inner, own[last + 1:]])
 
 
@@ -347,3 +361,123 @@ def dpmpp_2m(method, net, noise: Tensor, *, steps: int, cond=None, generator=Non
             callback({"i": i, "t": grid[i + 1], "x": x, "denoised": denoised})
     return Solution(x.to(dtype), grid.numel() - 1)
 
+
+# ------------------------------------------------------------------------------------------ UniPC
+#: the two B(h) of UniPC's coefficients (Zhao et al. 2023): bh1 B(h) = h, bh2 B(h) = e^h - 1 (written with
+#: h -> -h for the data prediction)
+UNIPC_VARIANTS = ("bh1", "bh2")
+UNIPC_ORDERS = (1, 2, 3)
+#: with fewer steps than this the last steps lower their order (order <= steps left), as DPM-Solver++ and
+#: diffusers' UniPC do for few steps: their lambda steps are long and extrapolating across them overshoots;
+#: with more steps every step keeps the full order, so the global error falls at order p + 1
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def unipc_b(h: Tensor, p: int, variant: str) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(e^z - 1, B, [b_1 .. b_p]) for a step of h in lambda, z = -h (data prediction): b_k = k! g_k / B with
+    g_k = (e^z - sum_{j<=k} z^j/j!) / z^k = z phi_(k+1)(z) (UniPC's h phi_(k+1)(h) k!/B(h)), by the
+    recursion g_k = g_(k-1)/z - 1/k! from g_0 = e^z - 1; B = z (bh1) or e^z - 1 (bh2)."""
+    z = -h
+    e = torch.expm1(z)
+    B = z if variant == "bh1" else e
+    g, b = e, []
+    for k in range(1, p + 1):
+        g = g / z - 1 / math.factorial(k)
+        b.append(math.factorial(k) * g / B)
+    return e, B, b
+
+
+def _unipc_combine(method, x: Tensor, ratio: Tensor, a: Tensor, e: Tensor, B: Tensor, d0: Tensor, terms, rho) -> Tensor:
+    """(sigma_next/sigma_cur) x - alpha_next (e^-h - 1) D_0 - alpha_next B(h) sum_k rho_k (D_k - D_0)/r_k for
+    ``terms`` = [(D_k, r_k)], as ``method.combine`` of x and the predictions (coefficients per frequency)."""
+    pairs, w0 = [(x, ratio)], -a * e
+    for (d_k, r_k), rho_k in zip(terms, rho):
+        c = -a * B * rho_k / r_k
+        pairs.append((d_k, c))
+        w0 = w0 - c
+    return method.combine(*pairs, (d0, w0))
+
+
+def _solve_rows(r: list[Tensor], b: list[Tensor]) -> Tensor:
+    """rho with sum_k rho_k r_k^m = b_m (m = 0 .. len(r) - 1), per coefficient (UniPC's R_p rho = b): the last
+    dimension of the result indexes k."""
+    n = len(r)
+    rows = torch.stack([torch.stack([rk ** m for rk in r], -1) for m in range(n)], -2)
+    return torch.linalg.solve(rows, torch.stack(b[:n], -1))
+
+
+@register("unipc", nfe=lambda steps, **_: steps,
+          options=("schedule", "rho", "grid", "order", "variant", "lower_order_final"))
+def unipc(method, net, noise: Tensor, *, steps: int, cond=None, generator=None, callback=None,
+          schedule: str = "model", rho: float = 7.0, grid: Tensor | None = None, order: int = 2,
+          variant: str = "bh2", lower_order_final: bool = True) -> Solution:
+    """UniPC (Zhao, Bai, Rao, Zhou, Lu, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+    Diffusion Models", NeurIPS 2023, multistep, data prediction): the multistep predictor UniP-p and the
+    corrector UniC along ``exponential_grid(method, steps, schedule, rho)`` (or the times ``grid``), one data
+    prediction per step.
+
+    In lambda = ln(alpha/sigma), with h = lambda_next - lambda_cur, D_0 the prediction at the current point and
+    D_k (k = 1 .. p-1) at the k-th previous one, r_k = (lambda_k - lambda_cur)/h and D1_k = (D_k - D_0)/r_k:
+
+    - predictor UniP-p: x~ = (sigma_next/sigma_cur) x - alpha_next (e^-h - 1) D_0
+      - alpha_next B(h) sum_k rho^p_k D1_k, with sum_k rho^p_k r_k^m = b_(m+1), m = 0 .. p-2
+      (rho^p = 1/2 for p = 2, as the authors' code), b_m = m! phi_(m+1)(-h) / B(h) (``unipc_b``);
+    - corrector UniC-p: the prediction D~ at x~ is the one the next step needs anyway; the step is taken again
+      with one more difference D1_p = D~ - D_0 at r_p = 1, solving the p x p system (rho^c = 1/2 for p = 1).
+      The next step starts from the corrected x with D~ as its D_0 (NFE = steps); the last step has no
+      corrector.
+
+    UniP-p is of order p and UniC raises it to p + 1. The order p of a step is ``order`` but at most one more
+    than the earlier points on the path (the first steps), and, with ``lower_order_final`` and fewer than
+    ``LOWER_ORDER_FINAL_BELOW`` steps, at most the steps left. A step with infinite h (from alpha = 0 or to
+    sigma = 0) is first order, x_next = (sigma_next/sigma_cur) x + alpha_next D_0, without corrector, and a point
+    with infinite lambda takes no part in the differences. Coefficients may be per frequency (SPD), applied by
+    ``method.combine``. The state is float64; the net sees x's dtype."""
+    if order not in UNIPC_ORDERS:
+        raise ValueError(f"order={order!r} is not one of {UNIPC_ORDERS}")
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {', '.join(UNIPC_VARIANTS)}")
+    if grid is None:
+        grid = exponential_grid(method, steps, schedule, rho, device=noise.device)
+    grid = grid.to(noise.device, torch.float64)
+    n = grid.numel() - 1
+    dtype, x = noise.dtype, noise.to(torch.float64)
+    alpha, sigma = zip(*(_path(method, t) for t in grid))
+    lam = [_log_snr(a, s) for a, s in zip(alpha, sigma)]
+    finite = torch.stack([torch.isfinite(v).all() for v in lam]).tolist()  # one sync, before the net runs
+    # the last point with finite lambda: a step from it to sigma = 0 is the plain prediction there (the authors'
+    # denoise_to_zero), so the order lowers towards that point and the steps before it are counted
+    end = max((j for j, f in enumerate(finite) if f), default=n)
+    lower = lower_order_final and end < LOWER_ORDER_FINAL_BELOW
+    history: list[tuple[Tensor, Tensor]] = []  # (lambda, D) of earlier points with finite lambda, newest last
+    denoised = method.data_prediction(net, x.to(dtype), grid[0], cond).to(torch.float64)
+    for i in range(n):
+        a, ratio = alpha[i + 1], sigma[i + 1] / sigma[i]
+        last = i == n - 1
+        rho_c = None
+        if not (finite[i] and finite[i + 1]):  # h = inf: alpha_next (1 - e^-h) = alpha_next, first order
+            x_next = method.combine((x, ratio), (denoised, a))
+        else:
+            p = min(order, len(history) + 1, end - i if lower else order)
+            h = lam[i + 1] - lam[i]
+            e, B, b = unipc_b(h, p, variant)
+            earlier = history[len(history) - (p - 1):][::-1] if p > 1 else []  # D_1 .. D_(p-1), newest first
+            terms = [(d_k, (lam_k - lam[i]) / h) for lam_k, d_k in earlier]  # (D_k, r_k)
+            r = [r_k for _, r_k in terms]
+            rho_p = [] if p == 1 else [torch.full_like(h, 0.5)] if p == 2 else _solve_rows(r, b).unbind(-1)
+            x_next = _unipc_combine(method, x, ratio, a, e, B, denoised, terms, rho_p)
+            if not last:
+                rho_c = [torch.full_like(h, 0.5)] if p == 1 else _solve_rows([*r, torch.ones_like(h)], b).unbind(-1)
+        if not last:
+            new = method.data_prediction(net, x_next.to(dtype), grid[i + 1], cond).to(torch.float64)
+            if rho_c is not None:  # UniC: the step again with the new prediction as one more difference
+                x_next = _unipc_combine(method, x, ratio, a, e, B, denoised, [*terms, (new, torch.ones_like(h))],
+                                        rho_c)
+        x = x_next
+        if finite[i]:
+            history = [*history, (lam[i], denoised)][-(order - 1):] if order > 1 else []
+        if callback is not None:
+            callback({"i": i, "t": grid[i + 1], "x": x, "denoised": denoised})
+        if not last:
+            denoised = new
+    return Solution(x.to(dtype), n)

@@ -1,18 +1,21 @@
-"""FID vs NFE on digits for every method and the few-step solvers: Euler, Heun and DPM-Solver++(2M) at
-NFE 5, 10, 20, 35 on the same checkpoints and the same seeds.
+"""FID vs NFE on digits for every method and the few-step solvers: Euler, Heun, DPM-Solver++(2M) and UniPC
+at NFE 5, 10, 20, 35 on the same checkpoints and the same seeds.
 
     python scripts/fid_vs_nfe_solvers.py --out outputs/fid_nfe [--train-steps 800] [--num 500]
         [--models edm pfgmpp128 flow_condot flow_ko ddpm spd] [--nfe 5 10 20 35]
-        [--solvers euler heun dpmpp_2m] [--cached-only] [--schedules model logsnr] [--extra-schedules karras] [--schedule-nfe 10] [--reuse]
+        [--solvers euler heun dpmpp_2m unipc] [--cached-only] [--schedules model logsnr] [--extra-schedules karras]
+        [--schedule-nfe 10] [--settings unipc/logsnr:order=2,variant=bh1 ...] [--seed-start 0] [--reuse]
 
 Each model is trained by genflow's own training run (configs/train.yaml with the overrides in MODELS:
 ``python train.py <overrides> data=digits trainer.max_steps=N seed=0 hydra.run.dir=OUT/<model>``), then
 scored with the digits FID (the shipped digits classifier's features, reference = the training set) on
 seeds 0..num-1. A solver's steps are the most whose NFE (``method.nfe``) does not exceed the target
 (Heun with EDM's Algorithm 1 has odd NFE 2 steps - 1, elsewhere even 2 steps): each row reports its own
-NFE. dpmpp_2m runs on each grid of ``--schedules`` (``genflow.solvers.exponential_grid``; ``model`` is the
-model's own) and on ``--extra-schedules`` at ``--schedule-nfe``; the figure plots the grid the method takes
-by default (``Method.solver_options``). Prints a markdown table and one JSON line; writes OUT/fid_vs_nfe.{json,png} and each
+NFE. The exponential integrators (dpmpp_2m, unipc) run on each grid of ``--schedules``
+(``genflow.solvers.exponential_grid``; ``model`` is the model's own) and on ``--extra-schedules`` at
+``--schedule-nfe``, where also each ``--settings`` row runs (a solver, a grid and sampler settings, e.g.
+``unipc/logsnr:order=2,variant=bh1``); the figure plots the grid each method takes by default
+(``Method.solver_options``). Prints a markdown table and one JSON line; writes OUT/fid_vs_nfe.{json,png} and each
 model's rows to OUT/<model>/fid_rows.json (read back by --reuse when the settings match).
 """
 from __future__ import annotations
@@ -26,14 +29,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from genflow.config import compose, module_from_checkpoint
+from genflow.config import SAMPLER_SCHEMA, compose, module_from_checkpoint
 from genflow.metrics import evaluate_fid
 from genflow.apps.train import train
+from genflow.solvers import EXPONENTIAL_SOLVERS
 
 MODELS = {"edm": ["model=edm"], "pfgmpp128": ["model=pfgmpp", "D=128"],
           "flow_condot": ["model=flow", "path=condot"], "flow_ko": ["model=flow", "path=ko"],
           "ddpm": ["model=ddpm"], "spd": ["model=spd"]}
-MARKERS = {"euler": "s", "heun": "o", "dpmpp_2m": "D"}
+MARKERS = {"euler": "s", "heun": "o", "dpmpp_2m": "D", "unipc": "^"}
 
 
 def train_model(name: str, args, out: Path) -> Path:
@@ -56,12 +60,31 @@ def steps_for(method, solver: str, nfe: int) -> int | None:
     return best
 
 
-def score(module, dm, *, solver: str, steps: int, args, schedule: str | None = None) -> dict:
+def parse_setting(text: str) -> tuple[str, str, dict]:
+    """``solver/schedule:key=value,...`` -> (solver, schedule, sampler settings typed by SAMPLER_SCHEMA)."""
+    head, _, tail = text.partition(":")
+    solver, schedule = head.split("/")
+    options = {}
+    for item in filter(None, tail.split(",")):
+        key, value = item.split("=")
+        kind = SAMPLER_SCHEMA[key].kind
+        options[key] = value.lower() == "true" if kind is bool else kind(value)
+    return solver, schedule, options
+
+
+def label(solver: str, schedule: str | None, options: dict) -> str:
+    return (solver + (f"/{schedule}" if schedule else "")
+            + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""))
+
+
+def score(module, dm, *, solver: str, steps: int, args, schedule: str | None = None, options=None) -> dict:
     start = time.perf_counter()
-    options = {"schedule": schedule} if schedule else None  # explicit: the row says which grid it ran
+    # explicit: the row says which grid it ran
+    options = {**({"schedule": schedule} if schedule else {}), **(options or {})} or None
     fid = evaluate_fid(module, dm, num=args.num, steps=steps, solver=solver, batch_size=args.batch_size,
                        seed_start=args.seed_start, solver_options=options)
-    return {"solver": solver + (f"/{schedule}" if schedule else ""), "steps": steps,
+    return {"solver": label(solver, schedule, {k: v for k, v in (options or {}).items() if k != "schedule"}),
+            "steps": steps,
             "nfe": module.method.nfe(steps, solver), "fid": fid["fid"], "images": fid["fid_images"],
             "wall_s": round(time.perf_counter() - start, 1)}
 
@@ -74,13 +97,16 @@ def main(argv=None) -> dict:
     p.add_argument("--num", type=int, default=500, help="generated images per FID (seeds seed_start..)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 35])
-    p.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m"])
+    p.add_argument("--solvers", nargs="+", default=["euler", "heun", "dpmpp_2m", "unipc"])
     p.add_argument("--cached-only", action="store_true",
-                   help="tabulate the rows saved in OUT/<model>/fid_rows.json (any settings), compute nothing")
+                   help="tabulate the rows saved in OUT/<model>/fid_rows.json with --num, --seed-start and --nfe; "
+                        "compute nothing")
     p.add_argument("--schedules", nargs="*", default=["model", "logsnr"],
-                   help="dpmpp_2m's time grids at every NFE (model: the model's own grid)")
+                   help="the exponential integrators' time grids at every NFE (model: the model's own grid)")
     p.add_argument("--extra-schedules", nargs="*", default=["karras"], help="more grids, at --schedule-nfe only")
     p.add_argument("--schedule-nfe", type=int, nargs="*", default=[10])
+    p.add_argument("--settings", nargs="*", default=[], metavar="SOLVER/GRID:KEY=VALUE,...",
+                   help="more rows at --schedule-nfe: a solver on a grid with sampler settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seed-start", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse OUT/<model>/checkpoints/final.ckpt if present")
@@ -95,15 +121,16 @@ def main(argv=None) -> dict:
         if args.cached_only:
             saved = out / name / "fid_rows.json"
             stored = json.loads(saved.read_text())["rows"] if saved.is_file() else []
-            for r in stored:
-                r["solver"] = "dpmpp_2m/model" if r["solver"] == "dpmpp_2m" else r["solver"]
-            rows += [r for r in stored if r["solver"].split("/")[0] in args.solvers]
+            rows += [r for r in stored if r["solver"].split("/")[0] in args.solvers and r["images"] == args.num
+                     and r["seed_start"] == args.seed_start and r["target_nfe"] in args.nfe]
         else:
             rows += model_rows(name, args, out)
 
-    # the grid dpmpp_2m takes when none is given (Method.solver_options): the figure plots that one
-    defaults = {name: module_from_checkpoint(out / name / "checkpoints" / "final.ckpt")[0].method
-                .solver_options("dpmpp_2m").get("schedule", "model") for name in args.models}
+    # the grid each exponential integrator takes when none is given (Method.solver_options): the figure plots it
+    defaults = {}
+    for name in args.models:
+        method = module_from_checkpoint(out / name / "checkpoints" / "final.ckpt")[0].method
+        defaults[name] = {s: method.solver_options(s).get("schedule", "model") for s in EXPONENTIAL_SOLVERS}
     print(table(rows))
     checks = goal(rows)
     result = {"rows": rows, "goal": checks, "default_schedule": defaults,
@@ -122,29 +149,28 @@ def model_rows(name: str, args, out: Path) -> list[dict]:
     if args.reuse and saved.is_file():
         stored = json.loads(saved.read_text())
         for r in stored["rows"]:
-            r.setdefault("seed_start", stored.get("settings", {}).get("seed_start", 0))
-            if r["solver"] == "dpmpp_2m":  # rows written before the grid was part of the label: the model's grid
-                r["solver"] = "dpmpp_2m/model"
             done[(r["solver"], r["steps"], r["target_nfe"], r["images"], r["seed_start"])] = r
     wanted = []
     module = None
     for nfe in args.nfe:
-        jobs = [(solver, None) for solver in args.solvers if solver != "dpmpp_2m"]
-        if "dpmpp_2m" in args.solvers:
-            jobs += [("dpmpp_2m", schedule) for schedule in args.schedules]
+        jobs = [(solver, None, {}) for solver in args.solvers if solver not in EXPONENTIAL_SOLVERS]
+        for solver in (s for s in args.solvers if s in EXPONENTIAL_SOLVERS):
+            jobs += [(solver, schedule, {}) for schedule in args.schedules]
             if nfe in args.schedule_nfe:
-                jobs += [("dpmpp_2m", schedule) for schedule in args.extra_schedules]
-        for solver, schedule in jobs:
+                jobs += [(solver, schedule, {}) for schedule in args.extra_schedules]
+        if nfe in args.schedule_nfe:
+            jobs += [parse_setting(text) for text in args.settings]
+        for solver, schedule, options in jobs:
             if module is None:
                 module, dm, _ = module_from_checkpoint(train_model(name, args, out), device=args.device)
             steps = nfe if schedule else steps_for(module.method, solver, nfe)
             if steps is None:
                 continue
-            label = solver + (f"/{schedule}" if schedule else "")
-            key = (label, steps, nfe, args.num, args.seed_start)
+            key = (label(solver, schedule, options), steps, nfe, args.num, args.seed_start)
             if key not in done:
                 done[key] = {"model": name, "target_nfe": nfe, "seed_start": args.seed_start,
-                             **score(module, dm, solver=solver, steps=steps, args=args, schedule=schedule)}
+                             **score(module, dm, solver=solver, steps=steps, args=args, schedule=schedule,
+                                     options=options)}
                 print(json.dumps(done[key]), file=sys.stderr, flush=True)
                 tmp = saved.with_suffix(".tmp")  # saved after every row: an interrupted run resumes
                 tmp.write_text(json.dumps({"rows": list(done.values())}, indent=1))
@@ -154,18 +180,19 @@ def model_rows(name: str, args, out: Path) -> list[dict]:
 
 
 def goal(rows: list[dict]) -> dict:
-    """Per model: each exponential solver's FID at NFE 10 against Heun's best FID at NFE >= 20 (NFE 19 for
-    EDM's Heun, whose NFE is odd)."""
+    """Per model: each exponential solver's FID at NFE 10 against Heun's at NFE 20 (19 for EDM's Heun, whose NFE
+    is odd) and against Heun's best at NFE >= 20: [fid, no worse than Heun at 20, no worse than its best]."""
     out = {}
     for name in dict.fromkeys(r["model"] for r in rows):
         heun = [r for r in rows if r["model"] == name and r["solver"] == "heun" and r["nfe"] >= 19]
         if not heun:
             continue
-        ref = min(heun, key=lambda r: r["fid"])
-        out[name] = {"heun_best_nfe_ge_20": [ref["nfe"], ref["fid"]]}
+        at20 = min(heun, key=lambda r: r["nfe"])
+        best = min(heun, key=lambda r: r["fid"])
+        out[name] = {"heun_nfe_20": [at20["nfe"], at20["fid"]], "heun_best_nfe_ge_20": [best["nfe"], best["fid"]]}
         for r in rows:
-            if r["model"] == name and r["solver"].startswith("dpmpp") and r["nfe"] == 10:
-                out[name][r["solver"]] = [r["fid"], r["fid"] <= ref["fid"]]
+            if r["model"] == name and r["solver"].split("/")[0] in EXPONENTIAL_SOLVERS and r["nfe"] == 10:
+                out[name][r["solver"]] = [r["fid"], r["fid"] <= at20["fid"], r["fid"] <= best["fid"]]
     return out
 
 
@@ -194,10 +221,10 @@ def plot(rows: list[dict], path: Path, defaults: dict) -> Path:
     axes = fig.subplots((len(names) + 2) // 3, min(len(names), 3), squeeze=False).flatten()
     for ax, name in zip(axes, names):
         for i, solver in enumerate(MARKERS):
-            label = f"dpmpp_2m/{defaults[name]}" if solver == "dpmpp_2m" else solver
-            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == name and r["solver"] == label)
+            shown = f"{solver}/{defaults[name][solver]}" if solver in EXPONENTIAL_SOLVERS else solver
+            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == name and r["solver"] == shown)
             if pts:
-                ax.plot(*zip(*pts), marker=MARKERS[solver], color=f"C{i}", label="dpmpp_2m" if i == 2 else solver)
+                ax.plot(*zip(*pts), marker=MARKERS[solver], color=f"C{i}", label=solver)
         ax.set(xscale="log", yscale="log", title=name, xlabel="NFE")
         ax.set_xticks([5, 10, 20, 35], labels=["5", "10", "20", "35"])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

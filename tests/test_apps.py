@@ -37,6 +37,22 @@ def test_a_flag_style_argument_is_refused_with_the_grammar(module, cli):
     assert code == 2 and "is not key=value" in err and "fix:" in err and "Traceback" not in err
 
 
+def test_bench_stopped_by_ctrl_c_says_so_in_one_line(cli, tmp_path, monkeypatch):
+    import json
+
+    lines = tmp_path / "suite.jsonl"
+    lines.write_text('{"what": "train-step"}\n')
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the lines are read
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "loads", interrupted)
+    code, _, err = cli("genflow.apps.bench", "what=table", f"table={lines}")
+    err = [line for line in err.strip().splitlines() if "RuntimeWarning" not in line]  # runpy's, in-process
+    assert code == 130 and err == ["stopped by SIGINT while benchmarking: the lines above are what was measured; run "
+                                   "the same command again for the rest"], err
+
+
 def test_every_console_script_is_an_apps_cli():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"genflow-train", "genflow-sample", "genflow-evaluate", "genflow-leaderboard", "genflow-convert",

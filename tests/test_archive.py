@@ -271,3 +271,56 @@ def test_the_tool_is_a_command_with_help(cli, tmp_path):
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["genflow-dataset"] == "genflow.apps.dataset:cli"
+
+
+def test_the_tool_stops_refuses_unwritable_and_full_destinations_and_never_replaces(folder, tmp_path, cli,
+                                                                                     monkeypatch):
+    """Ctrl-C while the archive is written: one line, exit 130, no file. A folder that cannot be written: exit 2
+    before the source is read. A disk that fills while writing: error / why / fix naming dest, nothing left. An
+    existing dest is refused and kept byte for byte."""
+    import errno
+    import os
+
+    import genflow.data.archive as archive
+
+    source, _ = folder
+    dest = tmp_path / "out" / "d.zip"
+    (tmp_path / "out").mkdir()
+    real_name = archive.member_name
+
+    def tool(*args):  # without runpy's warning about running an imported module in-process
+        code, _, err = cli("genflow.apps.dataset", *args)
+        return code, "\n".join(line for line in err.splitlines() if "RuntimeWarning" not in line)
+
+    def interrupted_at_the_third(index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real_name(index)
+
+    with monkeypatch.context() as m:
+        m.setattr(archive, "member_name", interrupted_at_the_third)
+        code, err = tool(f"source={source}", f"dest={dest}")
+    assert code == 130 and err.strip().splitlines() == ["stopped by SIGINT while writing the archive: nothing was written (the archive "
+                                     "is written whole or not at all); run the same command again"], err
+    assert list((tmp_path / "out").iterdir()) == []
+
+    real_access = os.access
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda path, mode, *a, **k: False if mode & os.W_OK and
+                  Path(path).resolve() == (tmp_path / "out").resolve() else real_access(path, mode))
+        m.setattr(archive, "folder_images", lambda *a, **k: pytest.fail("the source was read first"))
+        code, err = tool(f"source={source}", f"dest={dest}")
+    assert code == 2 and err.startswith(f"error: dest={dest} cannot be written") and "Traceback" not in err, err
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(archive.zipfile.ZipFile, "writestr", full)
+        code, err = tool(f"source={source}", f"dest={dest}")
+    assert code == 2 and err.startswith(f"error: could not write {dest}\n  why: the disk is full"), err
+    assert list((tmp_path / "out").iterdir()) == []
+
+    dest.write_bytes(b"someone's archive")
+    code, err = tool(f"source={source}", f"dest={dest}")
+    assert code == 2 and "exists" in err and dest.read_bytes() == b"someone's archive", err

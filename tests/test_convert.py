@@ -937,3 +937,64 @@ def test_pfgmpp_snapshot_converts_with_its_D(pfgmpp_snapshots, tmp_path, cli, ca
     error = _max_error(module, torch.load(pfgmpp_snapshots / f"{case}.io.pt", weights_only=True))
     print(f"\n{case}.{file}: max |D_genflow - D_PFGM++| / max(1, sigma) = {error:.3g}")
     assert error <= 5e-6, error
+
+
+def test_convert_stops_refuses_unwritable_and_full_destinations_and_never_replaces(edm_format, tmp_path, cli,
+                                                                                   monkeypatch):
+    """Ctrl-C while the checkpoint is written: one line, exit 130, no file (not even a temporary one). A folder
+    that cannot be written: exit 2 before the pickle is read. Too little free space for the converted tensors: exit
+    2 before anything is written. An existing out= is refused and kept byte for byte."""
+    import shutil
+
+    import genflow.apps.convert as convert_app
+
+    _, ema = song_pair("ddpmpp-uncond-augment")
+    src = edm_format(tmp_path / "net.pkl", ema)
+    out = tmp_path / "net.ckpt"
+    listing = sorted(p.name for p in tmp_path.iterdir())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted)
+        code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={out}")
+    lines = [line for line in err.strip().splitlines() if "RuntimeWarning" not in line]  # runpy's, in-process
+    assert code == 130 and lines == [
+        "stopped by SIGINT while converting: nothing was written (the checkpoint is written whole or not at all); "
+        "run the same command again"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+    import signal
+
+    def terminated(*args, **kwargs):  # a real SIGTERM, delivered to this (the in-process app's) process
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", terminated)
+        code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={out}")
+    assert code == 143 and "stopped by SIGTERM while converting: nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+    real_access, read = os.access, convert_app.read_pickle
+
+    def not_writable(path, mode, *args, **kwargs):
+        return False if mode & os.W_OK and Path(path).resolve() == tmp_path.resolve() else real_access(path, mode)
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("the pickle was read before the destination was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", not_writable)
+        m.setattr(convert_app, "read_pickle", not_read)
+        with pytest.raises(ConfigError, match=f"out={out} cannot be written: {tmp_path} is not writable"):
+            convert_app.main([f"src={src}", f"out={out}"])
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 5, 10 ** 5))
+        code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={out}")
+    assert code == 2 and "MiB free, the job needs about" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+    out.write_bytes(b"someone's file")
+    code, _, err = cli("genflow.apps.convert", f"src={src}", f"out={out}")
+    assert code == 2 and "already exists" in err and out.read_bytes() == b"someone's file", err

@@ -187,7 +187,7 @@ def test_flow_matching_normalised_data_space():
     plain = FlowMatching("cosine")
     net = FlowNet(plain)
     z0 = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
-    z1 = plain.solve(net, z0, steps=12, solver="dpmpp_2m").x  # on the log-SNR grid, flow matching's default
+    z1 = plain.solve(net, z0, steps=12, solver="dpmpp_2m").x  # on the rho grid, flow matching's default
     x1 = m.solve(net, m.from_normalized(z0), steps=12, solver="dpmpp_2m").x
     torch.testing.assert_close(x1, m.from_normalized(z1), rtol=1e-12, atol=1e-12)
 
@@ -381,17 +381,22 @@ def test_training_grid_and_fid_callback_accept_it(model):
 
 def test_time_grids():
     """model: the method's own grid (EDM's rho-grid, and so k-diffusion's); logsnr: equal steps of the mean
-    lambda between the grid's finite ends, an infinite end kept; flow matching and the VP methods default to it."""
+    lambda between the grid's finite ends, an infinite end kept (after alpha = 0 the finite part starts at
+    sigma/alpha = 80 at least); the VP methods default to it, flow matching to karras."""
     edm, flow, ddpm = EDM(), FlowMatching("condot"), DDPM()
     torch.testing.assert_close(solvers.exponential_grid(edm, 6, "karras"), edm.time_grid(6), rtol=1e-9, atol=0)
     for m, ends in ((edm, (0, 6)), (flow, (1, 6)), (ddpm, (0, 7))):
         g = solvers.exponential_grid(m, 7 if m is flow else (6 if m is edm else 7), "logsnr")
         lam = solvers.mean_log_snr(m, g[ends[0]:ends[1]])
         torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(lam.numel() - 1), rtol=1e-7, atol=1e-9)
-    g = solvers.exponential_grid(flow, 7, "logsnr")
-    assert float(g[0]) == 0.0 and float(g[-1]) == 1.0 and float(g[1]) == float(flow.time_grid(7)[1])
-    assert flow.solver_options("dpmpp_2m") == ddpm.solver_options("dpmpp_2m") == {"schedule": "logsnr"}
-    assert "schedule" not in edm.solver_options("dpmpp_2m")
+    g = solvers.exponential_grid(flow, 7, "logsnr")  # after alpha = 0 the finite part starts at EDM's sigma_max
+    assert float(g[0]) == 0.0 and float(g[-1]) == 1.0 and float(g[-2]) == float(flow.time_grid(7)[-2])
+    torch.testing.assert_close(solvers.mean_log_snr(flow, g[1:2]), torch.tensor([-math.log(80)], dtype=F64),
+                               rtol=0, atol=1e-9)
+    for solver in solvers.EXPONENTIAL_SOLVERS:
+        assert ddpm.solver_options(solver) == {"schedule": "logsnr"}
+        assert flow.solver_options(solver) == {"schedule": "karras"}
+        assert "schedule" not in edm.solver_options(solver)
 
 
 def test_rounding_level_sigma_is_the_data_end():

@@ -38,11 +38,11 @@ def test_grid_fid_and_exports_run_on_the_strategy_root_device(tmp_path, monkeypa
         seen.append(("grid", torch.device(device).type, next(net.parameters()).device.type, precision))
         return torch.zeros(len(seeds), *shape)  # meta tensors hold no numbers to draw
 
-    def fake_export(cfg, module, run_dir):
+    def fake_export(cfg, module, run_dir, keep=False):
         seen.append(("export", next(module.parameters()).device.type))
         return {}
 
-    def fake_final_metrics(cfg, module, dm):
+    def fake_final_metrics(cfg, module, dm, partial=None):
         seen.append(("fid", module.device.type, next(module.parameters()).device.type))
         return {"fid": float("nan")}
 

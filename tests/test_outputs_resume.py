@@ -64,8 +64,11 @@ def test_unwritable_outputs_are_refused_before_any_work(cli, trained_ckpt, read_
     monkeypatch.setenv("HOME", str(read_only))  # the default metrics home is ~/.cache/genflow
     refused(cli("genflow.apps.evaluate", f"ckpt={trained_ckpt}", "fid.num=4"), "GENFLOW_METRICS_HOME",
             str(read_only / ".cache"))
+    refused(cli("genflow.apps.leaderboard", "suite=smoke", f"out={read_only / 'board'}"), "out=", "cannot be written")
+    refused(cli("genflow.apps.leaderboard", "suite=smoke", f"out={read_only.parent / 'board'}",
+                f"history={read_only / 'history.jsonl'}"), "history=", "cannot be written")
     monkeypatch.undo()
-    assert files_of(read_only) == {}
+    assert files_of(read_only) == {} and not (read_only.parent / "board").exists()
 
 
 def test_read_only_run_folder_is_refused_before_hydra_writes(cli, read_only):
@@ -143,7 +146,7 @@ def test_sample_continues_where_it_stopped(cli, trained_ckpt, tmp_path, monkeypa
     out = tmp_path / "continued"
     code, _, err = cli("sample.py", f"ckpt={trained_ckpt}", *args, f"out={out}")
     assert code == 130 and "Traceback" not in err, err
-    assert "stopped: 2 of 6 images" in err and "run the same command again" in err, err
+    assert "stopped by SIGINT while sampling: 2 of 6 images" in err and "run the same command again" in err, err
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
 
     def recorded(method, net, seeds, *a, **kw):
@@ -187,8 +190,43 @@ def test_sigterm_stops_sample_with_what_is_kept(cli, trained_ckpt, tmp_path, mon
     out, before = tmp_path / "out", signal.getsignal(signal.SIGTERM)
     code, _, err = cli("sample.py", f"ckpt={trained_ckpt}", "seeds=0-3", "batch=2", "steps=2", "progress=false",
                        f"out={out}")
-    assert code == 143 and "stopped: 2 of 4 images" in err and "Traceback" not in err, err
+    assert code == 143 and "stopped by SIGTERM while sampling: 2 of 4 images" in err and "Traceback" not in err, err
     assert signal.getsignal(signal.SIGTERM) is before  # the app's handler is gone with the app
+
+
+INTERRUPTED_WHILE_LOADING = """
+import os, runpy, signal, sys, time
+import genflow.config
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job starts with it ignored)
+
+def loading(*args, **kwargs):  # a real Ctrl-C (SIGINT to this process) while the checkpoint is being loaded
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(10)
+
+genflow.config.module_from_checkpoint = loading
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("app,args", [("genflow.apps.sample", ["seeds=0-3", "steps=2"]),
+                                      ("genflow.apps.evaluate", ["fid.num=8", "fid.steps=2"])])
+def test_ctrl_c_while_the_model_loads_ends_in_one_line(trained_ckpt, tmp_path, app, args):
+    import subprocess
+    import sys
+
+    out = tmp_path / ("s" if app.endswith("sample") else "fid.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENFLOW_METRICS_HOME": str(tmp_path / "metrics")}
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_WHILE_LOADING, app, f"ckpt={trained_ckpt}", *args,
+                           "progress=false", f"out={out}"], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("stopped by SIGINT while loading the model: ") and "Traceback" not in proc.stderr
+    assert ("nothing was written; run the same command again" if app.endswith("sample") else
+            "no images were kept yet; continue with: python -m genflow.apps.evaluate") in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 
 FID_ARGS = ["fid.num=100", "fid.batch_size=4", "fid.seed_sets=2", "fid.steps=2", "fid.kid=true", "progress=false",
@@ -223,7 +261,7 @@ def test_evaluate_stopped_by_sigterm_continues_to_the_same_numbers(cli, trained_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "Traceback" not in err and "stopped by SIGTERM: " in err and f"are kept in {partial}" in err, err
+    assert "Traceback" not in err and "stopped by SIGTERM while computing the FID: " in err and f"are kept in {partial}" in err, err
     assert "continue with: python -m genflow.apps.evaluate" in err and f"out={out}" in err, err
     assert sorted(p.name for p in folder.iterdir()) == ["fid.json.partial"]  # no result, no temporary file
 
@@ -263,7 +301,7 @@ def test_evaluate_refuses_another_commands_partial_and_redoes_a_damaged_one(cli,
 
     monkeypatch.setattr(partial_module.PartialFID, "after_batch", stop_after_three)
     code, _, err = cli("genflow.apps.evaluate", *args)
-    assert code == 130 and "stopped by SIGINT: 12 of 100 images of seed set 1 of 2 are kept" in err, err
+    assert code == 130 and "stopped by SIGINT while computing the FID: 12 of 100 images of seed set 1 of 2 are kept" in err, err
     monkeypatch.setattr(partial_module.PartialFID, "after_batch", real)
 
     # another command on the same out=: refused before any work, the partial file untouched
@@ -343,13 +381,66 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint_and_says_how_to_go
 
 
 def test_training_refuses_a_disk_without_room_for_its_checkpoints(cli, tmp_path, monkeypatch):
+    """The free space is checked once the network is built (its size decides the checkpoints'), after Hydra wrote
+    .hydra/ and the log: the refusal undoes them. A fresh folder (and the parents it needed) is gone again; a
+    folder that held other files, a log and an earlier .hydra/ keeps each byte of them, and nothing new."""
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 6, 10 ** 6))
+    fresh = tmp_path / "new" / "deeper" / "run"
+    existing = tmp_path / "existing"
+    (existing / ".hydra").mkdir(parents=True)
+    (existing / ".hydra" / "config.yaml").write_text("# an earlier command's config\n")
+    (existing / "train.log").write_text("an earlier command's log\n")
+    (existing / "notes" ).mkdir()
+    (existing / "notes" / "plan.txt").write_text("kept\n")
+    listing, before = sorted(p.name for p in tmp_path.iterdir()), files_of(existing)
+    times = {p: p.stat().st_mtime_ns for p in existing.rglob("*") if p.is_file()}
+    for run in (fresh, existing):
+        code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
+        refused((code, "", err), "hydra.run.dir=", "MiB free, the job needs about", "free space there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing and not (tmp_path / "new").exists()
+    assert files_of(existing) == before and sorted(p.name for p in existing.iterdir()) == [".hydra", "notes", "train.log"]
+    assert {p: p.stat().st_mtime_ns for p in existing.rglob("*") if p.is_file()} == times
+
+
+def test_a_run_stopped_while_it_builds_leaves_no_folder(cli, tmp_path, monkeypatch):
+    """A real SIGTERM while the network is built (after Hydra wrote .hydra/): one line, exit 143, and the new folder
+    is gone again."""
+    import signal
+
+    import genflow.apps.train as train_app
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_app, "build", terminated)
     run = tmp_path / "run"
-    code, _, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
-    refused((code, "", err), "hydra.run.dir=", "MiB free, the job needs about", "free space there")
-    assert not (run / "checkpoints").exists()
+    code, out, err = cli("train.py", *TRAIN_ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}")
+    assert code == 143 and "stopped by SIGTERM while starting: nothing was trained yet; run the same command again" \
+        in out, out + err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_job_of_a_sweep_undoes_its_own_folder_only(cli, tmp_path, monkeypatch):
+    """The second job of a sweep is refused once built: its folder goes, the first job's finished run and the
+    sweep's multirun.yaml stay as they are."""
+    import genflow.apps.train as train_app
+
+    real, built = train_app.checkpoint_bytes, []
+
+    def second_too_big(module):
+        built.append(module)
+        return real(module) if len(built) == 1 else 10 ** 18
+
+    monkeypatch.setattr(train_app, "checkpoint_bytes", second_too_big)
+    sweep = tmp_path / "sweep"
+    code, _, err = cli("train.py", "-m", *TRAIN_ARGS, "trainer.max_steps=1", "logger=none", "~callbacks.sample_grid",
+                       "seed=1,2", f"hydra.sweep.dir={sweep}")
+    refused((code, "", err[err.index("error: "):]), "MiB free, the job needs about")
+    first = [p for p in sweep.iterdir() if p.name.startswith("0_")]
+    assert sorted(p.name for p in sweep.iterdir()) == sorted([first[0].name, "multirun.yaml"])
+    assert (first[0] / "result.json").is_file() and (first[0] / ".hydra" / "config.yaml").is_file()
 
 
 def test_sample_and_evaluate_refuse_a_disk_without_room_before_the_work(cli, trained_ckpt, tmp_path, monkeypatch):

@@ -246,6 +246,47 @@ def test_posthoc_app_writes_checkpoints_that_sample(runs, tmp_path, cli):
         assert code == 2 and message in err, err
 
 
+def test_posthoc_stops_with_one_line_and_refuses_an_unwritable_folder(runs, tmp_path, cli, monkeypatch):
+    """Ctrl-C while the second checkpoint is written: one line saying one is kept, exit 130, no temporary file. An
+    out= folder that cannot be written: exit 2 before any snapshot is combined."""
+    import os
+    from pathlib import Path
+
+    import genflow.training.posthoc as posthoc
+
+    out, real_save, saved = tmp_path / "out", torch.save, []
+
+    def interrupted_second(obj, f, *args, **kwargs):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(f)
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted_second)
+        code, _, err = cli("genflow.apps.posthoc", str(runs[0]), "sigma_rel=0.05,0.12", f"out={out}")
+    assert code == 130 and err.strip().splitlines() == [
+        "stopped by SIGINT while reconstructing sigma_rel=0.12: 1 of 2 checkpoints were written (each whole or not "
+        "at all); run it again with sigma_rel= the widths not written yet"], err
+    assert sorted(p.name for p in out.iterdir()) == ["posthoc_sigma0.050.ckpt"]
+
+    real_access = os.access
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda path, mode, *a, **k: False if mode & os.W_OK and
+                  Path(path).resolve() == out.resolve() else real_access(path, mode))
+        m.setattr(posthoc, "posthoc_checkpoint", lambda *a, **k: pytest.fail("combined before the check"))
+        code, _, err = cli("genflow.apps.posthoc", str(runs[0]), "sigma_rel=0.08", f"out={out}")
+    assert code == 2 and err.startswith(f"error: out={out} cannot be written"), err
+    import shutil
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12 - 10 ** 5, 10 ** 5))
+        m.setattr(posthoc, "posthoc_checkpoint", lambda *a, **k: pytest.fail("combined before the check"))
+        code, _, err = cli("genflow.apps.posthoc", str(runs[0]), "sigma_rel=0.08", f"out={out}")
+    assert code == 2 and "MiB free, the job needs about" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["posthoc_sigma0.050.ckpt"]
+
+
 def test_resuming_with_other_widths_is_refused(runs, tmp_path):
     import shutil
 

@@ -83,6 +83,18 @@ def test_training_into_a_run_is_refused_before_any_work(finished, cli):
     assert _checksums(run_dir) == before and _snapshot(run_dir) == times   # .hydra/ and train.log included
 
 
+def test_resuming_a_finished_run_from_the_command_line_changes_no_file(finished, cli):
+    """Nothing to do: what Hydra wrote (.hydra/ with this command's overrides, the log's notes) is undone."""
+    run_dir = Path(finished["run_dir"])
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("# the run's own overrides\n")
+    before = _checksums(run_dir)
+    code, out, err = cli("train.py", *TINY, "ckpt_path=last", f"hydra.run.dir={run_dir}")
+    assert code == 0 and json.loads(out.splitlines()[-1])["already_finished"], err
+    assert "the run already finished" in err + out
+    assert _checksums(run_dir) == before
+
+
 def test_resume_after_training_makes_the_missing_outputs(finished, tmp_path):
     """Stopped while writing the grid or the exports (SIGTERM after final.ckpt): ckpt_path=last makes them."""
     import shutil
@@ -377,6 +389,34 @@ def test_one_training_process_per_run_folder(tmp_path):
     result = train(cfg_for(run_dir, *short))
     assert result["steps"] == 2 and not lock.exists()
     assert f"took over the lock of process {owner.pid}" in (run_dir / "train.log").read_text()
+
+
+def test_the_loser_of_two_simultaneous_starts_leaves_the_winners_folder_as_it_was(tmp_path, cli, monkeypatch):
+    """The other process took the lock between this command's check and its job (both started at once): Hydra
+    has rewritten .hydra/ by then; the refused command puts back what the folder held, and removes nothing."""
+    import socket
+    import subprocess
+
+    import genflow.outputs
+    from genflow.apps.run_folder import LOCK_NAME, _process_start
+
+    run_dir = tmp_path / "busy"
+    (run_dir / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run_dir / ".hydra" / name).write_text(f"# the running job's {name}\n")
+    (run_dir / "train.log").write_text("the running job's log\n")
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        (run_dir / LOCK_NAME).write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(),
+                                                     "start": _process_start(owner.pid), "since": "now"}))
+        before = _checksums(run_dir)
+        monkeypatch.setattr(genflow.outputs, "check_folder_before_start", lambda *a, **k: None)  # the lock came later
+        code, _, err = cli("train.py", *TINY, f"hydra.run.dir={run_dir}")
+        assert code == 2 and f"is in use: process {owner.pid}" in err, err
+        assert _checksums(run_dir) == before
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 def test_only_rank_zero_takes_the_run_folder_lock(tmp_path, monkeypatch):

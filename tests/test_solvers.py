@@ -137,15 +137,15 @@ def test_nfe_rejects_unknown_solver():
 def test_registry_holds_every_methods_samplers():
     from genflow.methods import DDPM, EDM, PFGMPP, FlowMatching
 
-    assert set(EDM().solvers()) == {"euler", "heun", "dopri5", "dpmpp_2m", "stochastic"}
+    assert set(EDM().solvers()) == {"euler", "heun", "dopri5", "dpmpp_2m", "unipc", "stochastic"}
     assert "stochastic" not in PFGMPP(D=128).solvers() and "stochastic" in PFGMPP(D=None).solvers()
     assert "dpmpp_2m" in PFGMPP(D=128).solvers()
-    assert set(DDPM().solvers()) == {"ancestral", "euler", "heun", "dopri5", "dpmpp_2m"}
-    assert set(FlowMatching().solvers()) == {"euler", "heun", "dopri5", "dpmpp_2m"}
+    assert set(DDPM().solvers()) == {"ancestral", "euler", "heun", "dopri5", "dpmpp_2m", "unipc"}
+    assert set(FlowMatching().solvers()) == {"euler", "heun", "dopri5", "dpmpp_2m", "unipc"}
     for m in (EDM(), DDPM(), FlowMatching()):
         assert all(name in solvers.SAMPLERS for name in m.solvers())
     assert EDM().nfe(18, "stochastic") == 35 and DDPM().nfe(20, "ancestral") == 20 and EDM().nfe(18, "dopri5") is None
-    assert EDM().nfe(10, "dpmpp_2m") == 10
+    assert EDM().nfe(10, "dpmpp_2m") == EDM().nfe(10, "unipc") == 10
 
 
 def test_methods_describe_their_settings():

@@ -390,10 +390,11 @@ def main(argv=None):
 
 def cli() -> None:
     """The ``genflow-bench`` console script and ``python -m genflow.apps.bench``."""
-    from genflow.errors import exit_on_error, strip_debug_flag
+    from genflow.config import run_plain
+    from genflow.progress import Phase
 
-    strip_debug_flag()
-    exit_on_error(main)
+    run_plain(main, phase=Phase("benchmarking", "the lines above are what was measured", "run the same command "
+                                "again for the rest"))
 
 
 if __name__ == "__main__":

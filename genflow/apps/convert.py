@@ -55,10 +55,12 @@ import torch
 from torch import Tensor
 
 from genflow.cache import cached_checkpoint_problem, content_hash, file_sha256, save_checkpoint
-from genflow.config import Bool, Spec, Str, compose, instantiate, plain_app, target_class, to_container
+from genflow.config import Bool, Spec, Str, compose, instantiate, plain_app, run_plain, target_class, to_container
 from genflow.data.record import checkpoint_hparams, data_record
-from genflow.errors import CheckpointError, config_error, exit_on_error, strip_debug_flag
+from genflow.errors import CheckpointError, config_error
 from genflow.methods.pfgmpp import _parse_D
+from genflow.outputs import check_writable
+from genflow.progress import Phase
 
 #: bump when the conversion changes, so cached conversions are redone
 CONVERTER_VERSION = 1
@@ -706,17 +708,19 @@ def _lightning_version() -> str:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: Sequence[str] = (),
-            overwrite: bool = False, sha256: str | None = None) -> Path:
+            overwrite: bool = False, sha256: str | None = None, key: str = "out") -> Path:
     """Convert the EDM/PFGM++ network pickle ``src`` into the genflow checkpoint ``out``.
 
     ``D``: PFGM++'s augmented dimensions where the pickle does not record them (``inf``: EDM).
     ``overrides``: config overrides for the stored configuration (e.g. ``data.root=/data/cifar10``).
     An existing ``out`` is replaced only with ``overwrite=True``. ``sha256``: the pickle's digest when the
-    caller has it already (it is recorded in the checkpoint).
+    caller has it already (it is recorded in the checkpoint). ``key``: how the messages name ``out``.
     """
-    if Path(out).expanduser().exists() and not overwrite:
+    target = Path(out).expanduser()
+    if target.exists() and not overwrite:
         raise config_error(f"{out} already exists", "convert does not replace files unasked",
                            "choose another OUT path, or pass overwrite=true")
+    check_writable(target.parent if target.exists() else target, key)  # before the pickle is read
     if D is not None:
         _parse_D(D)  # a bad D fails before the pickle is read
     src = Path(src).expanduser()
@@ -725,7 +729,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, D=None, overrides: S
                            "write the checkpoint to another path, e.g. edm-cifar10.ckpt")
     ckpt = convert_records(read_pickle(src), D=D, overrides=overrides, source=str(src))
     ckpt["converted_from"]["sha256"] = sha256 or file_sha256(src)
-    return save_checkpoint(ckpt, Path(out).expanduser())
+    size = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values() if isinstance(t, Tensor))
+    check_writable(target.parent, key, need_bytes=size + (1 << 20))  # the checkpoint's tensors and its records
+    return save_checkpoint(ckpt, target)
 
 
 def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -746,7 +752,7 @@ def converted_checkpoint(src: str | os.PathLike, *, D=None, cache_dir: str | os.
         print(f"genflow: cached conversion {out} not used, {why}; converting again", file=sys.stderr, flush=True)
     if why or not out.is_file():
         # several processes (DDP ranks) may convert at once: each writes atomically the same content
-        convert(src, out, D=D, overwrite=True, sha256=sha256)
+        convert(src, out, D=D, overwrite=True, sha256=sha256, key="GENFLOW_METRICS_HOME")
     return out
 
 
@@ -785,8 +791,8 @@ def main(argv: Sequence[str]) -> dict:
 
 def cli() -> None:
     """The ``genflow-convert`` console script and ``python -m genflow.apps.convert``."""
-    strip_debug_flag()
-    exit_on_error(main, sys.argv[1:])
+    run_plain(main, sys.argv[1:], phase=Phase("converting", "nothing was written (the checkpoint is written whole "
+                                                 "or not at all)"))
 
 
 if __name__ == "__main__":

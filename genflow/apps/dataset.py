@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from genflow.config import Bool, Int, Str, plain_app
+from genflow.config import Bool, Int, Str, plain_app, run_plain
 from genflow.data.archive import cifar10_images, folder_images, write_archive
-from genflow.errors import config_error, exit_on_error, strip_debug_flag
+from genflow.errors import config_error
+from genflow.outputs import check_writable
+from genflow.progress import Phase
 
 USAGE = "usage: python -m genflow.apps.dataset source=PATH dest=NAME.zip [resolution=N] [max_images=N] [progress=true]"
 DATASET_SCHEMA = {"source": Str(null=True), "dest": Str(null=True), "resolution": Int(1, null=True),
@@ -38,6 +40,7 @@ def main(argv: Sequence[str]) -> dict:
     if dest.exists():
         raise config_error(f"dest={dest} exists", "genflow never overwrites a data set",
                            "choose another dest=, or remove the old archive first")
+    check_writable(dest, "dest")  # before the source is read
     if not source.is_dir():
         raise config_error(f"source={source} is not a folder",
                            "the source is an image folder or the folder holding CIFAR-10's cifar-10-batches-py",
@@ -62,8 +65,8 @@ def main(argv: Sequence[str]) -> dict:
 
 def cli() -> None:
     """The ``genflow-dataset`` console script and ``python -m genflow.apps.dataset``."""
-    strip_debug_flag()
-    exit_on_error(main, sys.argv[1:])
+    run_plain(main, sys.argv[1:], phase=Phase("writing the archive", "nothing was written (the archive is written "
+                                                 "whole or not at all)"))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, Bool, Float, Int, Spec, Str, build_data, build_method,
                             check_device, check_output_dir, check_schema, check_target, config_from_checkpoint,
                             read_checkpoint, run_app, sampler_options, target_class)
+from genflow.config.entry import one_line_on_stop
 from genflow.devices import device_name
 from genflow.errors import config_error, reported
 from genflow.outputs import check_record, check_writable, write_output
+from genflow.progress import Phase
 
 EVALUATE_SCHEMA = {
     "ckpt": Str(), "guide_ckpt": Str(null=True), "precision": PRECISION,
@@ -264,10 +266,10 @@ def fid_num(cfg: DictConfig) -> int:
     return int(cfg.fid.num) if cfg.fid.num is not None else (0 if cfg.nll else 50000)
 
 
-def main(cfg: DictConfig | list[str], *, validated: bool = False, partial=None) -> dict:
+def main(cfg: DictConfig | list[str], *, validated: bool = False, partial=None, phase: Phase | None = None) -> dict:
     """Evaluate as ``python -m genflow.apps.evaluate`` does; ``cfg`` is the composed config or its overrides.
     ``partial``: the ``PartialFID`` to keep the FID in (the app's, which its signal handler sees); by default
-    ``partial_of(cfg)``."""
+    ``partial_of(cfg)``. ``phase``: told where the job is (for the line a stop prints)."""
     from genflow.config import compose, module_from_checkpoint
     from genflow.results.records import absolute, config_names
 
@@ -283,7 +285,9 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False, partial=None) 
     device, rank = _init_distributed(cfg.device)
     progress = True if cfg.progress is None else bool(cfg.progress)  # a bar in a terminal, plain lines with ETA otherwise
 
+    phase = phase or Phase()
     start = time.perf_counter()
+    phase.at("loading the model")
     module, dm, stored = module_from_checkpoint(cfg.ckpt, overrides=data_overrides(cfg), device=device)
     dm.setup()
     names = config_names(stored)  # the names the training run's own line uses (genflow.results.records)
@@ -298,8 +302,10 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False, partial=None) 
 
             guide = load_guide(cfg.guide_ckpt, device)
             result.update(guide_ckpt=str(cfg.guide_ckpt), guidance=float(cfg.fid.guidance))
+        phase.at("computing the FID")
         result.update(run_fid(module, dm, stored, cfg.fid, device, progress, guide, partial))
     if want_nll and rank == 0:
+        phase.at("computing the likelihood")
         result.update(run_nll(module, dm, cfg, device, progress))
     result["device"] = device_name(device)
     result["wall_s"] = round(time.perf_counter() - start, 2)
@@ -307,6 +313,7 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False, partial=None) 
         line = json.dumps(result)
         print(line, flush=True)  # first: the result of a long evaluation is never only in a file that failed
         if cfg.out:
+            phase.at(f"writing {cfg.out}")
             check_record(Path(str(cfg.out)).expanduser(), cfg.ckpt)  # written meanwhile by another command?
             write_output(Path(str(cfg.out)).expanduser(), lambda tmp: tmp.write_text(line + "\n"))
         if partial is not None:  # the result is out: nothing is left to continue
@@ -332,15 +339,13 @@ def app(cfg: DictConfig) -> None:
         else:
             raise KeyboardInterrupt(signum)
 
+    kept = (lambda: partial.kept_line(int(cfg.fid.seed_sets), fid_num(cfg))) if partial is not None \
+        else "nothing is kept"
+    phase = Phase("starting", kept, f"continue with: {this_command()}")
     before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        main(cfg, validated=True, partial=partial)
-    except KeyboardInterrupt as stop:  # no traceback: what is kept and the command that continues
-        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
-        kept = partial.kept_line(int(cfg.fid.seed_sets), fid_num(cfg)) if partial is not None else "nothing is kept"
-        print(f"stopped by {signal.Signals(signum).name}: {kept}; continue with: {this_command()}",
-              file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
+        with one_line_on_stop(phase, sigterm=False):  # one line, no traceback: what is kept, the command that continues
+            main(cfg, validated=True, partial=partial, phase=phase)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

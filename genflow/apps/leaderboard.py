@@ -65,6 +65,7 @@ from genflow.config import (CONFIG_DIR, FID_SCHEMA, PRECISION, SAMPLER_SCHEMA, I
                             sampler_options)
 from genflow.devices import device_name
 from genflow.errors import RegressionFound, config_error, reported
+from genflow.outputs import check_writable, write_output
 from genflow.results.gate import DEFAULT_K, DEFAULT_TOLERANCE, compare
 from genflow.results.history import SCHEMA, append_records, last_matching, read_history, seed_set_summary
 from genflow.results.page import write_page
@@ -308,9 +309,16 @@ def continued_config(entry: dict, suite: dict, run_dir: Path) -> DictConfig:
 
 
 def train_entry(cfg: DictConfig) -> dict:
+    """Train (or continue) an entry's run; stopped, it is continued by the same leaderboard command."""
+    import shlex
+
+    from genflow.apps.run_folder import job_overrides
     from genflow.apps.train import train
 
-    return train(cfg)
+    overrides = job_overrides()
+    again = " ".join(["python -m genflow.apps.leaderboard",
+                      *map(shlex.quote, overrides if overrides is not None else sys.argv[1:])])
+    return train(cfg, continue_with=again)
 
 
 def resolve_steps(method, entry: dict, solver: str) -> int:
@@ -434,6 +442,9 @@ def validate(cfg: DictConfig) -> dict:
     suite = composed_suite(cfg)
     check_suite_in_place(cfg, suite)
     check_entry_code(suite)
+    # where the tables, grids, runs and the history go, writable before the first entry is trained
+    check_writable(cfg.out or Path("leaderboard") / suite["name"], "out")
+    check_writable(Path(str(cfg.history or Path("leaderboard") / "history.jsonl")).parent, "history")
     return suite
 
 
@@ -556,7 +567,8 @@ def run(cfg: DictConfig | Sequence[str] | None = None, *, validated: bool = Fals
     regressions = [v for v in verdicts if v.regressed]
     if rank0:
         append_records(history_path, records)
-        (out / "leaderboard.md").write_text(markdown(suite, rows, cfg.num, cfg.precision))
+        table = markdown(suite, rows, cfg.num, cfg.precision)
+        write_output(out / "leaderboard.md", lambda tmp: tmp.write_text(table))
         page_rows = [{**r, "record": rec} for r, rec in zip(rows, records)]
         write_page(out, suite, page_rows, read_history(history_path),
                    {"suite file": _shown(suite["path"]), "date": date, "commit": revision, "device": dev,
@@ -594,9 +606,7 @@ def history_record(suite: str, row: dict) -> dict:
 
 
 def atomic_json(path: Path, value) -> None:
-    from genflow.cache import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1) + "\n"))
+    write_output(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1) + "\n"))
 
 
 @hydra.main(version_base="1.3", config_path=str(APP_DIR), config_name="leaderboard")

@@ -18,6 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from genflow.config import CONFIG_DIR, Int, Spec, Str, check_output_dir, check_schema, run_app
 from genflow.errors import config_error, reported
+from genflow.config.entry import one_line_on_stop
+from genflow.outputs import check_writable
+from genflow.progress import Phase
 
 POSTHOC_SCHEMA = {"run": Str(), "sigma_rel": Spec(object), "step": Int(1, null=True), "out": Str(null=True)}
 
@@ -62,6 +65,9 @@ def plan(cfg: DictConfig) -> tuple[list[dict], list[tuple[float, Path]]]:
     out = Path(str(cfg.out)).expanduser() if cfg.out else run / "checkpoints"
     check_output_dir(out, "out")
     files = [(s, output_path(out, s, cfg.step)) for s in asked]
+    # before any snapshot is combined: each checkpoint holds one average's tensors (the snapshots are memory-mapped)
+    average = sum(t.numel() * t.element_size() for t in snaps[-1]["state_dicts"][0].values())
+    check_writable(out, "out", need_bytes=len(files) * (average + (1 << 20)))
     existing = [str(p) for _, p in files if p.exists()]
     if existing:
         raise config_error(f"{', '.join(existing)} already exist(s)", "posthoc never overwrites a checkpoint",
@@ -69,8 +75,9 @@ def plan(cfg: DictConfig) -> tuple[list[dict], list[tuple[float, Path]]]:
     return snaps, files
 
 
-def main(cfg: DictConfig | list[str]) -> dict:
-    """Reconstruct as ``python -m genflow.apps.posthoc`` does; ``cfg`` is the composed config or its overrides."""
+def main(cfg: DictConfig | list[str], phase: Phase | None = None) -> dict:
+    """Reconstruct as ``python -m genflow.apps.posthoc`` does; ``cfg`` is the composed config or its overrides.
+    ``phase``: told what is written (for the line a stop prints)."""
     from genflow.cache import save_checkpoint
     from genflow.config import compose
     from genflow.training.module import check_finite_weights
@@ -79,8 +86,10 @@ def main(cfg: DictConfig | list[str]) -> dict:
     if not isinstance(cfg, DictConfig):
         cfg = compose(command_line(list(cfg)), "posthoc", validator=False)
     snaps, files = plan(cfg)
-    written = []
+    written, phase = [], phase or Phase()
     for sigma_rel, path in files:
+        phase.at(f"reconstructing sigma_rel={sigma_rel}", f"{len(written)} of {len(files)} checkpoints were written "
+                 "(each whole or not at all)", "run it again with sigma_rel= the widths not written yet")
         ckpt = posthoc_checkpoint(snaps, sigma_rel, cfg.step)
         check_finite_weights(ckpt["state_dict"], f"the reconstruction at sigma_rel={sigma_rel}")
         save_checkpoint(ckpt, path)
@@ -110,7 +119,8 @@ def command_line(args: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="posthoc")
 @reported
 def app(cfg: DictConfig) -> None:
-    main(cfg)
+    with one_line_on_stop(Phase()) as phase:
+        main(cfg, phase)
 
 
 def cli() -> None:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from genflow.config import (check_resume, declared_knobs, explicit_sections, newest_valid, read_checkpoint,
                             read_resumable)
 from genflow.errors import config_error
-from genflow.outputs import LOCK_NAME, _alive, _process_start, holds_run, holds_run_error
+from genflow.outputs import LOCK_NAME, FolderState, _alive, _process_start, holds_run, holds_run_error
 from genflow.results.records import config_names
 
 
@@ -317,6 +317,44 @@ try:
     from hydra.experimental.callback import Callback as _HydraCallback
 except ImportError:  # pragma: no cover - Hydra < 1.1
     _HydraCallback = object
+
+
+#: the state of each run or sweep folder before Hydra wrote into it (``RecordFolders``), by absolute path
+FOLDERS_BEFORE: dict[Path, FolderState] = {}
+
+
+class RecordFolders(_HydraCallback):
+    """Hydra callback: record the run folder (a sweep's folder) before Hydra writes ``.hydra/`` and the log there,
+    so a run refused once its job has begun leaves the folder as it was (``folder_before``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._record(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._record(config.hydra.sweep.dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        FOLDERS_BEFORE.clear()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        FOLDERS_BEFORE.clear()
+
+    @staticmethod
+    def _record(folder) -> None:
+        FOLDERS_BEFORE.clear()  # one Hydra run at a time: nothing older is what its folder held
+        if primary_process():
+            state = FolderState(str(folder))
+            FOLDERS_BEFORE[state.root] = state
+
+
+def folder_before(run_dir: Path):
+    """What ``run_dir`` held before this command: as ``RecordFolders`` found it before Hydra wrote (the run's
+    folder, or the sweep's that holds it), else as it is now (a run started from Python: nothing written yet)."""
+    here = Path(str(run_dir)).expanduser().absolute()
+    for root in (here, *here.parents):
+        if root in FOLDERS_BEFORE:
+            return FOLDERS_BEFORE.pop(root) if root == here else FOLDERS_BEFORE[root]
+    return FolderState(here)
 
 
 class SweepSummary(_HydraCallback):

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -35,10 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from genflow.config import (CONFIG_DIR, PRECISION, SAMPLER_SCHEMA, Bool, Float, Int, Spec, Str, check_device,
                             check_output_dir, check_schema, check_target, build_method, config_from_checkpoint,
                             data_conditions, read_checkpoint, run_app, sampler_options)
+from genflow.config.entry import one_line_on_stop
 from genflow.errors import config_error, os_error, reported
 from genflow.data.record import read_record
 from genflow.outputs import (check_sample_folder, check_writable, sample_bytes, sample_settings, write_output,
                              write_sample_manifest)
+from genflow.progress import Phase
 
 SAMPLE_SCHEMA = {
     "ckpt": Str(), "num": Int(1, null=True, example=64), "seeds": Spec(object, null=True), "steps": Int(1),
@@ -125,8 +125,9 @@ def validate(cfg: DictConfig) -> None:
                            "the checkpoint was trained with data.conditional=false", "drop class=")
 
 
-def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
-    """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``)."""
+def main(cfg: DictConfig | list[str], *, validated: bool = False, phase: Phase | None = None) -> dict:
+    """Sample as ``python sample.py`` does; ``cfg`` is the composed config or its overrides (``["ckpt=...", ...]``).
+    ``phase``: told where the job is and what it keeps (for the line a stop prints)."""
     from genflow.config import compose, module_from_checkpoint
     from genflow.sampling import generate, nfe_per_image, sample_conditions, save_grid, to_uint8
     from genflow.training.module import check_finite_weights
@@ -146,6 +147,8 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
 
     settings = sample_settings(cfg, cfg.ckpt)
     check_sample_folder(out, settings)  # again: a multirun job's own folder, or one written meanwhile
+    phase = phase or Phase()
+    phase.at("loading the model")
     module, dm, stored = module_from_checkpoint(cfg.ckpt, grid_overrides(cfg), device=device)
     check_finite_weights(module, f"checkpoint {cfg.ckpt}")
     shape = tuple(dm.data_shape)
@@ -178,19 +181,19 @@ def main(cfg: DictConfig | list[str], *, validated: bool = False) -> dict:
         for seed, img in zip(batch_seeds, to_uint8(batch).cpu()):
             write_png(out / f"{seed:06d}.png", img)
 
-    try:
-        # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
-        samples = generate(module.method, net, todo, shape, steps=steps, solver=solver, cond=cond,
-                           guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
-                           device=module.device, progress=bool(cfg.progress), precision=cfg.precision,
-                           counts=counts, solver_options=options, num_classes=dm.num_classes,
-                           class_label=cfg["class"], on_batch=write_batch if per_seed_png else None)
-    except KeyboardInterrupt:
-        if per_seed_png:
-            kept = sum(png_ok(out / f"{s:06d}.png", shape) for s in seeds)
-            print(f"stopped: {kept} of {len(seeds)} images are in {out}; run the same command again to sample "
-                  "the rest", file=sys.stderr, flush=True)
-        raise
+    def kept() -> str:
+        return f"{sum(png_ok(out / f'{s:06d}.png', shape) for s in seeds)} of {len(seeds)} images are in {out}"
+
+    phase.at("sampling", kept if per_seed_png else "no sample was written",
+             "run the same command again to sample the rest" if per_seed_png else None)
+    # without class=, each image's class is drawn from its seed's generator, as EDM's generate.py draws it
+    samples = generate(module.method, net, todo, shape, steps=steps, solver=solver, cond=cond,
+                       guidance=None if guidance is None else float(guidance), batch_size=int(cfg.batch),
+                       device=module.device, progress=bool(cfg.progress), precision=cfg.precision,
+                       counts=counts, solver_options=options, num_classes=dm.num_classes,
+                       class_label=cfg["class"], on_batch=write_batch if per_seed_png else None)
+    phase.at("writing samples.npz and grid.png", how="run the same command again to write them" if per_seed_png
+             else None)
     wall = time.perf_counter() - start
     nfe = module.method.nfe(steps, solver)  # an adaptive solver's is measured (none when nothing was sampled)
     nfe = nfe if nfe is not None else nfe_per_image(counts)
@@ -255,20 +258,11 @@ def write_png(path: Path, img: torch.Tensor) -> None:
         raise (os_error(err, path) or err) from err
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM stops as Ctrl-C does: the images written are kept
-
-
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 @reported
 def app(cfg: DictConfig) -> None:
-    before = signal.signal(signal.SIGTERM, _stop)
-    try:
-        main(cfg, validated=True)
-    except KeyboardInterrupt as stop:  # main said what is kept and how to go on: no traceback
-        sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with one_line_on_stop(Phase()) as phase:  # Ctrl-C or SIGTERM: what is kept and how to go on, no traceback
+        main(cfg, validated=True, phase=phase)
 
 
 def cli() -> None:

@@ -29,16 +29,16 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from safetensors.torch import save_file
 
-from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, method_settings, prepare_run,
-                                     write_result)
+from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, folder_before, method_settings,
+                                     prepare_run, primary_process, write_result)
 from genflow.cache import atomic_write
 from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
                             to_container, validate)
 from genflow.errors import WriteFailed, os_error, reported
 from genflow.metrics import evaluate_fid
-from genflow.outputs import check_writable
+from genflow.outputs import FolderState, check_writable
 from genflow.results.records import absolute
-from genflow.progress import say
+from genflow.progress import Phase, say
 from genflow.threads import configure_threads
 from genflow.training import AtomicCheckpointIO, EDMEma, SampleGrid
 from genflow.training.module import speed_settings
@@ -147,33 +147,70 @@ def settings_lines(cfg: DictConfig, module, run_dir: Path, threads: str) -> list
             f"{cfg.trainer.get('accelerator', 'cpu')}, {threads}"]
 
 
-def train(cfg: DictConfig, *, validated: bool = False) -> dict:
+def train(cfg: DictConfig, *, validated: bool = False, continue_with: str | None = None) -> dict:
     """Fit, then grid, exports, final metrics and the JSON line. ``validated``: the caller has already run
     ``genflow.config.validate`` on this config (train.py does so before Hydra starts the job), so the
-    checkpoints are not read and the images not verified a second time."""
+    checkpoints are not read and the images not verified a second time. ``continue_with``: the command that
+    continues a stopped run, where not train.py's (the leaderboard's own)."""
 
     read = {} if validated else validate(cfg)
-    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
-        from genflow.config.guide import check_guide
-
-        check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     run_dir = run_dir_of(cfg)
-    with RunFolderLock(run_dir) as lock, StopOnSignal() as stop:  # one process per folder, released however it ends
-        try:
-            return _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"), stop)
-        except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
-            err.fix = err.fix.replace("run the same command again", f"continue with: {continue_command(cfg, run_dir)}")
-            raise
-        except (Stopped, KeyboardInterrupt) as signal_:  # outside the steps: what is kept and how to go on
-            signum = signal_.args[0] if signal_.args and isinstance(signal_.args[0], int) else int(signal.SIGINT)
-            trained = any((run_dir / "checkpoints").glob("*.ckpt"))
-            how = f"continue with: {continue_command(cfg, run_dir)}" if trained else "run the same command again"
-            kept = stop.kept
-            if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
-                kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
-            say(f"stopped by {signal.Signals(signum).name} while {stop.phase}: {kept}; {how}",
-                run_dir / "train.log" if run_dir.is_dir() else None)
-            sys.exit(128 + signum)
+    undo = UndoUnlessStarted(folder_before(run_dir) if primary_process() else None, run_dir)
+    written = FolderState(run_dir) if undo.before is not None else None  # as Hydra left it
+    try:
+        with RunFolderLock(run_dir) as lock, StopOnSignal() as stop, undo:  # one process per folder, however it ends
+            how = continue_with or continue_command(cfg, run_dir)
+            return _stopped_or_failed(cfg, run_dir, lambda: _train_in(cfg, run_dir, lock.notes, read.get("ckpt_path"),
+                                                                      stop, undo.started, how), stop, how)
+    finally:
+        if undo.entered:
+            undo.remove_made_folders()  # once the lock file is gone
+        elif written is not None:  # refused by another process's lock: its files are its own
+            undo.before.put_back_unchanged(written, run_dir)
+
+
+def _stopped_or_failed(cfg: DictConfig, run_dir: Path, run, stop: "StopOnSignal", how: str) -> dict:
+    """``run()``; a full disk or a signal outside the steps ends in what is kept and ``how`` to go on."""
+    try:
+        return run()
+    except WriteFailed as err:  # a full disk: the checkpoints before it are intact; say how to go on
+        err.fix = err.fix.replace("run the same command again", f"continue with: {how}")
+        raise
+    except (Stopped, KeyboardInterrupt) as signal_:  # outside the steps: what is kept and how to go on
+        signum = signal_.args[0] if signal_.args and isinstance(signal_.args[0], int) else int(signal.SIGINT)
+        trained = any((run_dir / "checkpoints").glob("*.ckpt"))
+        how = f"continue with: {how}" if trained else "run the same command again"
+        kept = stop.kept
+        if stop.partial is not None:  # the final FID's progress (the KeyboardInterrupt of its stop)
+            kept += f"; of the final FID, {stop.partial.kept_line(int(cfg.fid.seed_sets), int(cfg.fid.num))}"
+    say(stop.line(signum, kept, how), run_dir / "train.log" if run_dir.is_dir() else None)
+    sys.exit(128 + signum)
+
+
+class UndoUnlessStarted:
+    """A run refused (or stopped) before its first step, or found finished already, leaves its folder as it was
+    before this command (``FolderState``: Hydra's ``.hydra/`` and log, the notes, a logger's folder are undone);
+    ``started()`` marks the point from which what is written is the run's. ``began``: whether it did."""
+
+    def __init__(self, before, run_dir: Path):
+        self.before, self.run_dir, self.began, self.undone, self.entered = before, run_dir, False, False, False
+
+    def started(self) -> None:
+        self.began = True
+
+    def __enter__(self) -> "UndoUnlessStarted":  # entered once this process holds the folder's lock
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None and not self.began:
+            # only the run's folder (a sweep's other runs are theirs), inside the lock, whose file the lock removes
+            self.before.restore(self.run_dir)
+            self.undone = True
+
+    def remove_made_folders(self) -> None:
+        if self.undone:  # never where another process holds the folder (the lock refused this one)
+            self.before.remove_made_folders(self.run_dir)
 
 
 class Stopped(BaseException):
@@ -185,18 +222,20 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-class StopOnSignal:
+class StopOnSignal(Phase):
     """Ctrl-C and SIGTERM stop the run at once where no step is in progress (``RunCheckpoint`` takes them over
     during the steps and hands them back), each write being atomic: what is written stays, ``ckpt_path=last``
     makes the rest. A second signal stops even the clean-up, with one line. ``phase`` and ``kept`` say where it
     stopped and what is there."""
 
     def __init__(self):
-        self.phase, self.kept, self.signals, self.before = "starting", "nothing was trained yet", [], {}
+        super().__init__("starting", "nothing was trained yet")
+        self.signals, self.before = [], {}
         self.partial = None  # the final FID's PartialFID while it runs: a stop waits for its batch in progress
 
     def at(self, phase: str, kept: str | None = None, partial=None) -> None:
-        self.phase, self.kept, self.partial = phase, kept or self.kept, partial
+        super().at(phase, kept)
+        self.partial = partial
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.append(signum)
@@ -220,10 +259,15 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, stopper: StopOnSignal | None = None) -> dict:
+def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, stopper: StopOnSignal | None = None,
+              started=lambda: None, how: str | None = None) -> dict:
+    """The run in its folder; ``started()`` is called once every check has passed, before the first step (what
+    was written before it is undone if the run is refused or stopped)."""
     stopper = stopper or StopOnSignal()
+    if cfg.sample.get("guide_ckpt") is not None:  # autoguided grids and FIDs: the guide fits this run
+        from genflow.config.guide import check_guide
 
-
+        check_guide(cfg, cfg.sample.guide_ckpt, key="sample.guide_ckpt", good_key="this run")
     start = prepare_run(cfg, run_dir, resume)  # refuses to overwrite a run, before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
@@ -255,6 +299,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, sto
             say(line, log)
     for logger in trainer.loggers:
         logger.log_hyperparams(describe(cfg, module.method))
+    started()  # from here on, what is written is the run's
     began = time.perf_counter()
     if start.ckpt_path is not None:
         stopper.at("resuming", f"the checkpoints in {run_dir / 'checkpoints'} are kept")
@@ -265,7 +310,7 @@ def _train_in(cfg: DictConfig, run_dir: Path, notes: list[str], resume=None, sto
     if stop.stopped_by is not None:
         name = signal.Signals(stop.stopped_by).name
         say(f"stopped by {name} at step {trainer.global_step}: the state is in {stop.last_path}; continue with: "
-            f"{continue_command(cfg, run_dir)}", log)
+            f"{how or continue_command(cfg, run_dir)}", log)
         sys.exit(128 + int(stop.stopped_by))
     # EDMEma copies the averaged weights into the module at the end of fit: what follows uses EMA weights
     if start.complete:  # outputs of a finished run are made from its final (EMA) weights

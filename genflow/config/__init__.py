@@ -14,7 +14,7 @@ from genflow.config.checkpoints import (config_from_checkpoint, load_weights, ne
                                         read_resumable)
 from genflow.config.composing import (APP_DIRS, APP_FILES, APPS, CONFIG_DIR, GROUPS, check_choices, compose_config,
                                       declared_knobs, hydra_error, options)
-from genflow.config.entry import HYDRA_FLAGS, plain_app, preflight, run_app, sweep_variants
+from genflow.config.entry import HYDRA_FLAGS, plain_app, preflight, run_app, run_plain, sweep_variants
 from genflow.config.resume import RECORDED, check_resume, explicit_sections
 from genflow.config.schema import (FID_SCHEMA, GENFLOW_TRAINER_KEYS, MATMUL_PRECISIONS, OPTIM_SCHEMA, PRECISION,
                                    SAMPLER_SCHEMA, TRAIN_SCHEMA, sampler_options, Bool, Float, Int, Spec, Str, accepted_params, check_schema, check_target,
@@ -30,5 +30,5 @@ __all__ = [
     "check_schema", "check_target", "check_trainer", "compose", "compose_config", "config_from_checkpoint",
     "data_conditions", "declared_knobs", "explicit_sections", "fid_options", "hydra_error", "instantiate", "load_weights",
     "module_from_checkpoint", "newest_valid", "options", "plain_app", "preflight", "read_checkpoint", "read_resumable",
-    "run_app", "sweep_variants", "target_class", "to_container", "validate",
+    "run_app", "run_plain", "sweep_variants", "target_class", "to_container", "validate",
 ]

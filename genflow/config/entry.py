@@ -3,6 +3,7 @@ a sweep) so a bad input ends in what / why / fix with exit 2 before anything is 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from genflow.config.composing import APPS, compose_config, hydra_error
 from genflow.config.schema import check_schema
 from genflow.config.validation import bare_items, compose, knob_overrides
 from genflow.errors import config_error, exit_on_error, strip_debug_flag
+from genflow.progress import Phase
 
 
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
@@ -76,7 +78,7 @@ def run_app(hydra_main, config_name: str, validator=None) -> None:
         exit_on_error(preflight, config_name, validator)
         sys.argv[1:] = exit_on_error(with_knobs, config_name, sys.argv[1:])
     except KeyboardInterrupt:  # Ctrl-C while the command line is checked: one line, not a traceback
-        print("stopped by SIGINT while checking the command line; nothing was written", file=sys.stderr, flush=True)
+        print(Phase("checking the command line").line(signal.SIGINT), file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     try:
         hydra_main()
@@ -86,6 +88,44 @@ def run_app(hydra_main, config_name: str, validator=None) -> None:
         raise SystemExit(130) from None
     except SystemExit as done:
         if done.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped by a signal: the process ends
+            exit_quietly_on_signals()
+        raise
+
+
+def interrupt(signum, frame):
+    """A SIGTERM handler: stop as Ctrl-C does (``KeyboardInterrupt(signum)``), so what an app keeps is kept."""
+    raise KeyboardInterrupt(signum)
+
+
+@contextlib.contextmanager
+def one_line_on_stop(phase: Phase, *, sigterm: bool = True):
+    """Ctrl-C (and SIGTERM, made to stop as Ctrl-C does, unless the app handles it: ``sigterm=False``) ends the
+    block with ``phase``'s one line (what the app was doing, what it keeps, how to go on) and exit 128 + signal."""
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, interrupt) if sigterm and main_thread else None
+    try:
+        yield phase
+    except KeyboardInterrupt as stop:
+        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+        print(phase.line(signum), file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def run_plain(main, *args, phase: Phase) -> None:
+    """How an app that runs no Hydra job starts (convert, dataset, bench): ``--debug`` handled, a genflow error
+    is what / why / fix with exit 2, and Ctrl-C or SIGTERM end it with one line (``phase``: what it was doing and
+    what it keeps), exit 130/143, every output written whole or not at all."""
+    strip_debug_flag()
+    try:
+        with one_line_on_stop(phase):
+            exit_on_error(main, *args)
+    except SystemExit as done:
+        if done.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped: the process only ends
             exit_quietly_on_signals()
         raise
 

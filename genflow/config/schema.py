@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from genflow.config.composing import APPS, app_defaults
 from genflow.errors import config_error
-from genflow.solvers import SCHEDULES
+from genflow.solvers import SCHEDULES, UNIPC_ORDERS, UNIPC_VARIANTS
 
 
 class Spec:
@@ -58,18 +58,20 @@ Str, Bool = (lambda **kw: Spec(str, **kw)), (lambda **kw: Spec(bool, **kw))
 PRECISION = Str(choices=("fp32", "bf16"))
 
 # a user's settings of a sampler (Method.check_solver refuses those its solver does not take): EDM's churn,
-# the time grid of the exponential integrator (dpmpp_2m)
+# the time grid of the exponential integrators (dpmpp_2m, unipc), UniPC's order, B(h) and final-step orders
 SAMPLER_SCHEMA = {"S_churn": Float(0, null=True, example=40), "S_tmin": Float(0, null=True, example=0.05),
                   "S_tmax": Float(0, null=True, example=50), "S_noise": Float(0, null=True, example=1.003),
-                  "schedule": Str(null=True, choices=SCHEDULES, example="logsnr")}
+                  "schedule": Str(null=True, choices=SCHEDULES, example="logsnr"),
+                  "order": Int(null=True, choices=UNIPC_ORDERS, example=3),
+                  "variant": Str(null=True, choices=UNIPC_VARIANTS, example="bh2"),
+                  "lower_order_final": Bool(null=True, example=True)}
 
 
 def sampler_options(node) -> dict:
-    """The sampler settings (SAMPLER_SCHEMA keys) a config section sets (non-null): numbers as plain floats."""
+    """The sampler settings (SAMPLER_SCHEMA keys) a config section sets (non-null), as plain Python values."""
     if node is None:
         return {}
-    return {k: float(node[k]) if spec.kind is float else str(node[k])
-            for k, spec in SAMPLER_SCHEMA.items() if node.get(k) is not None}
+    return {k: spec.kind(node[k]) for k, spec in SAMPLER_SCHEMA.items() if node.get(k) is not None}
 
 
 # FID options, spelled once: the `fid` section of train.yaml (final FID), callbacks/fid.yaml, evaluate and

@@ -175,7 +175,7 @@ def write_archive(dest: str | Path, images: Iterable[tuple["object", int | None]
     """Write (PIL image, label or None) pairs as EDM's archive at ``dest`` (atomically; an existing file is
     never replaced). Every image must already be square, a power of two wide, grey or RGB, all alike.
     Labels are written when every image has one. Returns a summary."""
-    from genflow.cache import atomic_write
+    from genflow.outputs import write_output
 
     dest = Path(dest).expanduser()
     if dest.exists():
@@ -217,7 +217,7 @@ def write_archive(dest: str | Path, images: Iterable[tuple["object", int | None]
         summary.update(images=len(labels), resolution=layout[0], channels=layout[1], labelled=labelled,
                        classes=len({label for _, label in labels}) if labelled else 0)
 
-    atomic_write(dest, write)
+    write_output(dest, write)  # a full disk: an error naming dest, which is left as it was
     return {"dest": str(dest.absolute()), **summary}
 
 

@@ -242,16 +242,17 @@ class Method(nn.Module, ABC):
     # ------------------------------------------------------------- exponential integrators
     def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
         """(alpha(t), sigma(t)) of the path x_t = alpha x_data + sigma eps, float64, of shape ``t.shape`` plus,
-        for a per-coefficient path, the shape of ``combine``'s coefficients (SPD: per frequency). Exponential integrators (``dpmpp_2m``) step
+        for a per-coefficient path, the shape of ``combine``'s coefficients (SPD: per frequency). Exponential integrators
+        (``dpmpp_2m``, ``unipc``) step
         in lambda = ln(alpha / sigma), which is -inf where alpha = 0 and +inf where sigma = 0."""
         raise config_error(f"{type(self).__name__} has no Gaussian path x_t = alpha x + sigma eps",
-                           "exponential integrators (dpmpp_2m) step along log(alpha/sigma) of such a path",
+                           "exponential integrators (dpmpp_2m, unipc) step along log(alpha/sigma) of such a path",
                            f"use one of {', '.join(solvers.ODE_SOLVERS)}")
 
     def data_prediction(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
         """The net's estimate of the clean data E[x_data | x_t = x] at time ``t`` (scalar), in x's dtype."""
         raise config_error(f"{type(self).__name__} has no data prediction",
-                           "exponential integrators (dpmpp_2m) step on the predicted clean data",
+                           "exponential integrators (dpmpp_2m, unipc) step on the predicted clean data",
                            f"use one of {', '.join(solvers.ODE_SOLVERS)}")
 
     def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
