@@ -14,17 +14,13 @@ import torch
 
 from genflow import solvers
 from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
-from test_dpmpp import (F64, PATHS, DDPMNet, EDMNet, FlowNet, SPDNet, gaussian_denoiser, gaussian_flow, gens,
-                        lambda_uniform, orders, pfgmpp_denoiser, spectrum)
+from solver_cases import (F64, PATHS, DDPMNet, EDMNet, FlowNet, SPDNet, assert_order, check_guidance_and_nfe,
+                          check_rounding_level_sigma_is_the_data_end, gaussian_denoiser, gaussian_flow, gens,
+                          lambda_uniform, orders, pfgmpp_denoiser, spectrum)
 
 #: the doublings that show the asymptotic order: UniPC's first steps are of lower order (UniC-1, then
 #: UniC-2), whose error is one order lower and dominates below these step counts at p = 3
 STEPS = {1: (32, 64, 128), 2: (32, 64, 128), 3: (128, 256, 512)}
-
-
-def assert_order(errors, order):
-    measured = orders(errors)
-    assert all(abs(p - order) <= 0.3 for p in measured), f"errors {errors}: measured orders {measured}"
 
 
 def unipc_errors(m, net, x0, grids, exact, **options):
@@ -142,19 +138,7 @@ def test_flow_matching_whole_path_converges():
 
 # ---------------------------------------------------------------------------------------- contract
 def test_nfe_is_steps_and_guidance_mixes_predictions():
-    m = EDM(sigma_max=20.0)
-    calls = []
-
-    def net(x, c_noise, cond=None):
-        calls.append(x.shape[0])
-        shift = cond["class"][:, :1].reshape(-1, 1) if cond else 0.0
-        return 0.3 * x + shift
-
-    noise = m.prior_sample((3, 2), generator=gens(3))
-    out = m.solve(net, noise, steps=7, solver="unipc", cond={"class": torch.ones(3, 2)}, guidance=0.0)
-    assert out.nfe == m.nfe(7, "unipc") == 7 and calls == [6] * 7  # both branches in one batch
-    uncond = m.solve(net, noise, steps=7, solver="unipc", cond={"class": torch.zeros(3, 2)})
-    torch.testing.assert_close(out.x, uncond.x)
+    check_guidance_and_nfe("unipc")
 
 
 def test_settings_are_checked():
@@ -171,17 +155,7 @@ def test_settings_are_checked():
 
 def test_rounding_level_sigma_is_the_data_end():
     """A path whose sigma(1) is cos(pi/2) = 6e-17 ends at sigma = 0 (infinite lambda) for UniPC as well."""
-    class Rounded(FlowMatching):
-        def alpha_sigma(self, t):
-            alpha, sigma = super().alpha_sigma(t)
-            return alpha, torch.where(sigma == 0, torch.full_like(sigma, 6.1e-17), sigma)
-
-    exact, rounded = FlowMatching("cosine"), Rounded("cosine")
-    x0 = exact.prior_sample((4, 4), generator=gens(4)).to(F64)
-    for schedule in ("model", "logsnr"):
-        a = exact.solve(FlowNet(exact), x0, steps=8, solver="unipc", schedule=schedule).x
-        b = rounded.solve(FlowNet(exact), x0, steps=8, solver="unipc", schedule=schedule).x
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    check_rounding_level_sigma_is_the_data_end("unipc")
 
 
 # ------------------------------------------------------------------------- the authors' code, side by side
