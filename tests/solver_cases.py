@@ -128,7 +128,7 @@ class SPDNet:
     def __call__(self, x, label, cond=None):
         s = label.to(F64)[0] / self.m.label_scale
         ab, omab = self.m.alpha_bar(s), self.m.one_minus_alpha_bar(s)
-        return self.m._combine((x.to(F64), omab.sqrt() / (ab * self.m.spectrum + omab))).to(x.dtype)
+        return self.m.combine((x.to(F64), omab.sqrt() / (ab * self.m.spectrum + omab))).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------- shared contracts

@@ -128,7 +128,7 @@ def test_spd_order_two_per_frequency():
         grid = lambda_uniform(m, m.s_hi, m.s_lo, n)
         gain = (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()
         out = m.solve(SPDNet(m), x0, steps=n, solver="dpmpp_2m", grid=grid)
-        errors.append(float((out.x - m._combine((x0, gain))).abs().max()))
+        errors.append(float((out.x - m.combine((x0, gain))).abs().max()))
     assert_second_order(errors)
 
 

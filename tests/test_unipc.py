@@ -114,7 +114,7 @@ def test_spd_order_per_frequency():
     x0 = m.prior_sample((4, 1, 8, 8), generator=gens(4)).to(F64)
 
     def exact(grid):
-        return m._combine((x0, (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()))
+        return m.combine((x0, (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()))
 
     for order in (1, 2, 3):
         grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in ((64, 128, 256) if order == 3 else STEPS[order])]
