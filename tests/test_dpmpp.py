@@ -252,8 +252,8 @@ def test_time_grids():
     sigma/alpha = 80 at least); the VP methods default to it, flow matching to karras."""
     edm, flow, ddpm = EDM(), FlowMatching("condot"), DDPM()
     torch.testing.assert_close(solvers.exponential_grid(edm, 6, "karras"), edm.time_grid(6), rtol=1e-9, atol=0)
-    for m, ends in ((edm, (0, 6)), (flow, (1, 6)), (ddpm, (0, 7))):
-        g = solvers.exponential_grid(m, 7 if m is flow else (6 if m is edm else 7), "logsnr")
+    for m, steps, ends in ((edm, 6, (0, 6)), (flow, 7, (1, 6)), (ddpm, 7, (0, 7))):  # ends: the finite lambdas
+        g = solvers.exponential_grid(m, steps, "logsnr")
         lam = solvers.mean_log_snr(m, g[ends[0]:ends[1]])
         torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(lam.numel() - 1), rtol=1e-7, atol=1e-9)
     g = solvers.exponential_grid(flow, 7, "logsnr")  # after alpha = 0 the finite part starts at EDM's sigma_max
