@@ -24,6 +24,17 @@ def assert_order(errors, order):
     assert all(abs(p - order) <= 0.3 for p in measured), f"errors {errors}: measured orders {measured}"
 
 
+def solve_errors(solver, m, net, x0, grids, exact, **options):
+    """The largest error of ``solver`` on each of ``grids`` against ``exact(grid)``; N steps must be N calls."""
+    errors = []
+    for grid in grids:
+        n = grid.numel() - 1
+        out = m.solve(net, x0, steps=n, solver=solver, grid=grid, **options)
+        assert out.nfe == n
+        errors.append(float((out.x - exact(grid)).abs().max()))
+    return errors
+
+
 def gens(n):
     return [torch.Generator().manual_seed(i) for i in range(n)]
 

@@ -17,7 +17,7 @@ from genflow import solvers
 from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
 from solver_cases import (F64, PATHS, DDPMNet, EDMNet, FlowNet, SPDNet, assert_order, check_guidance_and_nfe,
                           check_rounding_level_sigma_is_the_data_end, gaussian_denoiser, gaussian_flow, gens,
-                          lambda_uniform, orders, pfgmpp_denoiser, spectrum)
+                          lambda_uniform, orders, pfgmpp_denoiser, solve_errors, spectrum)
 
 #: steps whose doublings give the measured orders (the asymptotic range: the first steps of a 2M solve
 #: from sigma_max are first order, which dominates below ~16 steps)
@@ -35,13 +35,8 @@ def test_edm_gaussian_order_two():
     m = EDM()
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
     for make in (lambda n: m.time_grid(n + 1)[:-1], lambda n: lambda_uniform(m, m.sigma_max, m.sigma_min, n)):
-        errors = []
-        for n in STEPS:
-            grid = make(n)
-            out = m.solve(EDMNet(m, gaussian_denoiser), x0, steps=n, solver="dpmpp_2m", grid=grid)
-            assert out.nfe == n
-            errors.append(float((out.x - gaussian_flow(m, x0, grid)).abs().max()))
-        assert_second_order(errors)
+        assert_second_order(solve_errors("dpmpp_2m", m, EDMNet(m, gaussian_denoiser), x0, [make(n) for n in STEPS],
+                                         lambda g: gaussian_flow(m, x0, g)))
 
 
 @pytest.mark.parametrize("D", [8, 128, math.inf])
@@ -55,11 +50,9 @@ def test_pfgmpp_order_two_at_every_D(D):
     ends = torch.tensor([m.sigma_max, m.sigma_min], dtype=F64)
     ref = solvers.integrate(lambda x, t: m.velocity(net, x, t), x0, ends, solver="dopri5", atol=1e-12,
                             rtol=1e-12).x
-    errors = []
-    for n in (64, 128, 256):  # the posterior weights switch sharply near sigma ~ the points' spacing
-        out = m.solve(net, x0, steps=n, solver="dpmpp_2m", grid=lambda_uniform(m, m.sigma_max, m.sigma_min, n))
-        errors.append(float((out.x - ref).abs().max()))
-    assert_second_order(errors)
+    # 64 -> 256 steps: the posterior weights switch sharply near sigma ~ the points' spacing
+    grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in (64, 128, 256)]
+    assert_second_order(solve_errors("dpmpp_2m", m, net, x0, grids, lambda g: ref))
 
 
 # ------------------------------------------------------------------------------------- flow matching
@@ -71,12 +64,8 @@ def test_flow_matching_order_two_on_every_path(path):
     spec = PATHS[path]
     m = FlowMatching(spec if isinstance(spec, str) else spec())
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
-    errors = []
-    for n in STEPS:
-        grid = lambda_uniform(m, 0.02, 0.98, n)
-        out = m.solve(FlowNet(m), x0, steps=n, solver="dpmpp_2m", grid=grid)
-        errors.append(float((out.x - gaussian_flow(m, x0, grid)).abs().max()))
-    assert_second_order(errors)
+    grids = [lambda_uniform(m, 0.02, 0.98, n) for n in STEPS]
+    assert_second_order(solve_errors("dpmpp_2m", m, FlowNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g)))
 
 
 def test_flow_matching_whole_path_converges():
@@ -110,12 +99,8 @@ def test_flow_matching_normalised_data_space():
 def test_ddpm_order_two(schedule):
     m = DDPM(schedule=schedule, T=1000)
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
-    errors = []
-    for n in STEPS:  # s_hi -> s_lo, both with finite lambda
-        grid = lambda_uniform(m, m.s_hi, m.s_lo, n)
-        out = m.solve(DDPMNet(m), x0, steps=n, solver="dpmpp_2m", grid=grid)
-        errors.append(float((out.x - gaussian_flow(m, x0, grid)).abs().max()))
-    assert_second_order(errors)
+    grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in STEPS]  # s_hi -> s_lo, both with finite lambda
+    assert_second_order(solve_errors("dpmpp_2m", m, DDPMNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g)))
 
 
 def test_spd_order_two_per_frequency():
@@ -123,13 +108,10 @@ def test_spd_order_two_per_frequency():
     own lambda_k = ln(alpha_k / sigma_k): the exponential integrator runs per frequency."""
     m = SPD(spectrum(), T=1000)
     x0 = m.prior_sample((4, 1, 8, 8), generator=gens(4)).to(F64)
-    errors = []
-    for n in STEPS:  # uniform in the mean lambda over frequencies; each frequency's own steps shrink as 1/n
-        grid = lambda_uniform(m, m.s_hi, m.s_lo, n)
-        gain = (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()
-        out = m.solve(SPDNet(m), x0, steps=n, solver="dpmpp_2m", grid=grid)
-        errors.append(float((out.x - m.combine((x0, gain))).abs().max()))
-    assert_second_order(errors)
+    # uniform in the mean lambda over frequencies; each frequency's own steps shrink as 1/n
+    grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in STEPS]
+    exact = lambda g: m.combine((x0, (m.marginal_variance(g[-1]) / m.marginal_variance(g[0])).sqrt()))
+    assert_second_order(solve_errors("dpmpp_2m", m, SPDNet(m), x0, grids, exact))
 
 
 # ---------------------------------------------------------------------------------------- contract

@@ -16,21 +16,11 @@ from genflow import solvers
 from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
 from solver_cases import (F64, PATHS, DDPMNet, EDMNet, FlowNet, SPDNet, assert_order, check_guidance_and_nfe,
                           check_rounding_level_sigma_is_the_data_end, gaussian_denoiser, gaussian_flow, gens,
-                          lambda_uniform, orders, pfgmpp_denoiser, spectrum)
+                          lambda_uniform, orders, pfgmpp_denoiser, solve_errors, spectrum)
 
 #: the doublings that show the asymptotic order: UniPC's first steps are of lower order (UniC-1, then
 #: UniC-2), whose error is one order lower and dominates below these step counts at p = 3
 STEPS = {1: (32, 64, 128), 2: (32, 64, 128), 3: (128, 256, 512)}
-
-
-def unipc_errors(m, net, x0, grids, exact, **options):
-    errors = []
-    for grid in grids:
-        n = grid.numel() - 1
-        out = m.solve(net, x0, steps=n, solver="unipc", grid=grid, **options)
-        assert out.nfe == n
-        errors.append(float((out.x - exact(grid)).abs().max()))
-    return errors
 
 
 # ------------------------------------------------------------------------------------------- orders
@@ -45,11 +35,11 @@ def test_edm_gaussian_order_p_plus_one(order, variant):
     exact = lambda g: gaussian_flow(m, x0, g)
     net = EDMNet(m, gaussian_denoiser)
     steps = (32, 64, 128)
-    assert_order(unipc_errors(m, net, x0, [m.time_grid(n + 1)[:-1] for n in steps], exact, order=order,
+    assert_order(solve_errors("unipc", m, net, x0, [m.time_grid(n + 1)[:-1] for n in steps], exact, order=order,
                               variant=variant), order + 1)
     if order < 3:
         grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in steps]
-        assert_order(unipc_errors(m, net, x0, grids, exact, order=order, variant=variant), order + 1)
+        assert_order(solve_errors("unipc", m, net, x0, grids, exact, order=order, variant=variant), order + 1)
 
 
 def test_edm_lambda_uniform_third_order_start():
@@ -58,7 +48,8 @@ def test_edm_lambda_uniform_third_order_start():
     m = EDM()
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
     grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in STEPS[3]]
-    errors = unipc_errors(m, EDMNet(m, gaussian_denoiser), x0, grids, lambda g: gaussian_flow(m, x0, g), order=3)
+    errors = solve_errors("unipc", m, EDMNet(m, gaussian_denoiser), x0, grids, lambda g: gaussian_flow(m, x0, g),
+                          order=3)
     assert_order(errors, 4)
 
 
@@ -77,8 +68,8 @@ def test_pfgmpp_order_at_every_D(D):
                             rtol=1e-13).x
     grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in (64, 128, 256)]
     for order in (1, 2):
-        assert_order(unipc_errors(m, net, x0, grids, lambda g: ref, order=order), order + 1)
-    assert all(p >= 3.7 for p in orders(unipc_errors(m, net, x0, grids, lambda g: ref, order=3)))
+        assert_order(solve_errors("unipc", m, net, x0, grids, lambda g: ref, order=order), order + 1)
+    assert all(p >= 3.7 for p in orders(solve_errors("unipc", m, net, x0, grids, lambda g: ref, order=3)))
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -92,7 +83,7 @@ def test_flow_matching_order_on_every_path(path):
     for order in (1, 2, 3):
         steps = (64, 128, 256) if path == "ko" and order == 3 else STEPS[order]
         grids = [lambda_uniform(m, 0.02, 0.98, n) for n in steps]
-        assert_order(unipc_errors(m, FlowNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
+        assert_order(solve_errors("unipc", m, FlowNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
                      order + 1)
 
 
@@ -103,7 +94,7 @@ def test_ddpm_order(schedule):
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
     for order in (1, 2, 3):
         grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in STEPS[order]]
-        assert_order(unipc_errors(m, DDPMNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
+        assert_order(solve_errors("unipc", m, DDPMNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
                      order + 1)
 
 
@@ -118,7 +109,7 @@ def test_spd_order_per_frequency():
 
     for order in (1, 2, 3):
         grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in ((64, 128, 256) if order == 3 else STEPS[order])]
-        assert_order(unipc_errors(m, SPDNet(m), x0, grids, exact, order=order), order + 1)
+        assert_order(solve_errors("unipc", m, SPDNet(m), x0, grids, exact, order=order), order + 1)
 
 
 def test_flow_matching_whole_path_converges():
