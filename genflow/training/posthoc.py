@@ -41,6 +41,7 @@ from pytorch_lightning.callbacks import WeightAveraging
 from torch.optim.swa_utils import AveragedModel
 
 from genflow.errors import config_error
+from genflow.training.callbacks import lerp_average
 
 #: the widest σ_rel with γ > 0 (γ = 0 is the uniform average of the whole run: σ_rel = 1/√12)
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
@@ -195,13 +196,7 @@ class PowerEma(WeightAveraging):
         super().__init__(use_buffers=True, multi_avg_fn=partial(self._lerp, 0))
 
     def _lerp(self, index: int, averaged: list, current: list, num_averaged) -> None:
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if floats:
-            avg, cur = zip(*floats)
-            torch._foreach_lerp_(list(avg), list(cur), 1.0 - self._betas[index])
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():
-                a.copy_(c)
+        lerp_average(averaged, current, 1.0 - self._betas[index])
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
