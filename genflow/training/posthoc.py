@@ -122,7 +122,7 @@ def list_snapshots(folder: Path) -> list[tuple[int, Path]]:
 
 def read_snapshot(path: Path, *, mmap: bool = True) -> dict:
     """A snapshot written by ``PowerEma``, checked: weights only, with its step, σ_rel and state dicts."""
-    from genflow.cache import checksum_mismatch
+    from genflow.cache import checkpoint_damage
     from genflow.errors import checkpoint_error
 
     try:
@@ -131,7 +131,7 @@ def read_snapshot(path: Path, *, mmap: bool = True) -> dict:
         raise checkpoint_error(f"cannot read post-hoc EMA snapshot {path} ({type(err).__name__})",
                                "the file is empty, truncated or not a snapshot written by train.py with ema=posthoc",
                                "remove it (the other snapshots still reconstruct, with a coarser fit)") from err
-    if why := checksum_mismatch(snap):
+    if why := checkpoint_damage(snap, path):  # the tensors' sha256 and the CRC-32 of step, σ_rel and config
         raise checkpoint_error(f"post-hoc EMA snapshot {path} is corrupt", why,
                                "remove it (the other snapshots still reconstruct, with a coarser fit)")
     keys = ("step", "sigma_rel", "state_dicts", "hyper_parameters")
