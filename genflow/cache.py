@@ -192,6 +192,14 @@ def archive_damage(path: str | os.PathLike, *, tensors: bool) -> str:
     return ""
 
 
+def checkpoint_damage(ckpt, path: str | os.PathLike) -> str:
+    """Why a checkpoint loaded from ``path`` fails its checks ("" when it passes): its tensors against the sha256
+    stored at save time, and the archive's records against their CRC-32s (the tensor storages too when it was
+    written before checksums)."""
+    sealed = isinstance(ckpt, dict) and CHECKSUM_KEY in ckpt
+    return checksum_mismatch(ckpt) or archive_damage(path, tensors=not sealed)
+
+
 def cached_checkpoint_problem(path: str | os.PathLike) -> str:
     """Why a checkpoint kept as a cache (a conversion, a post-hoc reconstruction) must be made again: it cannot
     be read, has no checksum or fails it ("" when it is intact)."""
@@ -201,7 +209,7 @@ def cached_checkpoint_problem(path: str | os.PathLike) -> str:
         return f"it cannot be read ({type(err).__name__})"
     if not isinstance(ckpt, dict) or CHECKSUM_KEY not in ckpt:
         return "it has no checksum"
-    return checksum_mismatch(ckpt) or archive_damage(path, tensors=False)
+    return checkpoint_damage(ckpt, path)
 
 
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:

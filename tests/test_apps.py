@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,36 @@ def test_evaluate_says_what_to_use_for_a_model_without_an_image_fid(cli, tmp_pat
     ckpt = tmp_path / "run" / "checkpoints" / "final.ckpt"
     code, _, err = cli("genflow.apps.evaluate", f"ckpt={ckpt}", "device=cpu")
     assert code == 2 and "no image FID" in err and "nll=true" in err and "sliced_wasserstein" in err
+
+
+@pytest.mark.parametrize("module, args, written", [
+    ("genflow.apps.plot_spd", ["source=constants"], ["spd_schedules.png", "spd_schedules.json"]),
+    ("genflow.apps.plot_kinetic", ["data=checkerboard", "n=256", "queries=1"],
+     ["lambda_checkerboard.png", "ko_path_checkerboard.png"])])
+def test_plot_apps_write_whole_files_and_refuse_an_unwritable_folder(module, args, written, cli, tmp_path,
+                                                                     monkeypatch):
+    import json
+
+    from PIL import Image
+
+    monkeypatch.setenv("GENFLOW_METRICS_HOME", str(tmp_path / "metrics"))
+    code, _, err = cli(module, *args, f"out={tmp_path / 'plots'}")
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(written)  # no temporary file left
+    for name in written:
+        if name.endswith(".png"):
+            with Image.open(tmp_path / "plots" / name) as image:
+                assert image.format == "PNG" and image.size[0] > 100
+        else:
+            json.loads((tmp_path / "plots" / name).read_text())
+    import os
+
+    locked = tmp_path / "locked"  # refused by os.access, as a folder of another user is (tests may run as root)
+    locked.mkdir()
+    real_access = os.access
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda path, mode, *a, **k: False if mode & os.W_OK and
+                  Path(path).resolve() == locked.resolve() else real_access(path, mode, *a, **k))
+        code, _, err = cli(module, *args, f"out={locked / 'plots'}")
+    assert code == 2 and "cannot be written" in err and "fix:" in err and "Traceback" not in err
+    assert not any(locked.iterdir())

@@ -194,6 +194,23 @@ def test_snapshots_and_averages_survive_kill_and_resume_bit_exactly(runs):
     assert all(torch.equal(la["state_dict"][k], lb["state_dict"][k]) for k in la["state_dict"])
 
 
+def test_a_snapshot_with_an_altered_config_record_is_refused(runs, tmp_path):
+    """The tensors' sha256 does not cover the pickled records (step, σ_rel, config): their CRC-32s do."""
+    import shutil
+
+    from genflow.errors import CheckpointError
+    from genflow.training.posthoc import list_snapshots, read_snapshot
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    path = list_snapshots(run / "posthoc")[0][1]
+    data = path.read_bytes()
+    assert data.count(b"digits") >= 1  # the data set's name, in the stored config's strings
+    path.write_bytes(data.replace(b"digits", b"digitz", 1))  # same length: the archive still opens
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        read_snapshot(path)
+
+
 def test_leaderboard_remakes_a_damaged_reconstruction(runs, tmp_path, capsys):
     import shutil
 

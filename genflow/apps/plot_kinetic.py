@@ -16,6 +16,7 @@ import torch
 
 from genflow.config import Int, Str, plain_app
 from genflow.errors import config_error, exit_on_error, strip_debug_flag
+from genflow.outputs import check_writable, write_output
 
 
 def load(name: str, n: int | None) -> torch.Tensor:
@@ -48,13 +49,13 @@ def main(argv=None) -> dict:
     from genflow.methods.flow import cached_separation
     from genflow.methods.kinetic import normalize
 
+    check_writable(args.out, "out")  # before the separation is computed
     z, _, _ = normalize(load(args.data, args.n))
     start = time.perf_counter()
     sep = cached_separation(z, queries=args.queries)
     seconds = time.perf_counter() - start
     ko = KineticOptimal.from_separation(sep.s, sep.lam)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     d = z[0].numel()
 
     s = sep.s[1:]
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     ax.legend()
     fig.tight_layout()
     lam_png = out / f"lambda_{args.data}.png"
-    fig.savefig(lam_png, dpi=120)
+    write_output(lam_png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
     t = torch.linspace(0, 1, 501, dtype=torch.float64)
     o = ko(t)
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     ax.legend()
     fig.tight_layout()
     path_png = out / f"ko_path_{args.data}.png"
-    fig.savefig(path_png, dpi=120)
+    write_output(path_png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
     energies = {sch.name: round(float(kinetic_energy(sch, sep)), 5) for sch in (ko, CondOT(), Cosine(), VP())}
     result = {"data": args.data, "n": int(z.shape[0]), "d": int(d), "phi1": round(float(ko.phi1), 5),

@@ -19,6 +19,7 @@ from genflow.config import Int, Str, build_data, compose, plain_app
 from genflow.errors import config_error, exit_on_error, strip_debug_flag
 from genflow.methods import DDPM, SPD
 from genflow.methods.spectrum import empirical_spectrum, fit_power_law, radial_frequency
+from genflow.outputs import check_writable, write_output
 
 
 def _radial_mean(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +96,7 @@ def plot(spd: SPD, summary: dict, path: Path) -> Path:
     fig.suptitle(f"SPD schedules, spectrum {tuple(spd.spectrum.shape)}, source={spd.source}, "
                  f"Fisher length {summary['fisher_length']:.2f}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return write_output(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def main(argv=None) -> dict:
@@ -107,6 +106,7 @@ def main(argv=None) -> dict:
     if args.out is None:
         raise config_error("out= is missing", "the plot and its numbers are written into a folder",
                            "python -m genflow.apps.plot_spd out=DIR")
+    check_writable(args.out, "out")  # before the spectrum is estimated
     cfg = compose(data)
     dm = build_data(cfg)
     spd = SPD(T=args.T, source=args.source)
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     summary = schedule_summary(spd, images)
     out = Path(args.out)
     png = plot(spd, summary, out / "spd_schedules.png")
-    (out / "spd_schedules.json").write_text(json.dumps(summary, indent=1))
+    write_output(out / "spd_schedules.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     line = {"plot": str(png), "json": str(out / "spd_schedules.json"), "data": cfg.data._target_.rsplit(".", 1)[-1],
             "spectrum_shape": summary["spectrum_shape"], "fisher_length": summary["fisher_length"],
             "snr_crossing_spd_range": [min(summary["snr_crossing_spd"][0]), max(summary["snr_crossing_spd"][0])],

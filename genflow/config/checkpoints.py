@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genflow import registry
-from genflow.cache import CHECKSUM_KEY, archive_damage, checksum_mismatch
+from genflow.cache import checkpoint_damage
 from genflow.errors import CheckpointError, checkpoint_error, config_error
 
 
@@ -34,8 +34,7 @@ def read_checkpoint(path: str | Path, *, key: str = "ckpt", mmap: bool = False) 
                                "the file is empty, truncated, corrupt, or holds objects other than tensors and "
                                "plain containers (genflow never unpickles code)",
                                "use a checkpoint written by genflow's train.py") from err
-    unsealed = not (isinstance(ckpt, dict) and CHECKSUM_KEY in ckpt)  # written before checksums: CRC-32s only
-    if why := checksum_mismatch(ckpt) or archive_damage(path, tensors=unsealed):
+    if why := checkpoint_damage(ckpt, path):
         raise checkpoint_error(f"checkpoint {key}={path} is corrupt", why,
                                "use another checkpoint of the run (e.g. an earlier step's in <run_dir>/checkpoints/) "
                                "or copy the file again from where it was made")

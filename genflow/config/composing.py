@@ -21,7 +21,7 @@ from genflow import registry
 from genflow.errors import ConfigError, config_error
 from genflow.knobs import Knob, knobs_of
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = registry.CONFIG_DIR  # one definition: the registry reads the same folder
 GROUPS = ("model", "net", "data", "trainer", "ema", "callbacks", "logger", "experiment")
 # an app's config folder, where not configs/ (the tools' folder has no config groups: their net=, data= are values)
 APP_DIRS = {"leaderboard": CONFIG_DIR / "leaderboard", **{name: CONFIG_DIR / "tools" for name in

@@ -28,7 +28,7 @@ def check_guide(good_config, guide_ckpt, *, key: str = "guide_ckpt", good_key: s
 
     from genflow.config.checkpoints import config_from_checkpoint, read_checkpoint
 
-    guide = config_from_checkpoint(read_checkpoint(guide_ckpt, key=key))
+    guide = config_from_checkpoint(read_checkpoint(guide_ckpt, key=key, mmap=True))  # the config only: tensors mapped
     plain = lambda node: OmegaConf.to_container(node, resolve=True) if node is not None else {}  # noqa: E731
     problems = _differences(plain(good_config.get("model")), plain(guide.get("model")), "model")
     problems += _differences(plain(good_config.get("data")), plain(guide.get("data")), "data", LOADER_KEYS)

@@ -11,6 +11,18 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from genflow.cache import atomic_write, save_checkpoint
 
 
+def lerp_average(averaged: list, current: list, weight: float) -> None:
+    """One EMA update of Lightning's averaged tensors: floating-point ones move ``weight`` of the way to the current
+    ones (one fused lerp over all of them, no host sync); the others (counters) are copied."""
+    floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+    if floats:
+        avg, cur = zip(*floats)
+        torch._foreach_lerp_(list(avg), list(cur), weight)
+    for a, c in zip(averaged, current):
+        if not a.is_floating_point():
+            a.copy_(c)
+
+
 class EDMEma(WeightAveraging):
     """EMA with EDM's half-life and ramp-up.
 
@@ -25,13 +37,7 @@ class EDMEma(WeightAveraging):
         super().__init__(use_buffers=True, multi_avg_fn=self._lerp)
 
     def _lerp(self, averaged: list, current: list, num_averaged) -> None:
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if floats:
-            avg, cur = zip(*floats)
-            torch._foreach_lerp_(list(avg), list(cur), 1.0 - self._beta)
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():
-                a.copy_(c)
+        lerp_average(averaged, current, 1.0 - self._beta)
 
     def beta(self, images_seen: float, batch: int) -> float:
         halflife = self.halflife_kimg * 1000.0

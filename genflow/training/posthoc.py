@@ -41,6 +41,7 @@ from pytorch_lightning.callbacks import WeightAveraging
 from torch.optim.swa_utils import AveragedModel
 
 from genflow.errors import config_error
+from genflow.training.callbacks import lerp_average
 
 #: the widest σ_rel with γ > 0 (γ = 0 is the uniform average of the whole run: σ_rel = 1/√12)
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
@@ -121,7 +122,7 @@ def list_snapshots(folder: Path) -> list[tuple[int, Path]]:
 
 def read_snapshot(path: Path, *, mmap: bool = True) -> dict:
     """A snapshot written by ``PowerEma``, checked: weights only, with its step, σ_rel and state dicts."""
-    from genflow.cache import checksum_mismatch
+    from genflow.cache import checkpoint_damage
     from genflow.errors import checkpoint_error
 
     try:
@@ -130,7 +131,7 @@ def read_snapshot(path: Path, *, mmap: bool = True) -> dict:
         raise checkpoint_error(f"cannot read post-hoc EMA snapshot {path} ({type(err).__name__})",
                                "the file is empty, truncated or not a snapshot written by train.py with ema=posthoc",
                                "remove it (the other snapshots still reconstruct, with a coarser fit)") from err
-    if why := checksum_mismatch(snap):
+    if why := checkpoint_damage(snap, path):  # the tensors' sha256 and the CRC-32 of step, σ_rel and config
         raise checkpoint_error(f"post-hoc EMA snapshot {path} is corrupt", why,
                                "remove it (the other snapshots still reconstruct, with a coarser fit)")
     keys = ("step", "sigma_rel", "state_dicts", "hyper_parameters")
@@ -195,13 +196,7 @@ class PowerEma(WeightAveraging):
         super().__init__(use_buffers=True, multi_avg_fn=partial(self._lerp, 0))
 
     def _lerp(self, index: int, averaged: list, current: list, num_averaged) -> None:
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if floats:
-            avg, cur = zip(*floats)
-            torch._foreach_lerp_(list(avg), list(cur), 1.0 - self._betas[index])
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():
-                a.copy_(c)
+        lerp_average(averaged, current, 1.0 - self._betas[index])
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
