@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
-from genflow.errors import config_error
+from genflow.errors import config_error, free_bytes, nearest_existing
 
 # what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
 # they do not count)
@@ -162,16 +161,15 @@ def write_sample_manifest(out: Path, settings: dict, seeds) -> None:
 def check_writable(path, key: str, fix: str | None = None, *, need_bytes: int = 0) -> None:
     """Refuse, before any work, a destination folder ``path`` (made later if missing) that cannot be written:
     its nearest existing folder must grant write and search permission, and hold ``need_bytes`` free."""
-    p = Path(str(path)).expanduser()
-    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    existing = nearest_existing(path)
     if existing is None or not existing.is_dir():
         return  # a file on the way is check_output_dir's error
     fix = fix or f"choose a folder you can write for {key}=, or make {existing} writable"
     if not os.access(existing, os.W_OK | os.X_OK):
         raise config_error(f"{key}={path} cannot be written: {existing} is not writable by this user",
                            "the outputs would be lost at the end of the work", fix)
-    free = shutil.disk_usage(existing).free if need_bytes else 0
-    if need_bytes and free < need_bytes:
+    free = free_bytes(existing) if need_bytes else None
+    if free is not None and free < need_bytes:
         raise config_error(f"{key}={path}: {existing} has {free / 2 ** 20:.1f} MiB free, the job needs about "
                            f"{need_bytes / 2 ** 20:.1f} MiB", "the disk would fill before the outputs are written",
                            f"free space there or choose another {key}=")
