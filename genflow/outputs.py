@@ -59,17 +59,27 @@ def check_folder_before_start(run_dir: Path, *, resuming: bool) -> None:
     ``RunFolderLock`` check the same again once the job runs (another process may have started meanwhile)."""
     if not resuming and holds_run(run_dir):
         raise holds_run_error(run_dir)
-    lock = run_dir / LOCK_NAME
     try:
-        owner = json.loads(lock.read_text())
+        owner = json.loads((run_dir / LOCK_NAME).read_text())
     except (OSError, ValueError):
         return  # no lock, or one being written: RunFolderLock decides when the job starts
+    refusal = lock_in_use(run_dir, owner) if isinstance(owner, dict) else None
+    if refusal is not None:
+        raise refusal
+
+
+def lock_in_use(run_dir: Path, owner: dict):
+    """The refusal of a run folder whose lock's owner (``{"pid", "host", "start", "since"}``) may still train there:
+    a live process on this host, or any process on another host (a shared file system, where liveness cannot be
+    checked); None when the owner no longer runs (its lock may be taken over)."""
     pid, host = owner.get("pid"), owner.get("host")
-    if host == socket.gethostname() and pid is not None and _alive(pid, owner.get("start")):
-        raise config_error(
-            f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
-            "two processes training into one folder would overwrite each other's checkpoints and logs",
-            f"wait for that run to end or stop it; if it no longer runs, remove {lock}")
+    if host == socket.gethostname() and (pid is None or not _alive(pid, owner.get("start"))):
+        return None
+    return config_error(
+        f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
+        "two processes training into one folder would overwrite each other's checkpoints and logs",
+        f"wait for that run to end or stop it; if it no longer runs (e.g. its machine is off), remove "
+        f"{run_dir / LOCK_NAME}")
 
 
 def holds_run_error(run_dir: Path):
