@@ -187,13 +187,14 @@ def check_writable(path, key: str, fix: str | None = None, *, need_bytes: int = 
 
 def write_output(path: Path, write) -> Path:
     """``cache.atomic_write(path, write)``; a full disk or a refused write ends in an error naming ``path``
-    (the file under that name is left as it was)."""
+    (the file under that name is left as it was). Any writer's failure is looked at: safetensors' (Rust) names the
+    errno only in its message; what ``os_error`` does not recognise is raised as it was."""
     from genflow.cache import atomic_write
     from genflow.errors import os_error
 
     try:
         return atomic_write(path, write)
-    except OSError as err:
+    except Exception as err:
         raise (os_error(err, path) or err) from err
 
 

@@ -489,3 +489,25 @@ def test_write_failures_of_other_writers_name_the_file():
     assert os_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     torch_full = os_error(torch_save_on_a_full_disk({"w": torch.zeros(1000)}), "/tmp/x/last.ckpt")
     assert isinstance(torch_full, WriteFailed) and "the file system refused a write" in str(torch_full)
+
+
+def test_write_output_names_the_file_for_any_writer_and_keeps_the_old_one(tmp_path):
+    """``write_output`` looks at any writer's failure (safetensors' message, torch's zip writer), keeps the file
+    already under that name, leaves no temporary file; a failure it cannot explain is raised unchanged."""
+    from safetensors import SafetensorError
+
+    from genflow.errors import WriteFailed
+    from genflow.outputs import write_output
+
+    path = tmp_path / "ema.safetensors"
+    path.write_bytes(b"earlier")
+    for failure in (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                    ValueError("a bug")):
+        def write(tmp):
+            tmp.write_bytes(b"half")
+            raise failure
+
+        with pytest.raises(WriteFailed if isinstance(failure, SafetensorError) else ValueError) as raised:
+            write_output(path, write)
+        assert isinstance(raised.value, ValueError) or str(raised.value).startswith(f"could not write {path}\n")
+        assert path.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["ema.safetensors"]
