@@ -252,7 +252,7 @@ def test_evaluate_stopped_by_sigterm_continues_to_the_same_numbers(cli, trained_
     folder.mkdir()
     out, partial = folder / "fid.json", folder / "fid.json.partial"
     args = [f"ckpt={trained_ckpt}", *FID_ARGS, f"out={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as here: the same reduction order
     proc = subprocess.Popen([sys.executable, "-m", "genflow.apps.evaluate", *args], cwd=Path(__file__).parents[1],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
