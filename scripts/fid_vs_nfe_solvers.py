@@ -26,29 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from genflow.config import SAMPLER_SCHEMA, compose, module_from_checkpoint
+from genflow.config import SAMPLER_SCHEMA, module_from_checkpoint
 from genflow.metrics import evaluate_fid
-from genflow.apps.train import train
 from genflow.solvers import EXPONENTIAL_SOLVERS
+
+from digits_runs import add_run_arguments, train_model
 
 MODELS = {"edm": ["model=edm"], "pfgmpp128": ["model=pfgmpp", "D=128"],
           "flow_condot": ["model=flow", "path=condot"], "flow_ko": ["model=flow", "path=ko"],
           "ddpm": ["model=ddpm"], "spd": ["model=spd"]}
 MARKERS = {"euler": "s", "heun": "o", "dpmpp_2m": "D", "unipc": "^"}
-
-
-def train_model(name: str, args, out: Path) -> Path:
-    run_dir = out / name
-    ckpt = run_dir / "checkpoints" / "final.ckpt"
-    if args.reuse and ckpt.is_file():
-        return ckpt
-    cfg = compose([*MODELS[name], "data=digits", f"trainer.max_steps={args.train_steps}", f"seed={args.seed}",
-                   "trainer.enable_progress_bar=false", *args.set])
-    OmegaConf.update(cfg, "run_dir", str(run_dir), force_add=True)
-    return Path(train(cfg)["checkpoint"])
 
 
 def steps_for(method, solver: str, nfe: int) -> int | None:
@@ -107,11 +94,7 @@ def main(argv=None) -> dict:
     p.add_argument("--schedule-nfe", type=int, nargs="*", default=[10])
     p.add_argument("--settings", nargs="*", default=[], metavar="SOLVER/GRID:KEY=VALUE,...",
                    help="more rows at --schedule-nfe: a solver on a grid with sampler settings")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seed-start", type=int, default=0)
-    p.add_argument("--reuse", action="store_true", help="reuse OUT/<model>/checkpoints/final.ckpt if present")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +145,7 @@ def model_rows(name: str, args, out: Path) -> list[dict]:
             jobs += [parse_setting(text) for text in args.settings]
         for solver, schedule, options in jobs:
             if module is None:
-                module, dm, _ = module_from_checkpoint(train_model(name, args, out), device=args.device)
+                module, dm, _ = module_from_checkpoint(train_model(name, MODELS[name], args, out), device=args.device)
             steps = nfe if schedule else steps_for(module.method, solver, nfe)
             if steps is None:
                 continue

@@ -19,28 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from genflow.config import compose, module_from_checkpoint
+from genflow.config import module_from_checkpoint
 from genflow.metrics import evaluate_fid
-from genflow.apps.train import train
+
+from digits_runs import add_run_arguments, train_model
 
 MODELS = {"spd": ["model=spd"], "ddpm": ["model=ddpm", "model.schedule=linear"],
           "ddpm_cosine": ["model=ddpm", "model.schedule=cosine"]}
-
-
-def train_model(name: str, args, out: Path) -> Path:
-    run_dir = out / name
-    ckpt = run_dir / "checkpoints" / "final.ckpt"
-    if args.reuse and ckpt.is_file():
-        return ckpt
-    cfg = compose([*MODELS[name], "data=digits", f"model.T={args.T}", f"trainer.max_steps={args.train_steps}",
-                   f"seed={args.seed}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                   *(["model.ode_grid=" + args.ode_grid] if args.ode_grid else []), *args.set])
-    OmegaConf.update(cfg, "run_dir", str(run_dir), force_add=True)
-    result = train(cfg)
-    return Path(result["checkpoint"])
 
 
 def score(module, dm, *, solver: str, steps: int, args) -> dict:
@@ -63,18 +48,15 @@ def main(argv=None) -> dict:
     p.add_argument("--ode-steps", type=int, nargs="+", default=[5, 10, 25, 50])
     p.add_argument("--solvers", nargs="+", default=["heun", "euler"], choices=["heun", "euler", "dopri5"])
     p.add_argument("--ode-grid", default=None, choices=["uniform", "karras"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seed-start", type=int, default=0)
-    p.add_argument("--reuse", action="store_true", help="reuse OUT/<model>/checkpoints/final.ckpt if present")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     rows = []
     for name in args.models:
-        ckpt = train_model(name, args, out)
+        ckpt = train_model(name, [*MODELS[name], f"model.T={args.T}",
+                                  *(["model.ode_grid=" + args.ode_grid] if args.ode_grid else [])], args, out)
         # the ODE grid is a sampling choice: it can differ from the one stored with the checkpoint
         grid = [f"model.ode_grid={args.ode_grid}"] if args.ode_grid else []
         module, dm, _ = module_from_checkpoint(ckpt, grid, device=args.device)

@@ -15,74 +15,17 @@ import torch
 
 from genflow import solvers
 from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
-from genflow.methods.paths import KineticOptimal
-from gauss_lambda import GaussLambda
+from solver_cases import (F64, PATHS, DDPMNet, EDMNet, FlowNet, SPDNet, assert_order, check_guidance_and_nfe,
+                          check_rounding_level_sigma_is_the_data_end, gaussian_denoiser, gaussian_flow, gens,
+                          lambda_uniform, orders, pfgmpp_denoiser, solve_errors, spectrum)
 
-F64 = torch.float64
-MU = torch.tensor([0.4, -0.1, 0.0, 0.2], dtype=F64)
-VAR = torch.tensor([0.2, 0.05, 0.4, 0.01], dtype=F64)
 #: steps whose doublings give the measured orders (the asymptotic range: the first steps of a 2M solve
 #: from sigma_max are first order, which dominates below ~16 steps)
 STEPS = (32, 64, 128)
 
 
-def orders(errors):
-    return [math.log2(a / b) for a, b in zip(errors, errors[1:])]
-
-
-def assert_order(errors, order):
-    measured = orders(errors)
-    assert all(abs(p - order) <= 0.3 for p in measured), f"errors {errors}: measured orders {measured}"
-
-
 def assert_second_order(errors):
     assert_order(errors, 2)
-
-
-def gens(n):
-    return [torch.Generator().manual_seed(i) for i in range(n)]
-
-
-# ------------------------------------------------------------------------------ closed-form denoisers
-class EDMNet:
-    """The raw net whose EDM-preconditioned output is a given denoiser f(x, sigma) (float64)."""
-
-    def __init__(self, method, denoiser):
-        self.m, self.f = method, denoiser
-
-    def __call__(self, x_in, c_noise, cond=None):
-        sigma = (4 * c_noise.to(F64)).exp()[:, None]
-        c_skip, c_out, c_in, _ = self.m.preconditioning(sigma)
-        x = x_in.to(F64) / c_in
-        return ((self.f(x, sigma) - c_skip * x) / c_out).to(x_in.dtype)
-
-
-def gaussian_denoiser(x, sigma):
-    """E[y | y + sigma n = x] for y ~ N(MU, diag VAR), n ~ N(0, I)."""
-    return MU + VAR / (VAR + sigma ** 2) * (x - MU)
-
-
-def lambda_uniform(m, t_a, t_b, n):
-    """n + 1 times from t_a to t_b uniform in lambda = ln(alpha/sigma) (finite at both), by bisection on the
-    method's alpha_sigma: the order of a multistep method is a statement about h = max step in lambda."""
-    lam = lambda t: solvers.mean_log_snr(m, t)
-    ends = lam(torch.tensor([t_a, t_b], dtype=F64))
-    target = ends[0] + torch.linspace(0, 1, n + 1, dtype=F64) * (ends[1] - ends[0])
-    lo, hi = torch.full((n + 1,), float(t_a), dtype=F64), torch.full((n + 1,), float(t_b), dtype=F64)
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        below = lam(mid) < target
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    out = 0.5 * (lo + hi)
-    out[0], out[-1] = t_a, t_b
-    return out
-
-
-def gaussian_flow(m, x0, grid):
-    """The exact PF-ODE map of N(MU, diag VAR) data on the path x_t = alpha x + sigma eps:
-    x_t - alpha_t mu = (x_s - alpha_s mu) sqrt((alpha_t^2 v + sigma_t^2) / (alpha_s^2 v + sigma_s^2))."""
-    (a0, s0), (a1, s1) = m.alpha_sigma(grid[0]), m.alpha_sigma(grid[-1])
-    return a1 * MU + (x0 - a0 * MU) * ((a1 ** 2 * VAR + s1 ** 2) / (a0 ** 2 * VAR + s0 ** 2)).sqrt()
 
 
 def test_edm_gaussian_order_two():
@@ -92,30 +35,8 @@ def test_edm_gaussian_order_two():
     m = EDM()
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
     for make in (lambda n: m.time_grid(n + 1)[:-1], lambda n: lambda_uniform(m, m.sigma_max, m.sigma_min, n)):
-        errors = []
-        for n in STEPS:
-            grid = make(n)
-            out = m.solve(EDMNet(m, gaussian_denoiser), x0, steps=n, solver="dpmpp_2m", grid=grid)
-            assert out.nfe == n
-            errors.append(float((out.x - gaussian_flow(m, x0, grid)).abs().max()))
-        assert_second_order(errors)
-
-
-POINTS = torch.tensor([[0.5, -0.5, 0.2, 0.0], [-0.4, 0.3, 0.0, 0.6], [0.1, 0.1, -0.7, -0.2]], dtype=F64)
-
-
-def pfgmpp_denoiser(D):
-    """E[y | x] for y uniform on POINTS under PFGM++'s kernel (||x - y||^2 + sigma^2 D)^(-(N+D)/2) (Gaussian
-    at D = inf): a softmax of the log-kernels, exact at any D."""
-    n = POINTS.shape[1]
-
-    def f(x, sigma):
-        d2 = (x[:, None, :] - POINTS[None]).square().sum(-1)
-        s2 = sigma.reshape(-1, 1) ** 2
-        logk = -0.5 * d2 / s2 if math.isinf(D) else -0.5 * (n + D) * torch.log1p(d2 / (D * s2))
-        return logk.softmax(1) @ POINTS
-
-    return f
+        assert_second_order(solve_errors("dpmpp_2m", m, EDMNet(m, gaussian_denoiser), x0, [make(n) for n in STEPS],
+                                         lambda g: gaussian_flow(m, x0, g)))
 
 
 @pytest.mark.parametrize("D", [8, 128, math.inf])
@@ -129,29 +50,12 @@ def test_pfgmpp_order_two_at_every_D(D):
     ends = torch.tensor([m.sigma_max, m.sigma_min], dtype=F64)
     ref = solvers.integrate(lambda x, t: m.velocity(net, x, t), x0, ends, solver="dopri5", atol=1e-12,
                             rtol=1e-12).x
-    errors = []
-    for n in (64, 128, 256):  # the posterior weights switch sharply near sigma ~ the points' spacing
-        out = m.solve(net, x0, steps=n, solver="dpmpp_2m", grid=lambda_uniform(m, m.sigma_max, m.sigma_min, n))
-        errors.append(float((out.x - ref).abs().max()))
-    assert_second_order(errors)
+    # 64 -> 256 steps: the posterior weights switch sharply near sigma ~ the points' spacing
+    grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in (64, 128, 256)]
+    assert_second_order(solve_errors("dpmpp_2m", m, net, x0, grids, lambda g: ref))
 
 
 # ------------------------------------------------------------------------------------- flow matching
-class FlowNet:
-    """Exact marginal velocity of an affine path for N(MU, diag VAR) data (x_t = alpha x1 + sigma x0)."""
-
-    def __init__(self, method):
-        self.m = method
-
-    def __call__(self, x, t, cond=None):
-        o = self.m.schedule(t.to(F64)[:, None])
-        a, s, da, ds = o.alpha_t, o.sigma_t, o.d_alpha_t, o.d_sigma_t
-        r = (x.to(F64) - a * MU) / (a ** 2 * VAR + s ** 2)
-        return (da * (MU + a * VAR * r) + ds * s * r).to(x.dtype)
-
-
-PATHS = {"condot": "condot", "cosine": "cosine", "vp": "vp",
-         "ko": lambda: KineticOptimal.from_separation(None, GaussLambda([0.5, 1.5]))}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -160,12 +64,8 @@ def test_flow_matching_order_two_on_every_path(path):
     spec = PATHS[path]
     m = FlowMatching(spec if isinstance(spec, str) else spec())
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
-    errors = []
-    for n in STEPS:
-        grid = lambda_uniform(m, 0.02, 0.98, n)
-        out = m.solve(FlowNet(m), x0, steps=n, solver="dpmpp_2m", grid=grid)
-        errors.append(float((out.x - gaussian_flow(m, x0, grid)).abs().max()))
-    assert_second_order(errors)
+    grids = [lambda_uniform(m, 0.02, 0.98, n) for n in STEPS]
+    assert_second_order(solve_errors("dpmpp_2m", m, FlowNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g)))
 
 
 def test_flow_matching_whole_path_converges():
@@ -193,46 +93,14 @@ def test_flow_matching_normalised_data_space():
 
 
 # --------------------------------------------------------------------------------------- DDPM / SPD
-class DDPMNet:
-    """E[eps | x_s] for N(MU, diag VAR) data."""
-
-    def __init__(self, method):
-        self.m = method
-
-    def __call__(self, x, label, cond=None):
-        s = label.to(F64)[:, None] / self.m.label_scale
-        ab, omab = self.m.alpha_bar(s), self.m.one_minus_alpha_bar(s)
-        return (omab.sqrt() * (x.to(F64) - ab.sqrt() * MU) / (ab * VAR + omab)).to(x.dtype)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_ddpm_order_two(schedule):
     m = DDPM(schedule=schedule, T=1000)
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
-    errors = []
-    for n in STEPS:  # s_hi -> s_lo, both with finite lambda
-        grid = lambda_uniform(m, m.s_hi, m.s_lo, n)
-        out = m.solve(DDPMNet(m), x0, steps=n, solver="dpmpp_2m", grid=grid)
-        errors.append(float((out.x - gaussian_flow(m, x0, grid)).abs().max()))
-    assert_second_order(errors)
-
-
-def spectrum(H=8, W=8):
-    """An even, strictly positive spectrum spanning three decades (Gaussian images, zero mean)."""
-    ky, kx = torch.meshgrid(torch.fft.fftfreq(H, dtype=F64), torch.fft.fftfreq(W, dtype=F64), indexing="ij")
-    return 0.02 + 3.0 / (0.05 + (ky ** 2 + kx ** 2).sqrt()) ** 1.5 / 40
-
-
-class SPDNet:
-    """E[eps | x_s] per frequency for Gaussian images with spectrum S: sqrt(1 - abar) U / (abar S + 1 - abar)."""
-
-    def __init__(self, method):
-        self.m = method
-
-    def __call__(self, x, label, cond=None):
-        s = label.to(F64)[0] / self.m.label_scale
-        ab, omab = self.m.alpha_bar(s), self.m.one_minus_alpha_bar(s)
-        return self.m._combine((x.to(F64), omab.sqrt() / (ab * self.m.spectrum + omab))).to(x.dtype)
+    grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in STEPS]  # s_hi -> s_lo, both with finite lambda
+    assert_second_order(solve_errors("dpmpp_2m", m, DDPMNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g)))
 
 
 def test_spd_order_two_per_frequency():
@@ -240,34 +108,15 @@ def test_spd_order_two_per_frequency():
     own lambda_k = ln(alpha_k / sigma_k): the exponential integrator runs per frequency."""
     m = SPD(spectrum(), T=1000)
     x0 = m.prior_sample((4, 1, 8, 8), generator=gens(4)).to(F64)
-    errors = []
-    for n in STEPS:  # uniform in the mean lambda over frequencies; each frequency's own steps shrink as 1/n
-        grid = lambda_uniform(m, m.s_hi, m.s_lo, n)
-        gain = (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()
-        out = m.solve(SPDNet(m), x0, steps=n, solver="dpmpp_2m", grid=grid)
-        errors.append(float((out.x - m._combine((x0, gain))).abs().max()))
-    assert_second_order(errors)
+    # uniform in the mean lambda over frequencies; each frequency's own steps shrink as 1/n
+    grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in STEPS]
+    exact = lambda g: m.combine((x0, (m.marginal_variance(g[-1]) / m.marginal_variance(g[0])).sqrt()))
+    assert_second_order(solve_errors("dpmpp_2m", m, SPDNet(m), x0, grids, exact))
 
 
 # ---------------------------------------------------------------------------------------- contract
 def test_nfe_is_steps_and_guidance_mixes_predictions():
-    """N steps are N network calls; guidance w mixes the conditional and unconditional data predictions
-    (every method's prediction is affine in the net output), so w = 0 is the unconditional solve."""
-    m = EDM(sigma_max=20.0)
-    calls = []
-
-    def net(x, c_noise, cond=None):
-        calls.append(x.shape[0])
-        shift = cond["class"][:, :1].reshape(-1, 1) if cond else 0.0
-        return 0.3 * x + shift
-
-    noise = m.prior_sample((3, 2), generator=gens(3))
-    cond = {"class": torch.ones(3, 2)}
-    assert m.nfe(7, "dpmpp_2m") == 7
-    out = m.solve(net, noise, steps=7, solver="dpmpp_2m", cond=cond, guidance=0.0)
-    assert out.nfe == 7 and calls == [6] * 7  # both branches in one batch
-    uncond = m.solve(net, noise, steps=7, solver="dpmpp_2m", cond={"class": torch.zeros(3, 2)})
-    torch.testing.assert_close(out.x, uncond.x)
+    check_guidance_and_nfe("dpmpp_2m")
 
 
 def test_refused_where_there_is_no_gaussian_path():
@@ -385,8 +234,8 @@ def test_time_grids():
     sigma/alpha = 80 at least); the VP methods default to it, flow matching to karras."""
     edm, flow, ddpm = EDM(), FlowMatching("condot"), DDPM()
     torch.testing.assert_close(solvers.exponential_grid(edm, 6, "karras"), edm.time_grid(6), rtol=1e-9, atol=0)
-    for m, ends in ((edm, (0, 6)), (flow, (1, 6)), (ddpm, (0, 7))):
-        g = solvers.exponential_grid(m, 7 if m is flow else (6 if m is edm else 7), "logsnr")
+    for m, steps, ends in ((edm, 6, (0, 6)), (flow, 7, (1, 6)), (ddpm, 7, (0, 7))):  # ends: the finite lambdas
+        g = solvers.exponential_grid(m, steps, "logsnr")
         lam = solvers.mean_log_snr(m, g[ends[0]:ends[1]])
         torch.testing.assert_close(lam.diff(), lam.diff().mean().expand(lam.numel() - 1), rtol=1e-7, atol=1e-9)
     g = solvers.exponential_grid(flow, 7, "logsnr")  # after alpha = 0 the finite part starts at EDM's sigma_max
@@ -402,14 +251,4 @@ def test_time_grids():
 def test_rounding_level_sigma_is_the_data_end():
     """A path whose sigma(1) is cos(pi/2) = 6e-17 in float64 ends at sigma = 0: the last step is the plain
     prediction (first order), not a 2M step with h ~ 37 that extrapolates by h/(2 h_prev)."""
-    class Rounded(FlowMatching):
-        def alpha_sigma(self, t):
-            alpha, sigma = super().alpha_sigma(t)
-            return alpha, torch.where(sigma == 0, torch.full_like(sigma, 6.1e-17), sigma)
-
-    exact, rounded = FlowMatching("cosine"), Rounded("cosine")
-    x0 = exact.prior_sample((4, 4), generator=gens(4)).to(F64)
-    for schedule in ("model", "logsnr"):
-        a = exact.solve(FlowNet(exact), x0, steps=8, solver="dpmpp_2m", schedule=schedule).x
-        b = rounded.solve(FlowNet(exact), x0, steps=8, solver="dpmpp_2m", schedule=schedule).x
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    check_rounding_level_sigma_is_the_data_end("dpmpp_2m")

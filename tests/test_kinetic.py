@@ -245,4 +245,5 @@ def test_fitted_ko_path_has_the_closed_form_energy_on_toy_data_and_digits():
             assert energy == pytest.approx(closed, rel=0.01), (name, queries, energy, closed)
             assert energy < float(kinetic_energy(CondOT(), sep)), name
             # the start stays short: theta(t_eps) is small (no jump across a flat Phi at t = 0)
-            assert float(torch.atan2(*(lambda o: (o.alpha_t, o.sigma_t))(ko(ko.t_eps.reshape(1))))) < 0.3, name
+            start = ko(ko.t_eps.reshape(1))
+            assert float(torch.atan2(start.alpha_t, start.sigma_t)) < 0.3, name

@@ -14,27 +14,13 @@ import torch
 
 from genflow import solvers
 from genflow.methods import DDPM, EDM, PFGMPP, SPD, FlowMatching
-from test_dpmpp import (F64, PATHS, DDPMNet, EDMNet, FlowNet, SPDNet, gaussian_denoiser, gaussian_flow, gens,
-                        lambda_uniform, orders, pfgmpp_denoiser, spectrum)
+from solver_cases import (F64, PATHS, DDPMNet, EDMNet, FlowNet, SPDNet, assert_order, check_guidance_and_nfe,
+                          check_rounding_level_sigma_is_the_data_end, gaussian_denoiser, gaussian_flow, gens,
+                          lambda_uniform, orders, pfgmpp_denoiser, solve_errors, spectrum)
 
 #: the doublings that show the asymptotic order: UniPC's first steps are of lower order (UniC-1, then
 #: UniC-2), whose error is one order lower and dominates below these step counts at p = 3
 STEPS = {1: (32, 64, 128), 2: (32, 64, 128), 3: (128, 256, 512)}
-
-
-def assert_order(errors, order):
-    measured = orders(errors)
-    assert all(abs(p - order) <= 0.3 for p in measured), f"errors {errors}: measured orders {measured}"
-
-
-def unipc_errors(m, net, x0, grids, exact, **options):
-    errors = []
-    for grid in grids:
-        n = grid.numel() - 1
-        out = m.solve(net, x0, steps=n, solver="unipc", grid=grid, **options)
-        assert out.nfe == n
-        errors.append(float((out.x - exact(grid)).abs().max()))
-    return errors
 
 
 # ------------------------------------------------------------------------------------------- orders
@@ -49,11 +35,11 @@ def test_edm_gaussian_order_p_plus_one(order, variant):
     exact = lambda g: gaussian_flow(m, x0, g)
     net = EDMNet(m, gaussian_denoiser)
     steps = (32, 64, 128)
-    assert_order(unipc_errors(m, net, x0, [m.time_grid(n + 1)[:-1] for n in steps], exact, order=order,
+    assert_order(solve_errors("unipc", m, net, x0, [m.time_grid(n + 1)[:-1] for n in steps], exact, order=order,
                               variant=variant), order + 1)
     if order < 3:
         grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in steps]
-        assert_order(unipc_errors(m, net, x0, grids, exact, order=order, variant=variant), order + 1)
+        assert_order(solve_errors("unipc", m, net, x0, grids, exact, order=order, variant=variant), order + 1)
 
 
 def test_edm_lambda_uniform_third_order_start():
@@ -62,7 +48,8 @@ def test_edm_lambda_uniform_third_order_start():
     m = EDM()
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
     grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in STEPS[3]]
-    errors = unipc_errors(m, EDMNet(m, gaussian_denoiser), x0, grids, lambda g: gaussian_flow(m, x0, g), order=3)
+    errors = solve_errors("unipc", m, EDMNet(m, gaussian_denoiser), x0, grids, lambda g: gaussian_flow(m, x0, g),
+                          order=3)
     assert_order(errors, 4)
 
 
@@ -81,8 +68,8 @@ def test_pfgmpp_order_at_every_D(D):
                             rtol=1e-13).x
     grids = [lambda_uniform(m, m.sigma_max, m.sigma_min, n) for n in (64, 128, 256)]
     for order in (1, 2):
-        assert_order(unipc_errors(m, net, x0, grids, lambda g: ref, order=order), order + 1)
-    assert all(p >= 3.7 for p in orders(unipc_errors(m, net, x0, grids, lambda g: ref, order=3)))
+        assert_order(solve_errors("unipc", m, net, x0, grids, lambda g: ref, order=order), order + 1)
+    assert all(p >= 3.7 for p in orders(solve_errors("unipc", m, net, x0, grids, lambda g: ref, order=3)))
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -96,7 +83,7 @@ def test_flow_matching_order_on_every_path(path):
     for order in (1, 2, 3):
         steps = (64, 128, 256) if path == "ko" and order == 3 else STEPS[order]
         grids = [lambda_uniform(m, 0.02, 0.98, n) for n in steps]
-        assert_order(unipc_errors(m, FlowNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
+        assert_order(solve_errors("unipc", m, FlowNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
                      order + 1)
 
 
@@ -107,7 +94,7 @@ def test_ddpm_order(schedule):
     x0 = m.prior_sample((8, 4), generator=gens(8)).to(F64)
     for order in (1, 2, 3):
         grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in STEPS[order]]
-        assert_order(unipc_errors(m, DDPMNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
+        assert_order(solve_errors("unipc", m, DDPMNet(m), x0, grids, lambda g: gaussian_flow(m, x0, g), order=order),
                      order + 1)
 
 
@@ -118,11 +105,11 @@ def test_spd_order_per_frequency():
     x0 = m.prior_sample((4, 1, 8, 8), generator=gens(4)).to(F64)
 
     def exact(grid):
-        return m._combine((x0, (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()))
+        return m.combine((x0, (m.marginal_variance(grid[-1]) / m.marginal_variance(grid[0])).sqrt()))
 
     for order in (1, 2, 3):
         grids = [lambda_uniform(m, m.s_hi, m.s_lo, n) for n in ((64, 128, 256) if order == 3 else STEPS[order])]
-        assert_order(unipc_errors(m, SPDNet(m), x0, grids, exact, order=order), order + 1)
+        assert_order(solve_errors("unipc", m, SPDNet(m), x0, grids, exact, order=order), order + 1)
 
 
 def test_flow_matching_whole_path_converges():
@@ -142,19 +129,7 @@ def test_flow_matching_whole_path_converges():
 
 # ---------------------------------------------------------------------------------------- contract
 def test_nfe_is_steps_and_guidance_mixes_predictions():
-    m = EDM(sigma_max=20.0)
-    calls = []
-
-    def net(x, c_noise, cond=None):
-        calls.append(x.shape[0])
-        shift = cond["class"][:, :1].reshape(-1, 1) if cond else 0.0
-        return 0.3 * x + shift
-
-    noise = m.prior_sample((3, 2), generator=gens(3))
-    out = m.solve(net, noise, steps=7, solver="unipc", cond={"class": torch.ones(3, 2)}, guidance=0.0)
-    assert out.nfe == m.nfe(7, "unipc") == 7 and calls == [6] * 7  # both branches in one batch
-    uncond = m.solve(net, noise, steps=7, solver="unipc", cond={"class": torch.zeros(3, 2)})
-    torch.testing.assert_close(out.x, uncond.x)
+    check_guidance_and_nfe("unipc")
 
 
 def test_settings_are_checked():
@@ -171,17 +146,7 @@ def test_settings_are_checked():
 
 def test_rounding_level_sigma_is_the_data_end():
     """A path whose sigma(1) is cos(pi/2) = 6e-17 ends at sigma = 0 (infinite lambda) for UniPC as well."""
-    class Rounded(FlowMatching):
-        def alpha_sigma(self, t):
-            alpha, sigma = super().alpha_sigma(t)
-            return alpha, torch.where(sigma == 0, torch.full_like(sigma, 6.1e-17), sigma)
-
-    exact, rounded = FlowMatching("cosine"), Rounded("cosine")
-    x0 = exact.prior_sample((4, 4), generator=gens(4)).to(F64)
-    for schedule in ("model", "logsnr"):
-        a = exact.solve(FlowNet(exact), x0, steps=8, solver="unipc", schedule=schedule).x
-        b = rounded.solve(FlowNet(exact), x0, steps=8, solver="unipc", schedule=schedule).x
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    check_rounding_level_sigma_is_the_data_end("unipc")
 
 
 # ------------------------------------------------------------------------- the authors' code, side by side

@@ -205,14 +205,14 @@ class FlowMatching(_ResizingBuffers, Method):
         return out.alpha_t, out.sigma_t
 
     def data_prediction(self, net: Callable, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor:
-        """x1 from the velocity: with x_t = alpha x1 + sigma x0 and v = alpha' x1 + sigma' x0,
-        x1 = (sigma v - sigma' x_t) / (sigma alpha' - alpha sigma') (positive denominator on every path)."""
-        z = self.to_normalized(x)
-        tt = torch.as_tensor(t, device=x.device, dtype=torch.float64)
-        v = net(z, tt.to(x.dtype).expand(x.shape[0]), self.net_cond(cond)).to(x.dtype)
-        sch = self.schedule(tt)
+        """x1 from the velocity: with x_t = alpha x1 + sigma x0 and v = alpha' x1 + sigma' x0 (around the data
+        mean ``shift`` in data space), x1 = (sigma v - sigma' x_t) / (sigma alpha' - alpha sigma') (positive
+        denominator on every path)."""
+        v = self.velocity(net, x, t, cond).to(x.dtype)
+        sch = self.schedule(torch.as_tensor(t, device=x.device, dtype=torch.float64))
         det = sch.sigma_t * sch.d_alpha_t - sch.alpha_t * sch.d_sigma_t
-        return self.from_normalized((sch.sigma_t / det).to(x.dtype) * v - (sch.d_sigma_t / det).to(x.dtype) * z)
+        shift = self.shift.to(x.dtype)
+        return shift + (sch.sigma_t / det).to(x.dtype) * v - (sch.d_sigma_t / det).to(x.dtype) * (x - shift)
 
     def solver_options(self, solver: str) -> dict:
         """The exponential integrators step on EDM's rho-spacing of sigma/alpha: the uniform t grid wastes its

@@ -214,6 +214,7 @@ def estimate_separation(x: Tensor, *, s: Tensor | None = None, queries: int = 10
     s_dev = s.to(device=device, dtype=torch.float32)
     err2 = torch.zeros(queries, s.numel(), dtype=F64, device=device)   # ||x_q's anchor - E[x1|x_q]||^2
     block = max(1, min(queries, max_block // n))
+    at_zero = (s == 0).tolist()                # where the posterior is the uniform prior
     for start in range(0, queries, block):
         idx = anchors[start:start + block]
         xa, ea = data64[idx], eps[start:start + block].to(F64)
@@ -223,7 +224,7 @@ def estimate_separation(x: Tensor, *, s: Tensor | None = None, queries: int = 10
         proj = (ea * xa).sum(1, keepdim=True) - ea @ data64.T
         gram, proj, xa32 = gram.to(torch.float32), proj.to(torch.float32), xa.to(torch.float32)
         for k in range(s.numel()):
-            if s[k] == 0:
+            if at_zero[k]:
                 err2[start:start + idx.numel(), k] = sq[idx]   # uniform posterior: E[x1|x] = the mean, 0
                 continue
             sk = s_dev[k]

@@ -166,8 +166,9 @@ class VPDiffusion(Method):
             return c
         return c.reshape(c.shape[0], *([1] * (x.ndim - 1 - len(self.coef_shape))), *self.coef_shape)
 
-    def _combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
-        """sum_i F^-1(c_i * F x_i); isotropic schedules skip the FFT (the filter is a scalar).
+    def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
+        """sum_i F^-1(c_i * F x_i) (``Method.combine``: per-frequency coefficients act in the Fourier basis);
+        isotropic schedules skip the FFT (the filter is a scalar).
 
         Per-frequency coefficients are even in k (``SPD.set_spectrum`` enforces it) and the inputs are
         real, so the products are Hermitian: the half-spectrum rfft2/irfft2 pair gives the exact real
@@ -218,7 +219,7 @@ class VPDiffusion(Method):
         """x_s = F^-1[sqrt(abar(s)) F x0 + sqrt(1 - abar(s)) F noise]; s scalar or (B,)."""
         self._check_data(x0)
         s = self._s(s, x0.device)
-        return self._combine((x0, self.alpha_bar(s).sqrt()), (noise, self.one_minus_alpha_bar(s).sqrt()))
+        return self.combine((x0, self.alpha_bar(s).sqrt()), (noise, self.one_minus_alpha_bar(s).sqrt()))
 
     def sample_training_times(self, batch: int, device=None) -> Tensor:
         if self.time_sampling == "discrete":
@@ -242,7 +243,7 @@ class VPDiffusion(Method):
         if not self.per_frequency:
             return z * self.prior_variance().sqrt().to(z.dtype)
         self._check_data(z)
-        return self._combine((z, self.prior_variance().to(z.device).sqrt()))
+        return self.combine((z, self.prior_variance().to(z.device).sqrt()))
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; 0, F^-1 diag(lambda) F), (B,) float64: the FFT is unitary, so the quadratic form is
@@ -293,7 +294,7 @@ class VPDiffusion(Method):
         s = self._s_batch(t, x)
         beta = self.rate(s)
         eps = net(x, self.noise_label(s), self.net_cond(cond)).to(x.dtype)
-        return self._combine((x, -0.5 * beta), (eps, 0.5 * beta / self.one_minus_alpha_bar(s).sqrt()))
+        return self.combine((x, -0.5 * beta), (eps, 0.5 * beta / self.one_minus_alpha_bar(s).sqrt()))
 
     def reverse_mean(self, x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor) -> Tensor:
         """Mean of p(x_{j-1} | x_j): F^-1[(U - beta/sqrt(1 - abar) E) / sqrt(alpha)], alpha = abar / abar_prev.
@@ -301,7 +302,7 @@ class VPDiffusion(Method):
         With the true eps this is the posterior mean of q(x_{j-1} | x_j, x_0) per frequency."""
         alpha = abar / abar_prev
         beta = 1 - alpha
-        return self._combine((x, alpha.rsqrt()), (eps, -beta / ((1 - abar).sqrt() * alpha.sqrt())))
+        return self.combine((x, alpha.rsqrt()), (eps, -beta / ((1 - abar).sqrt() * alpha.sqrt())))
 
     def _respaced(self, steps: int, device) -> Tensor:
         """Indices of the grid the ancestral sampler visits: all T of them, or an even subset."""
@@ -322,11 +323,7 @@ class VPDiffusion(Method):
         s = self._s_batch(t, x)
         eps = net(x, self.noise_label(s), self.net_cond(cond)).to(x.dtype)
         alpha, sigma = self.alpha_sigma(s[0])
-        return self._combine((x, 1 / alpha), (eps, -sigma / alpha))
-
-    def combine(self, *pairs: tuple[Tensor, Tensor]) -> Tensor:
-        """sum_i F^-1(c_i F x_i): per-frequency coefficients act in the Fourier basis."""
-        return self._combine(*pairs)
+        return self.combine((x, 1 / alpha), (eps, -sigma / alpha))
 
     def solver_options(self, solver: str) -> dict:
         """The exponential integrators step uniformly in (mean) log-SNR rather than on the ODE grid (digits,
@@ -384,7 +381,7 @@ def ancestral_sampler(method: VPDiffusion, net: Callable, noise: Tensor, *, step
         if i > 0:  # fixed-large variance sigma_j^2 = beta_j; none on the last step
             z = randn(x.shape, generator=generator, device=device, dtype=noise.dtype).to(torch.float64)
             terms.append((z, beta.sqrt()))
-        x = method._combine(*terms)  # one FFT round trip per step
+        x = method.combine(*terms)  # one FFT round trip per step
         if callback is not None:
             callback({"i": idx.numel() - 1 - i, "t": s_grid[i], "x": x})
     return solvers.Solution(x.to(noise.dtype), idx.numel())
