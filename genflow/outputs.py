@@ -89,9 +89,11 @@ def holds_run_error(run_dir: Path):
         "fresh timestamped one)")
 
 
-def holds_run(run_dir: Path) -> bool:
+def holds_run(run_dir: Path, *, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether ``run_dir`` holds what a run leaves (``RUN_FILES`` but those in ``ignore``, or a checkpoint)."""
     ckpts = run_dir / "checkpoints"
-    return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
+    return any((run_dir / name).exists() for name in RUN_FILES if name not in ignore) or \
+        (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
 MANIFEST = "samples.json"
@@ -130,9 +132,7 @@ def check_sample_folder(out: Path, settings: dict) -> None:
     """Refuse a folder that holds a training run or samples of other settings (see the module docstring)."""
     if not out.is_dir():
         return
-    ckpts = out / "checkpoints"
-    if any((out / name).exists() for name in RUN_FILES if name != "grid.png") or \
-            (ckpts.is_dir() and any(ckpts.glob("*.ckpt"))):
+    if holds_run(out, ignore=("grid.png",)):  # a grid alone may be sample.py's own
         raise config_error(f"out={out} holds a training run", "sample.py would replace the run's grid.png and "
                            "mix its images into the run's folder", "choose another out= folder")
     images = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
