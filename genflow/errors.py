@@ -72,17 +72,30 @@ class WriteFailed(GenflowError):
         return f"could not write {self.path}\n  why: {self.why}\n  fix: {self.fix}"
 
 
-def free_space(path) -> str:
-    """"N MB free" on the file system of ``path`` (its nearest existing folder), or "" when unknown."""
-    import shutil
+def nearest_existing(path):
+    """``path`` or its nearest parent that exists (what a write to ``path`` needs), None when none does."""
     from pathlib import Path
 
     p = Path(str(path)).expanduser().absolute()
-    folder = next((q for q in (p, *p.parents) if q.is_dir()), None)
+    return next((q for q in (p, *p.parents) if q.exists()), None)
+
+
+def free_bytes(path) -> int | None:
+    """The free bytes on the file system ``path`` would be written to (its nearest existing part), None when
+    unknown."""
+    import shutil
+
+    existing = nearest_existing(path)
     try:
-        return f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free" if folder is not None else ""
+        return None if existing is None else shutil.disk_usage(existing).free
     except OSError:
-        return ""
+        return None
+
+
+def free_space(path) -> str:
+    """"N MB free" on the file system of ``path``, or "" when unknown."""
+    free = free_bytes(path)
+    return "" if free is None else f"{free / 1e6:.1f} MB free"
 
 
 def os_error(err: BaseException, path=None) -> WriteFailed | None:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
-from genflow.errors import config_error
+from genflow.errors import config_error, free_bytes, nearest_existing
 
 # what a run leaves in its folder (Hydra's .hydra/ and train.log are written before the job starts, so
 # they do not count)
@@ -60,17 +59,27 @@ def check_folder_before_start(run_dir: Path, *, resuming: bool) -> None:
     ``RunFolderLock`` check the same again once the job runs (another process may have started meanwhile)."""
     if not resuming and holds_run(run_dir):
         raise holds_run_error(run_dir)
-    lock = run_dir / LOCK_NAME
     try:
-        owner = json.loads(lock.read_text())
+        owner = json.loads((run_dir / LOCK_NAME).read_text())
     except (OSError, ValueError):
         return  # no lock, or one being written: RunFolderLock decides when the job starts
+    refusal = lock_in_use(run_dir, owner) if isinstance(owner, dict) else None
+    if refusal is not None:
+        raise refusal
+
+
+def lock_in_use(run_dir: Path, owner: dict):
+    """The refusal of a run folder whose lock's owner (``{"pid", "host", "start", "since"}``) may still train there:
+    a live process on this host, or any process on another host (a shared file system, where liveness cannot be
+    checked); None when the owner no longer runs (its lock may be taken over)."""
     pid, host = owner.get("pid"), owner.get("host")
-    if host == socket.gethostname() and pid is not None and _alive(pid, owner.get("start")):
-        raise config_error(
-            f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
-            "two processes training into one folder would overwrite each other's checkpoints and logs",
-            f"wait for that run to end or stop it; if it no longer runs, remove {lock}")
+    if host == socket.gethostname() and (pid is None or not _alive(pid, owner.get("start"))):
+        return None
+    return config_error(
+        f"{run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
+        "two processes training into one folder would overwrite each other's checkpoints and logs",
+        f"wait for that run to end or stop it; if it no longer runs (e.g. its machine is off), remove "
+        f"{run_dir / LOCK_NAME}")
 
 
 def holds_run_error(run_dir: Path):
@@ -80,9 +89,11 @@ def holds_run_error(run_dir: Path):
         "fresh timestamped one)")
 
 
-def holds_run(run_dir: Path) -> bool:
+def holds_run(run_dir: Path, *, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether ``run_dir`` holds what a run leaves (``RUN_FILES`` but those in ``ignore``, or a checkpoint)."""
     ckpts = run_dir / "checkpoints"
-    return any((run_dir / name).exists() for name in RUN_FILES) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
+    return any((run_dir / name).exists() for name in RUN_FILES if name not in ignore) or \
+        (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
 MANIFEST = "samples.json"
@@ -121,9 +132,7 @@ def check_sample_folder(out: Path, settings: dict) -> None:
     """Refuse a folder that holds a training run or samples of other settings (see the module docstring)."""
     if not out.is_dir():
         return
-    ckpts = out / "checkpoints"
-    if any((out / name).exists() for name in RUN_FILES if name != "grid.png") or \
-            (ckpts.is_dir() and any(ckpts.glob("*.ckpt"))):
+    if holds_run(out, ignore=("grid.png",)):  # a grid alone may be sample.py's own
         raise config_error(f"out={out} holds a training run", "sample.py would replace the run's grid.png and "
                            "mix its images into the run's folder", "choose another out= folder")
     images = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
@@ -162,16 +171,15 @@ def write_sample_manifest(out: Path, settings: dict, seeds) -> None:
 def check_writable(path, key: str, fix: str | None = None, *, need_bytes: int = 0) -> None:
     """Refuse, before any work, a destination folder ``path`` (made later if missing) that cannot be written:
     its nearest existing folder must grant write and search permission, and hold ``need_bytes`` free."""
-    p = Path(str(path)).expanduser()
-    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    existing = nearest_existing(path)
     if existing is None or not existing.is_dir():
         return  # a file on the way is check_output_dir's error
     fix = fix or f"choose a folder you can write for {key}=, or make {existing} writable"
     if not os.access(existing, os.W_OK | os.X_OK):
         raise config_error(f"{key}={path} cannot be written: {existing} is not writable by this user",
                            "the outputs would be lost at the end of the work", fix)
-    free = shutil.disk_usage(existing).free if need_bytes else 0
-    if need_bytes and free < need_bytes:
+    free = free_bytes(existing) if need_bytes else None
+    if free is not None and free < need_bytes:
         raise config_error(f"{key}={path}: {existing} has {free / 2 ** 20:.1f} MiB free, the job needs about "
                            f"{need_bytes / 2 ** 20:.1f} MiB", "the disk would fill before the outputs are written",
                            f"free space there or choose another {key}=")
@@ -179,13 +187,14 @@ def check_writable(path, key: str, fix: str | None = None, *, need_bytes: int = 
 
 def write_output(path: Path, write) -> Path:
     """``cache.atomic_write(path, write)``; a full disk or a refused write ends in an error naming ``path``
-    (the file under that name is left as it was)."""
+    (the file under that name is left as it was). Any writer's failure is looked at: safetensors' (Rust) names the
+    errno only in its message; what ``os_error`` does not recognise is raised as it was."""
     from genflow.cache import atomic_write
     from genflow.errors import os_error
 
     try:
         return atomic_write(path, write)
-    except OSError as err:
+    except Exception as err:
         raise (os_error(err, path) or err) from err
 
 

@@ -25,6 +25,7 @@ CASES = [
     (T, "fid.num=abc", "fid.num='abc'"), (T, "fid.mode=foo", "fid.mode='foo'"),
     (T, "fid.batch=3", "Could not override 'fid.batch'"),  # a near miss of fid.batch_size
     (T, "D=1", "D=1 has a perturbation kernel with infinite second moment"),
+    (T, "model=pfgmpp D=1e300", "D=1e+300 is beyond 1e+12"),
     (T, "stage=3 data=multiview", "stage=3"), (T, "foo=1", "Could not override 'foo'"),
     (T, "-m D=64,abc", "D='abc'"), (T, "trainer.compile=bogus", "trainer.compile='bogus'"),
     (T, "data.instance_noise_mode=bogus", "data.instance_noise_mode='bogus'"),
@@ -75,8 +76,7 @@ CASES = [
     # python -m genflow.apps.evaluate
     (E, "ckpt={weights} fid.num=abc", "fid.num='abc'"), (E, "ckpt={weights} fid.num=1", "fid.num=1"),
     (E, "ckpt={weights} out={adir}", "adir is a folder"),
-    (T, "model=pfgmpp D=1e300", "D=1e+300 is beyond 1e+12"),
-    (S, "ckpt={weights} out=/tmp/grün", "out=/tmp/grün"),   # fix: the quoting (test_non_ascii_path_...)
+    # sample.py: seeds
     (S, "ckpt={weights} seeds=[3,3,3]", "more than once"), (S, "ckpt={weights} seeds=1.5", "seeds=1.5"),
     (S, "ckpt={weights} seeds=18446744073709551616", "above 2^64 - 1"),
     (S, "ckpt={weights} seeds=[1,2.5]", "seeds=[1, 2.5]"),

@@ -20,18 +20,11 @@ import torch
 from genflow.devices import device_name
 
 
-def _rss_mb() -> float:
+def _memory_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its peak), MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -62,7 +55,7 @@ def run_point(mode: str, views: int, objects: int, resolution: int, stage: int, 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    base = _rss_mb()
+    base = _memory_mb("VmRSS")
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -78,7 +71,7 @@ def run_point(mode: str, views: int, objects: int, resolution: int, stage: int, 
     if dev.type == "cuda":
         out["peak_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
     else:
-        out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        out["peak_rss_mb"] = round(_memory_mb("VmHWM"), 1)
         out["rss_before_mb"] = round(base, 1)
     return out
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from genflow.config import (check_resume, declared_knobs, explicit_sections, newest_valid, read_checkpoint,
                             read_resumable)
 from genflow.errors import config_error
-from genflow.outputs import LOCK_NAME, FolderState, _alive, _process_start, holds_run, holds_run_error
+from genflow.outputs import LOCK_NAME, FolderState, _process_start, holds_run, holds_run_error, lock_in_use
 from genflow.results.records import config_names
 
 
@@ -91,16 +91,13 @@ class RunFolderLock:
                                    "two processes training into one folder would overwrite each other's "
                                    "checkpoints and logs", "wait for that run, or choose another folder") from None
             owner = {"pid": None, "host": socket.gethostname()}
-        pid, host = owner.get("pid"), owner.get("host")
-        alive = host != socket.gethostname() or (pid is not None and _alive(pid, owner.get("start")))
-        if alive:
-            raise config_error(
-                f"{self.run_dir} is in use: process {pid} on {host} has trained there since {owner.get('since')}",
-                "two processes training into one folder would overwrite each other's checkpoints and logs",
-                f"wait for that run to end or stop it; if it no longer runs (e.g. its machine is off), remove "
-                f"{self.path}")
+        if not isinstance(owner, dict):  # not a lock genflow wrote: no owner to wait for
+            owner = {"pid": None, "host": socket.gethostname()}
+        refusal = lock_in_use(self.run_dir, owner)
+        if refusal is not None:
+            raise refusal
         self.path.unlink(missing_ok=True)
-        self.notes.append(f"took over the lock of process {pid}, which no longer runs")
+        self.notes.append(f"took over the lock of process {owner.get('pid')}, which no longer runs")
 
     def __exit__(self, *exc) -> None:
         if self.held:

@@ -31,12 +31,11 @@ from safetensors.torch import save_file
 
 from genflow.apps.run_folder import (RunFolderLock, continue_command, describe, folder_before, method_settings,
                                      prepare_run, primary_process, write_result)
-from genflow.cache import atomic_write
 from genflow.config import (CONFIG_DIR, GENFLOW_TRAINER_KEYS, build, fid_options, instantiate, run_app, target_class,
                             to_container, validate)
-from genflow.errors import WriteFailed, os_error, reported
+from genflow.errors import WriteFailed, reported
 from genflow.metrics import evaluate_fid
-from genflow.outputs import FolderState, check_writable
+from genflow.outputs import FolderState, check_writable, write_output
 from genflow.results.records import absolute
 from genflow.progress import Phase, say
 from genflow.threads import configure_threads
@@ -418,13 +417,10 @@ def export_ema(cfg: DictConfig, module, run_dir: Path, keep: bool = False) -> di
     path = run_dir / "ema.safetensors"
     if not (keep and path.is_file()):
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        try:
-            atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-        except Exception as err:  # safetensors' own error names the errno of a full disk in its message
-            raise (os_error(err, path) or err) from err
+        write_output(path, lambda tmp: save_file(state, str(tmp)))
     if not (keep and (run_dir / "config.yaml").is_file()):
         config = OmegaConf.create(to_container(cfg))
-        atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(config, tmp))
+        write_output(run_dir / "config.yaml", lambda tmp: OmegaConf.save(config, tmp))
     return {"ema_safetensors": os.path.abspath(path)}
 
 

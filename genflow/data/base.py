@@ -159,7 +159,7 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
                                "set data.conditional=false or use a labelled dataset")
         # a fixed permutation keeps the held-out split identical across runs and processes
         perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1234))
-        n_val = int(round(self.val_fraction * x.shape[0]))
+        n_val = self.held_out(x.shape[0])
         val, train = perm[:n_val], perm[n_val:]
         pick = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
         self._train = TensorPairs(x[train], pick(train), self._num_classes)
@@ -192,6 +192,10 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
             self._fit.x = x + self.instance_noise * eps
         return self._fit
 
+    def held_out(self, total: int) -> int:
+        """How many of ``total`` examples the validation split holds (the rest is trained on)."""
+        return int(round(self.val_fraction * total))
+
     def examples(self) -> int | None:
         """How many examples the data set holds, known without loading it (None when it must be loaded to
         tell): lets the batch size be checked before a run starts."""
@@ -208,7 +212,7 @@ class GenerativeDataModule(pl.LightningDataModule, ABC):
             total = self.examples()
             if total is None:
                 return
-            train = total - int(round(self.val_fraction * total))  # the split setup() makes
+            train = total - self.held_out(total)
         per_process = train // world
         if self.batch_size > per_process:
             share = f" ({per_process} per process of {world})" if world > 1 else ""
