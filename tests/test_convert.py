@@ -976,7 +976,7 @@ def test_convert_stops_refuses_unwritable_and_full_destinations_and_never_replac
     assert code == 143 and "stopped by SIGTERM while converting: nothing was written" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
-    real_access, read = os.access, convert_app.read_pickle
+    real_access = os.access
 
     def not_writable(path, mode, *args, **kwargs):
         return False if mode & os.W_OK and Path(path).resolve() == tmp_path.resolve() else real_access(path, mode)
